@@ -1,0 +1,315 @@
+import math
+
+import pytest
+import torch
+
+from tgdpo_ray.losses import (
+    LOSSES,
+    compute_loss,
+    dpo_loss,
+    finalize_metrics,
+    ipo_loss,
+    loss_metrics,
+    metric_sums,
+    simpo_loss,
+    tgdpo_loss,
+    token_logps,
+)
+
+
+def reference_token_logps(logits, labels):
+    valid = labels != -100
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    logps = torch.log_softmax(logits.float(), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logps, torch.zeros_like(logps))
+
+
+def log1p_exp_neg(z):
+    # -logsigmoid(z) written out by hand
+    return math.log(1.0 + math.exp(-z))
+
+
+def make_logits_and_labels(dtype):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 5, 11, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, 11, (2, 5), generator=gen)
+    labels[0, 0] = -100
+    labels[1, 3] = -100
+    labels[1, 4] = -100
+    return logits, labels
+
+
+# ---------------------------------------------------------------- token_logps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 5, 10, 1024])
+def test_token_logps_matches_reference(dtype, chunk_size):
+    logits, labels = make_logits_and_labels(dtype)
+    got = token_logps(logits, labels, chunk_size=chunk_size)
+    want = reference_token_logps(logits, labels)
+    assert got.dtype == torch.float32
+    assert got.shape == labels.shape
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert (got[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 7, 1024])
+def test_token_logps_gradient_matches_reference(chunk_size):
+    logits, labels = make_logits_and_labels(torch.float32)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
+
+    x = logits.clone().requires_grad_(True)
+    (token_logps(x, labels, chunk_size=chunk_size) * upstream).sum().backward()
+
+    y = logits.clone().requires_grad_(True)
+    (reference_token_logps(y, labels) * upstream).sum().backward()
+
+    assert torch.allclose(x.grad, y.grad, atol=1e-6, rtol=1e-5)
+    assert (x.grad[labels == -100] == 0).all()
+
+
+def test_token_logps_bf16_gradient_dtype_and_value():
+    logits, labels = make_logits_and_labels(torch.bfloat16)
+    x = logits.clone().requires_grad_(True)
+    token_logps(x, labels, chunk_size=3).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+    y = logits.float().requires_grad_(True)
+    reference_token_logps(y, labels).sum().backward()
+    assert torch.allclose(x.grad.float(), y.grad, atol=1e-2)
+
+
+# ---------------------------------------------------------------- hand-computed values
+
+# batch 1, seq 3; the last position is masked and holds junk.
+MASK = torch.tensor([[1, 1, 0]])
+POLICY_W = torch.tensor([[-1.0, -2.0, 99.0]])
+REF_W = torch.tensor([[-1.5, -2.5, -7.0]])
+POLICY_L = torch.tensor([[-3.0, -1.0, 5.0]])
+REF_L = torch.tensor([[-2.0, -0.5, 0.0]])
+GUIDE_W = torch.tensor([[-0.5, -3.5, 40.0]])
+GUIDE_L = torch.tensor([[-1.0, -0.5, -40.0]])
+
+
+def test_dpo_hand_computed():
+    beta = 0.1
+    sum_w = (-1.0 - -1.5) + (-2.0 - -2.5)  # 1.0
+    sum_l = (-3.0 - -2.0) + (-1.0 - -0.5)  # -1.5
+    expected = log1p_exp_neg(beta * (sum_w - sum_l))
+
+    out = dpo_loss(POLICY_W, POLICY_L, REF_W, REF_L, MASK, MASK, beta=beta)
+    assert out.losses.item() == pytest.approx(expected, rel=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(beta * sum_w, rel=1e-6)
+    assert out.rejected_rewards.item() == pytest.approx(beta * sum_l, rel=1e-6)
+
+
+def test_ipo_hand_computed():
+    beta = 0.1
+    mean_w = ((-1.0 - -1.5) + (-2.0 - -2.5)) / 2  # 0.5
+    mean_l = ((-3.0 - -2.0) + (-1.0 - -0.5)) / 2  # -0.75
+    expected = (mean_w - mean_l - 1 / (2 * beta)) ** 2  # (1.25 - 5)^2
+
+    out = ipo_loss(POLICY_W, POLICY_L, REF_W, REF_L, MASK, MASK, beta=beta)
+    assert out.losses.item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(14.0625)
+
+
+def test_simpo_hand_computed():
+    beta, gamma = 2.0, 0.5
+    mean_w = (-1.0 + -2.0) / 2
+    mean_l = (-3.0 + -1.0) / 2
+    expected = log1p_exp_neg(beta * mean_w - beta * mean_l - gamma)
+
+    out = simpo_loss(POLICY_W, POLICY_L, MASK, MASK, beta=beta, gamma=gamma)
+    assert out.losses.item() == pytest.approx(expected, rel=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(beta * mean_w, rel=1e-6)
+    assert out.rejected_rewards.item() == pytest.approx(beta * mean_l, rel=1e-6)
+
+
+def test_tgdpo_hand_computed():
+    beta, alpha = 0.1, 0.5
+    lw = [-1.0 - -1.5, -2.0 - -2.5]
+    ll = [-3.0 - -2.0, -1.0 - -0.5]
+    rw = [beta * (-0.5 - -1.5), beta * (-3.5 - -2.5)]
+    rl = [beta * (-1.0 - -2.0), beta * (-0.5 - -0.5)]
+    ww = [beta * (1 + alpha * r) for r in rw]  # [0.105, 0.095]
+    wl = [beta * (1 - alpha * r) for r in rl]  # [0.095, 0.1]
+    z = sum(w * l for w, l in zip(ww, lw)) - sum(w * l for w, l in zip(wl, ll))
+    assert z == pytest.approx(0.245)
+
+    out = tgdpo_loss(POLICY_W, POLICY_L, REF_W, REF_L, GUIDE_W, GUIDE_L, MASK, MASK, beta=beta, alpha=alpha)
+    assert out.losses.item() == pytest.approx(log1p_exp_neg(z), rel=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(beta * sum(lw), rel=1e-6)
+    assert out.rejected_rewards.item() == pytest.approx(beta * sum(ll), rel=1e-6)
+    assert out.stats["chosen_weight_mean"].item() == pytest.approx(sum(ww) / 2, rel=1e-6)
+    assert out.stats["rejected_weight_mean"].item() == pytest.approx(sum(wl) / 2, rel=1e-6)
+    assert out.stats["negative_weight_fraction"].item() == 0.0
+
+
+# ---------------------------------------------------------------- random-input properties
+
+
+def random_batch(seed, batch=4, seq=6):
+    gen = torch.Generator().manual_seed(seed)
+
+    def logps():
+        return -torch.rand(batch, seq, generator=gen) * 5
+
+    chosen_mask = (torch.rand(batch, seq, generator=gen) > 0.3).long()
+    rejected_mask = (torch.rand(batch, seq, generator=gen) > 0.3).long()
+    chosen_mask[:, 0] = 1  # every response has at least one token
+    rejected_mask[:, 0] = 1
+    return {
+        "policy_chosen_logps": logps(),
+        "policy_rejected_logps": logps(),
+        "ref_chosen_logps": logps(),
+        "ref_rejected_logps": logps(),
+        "guidance_chosen_logps": logps(),
+        "guidance_rejected_logps": logps(),
+        "chosen_mask": chosen_mask,
+        "rejected_mask": rejected_mask,
+    }
+
+
+def test_tgdpo_alpha_zero_equals_dpo():
+    for seed in range(5):
+        b = random_batch(seed)
+        dpo = dpo_loss(
+            b["policy_chosen_logps"], b["policy_rejected_logps"],
+            b["ref_chosen_logps"], b["ref_rejected_logps"],
+            b["chosen_mask"], b["rejected_mask"], beta=0.3,
+        )
+        tg = tgdpo_loss(
+            b["policy_chosen_logps"], b["policy_rejected_logps"],
+            b["ref_chosen_logps"], b["ref_rejected_logps"],
+            b["guidance_chosen_logps"], b["guidance_rejected_logps"],
+            b["chosen_mask"], b["rejected_mask"], beta=0.3, alpha=0.0,
+        )
+        assert torch.allclose(tg.losses, dpo.losses, atol=1e-6, rtol=0)
+        assert torch.allclose(tg.chosen_rewards, dpo.chosen_rewards, atol=1e-6, rtol=0)
+        assert torch.allclose(tg.rejected_rewards, dpo.rejected_rewards, atol=1e-6, rtol=0)
+
+
+def test_tgdpo_gradients_reach_only_policy():
+    b = random_batch(3)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in b.items() if k.endswith("logps")}
+    out = tgdpo_loss(
+        leaves["policy_chosen_logps"], leaves["policy_rejected_logps"],
+        leaves["ref_chosen_logps"], leaves["ref_rejected_logps"],
+        leaves["guidance_chosen_logps"], leaves["guidance_rejected_logps"],
+        b["chosen_mask"], b["rejected_mask"], beta=0.1, alpha=0.5,
+    )
+    out.losses.sum().backward()
+
+    for key in ("ref_chosen_logps", "ref_rejected_logps", "guidance_chosen_logps", "guidance_rejected_logps"):
+        grad = leaves[key].grad
+        assert grad is None or (grad == 0).all(), key
+    for key, mask in (("policy_chosen_logps", b["chosen_mask"]), ("policy_rejected_logps", b["rejected_mask"])):
+        grad = leaves[key].grad
+        assert grad is not None
+        assert (grad[mask.bool()] != 0).all(), key
+        assert (grad[~mask.bool()] == 0).all(), key
+    assert not out.chosen_rewards.requires_grad
+    assert not out.rejected_rewards.requires_grad
+
+
+def run_all_losses(b, clamp_weights=False):
+    return {
+        name: compute_loss(name, b, beta=0.2, alpha=0.7, simpo_gamma=0.3, clamp_weights=clamp_weights)
+        for name in LOSSES
+    }
+
+
+@pytest.mark.parametrize("clamp_weights", [False, True])
+def test_masked_positions_change_nothing(clamp_weights):
+    clean = random_batch(7)
+    dirty = dict(clean)
+    gen = torch.Generator().manual_seed(99)
+    for key in [k for k in clean if k.endswith("logps")]:
+        mask = clean["chosen_mask" if "chosen" in key else "rejected_mask"].bool()
+        garbage = torch.randn(mask.shape, generator=gen) * 1e4
+        dirty[key] = torch.where(mask, clean[key], garbage)
+        assert not torch.equal(dirty[key], clean[key])
+
+    clean_out = run_all_losses(clean, clamp_weights)
+    dirty_out = run_all_losses(dirty, clamp_weights)
+    for name in LOSSES:
+        a, b = clean_out[name], dirty_out[name]
+        assert torch.equal(a.losses, b.losses), name
+        assert torch.equal(a.chosen_rewards, b.chosen_rewards), name
+        assert torch.equal(a.rejected_rewards, b.rejected_rewards), name
+        assert a.stats.keys() == b.stats.keys()
+        for key in a.stats:
+            assert torch.equal(a.stats[key], b.stats[key]), (name, key)
+
+
+def test_clamp_weights_changes_loss_but_not_negative_fraction():
+    beta, alpha = 0.1, 2.0
+    mask = torch.tensor([[1]])
+    policy_w, ref_w, guide_w = torch.tensor([[0.5]]), torch.tensor([[0.0]]), torch.tensor([[-10.0]])
+    policy_l, ref_l, guide_l = torch.tensor([[-0.5]]), torch.tensor([[0.0]]), torch.tensor([[0.0]])
+    # chosen weight = 0.1 * (1 + 2 * 0.1 * -10) = -0.1 ; rejected weight = 0.1
+    w_w = beta * (1 + alpha * beta * (-10.0 - 0.0))
+    w_l = beta * (1 - alpha * beta * (0.0 - 0.0))
+    z_free = w_w * 0.5 - w_l * -0.5  # 0.0
+    z_clamped = 0.0 * 0.5 - w_l * -0.5  # 0.05
+
+    args = (policy_w, policy_l, ref_w, ref_l, guide_w, guide_l, mask, mask)
+    free = tgdpo_loss(*args, beta=beta, alpha=alpha, clamp_weights=False)
+    clamped = tgdpo_loss(*args, beta=beta, alpha=alpha, clamp_weights=True)
+
+    assert free.losses.item() == pytest.approx(log1p_exp_neg(z_free), rel=1e-6)
+    assert clamped.losses.item() == pytest.approx(log1p_exp_neg(z_clamped), rel=1e-6)
+    assert free.losses.item() != pytest.approx(clamped.losses.item())
+    assert free.stats["negative_weight_fraction"].item() == pytest.approx(0.5)
+    assert clamped.stats["negative_weight_fraction"].item() == pytest.approx(0.5)
+    assert free.stats["chosen_weight_mean"].item() == pytest.approx(w_w)
+    assert clamped.stats["chosen_weight_mean"].item() == 0.0
+
+
+# ---------------------------------------------------------------- compute_loss and metrics
+
+
+def test_compute_loss_rejects_unknown_type():
+    with pytest.raises(ValueError, match="bogus") as info:
+        compute_loss("bogus", random_batch(0), beta=0.1, alpha=0.5, simpo_gamma=0.5, clamp_weights=False)
+    for name in LOSSES:
+        assert name in str(info.value)
+
+
+def test_compute_loss_simpo_needs_no_reference():
+    b = random_batch(0)
+    slim = {k: v for k, v in b.items() if not k.startswith(("ref_", "guidance_"))}
+    out = compute_loss("simpo", slim, beta=2.0, alpha=0.0, simpo_gamma=0.5, clamp_weights=False)
+    direct = simpo_loss(
+        b["policy_chosen_logps"], b["policy_rejected_logps"], b["chosen_mask"], b["rejected_mask"],
+        beta=2.0, gamma=0.5,
+    )
+    assert torch.equal(out.losses, direct.losses)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_metric_sums_over_micro_batches_match_full_batch(loss_type):
+    # Large alpha so some tgdpo weights go negative and the fraction is non-trivial.
+    settings = dict(beta=0.5, alpha=3.0, simpo_gamma=0.3, clamp_weights=False)
+    full = random_batch(11, batch=5)
+    first = {k: v[:2] for k, v in full.items()}
+    second = {k: v[2:] for k, v in full.items()}
+
+    sums = {}
+    for micro in (first, second):
+        for key, value in metric_sums(compute_loss(loss_type, micro, **settings)).items():
+            sums[key] = sums.get(key, 0.0) + value
+    accumulated = finalize_metrics(sums)
+
+    expected = loss_metrics(compute_loss(loss_type, full, **settings))
+    assert sums["pairs"] == 5
+    for key in ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"):
+        assert accumulated[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    if loss_type == "tgdpo":
+        for key in ("chosen_weight_mean", "rejected_weight_mean", "negative_weight_fraction"):
+            assert accumulated[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        assert 0.0 < expected["negative_weight_fraction"] < 1.0
+    else:
+        assert "negative_weight_fraction" not in accumulated

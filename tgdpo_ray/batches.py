@@ -1,0 +1,93 @@
+"""Pairs to model inputs: token-budget micro-batches, padded tensors, and per-token values in and out.
+
+Scorers and trainers use the same layout, so a reference log-prob computed in a scorer lands on exactly the
+position where the trainer computes the policy log-prob of the same token.
+
+Layout of a micro-batch of n pairs: rows 0..n-1 hold prompt + chosen, rows n..2n-1 prompt + rejected, right
+padded to the longest row, width L. The label grid has the same [2n, L] shape as the logits: column i holds
+token i+1 (the one the logits at i predict), so answer token j of a pair whose prompt has P tokens sits at
+column P - 1 + j. Keeping the logits' shape avoids slicing them, which would copy [tokens x vocab].
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from tgdpo_ray.losses import IGNORE_INDEX
+
+
+def pair_length(row) -> int:
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+def padded_tokens(rows: Sequence) -> int:
+    """Tokens a micro-batch costs once chosen and rejected rows are padded to the longest."""
+    return 2 * len(rows) * max(pair_length(row) for row in rows)
+
+
+def pack_by_token_budget(rows: Iterable, max_tokens: int) -> Iterator[list]:
+    """Greedy, order-preserving: a micro-batch grows while its padded size stays within max_tokens.
+    A pair larger than the budget on its own still forms a micro-batch of one (it is never dropped)."""
+    batch: list = []
+    for row in rows:
+        if batch and padded_tokens(batch + [row]) > max_tokens:
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
+def count_micro_batches(rows: Iterable, max_tokens: int) -> int:
+    return sum(1 for _ in pack_by_token_budget(rows, max_tokens))
+
+
+def collate_pairs(rows: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and the shifted labels, all [2n, L] (labels IGNORE_INDEX off the answers)."""
+    sequences, answer_lengths = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for row in rows:
+            sequences.append(list(row["prompt_ids"]) + list(row[side]))
+            answer_lengths.append(len(row[side]))
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (seq, answer_length) in enumerate(zip(sequences, answer_lengths)):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+        start = len(seq) - answer_length
+        labels[i, start - 1: len(seq) - 1] = input_ids[i, start: len(seq)]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def answer_columns(rows: Sequence) -> list[tuple[int, int]]:
+    """(first grid column, number of tokens) of each of the 2n answers, in collate_pairs' row order."""
+    spans = []
+    for side in ("chosen_ids", "rejected_ids"):
+        for row in rows:
+            spans.append((len(row["prompt_ids"]) - 1, len(row[side])))
+    return spans
+
+
+def values_to_grid(rows: Sequence, chosen_key: str, rejected_key: str, width: int) -> torch.Tensor:
+    """Per-answer-token values (e.g. reference log-probs) placed on the [2n, width] label grid, 0 elsewhere."""
+    grid = torch.zeros((2 * len(rows), width), dtype=torch.float32)
+    keys = [chosen_key] * len(rows) + [rejected_key] * len(rows)
+    for i, ((start, length), key, row) in enumerate(zip(answer_columns(rows), keys, list(rows) + list(rows))):
+        values = np.array(row[key], dtype=np.float32)  # a copy: Ray's buffers are read-only
+        if len(values) != length:
+            raise ValueError(f"pair {row.get('pair_id')}: {key} has {len(values)} values for {length} tokens")
+        grid[i, start: start + length] = torch.from_numpy(values)
+    return grid
+
+
+def grid_to_values(grid: torch.Tensor, rows: Sequence) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The inverse of values_to_grid: per-answer arrays for the chosen and the rejected answers."""
+    grid = grid.float().cpu().numpy()
+    spans = answer_columns(rows)
+    arrays = [grid[i, start: start + length].copy() for i, (start, length) in enumerate(spans)]
+    return arrays[: len(rows)], arrays[len(rows):]

@@ -1,0 +1,271 @@
+"""Job configuration: YAML in, a validated JobConfig out, clear errors before any Ray resource starts.
+
+Every section rejects unknown keys, so a typo such as `trainig:` or `policy.zero_stg` fails with the key's
+dotted path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the key and the file."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = "tgdpo"
+    output_dir: str = "outputs"  # the run writes to <output_dir>/<name>/
+    seed: int = 0
+
+
+class DataSource(Section):
+    path: str  # a local .jsonl / .json / .parquet file, a local dataset folder, or a Hugging Face dataset name
+    split: str = "train"
+    subset: Optional[str] = None  # the Hugging Face dataset configuration name, if it has several
+    limit: Optional[int] = Field(default=None, gt=0)  # keep only the first N rows (smoke tests)
+
+
+class Columns(Section):
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+class DataSection(Section):
+    train: DataSource
+    eval: Optional[DataSource] = None  # held-out pairs: loss and reward accuracy after each epoch
+    columns: Columns = Columns()
+    max_length: int = Field(default=1024, gt=1)
+    max_prompt_length: int = Field(default=512, gt=0)
+    # A prompt longer than max_prompt_length is cut from the left when the pair does not fit max_length
+    # (`truncate`), or counted as a bad row (`bad_row`).
+    long_prompts: Literal["truncate", "bad_row"] = "truncate"
+    bad_rows: Literal["error", "skip"] = "error"
+    chat_template: Optional[str] = None  # a Jinja template (or a file holding one) replacing the tokenizer's
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value: Any) -> Any:
+        # `train: data/train.jsonl` is shorthand for `train: {path: data/train.jsonl}`.
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "DataSection":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}),"
+                " or no response token would fit"
+            )
+        return self
+
+
+class LossSection(Section):
+    type: Literal["dpo", "ipo", "simpo", "tgdpo"] = "tgdpo"
+    beta: float = Field(default=0.1, gt=0)
+    alpha: float = Field(default=0.5, ge=0)  # TGDPO guidance strength; 0 gives DPO exactly
+    simpo_gamma: float = 0.5  # SimPO target margin
+    clamp_weights: bool = False  # clamp TGDPO token weights at 0 (the authors do not)
+
+
+class TrainingSection(Section):
+    epochs: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=5e-7, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)  # the cosine schedule ends at learning_rate * this
+    max_tokens_per_batch: int = Field(default=8192, gt=0)  # padded tokens (chosen + rejected) per micro-batch
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)  # 0 turns clipping off
+    logp_chunk_size: int = Field(default=1024, gt=0)  # tokens per chunk of the log-softmax
+    log_every: int = Field(default=1, gt=0)  # optimizer steps between console lines
+
+
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class PolicySection(Section):
+    model: str
+    trust_remote_code: bool = False
+    workers: int = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    cpus_per_worker: float = Field(default=1, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Precision = "auto"  # auto: bf16 on GPUs that support it, fp32 otherwise
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with GPUs and a CUDA build of torch, else gloo
+
+
+class ScorerSection(Section):
+    model: Optional[str] = None  # reference: defaults to policy.model
+    trust_remote_code: bool = False
+    replicas: Union[int, tuple[int, int]] = 1  # a fixed pool size, or [min, max] for an autoscaling pool
+    gpus_per_replica: float = Field(default=0, ge=0)
+    cpus_per_replica: float = Field(default=1, ge=0)
+    batch_size: int = Field(default=16, gt=0)  # pairs per scorer call
+    precision: Precision = "auto"
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_positive(cls, value: Union[int, tuple[int, int]]) -> Union[int, tuple[int, int]]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"replicas must be >= 1, or [min, max] with 1 <= min <= max; got {value}")
+        return value
+
+
+class RaySection(Section):
+    address: Optional[str] = None  # an existing cluster ("auto", "ray://..."); None starts a local Ray
+    num_cpus: Optional[int] = None  # local Ray only: logical CPUs to declare
+    num_gpus: Optional[int] = None  # local Ray only: logical GPUs to declare
+
+
+class JobConfig(Section):
+    run: RunSection = RunSection()
+    data: DataSection
+    loss: LossSection = LossSection()
+    training: TrainingSection = TrainingSection()
+    policy: PolicySection
+    reference: ScorerSection = ScorerSection()
+    guidance: ScorerSection = ScorerSection()
+    ray: RaySection = RaySection()
+
+    @model_validator(mode="after")
+    def _models_for_the_loss(self) -> "JobConfig":
+        if self.loss.type == "tgdpo" and not self.guidance.model:
+            raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def reference_model(self) -> str:
+        return self.reference.model or self.policy.model
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss.type != "simpo"
+
+    @property
+    def needs_guidance(self) -> bool:
+        return self.loss.type == "tgdpo"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.learning_rate=1e-6` -> (["training", "learning_rate"], 1e-6); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, for example --set training.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job config {source}:"]
+    for problem in err.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; README lists every key)"
+        elif problem["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in problem and not isinstance(problem["input"], dict):
+            message += f" (got {problem['input']!r})"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def looks_local(name: str) -> bool:
+    """A path the user means to be on disk (vs a Hugging Face hub name such as `org/model`)."""
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or os.path.exists(os.path.expanduser(name))
+        or name.endswith((".jsonl", ".json", ".parquet"))
+    )
+
+
+def check_local_paths(config: JobConfig, source: str) -> None:
+    """A path that should be on disk and is not fails here, naming its key, before anything starts."""
+    candidates = {
+        "policy.model": config.policy.model,
+        "reference.model": config.reference.model,
+        "guidance.model": config.guidance.model if config.needs_guidance else None,
+        "data.train.path": config.data.train.path,
+        "data.eval.path": config.data.eval.path if config.data.eval else None,
+    }
+    for key, value in candidates.items():
+        if value and looks_local(value) and not os.path.exists(os.path.expanduser(value)):
+            raise ConfigError(f"invalid job config {source}:\n  {key}: path does not exist: {value}")
+
+
+def absolutize(config: JobConfig) -> JobConfig:
+    """Ray workers do not share the driver's working directory: ship absolute paths."""
+    def fix(value: Optional[str]) -> Optional[str]:
+        if value and looks_local(value):
+            return str(Path(os.path.expanduser(value)).resolve())
+        return value
+
+    config.run.output_dir = str(Path(config.run.output_dir).resolve())
+    for section in (config.policy, config.reference, config.guidance):
+        section.model = fix(section.model)
+    for source in (config.data.train, config.data.eval):
+        if source is not None:
+            source.path = fix(source.path)
+    if config.data.chat_template and os.path.isfile(config.data.chat_template):
+        config.data.chat_template = Path(config.data.chat_template).read_text()
+    return config
+
+
+def build_config(raw: Any, source: str = "<config>", overrides: Optional[list[str]] = None) -> JobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid job config {source}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, source)) from None
+    check_local_paths(config, source)
+    return absolutize(config)
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"job config {path} is not valid YAML: {err}") from None
+    return build_config(raw, str(path), overrides)
+
+
+def dump_config(config: JobConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

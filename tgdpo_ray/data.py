@@ -1,0 +1,242 @@
+"""Preference data: load, validate, apply the chat template, truncate and tokenize.
+
+A pair becomes three token lists: `prompt_ids` (the templated prompt, ending with the assistant header),
+`chosen_ids` and `rejected_ids` (the templated answers only). Every model in the run scores exactly these ids,
+and only answer tokens enter the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from tgdpo_ray.config import Columns, DataSection, DataSource, looks_local
+
+BAD_ROW_REASONS = {
+    "missing_field": "a prompt, chosen or rejected field is missing or null",
+    "empty_field": "a prompt, chosen or rejected field is empty",
+    "non_string_content": "a field or message content is not a string, or a message is not {role, content}",
+    "identical_responses": "chosen and rejected are identical",
+    "prompt_too_long": "the prompt is longer than max_prompt_length (data.long_prompts: bad_row)",
+}
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file and the row."""
+
+
+class BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class PreparedData:
+    rows: list[dict]  # {"pair_id", "prompt_ids", "chosen_ids", "rejected_ids"}
+    total: int
+    bad_counts: Counter = field(default_factory=Counter)
+    bad_examples: list[dict] = field(default_factory=list)  # the first few skipped rows, index and reason
+    truncated: int = 0
+
+    def report(self) -> dict:
+        return {
+            "rows_read": self.total,
+            "rows_kept": len(self.rows),
+            "rows_skipped": sum(self.bad_counts.values()),
+            "skipped_by_reason": dict(self.bad_counts),
+            "pairs_truncated": self.truncated,
+            "skipped_examples": self.bad_examples,
+        }
+
+
+# ---------------------------------------------------------------- loading
+
+
+def iter_raw_rows(source: DataSource) -> Iterator[dict]:
+    """Rows of a local .jsonl / .json / .parquet file, a local dataset folder, or a hub dataset."""
+    path = os.path.expanduser(source.path)
+    if path.endswith(".jsonl"):
+        yield from _iter_jsonl(path)
+    elif path.endswith(".json"):
+        yield from _iter_json(path)
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+    else:
+        yield from _iter_hf_dataset(source)
+
+
+def _iter_jsonl(path: str) -> Iterator[dict]:
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def _iter_json(path: str) -> Iterator[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {index} is a {type(row).__name__}, expected an object")
+        yield row
+
+
+def _iter_hf_dataset(source: DataSource) -> Iterator[dict]:
+    import datasets
+
+    if looks_local(source.path) and not os.path.exists(os.path.expanduser(source.path)):
+        raise DataError(f"dataset path does not exist: {source.path}")
+    try:
+        if os.path.isdir(source.path) and os.path.exists(os.path.join(source.path, "dataset_info.json")):
+            dataset = datasets.load_from_disk(source.path)  # written by Dataset.save_to_disk
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[source.split]
+        else:
+            dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+    except KeyError:
+        raise DataError(f"dataset {source.path!r} has no split {source.split!r}") from None
+    except Exception as err:  # datasets raises many types; the user needs the name and the reason
+        raise DataError(f"cannot load dataset {source.path!r} (split {source.split!r}): {err}") from None
+    yield from dataset
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _messages(value: Any, field_name: str, default_role: str) -> list[dict]:
+    """A plain string becomes one message; a list must hold {role, content} messages with string content."""
+    if value is None:
+        raise BadRow("missing_field", f"{field_name} is null")
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRow("empty_field", f"{field_name} is empty")
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list):
+        raise BadRow("non_string_content", f"{field_name} is a {type(value).__name__}, not a string or messages")
+    if not value:
+        raise BadRow("empty_field", f"{field_name} is an empty list")
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRow("non_string_content", f"{field_name}[{index}] is not a {{role, content}} message")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise BadRow("non_string_content", f"{field_name}[{index}].content is {type(content).__name__}")
+        if not content.strip():
+            raise BadRow("empty_field", f"{field_name}[{index}].content is empty")
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def normalize_pair(row: dict, columns: Columns) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt messages, chosen answer messages, rejected answer messages) of one raw row."""
+    for name in (columns.prompt, columns.chosen, columns.rejected):
+        if name not in row:
+            raise BadRow("missing_field", f"no {name!r} field (fields: {sorted(row)})")
+    prompt = _messages(row[columns.prompt], columns.prompt, "user")
+    chosen = _strip_prompt(_messages(row[columns.chosen], columns.chosen, "assistant"), prompt)
+    rejected = _strip_prompt(_messages(row[columns.rejected], columns.rejected, "assistant"), prompt)
+    if not chosen or not rejected:
+        raise BadRow("empty_field", "an answer holds only the prompt messages")
+    if chosen == rejected:
+        raise BadRow("identical_responses", "chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+def _strip_prompt(answer: list[dict], prompt: list[dict]) -> list[dict]:
+    # UltraFeedback-style answers repeat the whole conversation: keep what follows the prompt.
+    return answer[len(prompt):] if answer[: len(prompt)] == prompt else answer
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def template_pair(tokenizer, prompt: list[dict], answers: list[list[dict]]) -> tuple[str, list[str]]:
+    """The templated prompt (with the generation header) and each answer's text that follows it."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    answer_texts = []
+    for answer in answers:
+        full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError(
+                "the chat template does not render the prompt as a prefix of the conversation, so answer tokens"
+                " cannot be separated from prompt tokens; set data.chat_template to a template that does"
+            )
+        answer_texts.append(full[len(prompt_text):])
+    return prompt_text, answer_texts
+
+
+def truncate_pair(prompt_ids: list[int], answers: list[list[int]], data: DataSection) -> tuple[list, list, bool]:
+    """The prompt loses tokens from the left first (down to max_prompt_length), then answers from the right."""
+    longest = max(len(ids) for ids in answers)
+    if len(prompt_ids) + longest <= data.max_length:
+        return prompt_ids, answers, False
+    if len(prompt_ids) > data.max_prompt_length:
+        prompt_ids = prompt_ids[-data.max_prompt_length:]
+    room = data.max_length - len(prompt_ids)
+    return prompt_ids, [ids[:room] for ids in answers], True
+
+
+def tokenize_pair(tokenizer, row: dict, data: DataSection) -> tuple[dict, bool]:
+    prompt, chosen, rejected = normalize_pair(row, data.columns)
+    prompt_text, (chosen_text, rejected_text) = template_pair(tokenizer, prompt, [chosen, rejected])
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids = encode(prompt_text)
+    if data.long_prompts == "bad_row" and len(prompt_ids) > data.max_prompt_length:
+        raise BadRow("prompt_too_long", f"prompt has {len(prompt_ids)} tokens > max_prompt_length")
+    prompt_ids, (chosen_ids, rejected_ids), truncated = truncate_pair(
+        prompt_ids, [encode(chosen_text), encode(rejected_text)], data
+    )
+    if chosen_ids == rejected_ids:
+        raise BadRow("identical_responses", "chosen and rejected are identical after truncation")
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}, truncated
+
+
+def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print) -> PreparedData:
+    """Validates and tokenizes every row of one source; bad rows stop the run or are counted, per data.bad_rows."""
+    prepared = PreparedData(rows=[], total=0)
+    for index, row in enumerate(iter_raw_rows(source)):
+        if source.limit is not None and index >= source.limit:
+            break
+        prepared.total += 1
+        try:
+            tokens, truncated = tokenize_pair(tokenizer, row, data)
+        except BadRow as bad:
+            if data.bad_rows == "error":
+                raise DataError(
+                    f"{source.path}: row {index}: {bad.reason}: {bad.detail}"
+                    " (set data.bad_rows: skip to drop such rows and count them)"
+                ) from None
+            prepared.bad_counts[bad.reason] += 1
+            if len(prepared.bad_examples) < 20:
+                prepared.bad_examples.append({"row": index, "reason": bad.reason, "detail": bad.detail})
+            continue
+        prepared.truncated += truncated
+        prepared.rows.append({"pair_id": index, **tokens})
+    if not prepared.rows:
+        raise DataError(f"{source.path}: no usable pairs ({prepared.total} rows read, {dict(prepared.bad_counts)})")
+    if prepared.bad_counts:
+        counts = ", ".join(f"{reason}={count}" for reason, count in sorted(prepared.bad_counts.items()))
+        log(f"[data] {source.path}: skipped {sum(prepared.bad_counts.values())} of {prepared.total} rows ({counts})")
+    return prepared

@@ -1,0 +1,119 @@
+"""Loading causal LMs and tokenizers (hub names or local paths), and the tiny model the demo and tests use."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """`auto` means bf16 where the GPU supports it and fp32 otherwise (CPU training in bf16 is slow and lossy)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, chat_template: Optional[str] = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {name_or_path!r}: {err}") from None
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked, so any id works; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, precision: str = "auto", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=resolve_dtype(precision), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the model {name_or_path!r}: {err}") from None
+
+
+def tokenizer_corpus(seed: int, lines: int = 4000) -> list[str]:
+    """Text for training the tiny tokenizer: the demo vocabulary plus generic English-like words."""
+    from tgdpo_ray.demo_data import DEMO_WORDS, make_pair
+
+    rng = random.Random(seed)
+    corpus = []
+    for _ in range(lines // 2):
+        pair = make_pair(rng)
+        corpus += [pair["prompt"], pair["chosen"]]
+    corpus += [" ".join(rng.choices(DEMO_WORDS, k=12)) for _ in range(lines // 4)]
+    return corpus
+
+
+def make_tiny_model(out_dir: str, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128, layers: int = 2):
+    """A random-initialised Llama (head_dim 64, which vLLM's CPU attention needs) with a locally trained BPE
+    tokenizer and a ChatML template, saved in Hugging Face format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Byte-level BPE: every string is encodable, so real prompts never hit an unknown token.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    return out

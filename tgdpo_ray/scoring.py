@@ -1,0 +1,141 @@
+"""Frozen-model scorers: Ray Data actor pools that add per-token log-probs to every pair.
+
+The reference and guidance models never change during a run, so they live in their own actor pools (own
+GPUs, own pool sizes) and the trainers never load them. Ray Data's streaming executor moves scored batches
+to the trainers with backpressure, so training starts while scoring is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tgdpo_ray.batches import collate_pairs, grid_to_values, pack_by_token_budget
+from tgdpo_ray.config import JobConfig, ScorerSection
+from tgdpo_ray.losses import token_logps
+from tgdpo_ray.models import load_causal_lm
+
+
+# Scorer output columns are named as the loss functions name their inputs.
+COLUMN_PREFIX = {"reference": "ref", "guidance": "guidance"}
+
+
+def record_placement(run_dir: str, role: str, **extra) -> dict:
+    """Writes which process, node and GPUs this actor got, so a run (and its tests) can check placement."""
+    import ray
+
+    record = {
+        "role": role,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+        **extra,
+    }
+    folder = Path(run_dir) / "placement"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{role}-{record['pid']}.json").write_text(json.dumps(record))
+    return record
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.inference_mode()
+def answer_logps(model, rows: list, pad_id: int, device: torch.device, chunk_size: int):
+    """Per-token log-probs of the chosen and rejected answers of `rows` (lists of float32 arrays)."""
+    batch = collate_pairs(rows, pad_id)
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
+    logps = token_logps(logits, batch["labels"].to(device), chunk_size)
+    return grid_to_values(logps, rows)
+
+
+class LogProbScorer:
+    """A Ray Data callable class: one instance per actor, holding one frozen model."""
+
+    def __init__(self, role: str, model: str, precision: str, trust_remote_code: bool, pad_id: int,
+                 max_tokens: int, chunk_size: int, run_dir: str):
+        self.role = role
+        self.pad_id = pad_id
+        self.max_tokens = max_tokens
+        self.chunk_size = chunk_size
+        self.device = pick_device()
+        started = time.perf_counter()
+        self.model = load_causal_lm(model, precision, trust_remote_code).to(self.device).eval()
+        record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2))
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [
+            {"pair_id": pair_id, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+            for pair_id, p, c, r in zip(batch["pair_id"], batch["prompt_ids"], batch["chosen_ids"],
+                                        batch["rejected_ids"])
+        ]
+        chosen, rejected = [], []
+        # The scorer batch is cut again by the token budget, so one long pair cannot blow up memory.
+        for micro in pack_by_token_budget(rows, self.max_tokens):
+            micro_chosen, micro_rejected = answer_logps(self.model, micro, self.pad_id, self.device,
+                                                        self.chunk_size)
+            chosen += micro_chosen
+            rejected += micro_rejected
+        prefix = COLUMN_PREFIX[self.role]
+        batch[f"{prefix}_chosen_logps"] = ragged(chosen)
+        batch[f"{prefix}_rejected_logps"] = ragged(rejected)
+        return batch
+
+
+def ragged(arrays: list) -> np.ndarray:
+    """A 1-D object array of variable-length arrays: the numpy form Ray Data stores as a list column."""
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: JobConfig, pad_id: int):
+    from ray.data import ActorPoolStrategy
+
+    low, high = (section.replicas, section.replicas) if isinstance(section.replicas, int) else section.replicas
+    return dataset.map_batches(
+        LogProbScorer,
+        fn_constructor_kwargs=dict(
+            role=role,
+            model=model,
+            precision=section.precision,
+            trust_remote_code=section.trust_remote_code,
+            pad_id=pad_id,
+            max_tokens=config.training.max_tokens_per_batch,
+            chunk_size=config.training.logp_chunk_size,
+            run_dir=str(config.run_dir),
+        ),
+        batch_size=section.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=section.cpus_per_replica,
+        num_gpus=section.gpus_per_replica,
+    )
+
+
+def scored_dataset(rows: list, config: JobConfig, pad_id: int, blocks: Optional[int] = None):
+    """tokenized pairs -> reference pool -> guidance pool: the stream the trainers consume."""
+    import ray
+    from ray.data import DataContext
+
+    # Our own per-step lines report progress; Ray Data's per-operator bars would drown them.
+    DataContext.get_current().enable_progress_bars = False
+    # Several blocks per scorer batch keep the pools busy and let training start on the first blocks.
+    blocks = blocks or max(1, min(len(rows), len(rows) // max(config.reference.batch_size, 1)))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+    if config.needs_reference:
+        dataset = add_scorer(dataset, "reference", config.reference, config.reference_model, config, pad_id)
+    if config.needs_guidance:
+        dataset = add_scorer(dataset, "guidance", config.guidance, config.guidance.model, config, pad_id)
+    return dataset

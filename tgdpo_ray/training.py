@@ -1,0 +1,286 @@
+"""The policy trainer: a Ray Train worker loop around a DeepSpeed engine.
+
+Each worker reads its shard of the scored stream (pairs that already carry reference and guidance log-probs),
+so a training step is one policy forward and backward. Shards are uneven under a token budget; workers agree
+at every micro-batch whether anyone still has data, and a worker that has run out joins with a zero-weight
+copy of its last micro-batch, so collectives never hang and no pair is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tgdpo_ray.batches import collate_pairs, pack_by_token_budget, values_to_grid
+from tgdpo_ray.config import JobConfig
+from tgdpo_ray.losses import IGNORE_INDEX, TOKEN_SUM_KEYS, compute_loss, finalize_metrics, metric_sums, token_logps
+from tgdpo_ray.models import load_causal_lm, load_tokenizer, resolve_dtype
+from tgdpo_ray.scoring import COLUMN_PREFIX, pick_device, record_placement
+
+SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """Linear warmup, then cosine decay to min_lr_ratio; flat at the end if the step estimate falls short."""
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(config: JobConfig, world_size: int, bf16: bool) -> dict:
+    training = config.training
+    return {
+        # Micro-batches are formed by a token budget, so DeepSpeed's row count is a formality.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "train_batch_size": training.gradient_accumulation_steps * world_size,
+        "gradient_clipping": training.max_grad_norm,
+        "zero_optimization": {"stage": config.policy.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: no extension build needed, works on CPU too
+        "steps_per_print": 10**9,
+    }
+
+
+def build_engine(model, config: JobConfig, total_steps: int, world_size: int):
+    import deepspeed
+
+    bf16 = resolve_dtype(config.policy.precision) == torch.bfloat16
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.training.learning_rate, weight_decay=config.training.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, config.training.warmup_ratio, config.training.min_lr_ratio)
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(config, world_size, bf16)
+    )
+    return engine
+
+
+def all_reduce(values: list[float], device, op=None) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def dummy_row(pad_id: int) -> dict:
+    """A one-token pair for a worker that got no data at all: it still has to join every collective."""
+    return {"pair_id": -1, "prompt_ids": [pad_id], "chosen_ids": [pad_id], "rejected_ids": [pad_id],
+            **{f"{prefix}_{side}_logps": [0.0] for prefix in COLUMN_PREFIX.values() for side in ("chosen", "rejected")}}
+
+
+class Waited:
+    """Wraps an iterator and adds up the time spent blocked in next(): the trainer's wait for data."""
+
+    def __init__(self, iterator):
+        self.iterator = iter(iterator)
+        self.seconds = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def synced_micro_batches(rows: Iterator, max_tokens: int, device, pad_id: int) -> Iterator[tuple[list, bool]]:
+    """(micro-batch, real) until every worker is out of data; `real` is False for the filler batches."""
+    local = pack_by_token_budget(rows, max_tokens)
+    last = None
+    while True:
+        batch = next(local, None)
+        anyone_has_data = all_reduce([0.0 if batch is None else 1.0], device, dist.ReduceOp.MAX)[0]
+        if not anyone_has_data:
+            return
+        if batch is None:
+            yield (last or [dummy_row(pad_id)]), False
+        else:
+            last = batch
+            yield batch, True
+
+
+def micro_batch_loss(model, rows: list, config: JobConfig, pad_id: int, device):
+    batch = collate_pairs(rows, pad_id)
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logps = token_logps(logits, labels, config.training.logp_chunk_size)
+    mask = labels != IGNORE_INDEX
+    n = len(rows)
+    inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
+              "chosen_mask": mask[:n], "rejected_mask": mask[n:]}
+    prefixes = [COLUMN_PREFIX["reference"]] if config.needs_reference else []
+    prefixes += [COLUMN_PREFIX["guidance"]] if config.needs_guidance else []
+    for prefix in prefixes:
+        grid = values_to_grid(rows, f"{prefix}_chosen_logps", f"{prefix}_rejected_logps", labels.shape[1]).to(device)
+        inputs[f"{prefix}_chosen_logps"], inputs[f"{prefix}_rejected_logps"] = grid[:n], grid[n:]
+    loss = config.loss
+    out = compute_loss(loss.type, inputs, loss.beta, loss.alpha, loss.simpo_gamma, loss.clamp_weights)
+    return out, int(batch["attention_mask"].sum())
+
+
+class MetricSums:
+    """Sums over the micro-batches of one optimizer step (or one evaluation), combined across workers."""
+
+    def __init__(self, loss_type: str):
+        self.keys = SUM_KEYS + (TOKEN_SUM_KEYS if loss_type == "tgdpo" else ()) + ("tokens",)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(self.keys, 0.0)
+
+    def add(self, out, tokens: int) -> None:
+        for key, value in metric_sums(out).items():
+            self.sums[key] += value
+        self.sums["tokens"] += tokens
+
+    def combined(self, device) -> dict:
+        totals = dict(zip(self.keys, all_reduce([self.sums[key] for key in self.keys], device)))
+        return {**finalize_metrics(totals), "pairs": int(totals["pairs"]), "tokens": int(totals["tokens"])}
+
+
+def evaluate(engine, shard, config: JobConfig, pad_id: int, device) -> Optional[dict]:
+    meter = MetricSums(config.loss.type)
+    engine.eval()
+    with torch.no_grad():
+        for rows, real in synced_micro_batches(iter(shard.iter_rows()), config.training.max_tokens_per_batch, device, pad_id):
+            out, tokens = micro_batch_loss(engine, rows, config, pad_id, device)
+            if real:
+                meter.add(out, tokens)
+    engine.train()
+    return meter.combined(device)
+
+
+def save_hf_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) -> None:
+    """Hugging Face format (safetensors) with the tokenizer: loadable by transformers and vLLM."""
+    # Under ZeRO-3 every rank holds a slice of the weights: gathering them is a collective call.
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank == 0:
+        if state is None:
+            state = engine.module.state_dict()
+        engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    dist.barrier()
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON line per logged step to <run_dir>/metrics.jsonl and prints progress."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.rank = rank
+        self.path = run_dir / "metrics.jsonl"
+        if rank == 0:
+            self.path.write_text("")
+
+    def write(self, record: dict, console: Optional[str] = None) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if console:
+            print(console, flush=True)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import ray.train
+
+    config = JobConfig.model_validate(loop_config["config"])
+    total_steps = loop_config["total_steps"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    run_dir = config.run_dir
+    record_placement(str(run_dir), "policy", rank=rank)
+    seed_everything(config.run.seed + rank)
+    device = pick_device()
+
+    tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    # fp32 master weights; DeepSpeed casts the working copy to bf16 when that is on.
+    model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
+    engine = build_engine(model, config, total_steps, world_size)
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
+    log = MetricsLog(run_dir, rank)
+    meter = MetricSums(config.loss.type)
+    training = config.training
+    state = {"step": 0, "tokens": 0, "step_started": time.perf_counter()}
+    started, eval_metrics = time.perf_counter(), None
+
+    def micro_step(micro: list, real: bool, epoch: int, rows: Waited) -> None:
+        out, tokens = micro_batch_loss(engine, micro, config, pad_id, device)
+        engine.backward(out.losses.mean() * (1.0 if real else 0.0))
+        at_boundary = engine.is_gradient_accumulation_boundary()
+        lr = engine.get_lr()[0]  # the rate this step uses, read before the scheduler advances
+        engine.step()
+        if real:
+            meter.add(out, tokens)
+        if at_boundary:
+            log_step(epoch, lr, rows)
+
+    def log_step(epoch: int, lr: float, rows: Waited) -> None:
+        state["step"] += 1
+        step = state["step"]
+        metrics = meter.combined(device)
+        elapsed = time.perf_counter() - state["step_started"]
+        waited = all_reduce([rows.seconds], device)[0] / world_size
+        state["tokens"] += metrics["tokens"]
+        record = {"step": step, "epoch": epoch, "lr": lr, **metrics,
+                  "tokens_per_second": metrics["tokens"] / max(elapsed, 1e-9),
+                  "data_wait_seconds": waited, "step_seconds": elapsed,
+                  "elapsed_seconds": time.perf_counter() - started}
+        line = None
+        if step % training.log_every == 0 or step == 1:
+            line = (f"[train] step {step}/~{total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
+                    f"acc {metrics['reward_accuracy']:.2f} margin {metrics['reward_margin']:.4f} "
+                    f"lr {lr:.2e} tok/s {record['tokens_per_second']:.0f} data wait {waited:.2f}s")
+        log.write(record, line)
+        meter.reset()
+        rows.seconds = 0.0
+        state["step_started"] = time.perf_counter()
+
+    for epoch in range(training.epochs):
+        rows = Waited(train_shard.iter_rows())
+        for micro, real in synced_micro_batches(rows, training.max_tokens_per_batch, device, pad_id):
+            micro_step(micro, real, epoch, rows)
+        # A partial accumulation at the end of the epoch is applied, not thrown away.
+        while engine.micro_steps % training.gradient_accumulation_steps:
+            micro_step([dummy_row(pad_id)], False, epoch, rows)
+        if eval_shard is not None:
+            eval_metrics = evaluate(engine, eval_shard, config, pad_id, device)
+            log.write({"step": state["step"], "epoch": epoch, "eval": eval_metrics},
+                      f"[eval] epoch {epoch} loss {eval_metrics['loss']:.4f} "
+                      f"reward accuracy {eval_metrics['reward_accuracy']:.3f} on {eval_metrics['pairs']} pairs")
+
+    train_seconds = time.perf_counter() - started
+    save_hf_model(engine, tokenizer, run_dir / "model", config.policy.zero_stage, rank)
+    summary = {"steps": state["step"], "train_seconds": train_seconds, "tokens": state["tokens"],
+               "tokens_per_second": state["tokens"] / max(train_seconds, 1e-9), "eval": eval_metrics,
+               "model_dir": str(run_dir / "model")}
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ray.train.report({"steps": state["step"], "tokens_per_second": summary["tokens_per_second"]})
