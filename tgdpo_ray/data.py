@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tgdpo_ray.config import Columns, DataSection, DataSource, looks_local
+from tgdpo_ray.errors import UserError
 
 BAD_ROW_REASONS = {
     "missing_field": "a prompt, chosen or rejected field is missing or null",
@@ -25,7 +26,7 @@ BAD_ROW_REASONS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be used; the message names the file and the row."""
 
 

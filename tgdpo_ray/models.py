@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from tgdpo_ray.errors import UserError
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -17,8 +19,8 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
-class ModelLoadError(RuntimeError):
-    pass
+class ModelLoadError(UserError, RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message names it."""
 
 
 def resolve_dtype(precision: str) -> torch.dtype:

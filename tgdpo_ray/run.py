@@ -14,10 +14,11 @@ import torch
 from tgdpo_ray.batches import count_micro_batches
 from tgdpo_ray.config import JobConfig, dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
+from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import load_tokenizer
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run that failed inside Ray; the message carries the worker's own error."""
 
 

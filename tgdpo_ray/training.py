@@ -228,7 +228,8 @@ def train_loop(loop_config: dict) -> None:
     log = MetricsLog(run_dir, rank)
     meter = MetricSums(config.loss.type)
     training = config.training
-    state = {"step": 0, "tokens": 0, "step_started": time.perf_counter()}
+    # step_seconds adds up time inside optimizer steps (data waits included, evaluation and setup not).
+    state = {"step": 0, "tokens": 0, "step_seconds": 0.0, "step_started": time.perf_counter()}
     started, eval_metrics = time.perf_counter(), None
 
     def micro_step(micro: list, real: bool, epoch: int, rows: Waited) -> None:
@@ -249,6 +250,7 @@ def train_loop(loop_config: dict) -> None:
         elapsed = time.perf_counter() - state["step_started"]
         waited = all_reduce([rows.seconds], device)[0] / world_size
         state["tokens"] += metrics["tokens"]
+        state["step_seconds"] += elapsed
         record = {"step": step, "epoch": epoch, "lr": lr, **metrics,
                   "tokens_per_second": metrics["tokens"] / max(elapsed, 1e-9),
                   "data_wait_seconds": waited, "step_seconds": elapsed,
@@ -279,7 +281,7 @@ def train_loop(loop_config: dict) -> None:
     train_seconds = time.perf_counter() - started
     save_hf_model(engine, tokenizer, run_dir / "model", config.policy.zero_stage, rank)
     summary = {"steps": state["step"], "train_seconds": train_seconds, "tokens": state["tokens"],
-               "tokens_per_second": state["tokens"] / max(train_seconds, 1e-9), "eval": eval_metrics,
+               "tokens_per_second": state["tokens"] / max(state["step_seconds"], 1e-9), "eval": eval_metrics,
                "model_dir": str(run_dir / "model")}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

