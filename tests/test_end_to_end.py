@@ -1,0 +1,134 @@
+"""The main job end to end on a real local Ray (logical GPUs declared), real DeepSpeed, tiny real models.
+
+One DPO run produces the guidance model, a TGDPO run uses it, and a SimPO run needs no scorer at all;
+between them ZeRO stages 0, 2 and 3 all train.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tgdpo_ray.config import build_config
+from tgdpo_ray.run import run_train
+
+BAD_ROWS = [
+    {"prompt": "Repeat: apple", "chosen": "apple", "rejected": "apple"},
+    {"prompt": "Repeat: apple", "chosen": "apple"},
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=8, num_gpus=6, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
+    """dpo (2 workers, ZeRO-2) -> tgdpo guided by it (2 workers, ZeRO-3) -> simpo (1 worker, ZeRO-0)."""
+    root = tmp_path_factory.mktemp("runs")
+    train = root / "train-with-bad-rows.jsonl"
+    train.write_text(demo_data["train"].read_text() + "".join(json.dumps(row) + "\n" for row in BAD_ROWS))
+
+    def config(name, loss, zero_stage, workers, **extra):
+        raw = {
+            "run": {"name": name, "output_dir": str(root), "seed": 0},
+            "data": {"train": str(train), "eval": str(demo_data["test"]), "bad_rows": "skip",
+                     "max_length": 64, "max_prompt_length": 32},
+            "loss": {"type": loss, "beta": 0.1},
+            "training": {"epochs": 3, "learning_rate": 2e-3, "warmup_ratio": 0.0,
+                         "max_tokens_per_batch": 512},
+            "policy": {"model": tiny_model, "workers": workers, "gpus_per_worker": 1, "zero_stage": zero_stage},
+            "reference": {"gpus_per_replica": 1, "batch_size": 16},
+            "guidance": {"gpus_per_replica": 1, "batch_size": 16, **extra.pop("guidance", {})},
+            **extra,
+        }
+        return build_config(raw)
+
+    dpo = config("dpo", "dpo", zero_stage=2, workers=2)
+    dpo_summary = run_train(dpo)
+    tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, guidance={"model": dpo_summary["model_dir"]})
+    tgdpo_summary = run_train(tgdpo)
+    simpo = config("simpo", "simpo", zero_stage=0, workers=1)
+    simpo.training.epochs = 1
+    simpo_summary = run_train(simpo)
+    return {"dpo": (dpo, dpo_summary), "tgdpo": (tgdpo, tgdpo_summary), "simpo": (simpo, simpo_summary)}
+
+
+def placements(run_dir: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((run_dir / "placement").glob("*.json"))]
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if "eval" not in record]
+
+
+def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
+    config, _ = runs["tgdpo"]
+    records = placements(config.run_dir)
+    roles = {record["role"] for record in records}
+    assert roles == {"policy", "reference", "guidance"}
+    assert sorted(r["rank"] for r in records if r["role"] == "policy") == [0, 1]
+    assert all(len(record["gpu_ids"]) == 1 for record in records)  # every process was given its own GPU
+    policy_gpus = [r["gpu_ids"][0] for r in records if r["role"] == "policy"]
+    scorer_gpus = {r["gpu_ids"][0] for r in records if r["role"] != "policy"}
+    assert len(set(policy_gpus)) == 2 and not set(policy_gpus) & scorer_gpus
+    # Scorer pools are rebuilt for each epoch and for the held-out set, so a scorer GPU may be reused over time
+    # by another scorer; while the trainers run they never share theirs.
+    pids = {role: {r["pid"] for r in records if r["role"] == role} for role in roles}
+    assert not (pids["policy"] & pids["reference"]) and not (pids["policy"] & pids["guidance"])
+    assert not (pids["reference"] & pids["guidance"])
+
+
+def test_every_pair_is_trained_exactly_once_per_epoch(runs):
+    config, summary = runs["dpo"]
+    report = json.loads((config.run_dir / "data_report.json").read_text())["train"]
+    kept = report["rows_kept"]
+    assert report["skipped_by_reason"] == {"identical_responses": 1, "missing_field": 1}
+    for epoch in (0, 1, 2):
+        pairs = sum(r["pairs"] for r in train_records(config.run_dir) if r["epoch"] == epoch)
+        assert pairs == kept, f"epoch {epoch}: {pairs} pairs trained, {kept} kept"  # two uneven shards, none lost
+
+
+def test_loss_goes_down_and_held_out_accuracy_is_reported(runs):
+    for name in ("dpo", "tgdpo"):
+        config, summary = runs[name]
+        losses = [r["loss"] for r in train_records(config.run_dir)]
+        first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+        assert last < first - 0.01, f"{name}: loss {first:.4f} -> {last:.4f}"
+        assert summary["eval"]["pairs"] == 32 and 0.0 <= summary["eval"]["reward_accuracy"] <= 1.0
+        assert summary["tokens_per_second"] > 0
+
+
+def test_tgdpo_weights_come_from_the_guidance_model(runs):
+    config, _ = runs["tgdpo"]
+    records = train_records(config.run_dir)
+    assert all({"chosen_weight_mean", "rejected_weight_mean", "negative_weight_fraction"} <= set(r) for r in records)
+    # The guidance (the DPO policy) differs from the reference, so the token weights move away from beta.
+    assert any(abs(r["chosen_weight_mean"] - 0.1) > 1e-4 for r in records)
+
+
+def test_simpo_runs_without_any_scorer(runs):
+    config, summary = runs["simpo"]
+    assert {record["role"] for record in placements(config.run_dir)} == {"policy"}
+    assert summary["steps"] > 0
+
+
+@pytest.mark.parametrize("name", ["dpo", "tgdpo", "simpo"])
+def test_saved_policy_loads_with_transformers_and_generates(runs, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = runs[name][1]["model_dir"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Repeat: apple river"}],
+                                           tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]), str)
