@@ -27,4 +27,4 @@ def tokenizer(tiny_model):
 def demo_data(tmp_path_factory):
     from tgdpo_ray.demo_data import write_demo_data
 
-    return write_demo_data(str(tmp_path_factory.mktemp("demo-data")), train_pairs=192, test_pairs=32)
+    return write_demo_data(str(tmp_path_factory.mktemp("demo-data")), train_pairs=384, test_pairs=32)

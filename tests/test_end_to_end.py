@@ -40,8 +40,8 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
             "data": {"train": str(train), "eval": str(demo_data["test"]), "bad_rows": "skip",
                      "max_length": 64, "max_prompt_length": 32},
             "loss": {"type": loss, "beta": 0.1},
-            "training": {"epochs": 3, "learning_rate": 2e-3, "warmup_ratio": 0.0,
-                         "max_tokens_per_batch": 512},
+            "training": {"epochs": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+                         "max_tokens_per_batch": 768},
             "policy": {"model": tiny_model, "workers": workers, "gpus_per_worker": 1, "zero_stage": zero_stage},
             "reference": {"gpus_per_replica": 1, "batch_size": 16},
             "guidance": {"gpus_per_replica": 1, "batch_size": 16, **extra.pop("guidance", {})},
@@ -132,3 +132,20 @@ def test_saved_policy_loads_with_transformers_and_generates(runs, name):
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
     assert isinstance(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]), str)
+
+
+def test_saved_policy_loads_in_vllm(runs):
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    model_dir = runs["tgdpo"][1]["model_dir"]
+    prompt = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        [{"role": "user", "content": "Repeat: apple river"}], tokenize=False, add_generation_prompt=True)
+    script = Path(__file__).with_name("vllm_generate.py")
+    done = subprocess.run([sys.executable, str(script), model_dir, prompt], capture_output=True, text=True,
+                          timeout=600)
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and results, done.stderr[-3000:]
+    assert len(json.loads(results[0][len("RESULT "):])["token_ids"]) == 8
