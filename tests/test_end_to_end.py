@@ -29,19 +29,20 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
-    """dpo (2 workers, ZeRO-2) -> tgdpo guided by it (2 workers, ZeRO-3) -> simpo (1 worker, ZeRO-0)."""
+    """dpo (2 workers, ZeRO-2) -> tgdpo guided by it (2 workers, ZeRO-3, gradient accumulation 2)
+    -> simpo (1 worker, ZeRO-0)."""
     root = tmp_path_factory.mktemp("runs")
     train = root / "train-with-bad-rows.jsonl"
     train.write_text(demo_data["train"].read_text() + "".join(json.dumps(row) + "\n" for row in BAD_ROWS))
 
-    def config(name, loss, zero_stage, workers, **extra):
+    def config(name, loss, zero_stage, workers, accumulation=1, **extra):
         raw = {
             "run": {"name": name, "output_dir": str(root), "seed": 0},
             "data": {"train": str(train), "eval": str(demo_data["test"]), "bad_rows": "skip",
                      "max_length": 64, "max_prompt_length": 32},
             "loss": {"type": loss, "beta": 0.1},
             "training": {"epochs": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0,
-                         "max_tokens_per_batch": 768},
+                         "max_tokens_per_batch": 768, "gradient_accumulation_steps": accumulation},
             "policy": {"model": tiny_model, "workers": workers, "gpus_per_worker": 1, "zero_stage": zero_stage},
             "reference": {"gpus_per_replica": 1, "batch_size": 16},
             "guidance": {"gpus_per_replica": 1, "batch_size": 16, **extra.pop("guidance", {})},
@@ -51,7 +52,8 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
 
     dpo = config("dpo", "dpo", zero_stage=2, workers=2)
     dpo_summary = run_train(dpo)
-    tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, guidance={"model": dpo_summary["model_dir"]})
+    tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, accumulation=2,
+                   guidance={"model": dpo_summary["model_dir"]})
     tgdpo_summary = run_train(tgdpo)
     simpo = config("simpo", "simpo", zero_stage=0, workers=1)
     simpo.training.epochs = 1
@@ -85,8 +87,9 @@ def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
     assert not (pids["reference"] & pids["guidance"])
 
 
-def test_every_pair_is_trained_exactly_once_per_epoch(runs):
-    config, summary = runs["dpo"]
+@pytest.mark.parametrize("name", ["dpo", "tgdpo"])
+def test_every_pair_is_trained_exactly_once_per_epoch(runs, name):
+    config, summary = runs[name]
     report = json.loads((config.run_dir / "data_report.json").read_text())["train"]
     kept = report["rows_kept"]
     assert report["skipped_by_reason"] == {"identical_responses": 1, "missing_field": 1}
@@ -149,3 +152,17 @@ def test_saved_policy_loads_in_vllm(runs):
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and results, done.stderr[-3000:]
     assert len(json.loads(results[0][len("RESULT "):])["token_ids"]) == 8
+
+
+def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):
+    from tgdpo_ray.run import RunError
+
+    config = build_config({
+        "run": {"output_dir": str(tmp_path)},
+        "data": {"train": str(demo_data["train"])},
+        "loss": {"type": "dpo"},
+        "policy": {"model": tiny_model, "workers": 4, "gpus_per_worker": 1},
+        "reference": {"replicas": [3, 6], "gpus_per_replica": 1},
+    })
+    with pytest.raises(RunError, match=r"needs 7 GPUs at once \(policy 4, reference 3\) but the Ray cluster has 6"):
+        run_train(config)

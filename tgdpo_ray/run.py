@@ -46,6 +46,34 @@ def start_ray(config: JobConfig) -> None:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
 
 
+def resource_needs(config: JobConfig) -> dict[str, dict[str, float]]:
+    """CPUs and GPUs each group holds at once (scorer pools at their minimum size)."""
+    groups = {"policy": (config.policy.workers, config.policy.cpus_per_worker, config.policy.gpus_per_worker)}
+    for name, section, needed in (("reference", config.reference, config.needs_reference),
+                                  ("guidance", config.guidance, config.needs_guidance)):
+        if needed:
+            low = section.replicas if isinstance(section.replicas, int) else section.replicas[0]
+            groups[name] = (low, section.cpus_per_replica, section.gpus_per_replica)
+    return {name: {"CPU": n * cpus, "GPU": n * gpus} for name, (n, cpus, gpus) in groups.items()}
+
+
+def check_fits_cluster(config: JobConfig) -> None:
+    """Fail at once, saying what is missing, instead of waiting forever on actors that cannot be placed."""
+    import ray
+
+    available = ray.cluster_resources()
+    needs = resource_needs(config)
+    for resource in ("CPU", "GPU"):
+        wanted = sum(group[resource] for group in needs.values())
+        if wanted > available.get(resource, 0) + 1e-9:
+            detail = ", ".join(f"{name} {group[resource]:g}" for name, group in needs.items() if group[resource])
+            raise RunError(
+                f"the job needs {wanted:g} {resource}s at once ({detail}) but the Ray cluster has "
+                f"{available.get(resource, 0):g}; lower policy.workers, the replicas or the per-replica "
+                f"resources, or add nodes"
+            )
+
+
 def torch_backend(config: JobConfig) -> str:
     """NCCL needs real GPUs and a CUDA build of torch; anything else (CPU, logical GPUs in tests) uses gloo."""
     if config.policy.backend != "auto":
@@ -92,6 +120,7 @@ def run_train(config: JobConfig, log=print) -> dict:
     steps_per_epoch = math.ceil(count_micro_batches(train.rows, config.training.max_tokens_per_batch) / per_step)
 
     start_ray(config)
+    check_fits_cluster(config)
     datasets = {"train": scored_dataset(train.rows, config, pad_id)}
     if held_out:
         datasets["eval"] = scored_dataset(held_out.rows, config, pad_id)
