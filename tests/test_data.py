@@ -183,3 +183,9 @@ def test_demo_data_follows_its_rule(tmp_path):
     for pair in pairs:
         assert rule_score(pair["prompt"], pair["chosen"]) == 1.0
         assert rule_score(pair["prompt"], pair["rejected"]) < 1.0
+
+
+def test_pairs_cap_fixes_the_micro_batch_size():
+    rows = [{"prompt_ids": [1] * 3, "chosen_ids": [2] * 2, "rejected_ids": [3] * 2} for _ in range(7)]
+    batches = list(pack_by_token_budget(rows, max_tokens=10_000, max_pairs=2))
+    assert [len(batch) for batch in batches] == [2, 2, 2, 1]

@@ -164,5 +164,18 @@ def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, de
         "policy": {"model": tiny_model, "workers": 4, "gpus_per_worker": 1},
         "reference": {"replicas": [3, 6], "gpus_per_replica": 1},
     })
-    with pytest.raises(RunError, match=r"needs 7 GPUs at once \(policy 4, reference 3\) but the Ray cluster has 6"):
+    with pytest.raises(RunError, match=r"needs 7 GPU at once \(policy 4, reference 3\) but the Ray cluster has 6"):
         run_train(config)
+
+
+def test_a_node_label_or_resource_nobody_has_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):
+    from tgdpo_ray.run import RunError
+
+    raw = {"run": {"output_dir": str(tmp_path)}, "data": {"train": str(demo_data["train"])},
+           "loss": {"type": "dpo"}, "policy": {"model": tiny_model}}
+    labelled = build_config(raw, overrides=["reference.node_labels={tgdpo-group: scorer}"])
+    with pytest.raises(RunError, match=r"reference: no node of the Ray cluster has the labels \{'tgdpo-group': 'scorer'\}"):
+        run_train(labelled)
+    custom = build_config(raw, overrides=["policy.resources={policy_slot: 1}"])
+    with pytest.raises(RunError, match=r"policy: needs 1 process\(es\) holding .*policy_slot.* fit 0"):
+        run_train(custom)

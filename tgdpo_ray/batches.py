@@ -11,7 +11,7 @@ column P - 1 + j. Keeping the logits' shape avoids slicing them, which would cop
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,12 +28,13 @@ def padded_tokens(rows: Sequence) -> int:
     return 2 * len(rows) * max(pair_length(row) for row in rows)
 
 
-def pack_by_token_budget(rows: Iterable, max_tokens: int) -> Iterator[list]:
-    """Greedy, order-preserving: a micro-batch grows while its padded size stays within max_tokens.
-    A pair larger than the budget on its own still forms a micro-batch of one (it is never dropped)."""
+def pack_by_token_budget(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None) -> Iterator[list]:
+    """Greedy, order-preserving: a micro-batch grows while its padded size stays within max_tokens (and it holds
+    at most max_pairs pairs). A pair larger than the budget on its own still forms a micro-batch of one: it is
+    never dropped."""
     batch: list = []
     for row in rows:
-        if batch and padded_tokens(batch + [row]) > max_tokens:
+        if batch and (padded_tokens(batch + [row]) > max_tokens or len(batch) == max_pairs):
             yield batch
             batch = []
         batch.append(row)
@@ -41,8 +42,8 @@ def pack_by_token_budget(rows: Iterable, max_tokens: int) -> Iterator[list]:
         yield batch
 
 
-def count_micro_batches(rows: Iterable, max_tokens: int) -> int:
-    return sum(1 for _ in pack_by_token_budget(rows, max_tokens))
+def count_micro_batches(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None) -> int:
+    return sum(1 for _ in pack_by_token_budget(rows, max_tokens, max_pairs))
 
 
 def collate_pairs(rows: Sequence, pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
 """tgdpo-ray: one entry point for every job.
 
-    tgdpo-ray train --config jobs/demo.yaml [--set key=value ...]
-    tgdpo-ray demo [--config jobs/demo.yaml] [--set key=value ...]
-    tgdpo-ray make-tiny-model OUT
-    tgdpo-ray make-demo-data OUT
+    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, pipeline, demo)
+    tgdpo-ray train --config JOB.yaml [--set ...]              one training run
+    tgdpo-ray demo [--config jobs/demo.yaml] [--set ...]       the demo pipeline on a local Ray
+    tgdpo-ray check-config --config JOB.yaml [--set ...]       validate and print with defaults
+    tgdpo-ray submit JOB.yaml --address URL [--set ...] [--wait]
+    tgdpo-ray status|logs|stop ID, tgdpo-ray list               Ray Jobs on a cluster
+    tgdpo-ray make-tiny-model OUT, tgdpo-ray make-demo-data OUT
 """
 
 from __future__ import annotations
@@ -15,24 +18,49 @@ import sys
 from tgdpo_ray.errors import UserError
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--config", required=default is None, default=default, help="job config (YAML)")
+def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set training.learning_rate=1e-6 (repeatable)")
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", required=default is None, default=default, help="job config (YAML)")
+    add_overrides(parser)
+
+
+def add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="the Ray dashboard, e.g. http://HOST:8265 (default: $RAY_ADDRESS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgdpo-ray", description="TGDPO preference training on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="run a training job (dpo, ipo, simpo or tgdpo)")
-    add_config_args(train)
+    add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, pipeline or demo"))
+    add_config_args(commands.add_parser("train", help="one training run (dpo, ipo, simpo or tgdpo)"))
+    add_config_args(commands.add_parser("demo", help="tiny model + demo data, DPO then TGDPO guided by it"),
+                    default="jobs/demo.yaml")
+    add_config_args(commands.add_parser("check-config", help="validate a job config, print it with defaults"))
 
-    check = commands.add_parser("check-config", help="validate a job config and print it with defaults filled in")
-    add_config_args(check)
+    submit = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")
+    submit.add_argument("spec", help="job spec (YAML) inside the working directory")
+    add_address(submit)
+    add_overrides(submit)
+    submit.add_argument("--wait", action="store_true", help="stream the logs until the job ends")
+    submit.add_argument("--working-dir", default=".", help="what travels to the cluster (default: .)")
+    submit.add_argument("--python", default="python", help="the Python on the cluster (default: python)")
+    submit.add_argument("--id", dest="submission_id", default=None, help="a submission id of your choice")
 
-    demo = commands.add_parser("demo", help="tiny model + demo data: a DPO run, then TGDPO guided by it")
-    add_config_args(demo, default="jobs/demo.yaml")
+    for name, text in (("status", "a job's status"), ("stop", "stop a job")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("job_id")
+        add_address(command)
+    logs = commands.add_parser("logs", help="a job's logs")
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    add_address(logs)
+    add_address(commands.add_parser("list", help="the jobs on a cluster"))
 
     tiny = commands.add_parser("make-tiny-model", help="build a random-initialised tiny Llama and tokenizer")
     tiny.add_argument("out")
@@ -50,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command == "train":
-        from tgdpo_ray.config import load_config
-        from tgdpo_ray.run import run_train
+    if args.command in ("run", "train", "demo"):
+        from tgdpo_ray.pipeline import run_job
 
-        summary = run_train(load_config(args.config, args.overrides))
-        print(json.dumps(summary, indent=2))
+        result = run_job(args.config, args.overrides, kind="train" if args.command == "train" else None)
+        if args.command == "train":
+            print(json.dumps(result, indent=2))
     elif args.command == "check-config":
         import yaml
 
@@ -63,10 +91,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, args.overrides)
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
-    elif args.command == "demo":
-        from tgdpo_ray.demo import run_demo
-
-        run_demo(args.config, args.overrides)
+    elif args.command in ("submit", "status", "logs", "stop", "list"):
+        return run_jobs_command(args)
     elif args.command == "make-tiny-model":
         from tgdpo_ray.models import make_tiny_model
 
@@ -82,12 +108,46 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_jobs_command(args: argparse.Namespace) -> int:
+    from tgdpo_ray import jobs
+
+    if args.command == "submit":
+        job_id = jobs.submit(args.spec, args.overrides, args.address, args.working_dir, args.python,
+                             args.submission_id)
+        print(f"submitted: {job_id}", flush=True)
+        if not args.wait:
+            print(f"watch it with: tgdpo-ray logs {job_id} --follow", flush=True)
+            return 0
+        jobs.logs(job_id, args.address, follow=True)
+        final = jobs.wait(job_id, args.address)
+        print(f"\njob {job_id}: {final}")
+        return 0 if final == "SUCCEEDED" else 1
+    if args.command == "status":
+        info = jobs.status(args.job_id, args.address)
+        print(f"{info['submission_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        print(f"  entrypoint: {info['entrypoint']}")
+        print(f"  started: {jobs.format_time(info['start_time'])}  ended: {jobs.format_time(info['end_time'])}")
+        return 0
+    if args.command == "logs":
+        jobs.logs(args.job_id, args.address, follow=args.follow)
+        return 0
+    if args.command == "stop":
+        stopped = jobs.stop(args.job_id, args.address)
+        print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
+        return 0
+    rows = jobs.list_jobs(args.address)
+    print(f"{'submission id':<48} {'status':<10} {'kind':<9} {'started':<24}")
+    for row in rows:
+        print(f"{row['submission_id']:<48} {row['status']:<10} {row['kind']:<9} {row['started']:<24}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_command(args)
     except UserError as err:
-        # Our own errors already name the key, file or row: print them without a traceback.
+        # Our own errors already name the key, file, row or job: print them without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -86,6 +86,9 @@ class TrainingSection(Section):
     warmup_ratio: float = Field(default=0.1, ge=0, le=1)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)  # the cosine schedule ends at learning_rate * this
     max_tokens_per_batch: int = Field(default=8192, gt=0)  # padded tokens (chosen + rejected) per micro-batch
+    # Also cap the pairs per micro-batch: with a budget that always fits this many pairs, the effective batch is
+    # exactly max_pairs_per_batch x gradient_accumulation_steps x policy.workers pairs.
+    max_pairs_per_batch: Optional[int] = Field(default=None, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0)  # 0 turns clipping off
     logp_chunk_size: int = Field(default=1024, gt=0)  # tokens per chunk of the log-softmax
@@ -95,7 +98,14 @@ class TrainingSection(Section):
 Precision = Literal["auto", "bf16", "fp32"]
 
 
-class PolicySection(Section):
+class Placement(Section):
+    """Where a group's processes may run: Ray node labels they require, custom resources each one holds."""
+
+    node_labels: dict[str, str] = {}  # e.g. {tgdpo-group: policy}: only nodes started with these labels
+    resources: dict[str, float] = {}  # e.g. {policy_slot: 1}: custom resources per worker / replica
+
+
+class PolicySection(Placement):
     model: str
     trust_remote_code: bool = False
     workers: int = Field(default=1, gt=0)
@@ -106,7 +116,7 @@ class PolicySection(Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with GPUs and a CUDA build of torch, else gloo
 
 
-class ScorerSection(Section):
+class ScorerSection(Placement):
     model: Optional[str] = None  # reference: defaults to policy.model
     trust_remote_code: bool = False
     replicas: Union[int, tuple[int, int]] = 1  # a fixed pool size, or [min, max] for an autoscaling pool
@@ -130,7 +140,15 @@ class RaySection(Section):
     num_gpus: Optional[int] = None  # local Ray only: logical GPUs to declare
 
 
+JOB_KINDS = {
+    "train": "one training run with loss.type",
+    "pipeline": "the paper's experiment: a dpo run whose policy guides a tgdpo run from the same start",
+    "demo": "the pipeline, after building the tiny model and demo data its paths point at (when missing)",
+}
+
+
 class JobConfig(Section):
+    kind: Literal["train", "pipeline", "demo"] = "train"
     run: RunSection = RunSection()
     data: DataSection
     loss: LossSection = LossSection()
@@ -142,8 +160,10 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _models_for_the_loss(self) -> "JobConfig":
-        if self.loss.type == "tgdpo" and not self.guidance.model:
+        if self.kind == "train" and self.loss.type == "tgdpo" and not self.guidance.model:
             raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run)")
+        if self.kind != "train" and self.guidance.model:
+            raise ValueError(f"kind {self.kind} trains its own guidance model: remove guidance.model")
         return self
 
     @property
@@ -246,7 +266,10 @@ def absolutize(config: JobConfig) -> JobConfig:
     return config
 
 
-def build_config(raw: Any, source: str = "<config>", overrides: Optional[list[str]] = None) -> JobConfig:
+def build_config(raw: Any, source: str = "<config>", overrides: Optional[list[str]] = None,
+                 check_paths: bool = True) -> JobConfig:
+    """Validates a raw config. check_paths=False checks keys and values only: for a job bound for a cluster,
+    whose paths name the cluster's disks."""
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid job config {source}: expected a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
@@ -254,19 +277,24 @@ def build_config(raw: Any, source: str = "<config>", overrides: Optional[list[st
         config = JobConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, source)) from None
+    if not check_paths:
+        return config
     check_local_paths(config, source)
     return absolutize(config)
 
 
-def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> JobConfig:
+def read_raw_config(path: Union[str, Path]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"job config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"job config {path} is not valid YAML: {err}") from None
-    return build_config(raw, str(path), overrides)
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, check_paths: bool = True) -> JobConfig:
+    return build_config(read_raw_config(path), str(path), overrides, check_paths)
 
 
 def dump_config(config: JobConfig, path: Path) -> None:

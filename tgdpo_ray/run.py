@@ -40,35 +40,54 @@ def start_ray(config: JobConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
-    if config.ray.address:
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        # Inside a Ray job RAY_ADDRESS names the cluster; local-only settings do not apply there.
         ray.init(address=config.ray.address)
     else:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
 
 
-def resource_needs(config: JobConfig) -> dict[str, dict[str, float]]:
-    """CPUs and GPUs each group holds at once (scorer pools at their minimum size)."""
-    groups = {"policy": (config.policy.workers, config.policy.cpus_per_worker, config.policy.gpus_per_worker)}
+def process_groups(config: JobConfig) -> dict[str, tuple[int, dict[str, float], dict[str, str]]]:
+    """Each group's processes held at once (scorer pools at their minimum size), what each one holds, and
+    the node labels it needs."""
+    sections = {"policy": (config.policy, config.policy.workers, config.policy.cpus_per_worker,
+                           config.policy.gpus_per_worker)}
     for name, section, needed in (("reference", config.reference, config.needs_reference),
                                   ("guidance", config.guidance, config.needs_guidance)):
         if needed:
             low = section.replicas if isinstance(section.replicas, int) else section.replicas[0]
-            groups[name] = (low, section.cpus_per_replica, section.gpus_per_replica)
-    return {name: {"CPU": n * cpus, "GPU": n * gpus} for name, (n, cpus, gpus) in groups.items()}
+            sections[name] = (section, low, section.cpus_per_replica, section.gpus_per_replica)
+    groups = {}
+    for name, (section, count, cpus, gpus) in sections.items():
+        each = {"CPU": cpus, "GPU": gpus, **section.resources}
+        groups[name] = (count, {key: amount for key, amount in each.items() if amount > 0}, section.node_labels)
+    return groups
 
 
 def check_fits_cluster(config: JobConfig) -> None:
     """Fail at once, saying what is missing, instead of waiting forever on actors that cannot be placed."""
     import ray
 
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    groups = process_groups(config)
+    for name, (count, each, labels) in groups.items():
+        matching = [node for node in nodes if all(node["Labels"].get(k) == v for k, v in labels.items())]
+        if not matching:
+            raise RunError(f"{name}: no node of the Ray cluster has the labels {labels}")
+        # How many such processes the matching nodes could hold if this group were alone on them.
+        room = sum(min((int(node["Resources"].get(key, 0) / amount + 1e-9) for key, amount in each.items()),
+                       default=count) for node in matching)
+        if room < count:
+            where = f"nodes labelled {labels}" if labels else "the cluster's nodes"
+            raise RunError(f"{name}: needs {count} process(es) holding {each} each, but {where} fit {room}")
     available = ray.cluster_resources()
-    needs = resource_needs(config)
-    for resource in ("CPU", "GPU"):
-        wanted = sum(group[resource] for group in needs.values())
+    for resource in sorted({key for _, each, _ in groups.values() for key in each}):
+        wanted = sum(count * each.get(resource, 0) for count, each, _ in groups.values())
         if wanted > available.get(resource, 0) + 1e-9:
-            detail = ", ".join(f"{name} {group[resource]:g}" for name, group in needs.items() if group[resource])
+            detail = ", ".join(f"{name} {count * each[resource]:g}" for name, (count, each, _) in groups.items()
+                               if resource in each)
             raise RunError(
-                f"the job needs {wanted:g} {resource}s at once ({detail}) but the Ray cluster has "
+                f"the job needs {wanted:g} {resource} at once ({detail}) but the Ray cluster has "
                 f"{available.get(resource, 0):g}; lower policy.workers, the replicas or the per-replica "
                 f"resources, or add nodes"
             )
@@ -117,7 +136,8 @@ def run_train(config: JobConfig, log=print) -> dict:
         json.dumps({"train": train.report(), "eval": held_out.report() if held_out else None}, indent=2)
     )
     per_step = config.policy.workers * config.training.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(count_micro_batches(train.rows, config.training.max_tokens_per_batch) / per_step)
+    steps_per_epoch = math.ceil(count_micro_batches(
+        train.rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch) / per_step)
 
     start_ray(config)
     check_fits_cluster(config)
@@ -132,7 +152,9 @@ def run_train(config: JobConfig, log=print) -> dict:
         scaling_config=ScalingConfig(
             num_workers=policy.workers,
             use_gpu=policy.gpus_per_worker > 0,
-            resources_per_worker={"CPU": policy.cpus_per_worker, "GPU": policy.gpus_per_worker},
+            resources_per_worker={"CPU": policy.cpus_per_worker, "GPU": policy.gpus_per_worker,
+                                  **policy.resources},
+            label_selector=policy.node_labels or None,
         ),
         torch_config=TorchConfig(backend=torch_backend(config)),
         datasets=datasets,

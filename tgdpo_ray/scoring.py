@@ -121,6 +121,8 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
         compute=ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=section.cpus_per_replica,
         num_gpus=section.gpus_per_replica,
+        resources=section.resources or None,
+        label_selector=section.node_labels or None,
     )
 
 

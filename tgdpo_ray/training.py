@@ -108,9 +108,9 @@ class Waited:
             self.seconds += time.perf_counter() - started
 
 
-def synced_micro_batches(rows: Iterator, max_tokens: int, device, pad_id: int) -> Iterator[tuple[list, bool]]:
+def synced_micro_batches(rows: Iterator, config: JobConfig, device, pad_id: int) -> Iterator[tuple[list, bool]]:
     """(micro-batch, real) until every worker is out of data; `real` is False for the filler batches."""
-    local = pack_by_token_budget(rows, max_tokens)
+    local = pack_by_token_budget(rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch)
     last = None
     while True:
         batch = next(local, None)
@@ -167,7 +167,7 @@ def evaluate(engine, shard, config: JobConfig, pad_id: int, device) -> Optional[
     meter = MetricSums(config.loss.type)
     engine.eval()
     with torch.no_grad():
-        for rows, real in synced_micro_batches(iter(shard.iter_rows()), config.training.max_tokens_per_batch, device, pad_id):
+        for rows, real in synced_micro_batches(iter(shard.iter_rows()), config, device, pad_id):
             out, tokens = micro_batch_loss(engine, rows, config, pad_id, device)
             if real:
                 meter.add(out, tokens)
@@ -267,7 +267,7 @@ def train_loop(loop_config: dict) -> None:
 
     for epoch in range(training.epochs):
         rows = Waited(train_shard.iter_rows())
-        for micro, real in synced_micro_batches(rows, training.max_tokens_per_batch, device, pad_id):
+        for micro, real in synced_micro_batches(rows, config, device, pad_id):
             micro_step(micro, real, epoch, rows)
         # A partial accumulation at the end of the epoch is applied, not thrown away.
         while engine.micro_steps % training.gradient_accumulation_steps:

@@ -1,0 +1,103 @@
+"""Ray Jobs through the CLI against a real Ray head started here (`ray start --head`, dashboard on loopback)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli(*args, timeout=600, env=None):
+    return subprocess.run([str(VENV_BIN / "tgdpo-ray"), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head whose job drivers find this venv's python first on PATH (as a cluster image would)."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    port, dashboard = free_port(), free_port()
+    started = subprocess.run(
+        [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8", "--num-gpus=0",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    address = f"http://127.0.0.1:{dashboard}"
+    for _ in range(60):  # the dashboard's job API comes up a little after `ray start` returns
+        if cli("list", "--address", address, timeout=60).returncode == 0:
+            break
+        time.sleep(1)
+    yield {"address": address, "outputs": tmp_path_factory.mktemp("cluster-outputs")}
+    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def small_demo(outputs: Path, *extra: str) -> list[str]:
+    return ["--set", f"run.output_dir={outputs}", "--set", "training.epochs=1", "--set", "data.train.limit=96",
+            "--set", "data.eval.limit=16", *extra]
+
+
+def test_submit_the_demo_wait_and_read_its_logs(head):
+    done = cli("submit", "jobs/demo.yaml", "--address", head["address"], "--wait", *small_demo(head["outputs"]))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job_id = done.stdout.split("submitted: ")[1].split()[0]
+    assert f"job {job_id}: SUCCEEDED" in done.stdout
+
+    status = cli("status", job_id, "--address", head["address"])
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    logs = cli("logs", job_id, "--address", head["address"])
+    assert "[pipeline] stage tgdpo" in logs.stdout and "held-out reward acc" in logs.stdout
+
+    # The outputs are where the job's config sent them.
+    for stage in ("dpo", "tgdpo"):
+        assert (head["outputs"] / "demo" / stage / "model" / "model.safetensors").exists()
+    assert (head["outputs"] / "demo" / "pipeline.json").exists()
+    listing = cli("list", "--address", head["address"])
+    assert job_id in listing.stdout and "demo" in listing.stdout
+
+
+def test_a_bad_config_is_refused_locally(head):
+    before = cli("list", "--address", head["address"]).stdout.count("tgdpo-")
+    refused = cli("submit", "jobs/demo.yaml", "--address", head["address"], "--set", "training.epochs=0")
+    assert refused.returncode == 2
+    assert "training.epochs" in refused.stderr and "Traceback" not in refused.stderr
+    assert cli("list", "--address", head["address"]).stdout.count("tgdpo-") == before  # nothing was sent
+
+
+def test_a_long_job_is_stopped(head):
+    submitted = cli("submit", "jobs/demo.yaml", "--address", head["address"], "--id", "long-demo",
+                    *small_demo(head["outputs"] / "long", "--set", "training.epochs=100"))
+    assert submitted.returncode == 0 and "submitted: long-demo" in submitted.stdout, submitted.stderr
+    for _ in range(120):
+        if "RUNNING" in cli("status", "long-demo", "--address", head["address"]).stdout:
+            break
+        time.sleep(1)
+    stopped = cli("stop", "long-demo", "--address", head["address"])
+    assert stopped.returncode == 0 and "stop requested" in stopped.stdout
+    for _ in range(60):
+        status = cli("status", "long-demo", "--address", head["address"]).stdout
+        if "STOPPED" in status:
+            break
+        time.sleep(1)
+    assert "long-demo: STOPPED" in status
+
+
+def test_unknown_job_and_missing_address_are_clear_errors(head):
+    missing = cli("status", "no-such-job", "--address", head["address"])
+    assert missing.returncode == 2 and "no job 'no-such-job'" in missing.stderr and "Traceback" not in missing.stderr
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    no_address = cli("list", env=env)
+    assert no_address.returncode == 2 and "--address" in no_address.stderr
