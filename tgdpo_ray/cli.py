@@ -1,9 +1,11 @@
 """tgdpo-ray: one entry point for every job.
 
-    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, pipeline, demo)
+    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, score, pipeline, demo)
     tgdpo-ray train --config JOB.yaml [--set ...]              one training run
+    tgdpo-ray score --config JOB.yaml [--set ...]              scoring alone, into the cache
     tgdpo-ray demo [--config jobs/demo.yaml] [--set ...]       the demo pipeline on a local Ray
     tgdpo-ray check-config --config JOB.yaml [--set ...]       validate and print with defaults
+    tgdpo-ray plan --config JOB.yaml [--cluster gpus=N,cpus=N]  GPUs per group, scorer replicas needed
     tgdpo-ray submit JOB.yaml --address URL [--set ...] [--wait]
     tgdpo-ray status|logs|stop ID, tgdpo-ray list               Ray Jobs on a cluster
     tgdpo-ray make-tiny-model OUT, tgdpo-ray make-demo-data OUT
@@ -37,11 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgdpo-ray", description="TGDPO preference training on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, pipeline or demo"))
+    add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, score, pipeline or demo"))
     add_config_args(commands.add_parser("train", help="one training run (dpo, ipo, simpo or tgdpo)"))
+    add_config_args(commands.add_parser("score", help="score the data into the cache, train later"))
     add_config_args(commands.add_parser("demo", help="tiny model + demo data, DPO then TGDPO guided by it"),
                     default="jobs/demo.yaml")
     add_config_args(commands.add_parser("check-config", help="validate a job config, print it with defaults"))
+    plan = commands.add_parser("plan", help="GPUs per group and the scorer replicas that keep training fed")
+    add_config_args(plan)
+    plan.add_argument("--cluster", default=None, metavar="gpus=N,cpus=N",
+                      help="plan for this cluster instead of the one at ray.address / RAY_ADDRESS")
 
     submit = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")
     submit.add_argument("spec", help="job spec (YAML) inside the working directory")
@@ -78,11 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("run", "train", "demo"):
+    if args.command in ("run", "train", "score", "demo"):
         from tgdpo_ray.pipeline import run_job
 
-        result = run_job(args.config, args.overrides, kind="train" if args.command == "train" else None)
-        if args.command == "train":
+        forced_kind = args.command if args.command in ("train", "score") else None
+        result = run_job(args.config, args.overrides, kind=forced_kind)
+        if forced_kind:
             print(json.dumps(result, indent=2))
     elif args.command == "check-config":
         import yaml
@@ -91,6 +99,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, args.overrides)
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    elif args.command == "plan":
+        print(plan_command(args))
     elif args.command in ("submit", "status", "logs", "stop", "list"):
         return run_jobs_command(args)
     elif args.command == "make-tiny-model":
@@ -106,6 +116,25 @@ def run_command(args: argparse.Namespace) -> int:
         paths = write_demo_data(args.out, args.train_pairs, args.test_pairs, args.seed)
         print("\n".join(f"{split}: {path}" for split, path in paths.items()))
     return 0
+
+
+def plan_command(args: argparse.Namespace) -> str:
+    import os
+
+    from tgdpo_ray.config import load_config
+    from tgdpo_ray.plan import format_plan, make_plan, parse_cluster
+
+    config = load_config(args.config, args.overrides, check_paths=False)
+    if args.cluster:
+        cluster = parse_cluster(args.cluster)
+    elif config.ray.address or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.init(address=config.ray.address, logging_level="ERROR")
+        cluster = ray.cluster_resources()
+    else:
+        cluster = None
+    return format_plan(make_plan(config, cluster))
 
 
 def run_jobs_command(args: argparse.Namespace) -> int:

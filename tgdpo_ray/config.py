@@ -134,6 +134,14 @@ class ScorerSection(Placement):
         return value
 
 
+class ScoringSection(Section):
+    # stream: scored pairs flow straight to the trainers (every epoch scores again).
+    # cache: pairs are scored once into <cache_dir>/<fingerprint>/ and read from there by every later epoch
+    # and run with the same data, tokenizer, limits and scorer weights.
+    mode: Literal["stream", "cache"] = "stream"
+    cache_dir: str = "outputs/cache"  # a local path or any pyarrow filesystem URI (s3://, gs://, ...)
+
+
 class RaySection(Section):
     address: Optional[str] = None  # an existing cluster ("auto", "ray://..."); None starts a local Ray
     num_cpus: Optional[int] = None  # local Ray only: logical CPUs to declare
@@ -142,13 +150,14 @@ class RaySection(Section):
 
 JOB_KINDS = {
     "train": "one training run with loss.type",
+    "score": "scoring alone: the reference (and guidance) log-probs into the cache, for a later run",
     "pipeline": "the paper's experiment: a dpo run whose policy guides a tgdpo run from the same start",
     "demo": "the pipeline, after building the tiny model and demo data its paths point at (when missing)",
 }
 
 
 class JobConfig(Section):
-    kind: Literal["train", "pipeline", "demo"] = "train"
+    kind: Literal["train", "score", "pipeline", "demo"] = "train"
     run: RunSection = RunSection()
     data: DataSection
     loss: LossSection = LossSection()
@@ -156,13 +165,14 @@ class JobConfig(Section):
     policy: PolicySection
     reference: ScorerSection = ScorerSection()
     guidance: ScorerSection = ScorerSection()
+    scoring: ScoringSection = ScoringSection()
     ray: RaySection = RaySection()
 
     @model_validator(mode="after")
     def _models_for_the_loss(self) -> "JobConfig":
-        if self.kind == "train" and self.loss.type == "tgdpo" and not self.guidance.model:
+        if self.kind in ("train", "score") and self.loss.type == "tgdpo" and not self.guidance.model:
             raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run)")
-        if self.kind != "train" and self.guidance.model:
+        if self.kind in ("pipeline", "demo") and self.guidance.model:
             raise ValueError(f"kind {self.kind} trains its own guidance model: remove guidance.model")
         return self
 
@@ -256,6 +266,8 @@ def absolutize(config: JobConfig) -> JobConfig:
         return value
 
     config.run.output_dir = str(Path(config.run.output_dir).resolve())
+    if "://" not in config.scoring.cache_dir:
+        config.scoring.cache_dir = str(Path(config.scoring.cache_dir).expanduser().resolve())
     for section in (config.policy, config.reference, config.guidance):
         section.model = fix(section.model)
     for source in (config.data.train, config.data.eval):

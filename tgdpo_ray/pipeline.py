@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from tgdpo_ray.config import JobConfig, build_config, read_raw_config
-from tgdpo_ray.run import run_train
+from tgdpo_ray.run import run_score, run_train
 
 
 def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None) -> JobConfig:
@@ -71,4 +71,6 @@ def run_job(config_path: str, overrides: list[str], kind: str | None = None, log
     config = build_config(raw, config_path, overrides)
     if config.kind == "train":
         return run_train(config, log)
+    if config.kind == "score":
+        return run_score(config, log)
     return run_pipeline(config, log)

@@ -47,11 +47,13 @@ def start_ray(config: JobConfig) -> None:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
 
 
-def process_groups(config: JobConfig) -> dict[str, tuple[int, dict[str, float], dict[str, str]]]:
+def process_groups(config: JobConfig, with_policy: bool = True) -> dict[str, tuple[int, dict, dict]]:
     """Each group's processes held at once (scorer pools at their minimum size), what each one holds, and
     the node labels it needs."""
-    sections = {"policy": (config.policy, config.policy.workers, config.policy.cpus_per_worker,
-                           config.policy.gpus_per_worker)}
+    sections = {}
+    if with_policy:
+        sections["policy"] = (config.policy, config.policy.workers, config.policy.cpus_per_worker,
+                              config.policy.gpus_per_worker)
     for name, section, needed in (("reference", config.reference, config.needs_reference),
                                   ("guidance", config.guidance, config.needs_guidance)):
         if needed:
@@ -64,12 +66,12 @@ def process_groups(config: JobConfig) -> dict[str, tuple[int, dict[str, float], 
     return groups
 
 
-def check_fits_cluster(config: JobConfig) -> None:
+def check_fits_cluster(config: JobConfig, with_policy: bool = True) -> None:
     """Fail at once, saying what is missing, instead of waiting forever on actors that cannot be placed."""
     import ray
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    groups = process_groups(config)
+    groups = process_groups(config, with_policy)
     for name, (count, each, labels) in groups.items():
         matching = [node for node in nodes if all(node["Labels"].get(k) == v for k, v in labels.items())]
         if not matching:
@@ -119,14 +121,18 @@ def uneven_split_config():
     return UnevenSplit()
 
 
-def run_train(config: JobConfig, log=print) -> dict:
-    """One training run; returns the summary that the trainer wrote to <run_dir>/summary.json."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
+    """The stream the trainers read: scored on the fly, or from the cache (scored into it first if missing)."""
+    from tgdpo_ray.cache import cached_scored_dataset
     from tgdpo_ray.scoring import scored_dataset
-    from tgdpo_ray.training import train_loop
 
+    if config.scoring.mode == "cache" and (config.needs_reference or config.needs_guidance):
+        return cached_scored_dataset(rows, config, pad_id, split, log)
+    return scored_dataset(rows, config, pad_id)
+
+
+def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, PreparedData | None]:
+    """Creates the run folder with the config and the data report; returns the prepared data."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir / "placement", ignore_errors=True)  # placement records are per run
@@ -135,15 +141,41 @@ def run_train(config: JobConfig, log=print) -> dict:
     (run_dir / "data_report.json").write_text(
         json.dumps({"train": train.report(), "eval": held_out.report() if held_out else None}, indent=2)
     )
+    return pad_id, train, held_out
+
+
+def run_score(config: JobConfig, log=print) -> dict:
+    """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
+    if not (config.needs_reference or config.needs_guidance):
+        raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
+    config.scoring.mode = "cache"
+    pad_id, train, held_out = start_run_dir(config, log)
+    start_ray(config)
+    check_fits_cluster(config, with_policy=False)
+    splits = {"train": train} | ({"eval": held_out} if held_out else {})
+    counts = {split: scored_pairs(data.rows, config, pad_id, split, log).count() for split, data in splits.items()}
+    log(f"[score] cached {counts} in {config.scoring.cache_dir}")
+    return {"pairs": counts, "cache_dir": config.scoring.cache_dir}
+
+
+def run_train(config: JobConfig, log=print) -> dict:
+    """One training run; returns the summary that the trainer wrote to <run_dir>/summary.json."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tgdpo_ray.training import train_loop
+
+    run_dir = config.run_dir
+    pad_id, train, held_out = start_run_dir(config, log)
     per_step = config.policy.workers * config.training.gradient_accumulation_steps
     steps_per_epoch = math.ceil(count_micro_batches(
         train.rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch) / per_step)
 
     start_ray(config)
     check_fits_cluster(config)
-    datasets = {"train": scored_dataset(train.rows, config, pad_id)}
+    datasets = {"train": scored_pairs(train.rows, config, pad_id, "train", log)}
     if held_out:
-        datasets["eval"] = scored_dataset(held_out.rows, config, pad_id)
+        datasets["eval"] = scored_pairs(held_out.rows, config, pad_id, "eval", log)
     policy = config.policy
     trainer = TorchTrainer(
         train_loop,

@@ -1,0 +1,61 @@
+"""`tgdpo-ray plan`: GPUs per group, scorer replicas from the forward-is-a-third-of-a-step rule, warnings."""
+
+import pytest
+
+from tgdpo_ray.cli import main
+from tgdpo_ray.config import ConfigError, build_config
+from tgdpo_ray.models import make_tiny_model
+from tgdpo_ray.plan import format_plan, make_plan, parameter_count, parse_cluster
+
+
+@pytest.fixture(scope="module")
+def big_guidance(tmp_path_factory):
+    return str(make_tiny_model(str(tmp_path_factory.mktemp("big")), hidden_size=256, layers=4))
+
+
+def job(tiny_model, demo_data, guidance, *overrides):
+    raw = {"data": {"train": str(demo_data["train"])},
+           "policy": {"model": tiny_model, "workers": 6, "gpus_per_worker": 1},
+           "reference": {"replicas": [1, 2], "gpus_per_replica": 1},
+           "guidance": {"model": guidance, "replicas": 1, "gpus_per_replica": 1}}
+    return build_config(raw, overrides=list(overrides))
+
+
+def test_parameter_count_matches_the_real_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    assert parameter_count(tiny_model) == pytest.approx(real, rel=0.01)  # norms are the only thing left out
+
+
+def test_replicas_needed_scale_with_trainer_gpus_and_model_size(tiny_model, demo_data, big_guidance):
+    plan = make_plan(job(tiny_model, demo_data, big_guidance))
+    reference, guidance = plan["pools"]
+    assert reference["gpus_needed"] == pytest.approx(6 / 3)  # same model as the policy: a third of 6 GPUs
+    assert reference["replicas_needed"] == 2
+    assert guidance["size_ratio"] > 3 and guidance["replicas_needed"] > reference["replicas_needed"]
+    assert plan["total_gpus"] == (8, 9)
+    # The guidance pool (1 replica) cannot keep up: a warning names it; the reference pool (up to 2) can.
+    assert [w.split(":")[0] for w in plan["warnings"]] == ["guidance"]
+
+
+def test_cache_mode_never_starves_training(tiny_model, demo_data, big_guidance):
+    assert make_plan(job(tiny_model, demo_data, big_guidance, "scoring.mode=cache"))["warnings"] == []
+
+
+def test_cluster_too_small(tiny_model, demo_data, big_guidance):
+    plan = make_plan(job(tiny_model, demo_data, big_guidance, "scoring.mode=cache"), parse_cluster("gpus=4,cpus=64"))
+    assert plan["warnings"] == ["the job needs at least 8 GPUs at once; the cluster has 4"]
+    with pytest.raises(ConfigError, match="expected gpus=N,cpus=N"):
+        parse_cluster("gpu=4")
+
+
+def test_plan_command_prints_the_table(tiny_model, demo_data, big_guidance, tmp_path, capsys):
+    import yaml
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(job(tiny_model, demo_data, big_guidance).model_dump(mode="json")))
+    assert main(["plan", "--config", str(spec), "--cluster", "gpus=16,cpus=64"]) == 0
+    out = capsys.readouterr().out
+    assert "policy" in out and "reference" in out and "cluster: 16 GPUs" in out and "warning: guidance" in out
+    assert format_plan(make_plan(job(tiny_model, demo_data, big_guidance))).count("\n") >= 5

@@ -1,0 +1,124 @@
+"""The scored-pair cache: score once, train many epochs and many runs.
+
+The reference and guidance log-probs of a pair are a pure function of the pair's token ids (which already
+encode the dataset content, the tokenizer, the chat template and the length limits) and of the frozen models'
+weights and precision. Their hash is the fingerprint; scored pairs live in Parquet under
+`<cache_dir>/<fingerprint>/`, on any filesystem pyarrow knows (a local path, s3://, gs://, ...).
+
+A cache folder counts only once its `_COMPLETE.json` marker exists, written last: a run that died while
+writing leaves a folder that is never read as complete, and the next run replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from tgdpo_ray.config import JobConfig
+
+CACHE_FORMAT = 1  # bump when the meaning of the cached columns changes
+MARKER = "_COMPLETE.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
+SAMPLE_BYTES = 1 << 20
+
+
+def resolve_filesystem(uri: str):
+    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/cache."""
+    from pyarrow import fs
+
+    if "://" in uri:
+        return fs.FileSystem.from_uri(uri)
+    return fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def model_files(name_or_path: str) -> Optional[Path]:
+    """The folder holding a model's files: the path itself, or the locally cached snapshot of a hub name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # not cached here (the scorers will download it): the name is all we know
+        return None
+
+
+def weights_identity(name_or_path: str) -> str:
+    """A digest of a model's files: names, sizes, and their first and last MiB (cheap even at 100 GB, and
+    any retraining changes them)."""
+    folder = model_files(name_or_path)
+    if folder is None:
+        return f"name:{name_or_path}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder)}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(SAMPLE_BYTES))
+            if size > 2 * SAMPLE_BYTES:
+                handle.seek(-SAMPLE_BYTES, 2)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def scorer_identity(config: JobConfig) -> dict:
+    identity = {"format": CACHE_FORMAT}
+    if config.needs_reference:
+        identity["reference"] = [weights_identity(config.reference_model), config.reference.precision]
+    if config.needs_guidance:
+        identity["guidance"] = [weights_identity(config.guidance.model), config.guidance.precision]
+    return identity
+
+
+def fingerprint(rows: list, identity: dict) -> str:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    for row in rows:
+        digest.update(json.dumps([row["pair_id"], row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]).encode())
+    return digest.hexdigest()[:24]
+
+
+def is_complete(filesystem, folder: str) -> bool:
+    from pyarrow import fs
+
+    return filesystem.get_file_info(f"{folder}/{MARKER}").type == fs.FileType.File
+
+
+def clear_partial(filesystem, folder: str, log=print) -> None:
+    from pyarrow import fs
+
+    if filesystem.get_file_info(folder).type != fs.FileType.NotFound:
+        log(f"[cache] {folder} has no {MARKER}: a write that did not finish; scoring again")
+        filesystem.delete_dir(folder)
+
+
+def write_marker(filesystem, folder: str, record: dict) -> None:
+    with filesystem.open_output_stream(f"{folder}/{MARKER}") as handle:
+        handle.write(json.dumps(record, indent=2).encode())
+
+
+def cached_scored_dataset(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
+    """The scored pairs of `rows`, read from the cache; scored and written first when missing."""
+    import ray
+
+    from tgdpo_ray.scoring import scored_dataset
+
+    identity = scorer_identity(config)
+    key = fingerprint(rows, identity)
+    filesystem, root = resolve_filesystem(config.scoring.cache_dir)
+    folder = f"{root}/{key}"
+    where = f"{config.scoring.cache_dir}/{key}"
+    if is_complete(filesystem, folder):
+        log(f"[cache] {split}: {len(rows)} scored pairs from {where} (no scorer starts)")
+    else:
+        clear_partial(filesystem, folder, log)
+        log(f"[cache] {split}: scoring {len(rows)} pairs into {where}")
+        started = time.perf_counter()
+        scored_dataset(rows, config, pad_id).write_parquet(folder, filesystem=filesystem)
+        write_marker(filesystem, folder, {"pairs": len(rows), "split": split, "fingerprint": key,
+                                          "scorers": identity, "seconds": time.perf_counter() - started})
+        log(f"[cache] {split}: scored in {time.perf_counter() - started:.1f}s")
+    return ray.data.read_parquet(folder, filesystem=filesystem)

@@ -1,0 +1,110 @@
+"""`tgdpo-ray plan`: the GPUs each group of a job takes, and the scorer replicas that keep the trainers fed.
+
+The rule of thumb: a frozen forward costs about a third of a training step per token (a step is a forward
+and a backward twice its cost). Every pair goes once through each scorer pool and once through the trainers,
+so a pool whose model is as large as the policy needs a third of the trainers' GPUs, scaled by its model's
+size relative to the policy's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from tgdpo_ray.config import ConfigError, JobConfig, ScorerSection
+
+FORWARD_SHARE_OF_STEP = 1 / 3
+
+
+def parameter_count(name_or_path: str) -> Optional[int]:
+    """Approximate parameters of a decoder from its config.json (None when the config is not at hand)."""
+    from tgdpo_ray.cache import model_files
+
+    folder = model_files(name_or_path)
+    if folder is None or not (folder / "config.json").exists():
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
+    vocab, intermediate = config.get("vocab_size"), config.get("intermediate_size") or 4 * (hidden or 0)
+    if not (hidden and layers and vocab):
+        return None
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = config.get("num_key_value_heads", heads) * head_dim
+    attention = hidden * heads * head_dim * 2 + hidden * kv * 2
+    mlp = 3 * hidden * intermediate
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def pool_range(section: ScorerSection) -> tuple[int, int]:
+    return (section.replicas, section.replicas) if isinstance(section.replicas, int) else tuple(section.replicas)
+
+
+def parse_cluster(text: str) -> dict[str, float]:
+    """`gpus=16,cpus=128` -> {"GPU": 16, "CPU": 128}: a cluster described on the command line."""
+    cluster = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        name = {"gpus": "GPU", "cpus": "CPU"}.get(key.strip().lower())
+        if name is None or not value.strip().replace(".", "", 1).isdigit():
+            raise ConfigError(f"--cluster {text!r}: expected gpus=N,cpus=N")
+        cluster[name] = float(value)
+    return cluster
+
+
+def make_plan(config: JobConfig, cluster: Optional[dict[str, float]] = None) -> dict:
+    policy_gpus = config.policy.workers * config.policy.gpus_per_worker
+    policy_params = parameter_count(config.policy.model)
+    groups = [{"group": "policy", "processes": (config.policy.workers, config.policy.workers),
+               "gpus_each": config.policy.gpus_per_worker, "labels": config.policy.node_labels}]
+    warnings, pools = [], []
+    for name, section, model, needed in (("reference", config.reference, config.reference_model, config.needs_reference),
+                                          ("guidance", config.guidance, config.guidance.model, config.needs_guidance)):
+        if not needed:
+            continue
+        low, high = pool_range(section)
+        groups.append({"group": name, "processes": (low, high), "gpus_each": section.gpus_per_replica,
+                       "labels": section.node_labels})
+        params = parameter_count(model) if model else None
+        size_ratio = params / policy_params if params and policy_params else 1.0
+        gpus_needed = policy_gpus * FORWARD_SHARE_OF_STEP * size_ratio
+        replicas_needed = math.ceil(gpus_needed / section.gpus_per_replica - 1e-9) if section.gpus_per_replica else None
+        pools.append({"group": name, "size_ratio": round(size_ratio, 3), "gpus_needed": round(gpus_needed, 2),
+                      "replicas_needed": replicas_needed, "max_replicas": high})
+        if replicas_needed and high < replicas_needed and config.scoring.mode == "stream":
+            warnings.append(f"{name}: at most {high} replica(s) of {section.gpus_per_replica:g} GPU, but about "
+                            f"{replicas_needed} are needed to keep {policy_gpus:g} training GPUs fed: scoring "
+                            f"will starve training (raise {name}.replicas, or score ahead with scoring.mode: cache)")
+    for group in groups:
+        group["gpus"] = tuple(n * group["gpus_each"] for n in group["processes"])
+    total = tuple(sum(group["gpus"][i] for group in groups) for i in (0, 1))
+    if cluster is not None and total[0] > cluster.get("GPU", 0):
+        warnings.append(f"the job needs at least {total[0]:g} GPUs at once; the cluster has {cluster.get('GPU', 0):g}")
+    elif cluster is not None and total[1] > cluster.get("GPU", 0):
+        warnings.append(f"the scorer pools can only grow to {cluster.get('GPU', 0) - total[0]:g} spare GPUs of the "
+                        f"{total[1] - total[0]:g} their maximum sizes ask for")
+    return {"groups": groups, "total_gpus": total, "pools": pools, "cluster": cluster, "warnings": warnings,
+            "sizes_known": policy_params is not None}
+
+
+def format_plan(plan: dict) -> str:
+    span = lambda pair: f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}-{pair[1]:g}"  # noqa: E731
+    lines = [f"{'group':<10} {'processes':>9} {'GPUs each':>9} {'GPUs':>7}  labels"]
+    for group in plan["groups"]:
+        labels = ",".join(f"{k}={v}" for k, v in group["labels"].items()) or "-"
+        lines.append(f"{group['group']:<10} {span(group['processes']):>9} {group['gpus_each']:>9g} "
+                     f"{span(group['gpus']):>7}  {labels}")
+    lines.append(f"{'total':<10} {'':>9} {'':>9} {span(plan['total_gpus']):>7}")
+    if plan["cluster"] is not None:
+        lines.append(f"cluster: {plan['cluster'].get('GPU', 0):g} GPUs, {plan['cluster'].get('CPU', 0):g} CPUs")
+    for pool in plan["pools"]:
+        needed = f"{pool['replicas_needed']} replica(s)" if pool["replicas_needed"] else "no GPU replicas set"
+        lines.append(f"{pool['group']}: keeping the trainers fed takes ~{pool['gpus_needed']:g} GPUs "
+                     f"(model size x{pool['size_ratio']:g} of the policy) = {needed}; pool max {pool['max_replicas']}")
+    if not plan["sizes_known"]:
+        lines.append("(model sizes unknown here: scorer models assumed as large as the policy)")
+    lines += [f"warning: {warning}" for warning in plan["warnings"]]
+    return "\n".join(lines)
