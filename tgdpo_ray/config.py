@@ -28,6 +28,7 @@ class RunSection(Section):
     name: str = "tgdpo"
     output_dir: str = "outputs"  # the run writes to <output_dir>/<name>/
     seed: int = 0
+    resume: bool = True  # a run whose folder holds a checkpoint continues from the latest one
 
 
 class DataSource(Section):
@@ -93,6 +94,10 @@ class TrainingSection(Section):
     max_grad_norm: float = Field(default=1.0, ge=0)  # 0 turns clipping off
     logp_chunk_size: int = Field(default=1024, gt=0)  # tokens per chunk of the log-softmax
     log_every: int = Field(default=1, gt=0)  # optimizer steps between console lines
+    checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0: only at epoch ends (and at max_steps)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    max_steps: Optional[int] = Field(default=None, gt=0)  # stop (with a checkpoint) after this many steps
+    max_failures: int = Field(default=0, ge=-1)  # training-worker failures survived (-1: any), from a checkpoint
 
 
 Precision = Literal["auto", "bf16", "fp32"]

@@ -124,8 +124,9 @@ def uneven_split_config():
 def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
     """The stream the trainers read: scored on the fly, or from the cache (scored into it first if missing)."""
     from tgdpo_ray.cache import cached_scored_dataset
-    from tgdpo_ray.scoring import scored_dataset
+    from tgdpo_ray.scoring import configure_ray_data, scored_dataset
 
+    configure_ray_data()
     if config.scoring.mode == "cache" and (config.needs_reference or config.needs_guidance):
         return cached_scored_dataset(rows, config, pad_id, split, log)
     return scored_dataset(rows, config, pad_id)
@@ -160,7 +161,7 @@ def run_score(config: JobConfig, log=print) -> dict:
 
 def run_train(config: JobConfig, log=print) -> dict:
     """One training run; returns the summary that the trainer wrote to <run_dir>/summary.json."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tgdpo_ray.training import train_loop
@@ -191,7 +192,8 @@ def run_train(config: JobConfig, log=print) -> dict:
         torch_config=TorchConfig(backend=torch_backend(config)),
         datasets=datasets,
         dataset_config=uneven_split_config(),
-        run_config=RunConfig(name=config.run.name, storage_path=str(run_dir / "ray_train")),
+        run_config=RunConfig(name=config.run.name, storage_path=str(run_dir / "ray_train"),
+                             failure_config=FailureConfig(max_failures=config.training.max_failures)),
     )
     log(f"[run] {config.loss.type} on {policy.workers} policy worker(s), ZeRO-{policy.zero_stage}, "
         f"~{steps_per_epoch * config.training.epochs} optimizer steps; outputs in {run_dir}")

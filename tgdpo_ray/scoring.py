@@ -126,13 +126,21 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
     )
 
 
+def configure_ray_data() -> None:
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    # Our own per-step lines report progress; Ray Data's per-operator bars would drown them.
+    context.enable_progress_bars = False
+    # Pairs reach the trainers in the same order every run: a resumed run repeats an uninterrupted one.
+    context.execution_options.preserve_order = True
+
+
 def scored_dataset(rows: list, config: JobConfig, pad_id: int, blocks: Optional[int] = None):
     """tokenized pairs -> reference pool -> guidance pool: the stream the trainers consume."""
     import ray
-    from ray.data import DataContext
 
-    # Our own per-step lines report progress; Ray Data's per-operator bars would drown them.
-    DataContext.get_current().enable_progress_bars = False
+    configure_ray_data()
     # Several blocks per scorer batch keep the pools busy and let training start on the first blocks.
     blocks = blocks or max(1, min(len(rows), len(rows) // max(config.reference.batch_size, 1)))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tgdpo_ray.batches import collate_pairs, pack_by_token_budget, values_to_grid
+from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.losses import IGNORE_INDEX, TOKEN_SUM_KEYS, compute_loss, finalize_metrics, metric_sums, token_logps
 from tgdpo_ray.models import load_causal_lm, load_tokenizer, resolve_dtype
@@ -96,6 +97,7 @@ class Waited:
     def __init__(self, iterator):
         self.iterator = iter(iterator)
         self.seconds = 0.0
+        self.step_started = time.perf_counter()
 
     def __iter__(self):
         return self
@@ -188,13 +190,19 @@ def save_hf_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) 
 
 
 class MetricsLog:
-    """Rank 0 appends one JSON line per logged step to <run_dir>/metrics.jsonl and prints progress."""
+    """Rank 0 appends one JSON line per logged step to <run_dir>/metrics.jsonl and prints progress. A resumed
+    run keeps the lines up to its checkpoint and drops those of the steps it trains again."""
 
-    def __init__(self, run_dir: Path, rank: int):
+    def __init__(self, run_dir: Path, rank: int, resumed_step: Optional[int] = None):
         self.rank = rank
         self.path = run_dir / "metrics.jsonl"
-        if rank == 0:
-            self.path.write_text("")
+        if rank != 0:
+            return
+        kept = []
+        if resumed_step is not None and self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] <= resumed_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict, console: Optional[str] = None) -> None:
         if self.rank != 0:
@@ -203,6 +211,21 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
         if console:
             print(console, flush=True)
+
+
+def resume_state(engine, run_dir: Path, rank: int, enabled: bool) -> tuple[dict, set]:
+    """The loop state to start from, and the pairs of its epoch already trained (a fresh run: zeros)."""
+    state = {"step": 0, "epoch": 0, "tokens": 0, "step_seconds": 0.0}
+    found = latest_checkpoint(run_dir, warn=print if rank == 0 else lambda _: None) if enabled else None
+    if found is None:
+        return state, set()
+    folder, saved = found
+    load_checkpoint(engine, folder, rank)
+    state.update({key: saved[key] for key in state})
+    if rank == 0:
+        print(f"[checkpoint] resumed from {folder}: step {saved['step']}, epoch {saved['epoch']}, "
+              f"{len(saved['epoch_pairs_done'])} pairs of that epoch already trained", flush=True)
+    return state, set(saved["epoch_pairs_done"])
 
 
 def train_loop(loop_config: dict) -> None:
@@ -223,16 +246,24 @@ def train_loop(loop_config: dict) -> None:
     # fp32 master weights; DeepSpeed casts the working copy to bf16 when that is on.
     model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
     engine = build_engine(model, config, total_steps, world_size)
+    state, done_in_epoch = resume_state(engine, run_dir, rank, config.run.resume)
+    first_epoch = state["epoch"]
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
-    log = MetricsLog(run_dir, rank)
+    log = MetricsLog(run_dir, rank, resumed_step=state["step"] or None)
     meter = MetricSums(config.loss.type)
     training = config.training
-    # step_seconds adds up time inside optimizer steps (data waits included, evaluation and setup not).
-    state = {"step": 0, "tokens": 0, "step_seconds": 0.0, "step_started": time.perf_counter()}
     started, eval_metrics = time.perf_counter(), None
+    # Pairs of the current epoch whose gradients were applied: the position in the data a checkpoint keeps.
+    epoch_pairs: list = []
+    pending_pairs: list = []
 
-    def micro_step(micro: list, real: bool, epoch: int, rows: Waited) -> None:
+    def checkpoint(epoch: int, pairs: list) -> None:
+        saved = {**{key: state[key] for key in ("step", "tokens", "step_seconds")}, "epoch": epoch}
+        save_checkpoint(engine, run_dir, saved, pairs, training.keep_checkpoints, rank)
+
+    def micro_step(micro: list, real: bool, epoch: int, rows: Waited) -> bool:
+        """One micro-batch; True when it completed an optimizer step."""
         out, tokens = micro_batch_loss(engine, micro, config, pad_id, device)
         engine.backward(out.losses.mean() * (1.0 if real else 0.0))
         at_boundary = engine.is_gradient_accumulation_boundary()
@@ -240,20 +271,24 @@ def train_loop(loop_config: dict) -> None:
         engine.step()
         if real:
             meter.add(out, tokens)
+            pending_pairs.extend(int(row["pair_id"]) for row in micro)
         if at_boundary:
+            epoch_pairs.extend(pending_pairs)
+            pending_pairs.clear()
             log_step(epoch, lr, rows)
+        return at_boundary
 
     def log_step(epoch: int, lr: float, rows: Waited) -> None:
+        step_seconds = time.perf_counter() - rows.step_started
         state["step"] += 1
         step = state["step"]
         metrics = meter.combined(device)
-        elapsed = time.perf_counter() - state["step_started"]
         waited = all_reduce([rows.seconds], device)[0] / world_size
         state["tokens"] += metrics["tokens"]
-        state["step_seconds"] += elapsed
+        state["step_seconds"] += step_seconds
         record = {"step": step, "epoch": epoch, "lr": lr, **metrics,
-                  "tokens_per_second": metrics["tokens"] / max(elapsed, 1e-9),
-                  "data_wait_seconds": waited, "step_seconds": elapsed,
+                  "tokens_per_second": metrics["tokens"] / max(step_seconds, 1e-9),
+                  "data_wait_seconds": waited, "step_seconds": step_seconds,
                   "elapsed_seconds": time.perf_counter() - started}
         line = None
         if step % training.log_every == 0 or step == 1:
@@ -263,12 +298,27 @@ def train_loop(loop_config: dict) -> None:
         log.write(record, line)
         meter.reset()
         rows.seconds = 0.0
-        state["step_started"] = time.perf_counter()
+        rows.step_started = time.perf_counter()
 
-    for epoch in range(training.epochs):
-        rows = Waited(train_shard.iter_rows())
+    stopped = False
+    for epoch in range(first_epoch, training.epochs):
+        skip = done_in_epoch if epoch == first_epoch else set()
+        epoch_pairs[:] = sorted(skip)
+        rows = Waited(row for row in train_shard.iter_rows() if int(row["pair_id"]) not in skip)
         for micro, real in synced_micro_batches(rows, config, device, pad_id):
-            micro_step(micro, real, epoch, rows)
+            if not micro_step(micro, real, epoch, rows):
+                continue
+            if training.max_steps and state["step"] >= training.max_steps:
+                stopped = True
+                break
+            if training.checkpoint_every and state["step"] % training.checkpoint_every == 0:
+                checkpoint(epoch, epoch_pairs)
+        if stopped:
+            checkpoint(epoch, epoch_pairs)
+            if rank == 0:
+                print(f"[train] stopped at max_steps {training.max_steps}; run the same job again to resume",
+                      flush=True)
+            break
         # A partial accumulation at the end of the epoch is applied, not thrown away.
         while engine.micro_steps % training.gradient_accumulation_steps:
             micro_step([dummy_row(pad_id)], False, epoch, rows)
@@ -277,12 +327,13 @@ def train_loop(loop_config: dict) -> None:
             log.write({"step": state["step"], "epoch": epoch, "eval": eval_metrics},
                       f"[eval] epoch {epoch} loss {eval_metrics['loss']:.4f} "
                       f"reward accuracy {eval_metrics['reward_accuracy']:.3f} on {eval_metrics['pairs']} pairs")
+        checkpoint(epoch + 1, [])
 
     train_seconds = time.perf_counter() - started
     save_hf_model(engine, tokenizer, run_dir / "model", config.policy.zero_stage, rank)
-    summary = {"steps": state["step"], "train_seconds": train_seconds, "tokens": state["tokens"],
-               "tokens_per_second": state["tokens"] / max(state["step_seconds"], 1e-9), "eval": eval_metrics,
-               "model_dir": str(run_dir / "model")}
+    summary = {"steps": state["step"], "complete": not stopped, "train_seconds": train_seconds,
+               "tokens": state["tokens"], "tokens_per_second": state["tokens"] / max(state["step_seconds"], 1e-9),
+               "eval": eval_metrics, "model_dir": str(run_dir / "model")}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     ray.train.report({"steps": state["step"], "tokens_per_second": summary["tokens_per_second"]})
