@@ -1,0 +1,104 @@
+"""Failures mid-run: a killed scorer actor and a killed training worker; the run completes and every pair of
+every epoch is trained exactly once."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tgdpo_ray.config import build_config
+from tgdpo_ray.models import make_tiny_model
+from tgdpo_ray.run import run_train
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def start_run(config):
+    """run_train in a thread; returns the thread and a dict that receives the summary or the error."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["summary"] = run_train(config)
+        except Exception as err:  # reported by the test, not swallowed
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise TimeoutError("condition not reached")
+
+
+def placement_pids(run_dir: Path, role: str) -> list[int]:
+    return [json.loads(p.read_text())["pid"] for p in (run_dir / "placement").glob(f"{role}-*.json")]
+
+
+def trained_pairs_per_epoch(run_dir: Path) -> dict:
+    counts = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval" not in record:
+            counts[record["epoch"]] = counts.get(record["epoch"], 0) + record["pairs"]
+    return counts
+
+
+def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(ray_cluster, tiny_model, demo_data, tmp_path):
+    # A slower reference model than the policy, so that the kill lands while scoring is under way.
+    slow_reference = str(make_tiny_model(str(tmp_path / "slow-ref"), hidden_size=512, layers=8))
+    config = build_config({
+        "run": {"name": "scorer-killed", "output_dir": str(tmp_path)},
+        "data": {"train": {"path": str(demo_data["train"]), "limit": 256}, "max_length": 64, "max_prompt_length": 32},
+        "loss": {"type": "dpo"},
+        "training": {"epochs": 1, "learning_rate": 1e-4, "max_tokens_per_batch": 512},
+        "policy": {"model": tiny_model},
+        "reference": {"model": slow_reference, "batch_size": 2},
+    })
+    thread, outcome = start_run(config)
+    victim = wait_for(lambda: placement_pids(config.run_dir, "reference"))[0]
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert len(placement_pids(config.run_dir, "reference")) >= 2  # the pool replaced the killed actor
+    assert trained_pairs_per_epoch(config.run_dir) == {0: 256}
+
+
+def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny_model, demo_data, tmp_path):
+    config = build_config({
+        "run": {"name": "worker-killed", "output_dir": str(tmp_path)},
+        "data": {"train": {"path": str(demo_data["train"]), "limit": 256}, "max_length": 64, "max_prompt_length": 32},
+        "loss": {"type": "dpo"},
+        "training": {"epochs": 2, "learning_rate": 1e-4, "max_tokens_per_batch": 256, "checkpoint_every": 4,
+                     "max_failures": 1},
+        "policy": {"model": tiny_model},
+    })
+    thread, outcome = start_run(config)
+    metrics = config.run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6)
+    os.kill(placement_pids(config.run_dir, "policy")[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert len(placement_pids(config.run_dir, "policy")) == 2  # the worker group was started again
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, outcome["summary"]["steps"] + 1))  # resumed from a checkpoint, no step twice
+    assert trained_pairs_per_epoch(config.run_dir) == {0: 256, 1: 256}
