@@ -179,3 +179,4 @@ def test_a_node_label_or_resource_nobody_has_fails_at_once(ray_cluster, tiny_mod
     custom = build_config(raw, overrides=["policy.resources={policy_slot: 1}"])
     with pytest.raises(RunError, match=r"policy: needs 1 process\(es\) holding .*policy_slot.* fit 0"):
         run_train(custom)
+

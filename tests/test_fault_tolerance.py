@@ -62,11 +62,14 @@ def trained_pairs_per_epoch(run_dir: Path) -> dict:
     return counts
 
 
-def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(ray_cluster, tiny_model, demo_data, tmp_path):
+@pytest.fixture(scope="module")
+def scorer_killed_run(ray_cluster, tiny_model, demo_data, tmp_path_factory):
+    """One epoch in stream mode whose reference scorer actor is killed while scoring."""
+    root = tmp_path_factory.mktemp("scorer-killed")
     # A slower reference model than the policy, so that the kill lands while scoring is under way.
-    slow_reference = str(make_tiny_model(str(tmp_path / "slow-ref"), hidden_size=512, layers=8))
+    slow_reference = str(make_tiny_model(str(root / "slow-ref"), hidden_size=512, layers=8))
     config = build_config({
-        "run": {"name": "scorer-killed", "output_dir": str(tmp_path)},
+        "run": {"name": "scorer-killed", "output_dir": str(root)},
         "data": {"train": {"path": str(demo_data["train"]), "limit": 256}, "max_length": 64, "max_prompt_length": 32},
         "loss": {"type": "dpo"},
         "training": {"epochs": 1, "learning_rate": 1e-4, "max_tokens_per_batch": 512},
@@ -79,8 +82,23 @@ def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(ray_cluster,
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
+    return config
+
+
+def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(scorer_killed_run):
+    config = scorer_killed_run
     assert len(placement_pids(config.run_dir, "reference")) >= 2  # the pool replaced the killed actor
     assert trained_pairs_per_epoch(config.run_dir) == {0: 256}
+
+
+def test_stream_mode_trains_before_scoring_ends(scorer_killed_run):
+    """The first optimizer step happens before the last pair is scored: training and scoring overlap."""
+    run_dir = scorer_killed_run.run_dir
+    batches = [json.loads(line) for path in (run_dir / "scoring").glob("reference-*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert sum(batch["pairs"] for batch in batches) >= 256  # every pair scored (retried batches count twice)
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert min(step["time"] for step in steps) < max(batch["time"] for batch in batches)
 
 
 def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny_model, demo_data, tmp_path):

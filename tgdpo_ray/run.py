@@ -136,7 +136,8 @@ def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, Prep
     """Creates the run folder with the config and the data report; returns the prepared data."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir / "placement", ignore_errors=True)  # placement records are per run
+    for per_run in ("placement", "scoring"):  # records of this run's processes only
+        shutil.rmtree(run_dir / per_run, ignore_errors=True)
     dump_config(config, run_dir / "config.yaml")
     pad_id, train, held_out = prepare_data(config, log)
     (run_dir / "data_report.json").write_text(

@@ -66,6 +66,8 @@ class LogProbScorer:
     def __init__(self, role: str, model: str, precision: str, trust_remote_code: bool, pad_id: int,
                  max_tokens: int, chunk_size: int, run_dir: str):
         self.role = role
+        self.batch_log = Path(run_dir) / "scoring" / f"{role}-{os.getpid()}.jsonl"
+        self.batch_log.parent.mkdir(parents=True, exist_ok=True)
         self.pad_id = pad_id
         self.max_tokens = max_tokens
         self.chunk_size = chunk_size
@@ -75,6 +77,7 @@ class LogProbScorer:
         record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2))
 
     def __call__(self, batch: dict) -> dict:
+        started = time.perf_counter()
         rows = [
             {"pair_id": pair_id, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
             for pair_id, p, c, r in zip(batch["pair_id"], batch["prompt_ids"], batch["chosen_ids"],
@@ -90,6 +93,12 @@ class LogProbScorer:
         prefix = COLUMN_PREFIX[self.role]
         batch[f"{prefix}_chosen_logps"] = ragged(chosen)
         batch[f"{prefix}_rejected_logps"] = ragged(rejected)
+        # One line per batch: the pool's throughput over time, for `report` and for checking that training
+        # started before scoring ended.
+        tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+        with open(self.batch_log, "a") as handle:
+            handle.write(json.dumps({"time": time.time(), "pairs": len(rows), "tokens": tokens,
+                                     "seconds": time.perf_counter() - started}) + "\n")
         return batch
 
 

@@ -289,7 +289,7 @@ def train_loop(loop_config: dict) -> None:
         record = {"step": step, "epoch": epoch, "lr": lr, **metrics,
                   "tokens_per_second": metrics["tokens"] / max(step_seconds, 1e-9),
                   "data_wait_seconds": waited, "step_seconds": step_seconds,
-                  "elapsed_seconds": time.perf_counter() - started}
+                  "elapsed_seconds": time.perf_counter() - started, "time": time.time()}
         line = None
         if step % training.log_every == 0 or step == 1:
             line = (f"[train] step {step}/~{total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
