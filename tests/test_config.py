@@ -134,3 +134,11 @@ def test_every_shipped_job_spec_is_valid():
         # Schema only: the demo's model and data are built by `make demo`, so their paths may not exist yet.
         config = JobConfig.model_validate(yaml.safe_load(spec.read_text()))
         assert config.policy.model, spec
+
+
+def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert "tracking.wandb_project: needs the wandb package" in error_of(raw, ["tracking.wandb_project=p"])

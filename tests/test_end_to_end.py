@@ -180,3 +180,21 @@ def test_a_node_label_or_resource_nobody_has_fails_at_once(ray_cluster, tiny_mod
     with pytest.raises(RunError, match=r"policy: needs 1 process\(es\) holding .*policy_slot.* fit 0"):
         run_train(custom)
 
+
+
+def test_report_plots_and_summarises_a_run(runs, tmp_path, capsys):
+    from tgdpo_ray.cli import main
+
+    config, summary = runs["tgdpo"]
+    assert main(["report", str(config.run_dir)]) == 0
+    out = config.run_dir / "report"
+    for chart in ("loss", "rewards", "throughput", "data_wait", "guidance_weights"):
+        assert (out / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
+    text = (out / "report.md").read_text()
+    assert f"optimizer steps: {summary['steps']}" in text and "reference scorers:" in text
+    assert "guidance scorers:" in text and "held-out: loss" in text
+    # TensorBoard event files hold every step's scalars (memory included).
+    events = b"".join(p.read_bytes() for p in (config.run_dir / "tensorboard").iterdir())
+    assert b"reward_margin" in events and b"host_memory_gb" in events and b"eval/loss" in events
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err

@@ -8,6 +8,7 @@
     tgdpo-ray plan --config JOB.yaml [--cluster gpus=N,cpus=N]  GPUs per group, scorer replicas needed
     tgdpo-ray submit JOB.yaml --address URL [--set ...] [--wait]
     tgdpo-ray status|logs|stop ID, tgdpo-ray list               Ray Jobs on a cluster
+    tgdpo-ray report RUN_DIR                                    plots and a summary of a run
     tgdpo-ray make-tiny-model OUT, tgdpo-ray make-demo-data OUT
 """
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     add_address(logs)
     add_address(commands.add_parser("list", help="the jobs on a cluster"))
+    report = commands.add_parser("report", help="PNG plots and a Markdown summary of a run folder")
+    report.add_argument("run_dir")
 
     tiny = commands.add_parser("make-tiny-model", help="build a random-initialised tiny Llama and tokenizer")
     tiny.add_argument("out")
@@ -101,6 +104,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
     elif args.command == "plan":
         print(plan_command(args))
+    elif args.command == "report":
+        from tgdpo_ray.report import write_report
+
+        print(f"report written to {write_report(args.run_dir)}")
     elif args.command in ("submit", "status", "logs", "stop", "list"):
         return run_jobs_command(args)
     elif args.command == "make-tiny-model":

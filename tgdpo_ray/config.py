@@ -147,6 +147,14 @@ class ScoringSection(Section):
     cache_dir: str = "outputs/cache"  # a local path or any pyarrow filesystem URI (s3://, gs://, ...)
 
 
+class TrackingSection(Section):
+    # metrics.jsonl and TensorBoard (<run_dir>/tensorboard) are always written; these add trackers.
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    mlflow_experiment: Optional[str] = None
+    mlflow_tracking_uri: Optional[str] = None
+
+
 class RaySection(Section):
     address: Optional[str] = None  # an existing cluster ("auto", "ray://..."); None starts a local Ray
     num_cpus: Optional[int] = None  # local Ray only: logical CPUs to declare
@@ -171,6 +179,7 @@ class JobConfig(Section):
     reference: ScorerSection = ScorerSection()
     guidance: ScorerSection = ScorerSection()
     scoring: ScoringSection = ScoringSection()
+    tracking: TrackingSection = TrackingSection()
     ray: RaySection = RaySection()
 
     @model_validator(mode="after")
@@ -263,6 +272,15 @@ def check_local_paths(config: JobConfig, source: str) -> None:
             raise ConfigError(f"invalid job config {source}:\n  {key}: path does not exist: {value}")
 
 
+def check_trackers(config: JobConfig, source: str) -> None:
+    import importlib.util
+
+    for key, package in (("wandb_project", "wandb"), ("mlflow_experiment", "mlflow")):
+        if getattr(config.tracking, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"invalid job config {source}:\n  tracking.{key}: needs the {package} package "
+                              f"(pip install {package})")
+
+
 def absolutize(config: JobConfig) -> JobConfig:
     """Ray workers do not share the driver's working directory: ship absolute paths."""
     def fix(value: Optional[str]) -> Optional[str]:
@@ -297,6 +315,7 @@ def build_config(raw: Any, source: str = "<config>", overrides: Optional[list[st
     if not check_paths:
         return config
     check_local_paths(config, source)
+    check_trackers(config, source)
     return absolutize(config)
 
 

@@ -25,6 +25,7 @@ from tgdpo_ray.config import JobConfig
 from tgdpo_ray.losses import IGNORE_INDEX, TOKEN_SUM_KEYS, compute_loss, finalize_metrics, metric_sums, token_logps
 from tgdpo_ray.models import load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.scoring import COLUMN_PREFIX, pick_device, record_placement
+from tgdpo_ray.tracking import MetricsLog, memory_metrics
 
 SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
 
@@ -189,30 +190,6 @@ def save_hf_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) 
     dist.barrier()
 
 
-class MetricsLog:
-    """Rank 0 appends one JSON line per logged step to <run_dir>/metrics.jsonl and prints progress. A resumed
-    run keeps the lines up to its checkpoint and drops those of the steps it trains again."""
-
-    def __init__(self, run_dir: Path, rank: int, resumed_step: Optional[int] = None):
-        self.rank = rank
-        self.path = run_dir / "metrics.jsonl"
-        if rank != 0:
-            return
-        kept = []
-        if resumed_step is not None and self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line)["step"] <= resumed_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict, console: Optional[str] = None) -> None:
-        if self.rank != 0:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if console:
-            print(console, flush=True)
-
-
 def resume_state(engine, run_dir: Path, rank: int, enabled: bool) -> tuple[dict, set]:
     """The loop state to start from, and the pairs of its epoch already trained (a fresh run: zeros)."""
     state = {"step": 0, "epoch": 0, "tokens": 0, "step_seconds": 0.0}
@@ -250,7 +227,7 @@ def train_loop(loop_config: dict) -> None:
     first_epoch = state["epoch"]
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
-    log = MetricsLog(run_dir, rank, resumed_step=state["step"] or None)
+    log = MetricsLog(config, rank, resumed_step=state["step"] or None)
     meter = MetricSums(config.loss.type)
     training = config.training
     started, eval_metrics = time.perf_counter(), None
@@ -289,7 +266,7 @@ def train_loop(loop_config: dict) -> None:
         record = {"step": step, "epoch": epoch, "lr": lr, **metrics,
                   "tokens_per_second": metrics["tokens"] / max(step_seconds, 1e-9),
                   "data_wait_seconds": waited, "step_seconds": step_seconds,
-                  "elapsed_seconds": time.perf_counter() - started, "time": time.time()}
+                  "elapsed_seconds": time.perf_counter() - started, "time": time.time(), **memory_metrics()}
         line = None
         if step % training.log_every == 0 or step == 1:
             line = (f"[train] step {step}/~{total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
@@ -336,4 +313,5 @@ def train_loop(loop_config: dict) -> None:
                "eval": eval_metrics, "model_dir": str(run_dir / "model")}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.close()
     ray.train.report({"steps": state["step"], "tokens_per_second": summary["tokens_per_second"]})
