@@ -70,14 +70,18 @@ def scorer_identity(config: JobConfig) -> dict:
     if config.needs_reference:
         identity["reference"] = [weights_identity(config.reference_model), config.reference.precision]
     if config.needs_guidance:
-        identity["guidance"] = [weights_identity(config.guidance.model), config.guidance.precision]
+        identity["guidance"] = [weights_identity(config.guidance.model), config.guidance.precision,
+                                config.guidance.source]
     return identity
 
 
 def fingerprint(rows: list, identity: dict) -> str:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for row in rows:
-        digest.update(json.dumps([row["pair_id"], row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]).encode())
+        # Rewards that came with the data (guidance.source: column) are part of what a cached pair holds.
+        fields = [row.get(key) for key in ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids",
+                                           "guidance_chosen_rewards", "guidance_rejected_rewards")]
+        digest.update(json.dumps(fields).encode())
     return digest.hexdigest()[:24]
 
 

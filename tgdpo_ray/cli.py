@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=128, help="a multiple of 64 (head_dim is 64)")
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--vocab-size", type=int, default=512)
+    tiny.add_argument("--token-reward-head", action="store_true",
+                      help="a per-token scalar head instead of the LM head (guidance.source: token_reward_model)")
 
     data = commands.add_parser("make-demo-data", help="write synthetic preference pairs with a known rule")
     data.add_argument("out")
@@ -115,7 +117,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         if args.hidden_size % 64:
             raise SystemExit("error: --hidden-size must be a multiple of 64 (the attention head size)")
-        out = make_tiny_model(args.out, args.seed, args.vocab_size, args.hidden_size, args.layers)
+        out = make_tiny_model(args.out, args.seed, args.vocab_size, args.hidden_size, args.layers,
+                              args.token_reward_head)
         print(f"tiny model and tokenizer written to {out}")
     elif args.command == "make-demo-data":
         from tgdpo_ray.demo_data import write_demo_data

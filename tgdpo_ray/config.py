@@ -139,6 +139,20 @@ class ScorerSection(Placement):
         return value
 
 
+class RewardColumns(Section):
+    chosen: str = "chosen_token_rewards"
+    rejected: str = "rejected_token_rewards"
+
+
+class GuidanceSection(ScorerSection):
+    # implicit: r_hat = beta * (log p_guidance - log p_ref), the paper's form, from a causal LM (guidance.model).
+    # token_reward_model: guidance.model has a per-token scalar head (AutoModelForTokenClassification with one
+    #   label); its output at each answer token is r_hat.
+    # column: r_hat comes with the data, one number per answer token (guidance.reward_columns); no pool runs.
+    source: Literal["implicit", "token_reward_model", "column"] = "implicit"
+    reward_columns: RewardColumns = RewardColumns()
+
+
 class ScoringSection(Section):
     # stream: scored pairs flow straight to the trainers (every epoch scores again).
     # cache: pairs are scored once into <cache_dir>/<fingerprint>/ and read from there by every later epoch
@@ -177,17 +191,19 @@ class JobConfig(Section):
     training: TrainingSection = TrainingSection()
     policy: PolicySection
     reference: ScorerSection = ScorerSection()
-    guidance: ScorerSection = ScorerSection()
+    guidance: GuidanceSection = GuidanceSection()
     scoring: ScoringSection = ScoringSection()
     tracking: TrackingSection = TrackingSection()
     ray: RaySection = RaySection()
 
     @model_validator(mode="after")
     def _models_for_the_loss(self) -> "JobConfig":
-        if self.kind in ("train", "score") and self.loss.type == "tgdpo" and not self.guidance.model:
-            raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run)")
-        if self.kind in ("pipeline", "demo") and self.guidance.model:
-            raise ValueError(f"kind {self.kind} trains its own guidance model: remove guidance.model")
+        if self.kind in ("train", "score") and self.needs_guidance and not self.guidance.model:
+            raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run), "
+                             "or guidance.source: column with per-token rewards in the data")
+        if self.kind in ("pipeline", "demo") and (self.guidance.model or self.guidance.source != "implicit"):
+            raise ValueError(f"kind {self.kind} trains its own guidance model (implicit source): "
+                             "remove guidance.model and guidance.source")
         return self
 
     @property
@@ -204,7 +220,13 @@ class JobConfig(Section):
 
     @property
     def needs_guidance(self) -> bool:
-        return self.loss.type == "tgdpo"
+        """A guidance scorer pool runs: tgdpo with a guidance model (not rewards from the data)."""
+        return self.loss.type == "tgdpo" and self.guidance.source != "column"
+
+    @property
+    def uses_token_rewards(self) -> bool:
+        """The trainers read r_hat itself (from a token reward model or the data), not guidance log-probs."""
+        return self.loss.type == "tgdpo" and self.guidance.source != "implicit"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

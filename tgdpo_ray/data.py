@@ -12,9 +12,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
-from tgdpo_ray.config import Columns, DataSection, DataSource, looks_local
+from tgdpo_ray.config import Columns, DataSection, DataSource, RewardColumns, looks_local
 from tgdpo_ray.errors import UserError
 
 BAD_ROW_REASONS = {
@@ -23,6 +23,7 @@ BAD_ROW_REASONS = {
     "non_string_content": "a field or message content is not a string, or a message is not {role, content}",
     "identical_responses": "chosen and rejected are identical",
     "prompt_too_long": "the prompt is longer than max_prompt_length (data.long_prompts: bad_row)",
+    "bad_token_rewards": "per-token rewards missing, not numbers, or not one per answer token (guidance.source: column)",
 }
 
 
@@ -199,22 +200,40 @@ def truncate_pair(prompt_ids: list[int], answers: list[list[int]], data: DataSec
     return prompt_ids, [ids[:room] for ids in answers], True
 
 
-def tokenize_pair(tokenizer, row: dict, data: DataSection) -> tuple[dict, bool]:
+def token_rewards(row: dict, name: str, tokens: int) -> list[float]:
+    values = row.get(name)
+    if not isinstance(values, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise BadRow("bad_token_rewards", f"{name!r} is not a list of numbers")
+    if len(values) != tokens:
+        raise BadRow("bad_token_rewards", f"{name!r} has {len(values)} values for {tokens} answer tokens")
+    return [float(v) for v in values]
+
+
+def tokenize_pair(tokenizer, row: dict, data: DataSection,
+                  reward_columns: Optional[RewardColumns] = None) -> tuple[dict, bool]:
     prompt, chosen, rejected = normalize_pair(row, data.columns)
     prompt_text, (chosen_text, rejected_text) = template_pair(tokenizer, prompt, [chosen, rejected])
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt_ids = encode(prompt_text)
     if data.long_prompts == "bad_row" and len(prompt_ids) > data.max_prompt_length:
         raise BadRow("prompt_too_long", f"prompt has {len(prompt_ids)} tokens > max_prompt_length")
-    prompt_ids, (chosen_ids, rejected_ids), truncated = truncate_pair(
-        prompt_ids, [encode(chosen_text), encode(rejected_text)], data
-    )
+    answers = [encode(chosen_text), encode(rejected_text)]
+    # Rewards from the data are one per answer token of exactly this tokenization, checked before truncation.
+    rewards = [token_rewards(row, name, len(ids)) for name, ids in
+               zip((reward_columns.chosen, reward_columns.rejected), answers)] if reward_columns else None
+    prompt_ids, (chosen_ids, rejected_ids), truncated = truncate_pair(prompt_ids, answers, data)
     if chosen_ids == rejected_ids:
         raise BadRow("identical_responses", "chosen and rejected are identical after truncation")
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}, truncated
+    tokens = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+    if rewards:
+        tokens["guidance_chosen_rewards"] = rewards[0][: len(chosen_ids)]
+        tokens["guidance_rejected_rewards"] = rewards[1][: len(rejected_ids)]
+    return tokens, truncated
 
 
-def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print) -> PreparedData:
+def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print,
+                  reward_columns: Optional[RewardColumns] = None) -> PreparedData:
     """Validates and tokenizes every row of one source; bad rows stop the run or are counted, per data.bad_rows."""
     prepared = PreparedData(rows=[], total=0)
     for index, row in enumerate(iter_raw_rows(source)):
@@ -222,7 +241,7 @@ def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print) -
             break
         prepared.total += 1
         try:
-            tokens, truncated = tokenize_pair(tokenizer, row, data)
+            tokens, truncated = tokenize_pair(tokenizer, row, data, reward_columns)
         except BadRow as bad:
             if data.bad_rows == "error":
                 raise DataError(

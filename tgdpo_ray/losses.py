@@ -171,17 +171,40 @@ def tgdpo_loss(
     alpha=0.5,
     clamp_weights=False,
 ):
+    with torch.no_grad():
+        # Token-level guidance rewards r_hat = beta * (guidance - ref): the paper's implicit form.
+        chosen_token_rewards = beta * (guidance_chosen_logps - ref_chosen_logps)
+        rejected_token_rewards = beta * (guidance_rejected_logps - ref_rejected_logps)
+    return tgdpo_loss_from_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        chosen_token_rewards, rejected_token_rewards, chosen_mask, rejected_mask, beta, alpha, clamp_weights,
+    )
+
+
+def tgdpo_loss_from_rewards(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_token_rewards,
+    rejected_token_rewards,
+    chosen_mask,
+    rejected_mask,
+    beta=0.1,
+    alpha=0.5,
+    clamp_weights=False,
+):
+    """TGDPO with the token rewards r_hat given directly (a token reward model, or rewards from the data)."""
     chosen_mask = chosen_mask.bool()
     rejected_mask = rejected_mask.bool()
 
-    # Only the policy carries gradient; ref and guidance are constants.
+    # Only the policy carries gradient; ref and the rewards are constants.
     chosen_logratio = _masked(policy_chosen_logps - ref_chosen_logps.detach(), chosen_mask)
     rejected_logratio = _masked(policy_rejected_logps - ref_rejected_logps.detach(), rejected_mask)
 
     with torch.no_grad():
-        # Token-level guidance rewards r_hat = beta * (guidance - ref).
-        chosen_token_reward = beta * (guidance_chosen_logps - ref_chosen_logps)
-        rejected_token_reward = beta * (guidance_rejected_logps - ref_rejected_logps)
+        chosen_token_reward = chosen_token_rewards.detach()
+        rejected_token_reward = rejected_token_rewards.detach()
         # Masking the weights too keeps garbage at masked positions out of z and its gradient.
         chosen_weights = _masked(beta * (1.0 + alpha * chosen_token_reward), chosen_mask)
         rejected_weights = _masked(beta * (1.0 - alpha * rejected_token_reward), rejected_mask)
@@ -248,6 +271,20 @@ def compute_loss(loss_type, batch, beta, alpha, simpo_gamma, clamp_weights):
             get("rejected_mask"),
             beta=beta,
             gamma=simpo_gamma,
+        )
+    if loss_type == "tgdpo" and "chosen_token_rewards" in batch:
+        return tgdpo_loss_from_rewards(
+            get("policy_chosen_logps"),
+            get("policy_rejected_logps"),
+            get("ref_chosen_logps"),
+            get("ref_rejected_logps"),
+            get("chosen_token_rewards"),
+            get("rejected_token_rewards"),
+            get("chosen_mask"),
+            get("rejected_mask"),
+            beta=beta,
+            alpha=alpha,
+            clamp_weights=clamp_weights,
         )
     if loss_type == "tgdpo":
         return tgdpo_loss(

@@ -60,6 +60,22 @@ def load_causal_lm(name_or_path: str, precision: str = "auto", trust_remote_code
         raise ModelLoadError(f"cannot load the model {name_or_path!r}: {err}") from None
 
 
+def load_token_reward_model(name_or_path: str, precision: str = "auto", trust_remote_code: bool = False):
+    """A model with a per-token scalar head: AutoModelForTokenClassification with one label."""
+    from transformers import AutoModelForTokenClassification
+
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(
+            name_or_path, dtype=resolve_dtype(precision), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the token reward model {name_or_path!r}: {err}") from None
+    if model.config.num_labels != 1:
+        raise ModelLoadError(f"{name_or_path!r} has {model.config.num_labels} labels per token; a token reward "
+                             "model has one (a scalar reward per token)")
+    return model
+
+
 def tokenizer_corpus(seed: int, lines: int = 4000) -> list[str]:
     """Text for training the tiny tokenizer: the demo vocabulary plus generic English-like words."""
     from tgdpo_ray.demo_data import DEMO_WORDS, make_pair
@@ -73,11 +89,13 @@ def tokenizer_corpus(seed: int, lines: int = 4000) -> list[str]:
     return corpus
 
 
-def make_tiny_model(out_dir: str, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128, layers: int = 2):
+def make_tiny_model(out_dir: str, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128, layers: int = 2,
+                    token_reward_head: bool = False):
     """A random-initialised Llama (head_dim 64, which vLLM's CPU attention needs) with a locally trained BPE
-    tokenizer and a ChatML template, saved in Hugging Face format."""
+    tokenizer and a ChatML template, saved in Hugging Face format. token_reward_head: a per-token scalar head
+    (LlamaForTokenClassification, one label) instead of the LM head, for guidance.source: token_reward_model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification, PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +131,11 @@ def make_tiny_model(out_dir: str, seed: int = 0, vocab_size: int = 512, hidden_s
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        num_labels=1,
     )
+    if token_reward_head:
+        LlamaForTokenClassification(config).save_pretrained(out)
+        return out
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -20,7 +20,7 @@ import torch
 from tgdpo_ray.batches import collate_pairs, grid_to_values, pack_by_token_budget
 from tgdpo_ray.config import JobConfig, ScorerSection
 from tgdpo_ray.losses import token_logps
-from tgdpo_ray.models import load_causal_lm
+from tgdpo_ray.models import load_causal_lm, load_token_reward_model
 
 
 # Scorer output columns are named as the loss functions name their inputs.
@@ -50,30 +50,38 @@ def pick_device() -> torch.device:
 
 
 @torch.inference_mode()
-def answer_logps(model, rows: list, pad_id: int, device: torch.device, chunk_size: int):
-    """Per-token log-probs of the chosen and rejected answers of `rows` (lists of float32 arrays)."""
+def answer_values(model, rows: list, pad_id: int, device: torch.device, chunk_size: int, token_rewards: bool):
+    """Per answer token of the chosen and rejected answers of `rows` (lists of float32 arrays): the log-prob
+    under a causal LM, or the output of a per-token reward head."""
     batch = collate_pairs(rows, pad_id)
-    logits = model(
+    outputs = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     ).logits
-    logps = token_logps(logits, batch["labels"].to(device), chunk_size)
-    return grid_to_values(logps, rows)
+    if token_rewards:
+        # The head's output at a token's own position is that token's reward; the label grid holds token i+1
+        # at column i, so shift left by one.
+        rewards = torch.zeros(outputs.shape[:2], dtype=torch.float32, device=outputs.device)
+        rewards[:, :-1] = outputs[:, 1:, 0].float()
+        return grid_to_values(rewards, rows)
+    return grid_to_values(token_logps(outputs, batch["labels"].to(device), chunk_size), rows)
 
 
 class LogProbScorer:
     """A Ray Data callable class: one instance per actor, holding one frozen model."""
 
     def __init__(self, role: str, model: str, precision: str, trust_remote_code: bool, pad_id: int,
-                 max_tokens: int, chunk_size: int, run_dir: str):
+                 max_tokens: int, chunk_size: int, run_dir: str, token_rewards: bool = False):
         self.role = role
         self.batch_log = Path(run_dir) / "scoring" / f"{role}-{os.getpid()}.jsonl"
         self.batch_log.parent.mkdir(parents=True, exist_ok=True)
         self.pad_id = pad_id
         self.max_tokens = max_tokens
         self.chunk_size = chunk_size
+        self.token_rewards = token_rewards
         self.device = pick_device()
         started = time.perf_counter()
-        self.model = load_causal_lm(model, precision, trust_remote_code).to(self.device).eval()
+        load = load_token_reward_model if token_rewards else load_causal_lm
+        self.model = load(model, precision, trust_remote_code).to(self.device).eval()
         record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2))
 
     def __call__(self, batch: dict) -> dict:
@@ -86,13 +94,13 @@ class LogProbScorer:
         chosen, rejected = [], []
         # The scorer batch is cut again by the token budget, so one long pair cannot blow up memory.
         for micro in pack_by_token_budget(rows, self.max_tokens):
-            micro_chosen, micro_rejected = answer_logps(self.model, micro, self.pad_id, self.device,
-                                                        self.chunk_size)
+            micro_chosen, micro_rejected = answer_values(self.model, micro, self.pad_id, self.device,
+                                                         self.chunk_size, self.token_rewards)
             chosen += micro_chosen
             rejected += micro_rejected
-        prefix = COLUMN_PREFIX[self.role]
-        batch[f"{prefix}_chosen_logps"] = ragged(chosen)
-        batch[f"{prefix}_rejected_logps"] = ragged(rejected)
+        prefix, kind = COLUMN_PREFIX[self.role], "rewards" if self.token_rewards else "logps"
+        batch[f"{prefix}_chosen_{kind}"] = ragged(chosen)
+        batch[f"{prefix}_rejected_{kind}"] = ragged(rejected)
         # One line per batch: the pool's throughput over time, for `report` and for checking that training
         # started before scoring ended.
         tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
@@ -109,7 +117,8 @@ def ragged(arrays: list) -> np.ndarray:
     return out
 
 
-def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: JobConfig, pad_id: int):
+def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: JobConfig, pad_id: int,
+               token_rewards: bool = False):
     from ray.data import ActorPoolStrategy
 
     low, high = (section.replicas, section.replicas) if isinstance(section.replicas, int) else section.replicas
@@ -124,6 +133,7 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
             max_tokens=config.training.max_tokens_per_batch,
             chunk_size=config.training.logp_chunk_size,
             run_dir=str(config.run_dir),
+            token_rewards=token_rewards,
         ),
         batch_size=section.batch_size,
         batch_format="numpy",
@@ -156,5 +166,6 @@ def scored_dataset(rows: list, config: JobConfig, pad_id: int, blocks: Optional[
     if config.needs_reference:
         dataset = add_scorer(dataset, "reference", config.reference, config.reference_model, config, pad_id)
     if config.needs_guidance:
-        dataset = add_scorer(dataset, "guidance", config.guidance, config.guidance.model, config, pad_id)
+        dataset = add_scorer(dataset, "guidance", config.guidance, config.guidance.model, config, pad_id,
+                             token_rewards=config.uses_token_rewards)
     return dataset

@@ -88,8 +88,10 @@ def all_reduce(values: list[float], device, op=None) -> list[float]:
 
 def dummy_row(pad_id: int) -> dict:
     """A one-token pair for a worker that got no data at all: it still has to join every collective."""
+    values = [f"{prefix}_{side}_{kind}" for prefix in COLUMN_PREFIX.values() for side in ("chosen", "rejected")
+              for kind in ("logps", "rewards")]
     return {"pair_id": -1, "prompt_ids": [pad_id], "chosen_ids": [pad_id], "rejected_ids": [pad_id],
-            **{f"{prefix}_{side}_logps": [0.0] for prefix in COLUMN_PREFIX.values() for side in ("chosen", "rejected")}}
+            **{key: [0.0] for key in values}}
 
 
 class Waited:
@@ -136,11 +138,18 @@ def micro_batch_loss(model, rows: list, config: JobConfig, pad_id: int, device):
     n = len(rows)
     inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
               "chosen_mask": mask[:n], "rejected_mask": mask[n:]}
-    prefixes = [COLUMN_PREFIX["reference"]] if config.needs_reference else []
-    prefixes += [COLUMN_PREFIX["guidance"]] if config.needs_guidance else []
-    for prefix in prefixes:
-        grid = values_to_grid(rows, f"{prefix}_chosen_logps", f"{prefix}_rejected_logps", labels.shape[1]).to(device)
-        inputs[f"{prefix}_chosen_logps"], inputs[f"{prefix}_rejected_logps"] = grid[:n], grid[n:]
+    # (column in the rows, name of the loss input) per side; the loss inputs are named as tgdpo_loss names them.
+    wanted = []
+    if config.needs_reference:
+        wanted.append(("ref_{side}_logps", "ref_{side}_logps"))
+    if config.uses_token_rewards:
+        wanted.append(("guidance_{side}_rewards", "{side}_token_rewards"))
+    elif config.needs_guidance:
+        wanted.append(("guidance_{side}_logps", "guidance_{side}_logps"))
+    for column, name in wanted:
+        grid = values_to_grid(rows, column.format(side="chosen"), column.format(side="rejected"),
+                              labels.shape[1]).to(device)
+        inputs[name.format(side="chosen")], inputs[name.format(side="rejected")] = grid[:n], grid[n:]
     loss = config.loss
     out = compute_loss(loss.type, inputs, loss.beta, loss.alpha, loss.simpo_gamma, loss.clamp_weights)
     return out, int(batch["attention_mask"].sum())

@@ -1,0 +1,113 @@
+"""Guidance sources besides the implicit one: a token reward model, and per-token rewards in the data."""
+
+import json
+
+import pytest
+import torch
+
+from tgdpo_ray.config import DataSection, RewardColumns, build_config
+from tgdpo_ray.data import DataError, prepare_pairs
+from tgdpo_ray.losses import tgdpo_loss, tgdpo_loss_from_rewards
+from tgdpo_ray.models import load_token_reward_model, make_tiny_model
+from tgdpo_ray.run import run_train
+from tgdpo_ray.scoring import answer_values
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    return str(make_tiny_model(str(tmp_path_factory.mktemp("token-reward")), token_reward_head=True))
+
+
+@pytest.fixture(scope="module")
+def rewarded_data(tokenizer, demo_data, tmp_path_factory):
+    """Demo pairs with +0.5 on every chosen token and -0.5 on every rejected token, of exactly our tokenization."""
+    data = DataSection.model_validate({"train": str(demo_data["train"]), "max_length": 64, "max_prompt_length": 32})
+    rows = [json.loads(line) for line in demo_data["train"].read_text().splitlines()[:32]]
+    tokens = prepare_pairs(data.train, data, tokenizer).rows[:32]
+    for row, tokenized in zip(rows, tokens):
+        row["chosen_token_rewards"] = [0.5] * len(tokenized["chosen_ids"])
+        row["rejected_token_rewards"] = [-0.5] * len(tokenized["rejected_ids"])
+    path = tmp_path_factory.mktemp("rewarded") / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_rewards_form_equals_the_implicit_form():
+    torch.manual_seed(0)
+    shape = (3, 6)
+    policy_c, policy_r, ref_c, ref_r, guide_c, guide_r = (torch.randn(shape) for _ in range(6))
+    mask_c, mask_r = torch.rand(shape) > 0.3, torch.rand(shape) > 0.3
+    implicit = tgdpo_loss(policy_c, policy_r, ref_c, ref_r, guide_c, guide_r, mask_c, mask_r, beta=0.1, alpha=0.5)
+    direct = tgdpo_loss_from_rewards(policy_c, policy_r, ref_c, ref_r, 0.1 * (guide_c - ref_c),
+                                     0.1 * (guide_r - ref_r), mask_c, mask_r, beta=0.1, alpha=0.5)
+    assert torch.allclose(implicit.losses, direct.losses, atol=1e-7)
+
+
+def test_reward_columns_are_read_truncated_and_checked(tokenizer, rewarded_data, tmp_path):
+    columns = RewardColumns()
+    data = DataSection.model_validate({"train": str(rewarded_data), "max_length": 64, "max_prompt_length": 32})
+    rows = prepare_pairs(data.train, data, tokenizer, reward_columns=columns).rows
+    assert all(len(r["guidance_chosen_rewards"]) == len(r["chosen_ids"]) for r in rows)
+    short = DataSection.model_validate({"train": str(rewarded_data), "max_length": 24, "max_prompt_length": 16})
+    truncated = prepare_pairs(short.train, short, tokenizer, reward_columns=columns).rows
+    assert all(len(r["guidance_rejected_rewards"]) == len(r["rejected_ids"]) for r in truncated)
+
+    broken = json.loads(rewarded_data.read_text().splitlines()[0])
+    broken["chosen_token_rewards"] = broken["chosen_token_rewards"][:-1]
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(broken) + "\n")
+    bad = DataSection.model_validate({"train": str(path)})
+    with pytest.raises(DataError, match=r"row 0: bad_token_rewards: 'chosen_token_rewards' has \d+ values for"):
+        prepare_pairs(bad.train, bad, tokenizer, reward_columns=columns)
+
+
+def test_token_reward_head_output_lands_on_its_token(reward_model, tokenizer, demo_data):
+    data = DataSection.model_validate({"train": str(demo_data["train"]), "max_length": 64, "max_prompt_length": 32})
+    rows = prepare_pairs(data.train, data, tokenizer).rows[:3]
+    model = load_token_reward_model(reward_model, "fp32").eval()
+    chosen, _ = answer_values(model, rows, tokenizer.pad_token_id, torch.device("cpu"), 64, token_rewards=True)
+    for row, values in zip(rows, chosen):
+        ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"]])
+        with torch.no_grad():
+            head = model(input_ids=ids).logits[0, len(row["prompt_ids"]):, 0]
+        assert torch.allclose(torch.from_numpy(values), head, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def run(tiny_model, root, name, train, guidance):
+    config = build_config({
+        "run": {"name": name, "output_dir": str(root)},
+        "data": {"train": {"path": str(train), "limit": 32}, "max_length": 64, "max_prompt_length": 32},
+        "loss": {"type": "tgdpo", "beta": 0.1, "alpha": 0.5},
+        "training": {"epochs": 1, "learning_rate": 1e-4},
+        "policy": {"model": tiny_model},
+        "guidance": guidance,
+    })
+    summary = run_train(config)
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    roles = {json.loads(p.read_text())["role"] for p in (config.run_dir / "placement").glob("*.json")}
+    return summary, records, roles
+
+
+def test_rewards_from_the_data_need_no_guidance_pool(ray_cluster, tiny_model, rewarded_data, tmp_path):
+    summary, records, roles = run(tiny_model, tmp_path, "column", rewarded_data, {"source": "column"})
+    assert roles == {"policy", "reference"}
+    # weights: beta * (1 + alpha * 0.5) on chosen tokens, beta * (1 - alpha * -0.5) on rejected ones.
+    for record in records:
+        assert record["chosen_weight_mean"] == pytest.approx(0.125) == record["rejected_weight_mean"]
+    assert summary["steps"] >= 1
+
+
+def test_a_token_reward_model_guides_through_its_pool(ray_cluster, tiny_model, reward_model, demo_data, tmp_path):
+    summary, records, roles = run(tiny_model, tmp_path, "reward-model", demo_data["train"],
+                                  {"source": "token_reward_model", "model": reward_model})
+    assert roles == {"policy", "reference", "guidance"}
+    assert any(abs(r["chosen_weight_mean"] - 0.1) > 1e-5 for r in records)  # the head's rewards move the weights
