@@ -29,7 +29,8 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	@echo "bench: not yet (the performance issue adds benchmarks against TRL)"
+	$(PY) bench/scaling.py
+	@echo "bench: the comparison against TRL comes with the performance issue"
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -23,6 +23,7 @@ CACHE_FORMAT = 1  # bump when the meaning of the cached columns changes
 MARKER = "_COMPLETE.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
 SAMPLE_BYTES = 1 << 20
+ROWS_PER_FILE = 20_000
 
 
 def resolve_filesystem(uri: str):
@@ -121,8 +122,11 @@ def cached_scored_dataset(rows: list, config: JobConfig, pad_id: int, split: str
         clear_partial(filesystem, folder, log)
         log(f"[cache] {split}: scoring {len(rows)} pairs into {where}")
         started = time.perf_counter()
-        scored_dataset(rows, config, pad_id).write_parquet(folder, filesystem=filesystem)
+        # Few large files: every read task costs a process start, which dwarfs reading a small file.
+        scored_dataset(rows, config, pad_id).write_parquet(folder, filesystem=filesystem,
+                                                           min_rows_per_file=ROWS_PER_FILE)
         write_marker(filesystem, folder, {"pairs": len(rows), "split": split, "fingerprint": key,
                                           "scorers": identity, "seconds": time.perf_counter() - started})
         log(f"[cache] {split}: scored in {time.perf_counter() - started:.1f}s")
-    return ray.data.read_parquet(folder, filesystem=filesystem)
+    # Read once into the object store (spilled to disk if large): later epochs start without read tasks.
+    return ray.data.read_parquet(folder, filesystem=filesystem).materialize()
