@@ -114,6 +114,10 @@ def test_tgdpo_weights_come_from_the_guidance_model(runs):
     assert all({"chosen_weight_mean", "rejected_weight_mean", "negative_weight_fraction"} <= set(r) for r in records)
     # The guidance (the DPO policy) differs from the reference, so the token weights move away from beta.
     assert any(abs(r["chosen_weight_mean"] - 0.1) > 1e-4 for r in records)
+    # The weight distribution counts every answer token of the step once, across both workers.
+    for record in records:
+        counted = sum(record["chosen_weight_histogram"]) + sum(record["rejected_weight_histogram"])
+        assert counted == record["answer_tokens"] > 0
 
 
 def test_simpo_runs_without_any_scorer(runs):
@@ -188,7 +192,7 @@ def test_report_plots_and_summarises_a_run(runs, tmp_path, capsys):
     config, summary = runs["tgdpo"]
     assert main(["report", str(config.run_dir)]) == 0
     out = config.run_dir / "report"
-    for chart in ("loss", "rewards", "throughput", "data_wait", "guidance_weights"):
+    for chart in ("loss", "rewards", "throughput", "data_wait", "guidance_weights", "guidance_weight_distribution"):
         assert (out / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
     text = (out / "report.md").read_text()
     assert f"optimizer steps: {summary['steps']}" in text and "reference scorers:" in text
@@ -196,5 +200,6 @@ def test_report_plots_and_summarises_a_run(runs, tmp_path, capsys):
     # TensorBoard event files hold every step's scalars (memory included).
     events = b"".join(p.read_bytes() for p in (config.run_dir / "tensorboard").iterdir())
     assert b"reward_margin" in events and b"host_memory_gb" in events and b"eval/loss" in events
+    assert b"reference_pairs_per_second" in events and b"guidance_pairs_per_second" in events
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err

@@ -77,13 +77,16 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
 
 
 def test_a_half_written_checkpoint_is_ignored(ray_cluster, make_job, uninterrupted):
-    config = make_job("half-written")
+    config = make_job("half-written", "training.checkpoint_hf_export=true")
     broken = config.run_dir / "checkpoints" / "step-00000004"
     broken.mkdir(parents=True)  # a save that died before state.json
     (broken / "rng-rank0.pt").write_bytes(b"partial")
     summary = run_train(config)
     assert summary["complete"] and summary["steps"] == uninterrupted[1]["steps"]  # trained from the start
     assert train_records(config.run_dir)[0]["step"] == 1
+    # Each kept checkpoint also holds the policy in Hugging Face format.
+    exports = sorted((config.run_dir / "checkpoints").glob("step-*/hf/model.safetensors"))
+    assert len(exports) == 2
 
 
 def test_resume_off_starts_afresh(ray_cluster, make_job, uninterrupted):

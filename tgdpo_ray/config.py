@@ -96,6 +96,7 @@ class TrainingSection(Section):
     log_every: int = Field(default=1, gt=0)  # optimizer steps between console lines
     checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0: only at epoch ends (and at max_steps)
     keep_checkpoints: int = Field(default=2, gt=0)
+    checkpoint_hf_export: bool = False  # also write each checkpoint's policy in Hugging Face format (<ckpt>/hf)
     max_steps: Optional[int] = Field(default=None, gt=0)  # stop (with a checkpoint) after this many steps
     max_failures: int = Field(default=0, ge=-1)  # training-worker failures survived (-1: any), from a checkpoint
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# Token weights are histogrammed in units of beta (1 + alpha r_hat): 40 bins over [-1, 3], outliers in the edges.
+WEIGHT_BINS, WEIGHT_RANGE = 40, (-1.0, 3.0)
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +231,14 @@ def tgdpo_loss_from_rewards(
     rejected_weight_sum = rejected_weights.sum().float()
     weighted_tokens = chosen_tokens + rejected_tokens
     negative_weights = negative_weights.float()
+    def histogram(weights, mask):
+        relative = (weights[mask] / beta).float().clamp(*WEIGHT_RANGE)
+        return torch.histc(relative, bins=WEIGHT_BINS, min=WEIGHT_RANGE[0], max=WEIGHT_RANGE[1])
+
     stats = {
+        # Distribution of the weights used, in units of beta: a list of counts per bin.
+        "chosen_weight_histogram": histogram(chosen_weights, chosen_mask),
+        "rejected_weight_histogram": histogram(rejected_weights, rejected_mask),
         # Means are of the weights actually used (after clamping, if on).
         "chosen_weight_mean": chosen_weight_sum / chosen_tokens.clamp(min=1),
         "rejected_weight_mean": rejected_weight_sum / rejected_tokens.clamp(min=1),

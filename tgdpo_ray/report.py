@@ -63,6 +63,8 @@ def plot(run: dict, out: Path) -> list[Path]:
             ("mean weight, rejected tokens", [r["rejected_weight_mean"] for r in steps]),
             ("fraction of negative weights", [r["negative_weight_fraction"] for r in steps])])
     written = []
+    if "chosen_weight_histogram" in steps[0]:
+        written.append(plot_weight_distribution(steps, out, plt))
     for name, (ylabel, series) in charts.items():
         figure, axis = plt.subplots(figsize=(7, 3.5))
         for label, values in series:
@@ -78,6 +80,27 @@ def plot(run: dict, out: Path) -> list[Path]:
         plt.close(figure)
         written.append(out / name)
     return written
+
+
+def plot_weight_distribution(steps: list[dict], out: Path, plt) -> Path:
+    """Token weights over the whole run, in units of beta (1 is plain DPO's weight)."""
+    from tgdpo_ray.losses import WEIGHT_BINS, WEIGHT_RANGE
+
+    width = (WEIGHT_RANGE[1] - WEIGHT_RANGE[0]) / WEIGHT_BINS
+    centres = [WEIGHT_RANGE[0] + width * (i + 0.5) for i in range(WEIGHT_BINS)]
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for key, label in (("chosen_weight_histogram", "chosen tokens"), ("rejected_weight_histogram", "rejected tokens")):
+        counts = [sum(step[key][i] for step in steps) for i in range(WEIGHT_BINS)]
+        axis.bar(centres, counts, width=width, alpha=0.6, label=label)
+    axis.axvline(1.0, color="black", linewidth=0.8, label="DPO weight (beta)")
+    axis.set_xlabel("token weight / beta (edges hold everything beyond)")
+    axis.set_ylabel("tokens")
+    axis.legend()
+    figure.tight_layout()
+    path = out / "guidance_weight_distribution.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def summary_markdown(run_dir: Path, run: dict, charts: list[Path]) -> str:

@@ -24,6 +24,18 @@ def memory_metrics() -> dict:
     return metrics
 
 
+def scorer_throughput(run_dir: Path) -> dict[str, float]:
+    """Pairs per second each scorer pool has delivered so far, from the pools' batch logs (scoring/*.jsonl)."""
+    rates = {}
+    for pool in ("reference", "guidance"):
+        batches = [json.loads(line) for path in (run_dir / "scoring").glob(f"{pool}-*.jsonl")
+                   for line in path.read_text().splitlines() if line.strip()]
+        if batches:
+            span = max(b["time"] for b in batches) - min(b["time"] - b["seconds"] for b in batches)
+            rates[f"{pool}_pairs_per_second"] = sum(b["pairs"] for b in batches) / max(span, 1e-9)
+    return rates
+
+
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     """The numeric entries of a record, flattened: {"eval": {"loss": x}} -> {"eval/loss": x}."""
     flat = {}

@@ -22,10 +22,11 @@ import torch.distributed as dist
 from tgdpo_ray.batches import collate_pairs, pack_by_token_budget, values_to_grid
 from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tgdpo_ray.config import JobConfig
-from tgdpo_ray.losses import IGNORE_INDEX, TOKEN_SUM_KEYS, compute_loss, finalize_metrics, metric_sums, token_logps
+from tgdpo_ray.losses import (IGNORE_INDEX, TOKEN_SUM_KEYS, WEIGHT_BINS, compute_loss, finalize_metrics,
+                              metric_sums, token_logps)
 from tgdpo_ray.models import load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.scoring import COLUMN_PREFIX, pick_device, record_placement
-from tgdpo_ray.tracking import MetricsLog, memory_metrics
+from tgdpo_ray.tracking import MetricsLog, memory_metrics, scorer_throughput
 
 SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
 
@@ -160,19 +161,31 @@ class MetricSums:
 
     def __init__(self, loss_type: str):
         self.keys = SUM_KEYS + (TOKEN_SUM_KEYS if loss_type == "tgdpo" else ()) + ("tokens",)
+        self.histograms = ("chosen_weight_histogram", "rejected_weight_histogram") if loss_type == "tgdpo" else ()
         self.reset()
 
     def reset(self) -> None:
         self.sums = dict.fromkeys(self.keys, 0.0)
+        self.counts = {key: [0.0] * WEIGHT_BINS for key in self.histograms}
 
     def add(self, out, tokens: int) -> None:
         for key, value in metric_sums(out).items():
             self.sums[key] += value
         self.sums["tokens"] += tokens
+        for key in self.histograms:
+            self.counts[key] = [a + b for a, b in zip(self.counts[key], out.stats[key].tolist())]
 
     def combined(self, device) -> dict:
-        totals = dict(zip(self.keys, all_reduce([self.sums[key] for key in self.keys], device)))
-        return {**finalize_metrics(totals), "pairs": int(totals["pairs"]), "tokens": int(totals["tokens"])}
+        flat = [self.sums[key] for key in self.keys] + [c for key in self.histograms for c in self.counts[key]]
+        reduced = all_reduce(flat, device)  # one collective for every number of the step
+        totals = dict(zip(self.keys, reduced))
+        metrics = {**finalize_metrics(totals), "pairs": int(totals["pairs"]), "tokens": int(totals["tokens"])}
+        if "weighted_tokens" in totals:
+            metrics["answer_tokens"] = int(totals["weighted_tokens"])
+        for index, key in enumerate(self.histograms):
+            start = len(self.keys) + index * WEIGHT_BINS
+            metrics[key] = [int(c) for c in reduced[start: start + WEIGHT_BINS]]
+        return metrics
 
 
 def evaluate(engine, shard, config: JobConfig, pad_id: int, device) -> Optional[dict]:
@@ -246,7 +259,9 @@ def train_loop(loop_config: dict) -> None:
 
     def checkpoint(epoch: int, pairs: list) -> None:
         saved = {**{key: state[key] for key in ("step", "tokens", "step_seconds")}, "epoch": epoch}
-        save_checkpoint(engine, run_dir, saved, pairs, training.keep_checkpoints, rank)
+        folder = save_checkpoint(engine, run_dir, saved, pairs, training.keep_checkpoints, rank)
+        if training.checkpoint_hf_export:
+            save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
 
     def micro_step(micro: list, real: bool, epoch: int, rows: Waited) -> bool:
         """One micro-batch; True when it completed an optimizer step."""
@@ -277,7 +292,8 @@ def train_loop(loop_config: dict) -> None:
                   "data_wait_seconds": waited, "step_seconds": step_seconds,
                   "elapsed_seconds": time.perf_counter() - started, "time": time.time(), **memory_metrics()}
         line = None
-        if step % training.log_every == 0 or step == 1:
+        if rank == 0 and (step % training.log_every == 0 or step == 1):
+            record.update(scorer_throughput(run_dir))
             line = (f"[train] step {step}/~{total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
                     f"acc {metrics['reward_accuracy']:.2f} margin {metrics['reward_margin']:.4f} "
                     f"lr {lr:.2e} tok/s {record['tokens_per_second']:.0f} data wait {waited:.2f}s")
