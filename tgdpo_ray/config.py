@@ -225,6 +225,10 @@ class JobConfig(Section):
         return self.loss.type == "tgdpo" and self.guidance.source != "column"
 
     @property
+    def rewards_from_data(self) -> bool:
+        return self.loss.type == "tgdpo" and self.guidance.source == "column"
+
+    @property
     def uses_token_rewards(self) -> bool:
         """The trainers read r_hat itself (from a token reward model or the data), not guidance log-probs."""
         return self.loss.type == "tgdpo" and self.guidance.source != "implicit"

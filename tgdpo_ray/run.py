@@ -26,7 +26,7 @@ def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, Prepa
     """Everything that can reject the input happens here, before any Ray resource starts."""
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code, config.data.chat_template)
     started = time.perf_counter()
-    rewards = config.guidance.reward_columns if config.uses_token_rewards and not config.needs_guidance else None
+    rewards = config.guidance.reward_columns if config.rewards_from_data else None
     train = prepare_pairs(config.data.train, config.data, tokenizer, log, rewards)
     held_out = prepare_pairs(config.data.eval, config.data, tokenizer, log, rewards) if config.data.eval else None
     log(f"[data] {len(train.rows)} training pairs" + (f", {len(held_out.rows)} held-out pairs" if held_out else "")

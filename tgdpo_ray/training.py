@@ -188,7 +188,7 @@ class MetricSums:
         return metrics
 
 
-def evaluate(engine, shard, config: JobConfig, pad_id: int, device) -> Optional[dict]:
+def evaluate(engine, shard, config: JobConfig, pad_id: int, device) -> dict:
     meter = MetricSums(config.loss.type)
     engine.eval()
     with torch.no_grad():
