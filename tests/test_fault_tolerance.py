@@ -70,7 +70,7 @@ def scorer_killed_run(ray_cluster, tiny_model, demo_data, tmp_path_factory):
     slow_reference = str(make_tiny_model(str(root / "slow-ref"), hidden_size=512, layers=8))
     config = build_config({
         "run": {"name": "scorer-killed", "output_dir": str(root)},
-        "data": {"train": {"path": str(demo_data["train"]), "limit": 256}, "max_length": 64, "max_prompt_length": 32},
+        "data": {"train": {"path": str(demo_data["train"]), "limit": 160}, "max_length": 64, "max_prompt_length": 32},
         "loss": {"type": "dpo"},
         "training": {"epochs": 1, "learning_rate": 1e-4, "max_tokens_per_batch": 512},
         "policy": {"model": tiny_model},
@@ -88,7 +88,7 @@ def scorer_killed_run(ray_cluster, tiny_model, demo_data, tmp_path_factory):
 def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(scorer_killed_run):
     config = scorer_killed_run
     assert len(placement_pids(config.run_dir, "reference")) >= 2  # the pool replaced the killed actor
-    assert trained_pairs_per_epoch(config.run_dir) == {0: 256}
+    assert trained_pairs_per_epoch(config.run_dir) == {0: 160}
 
 
 def test_stream_mode_trains_before_scoring_ends(scorer_killed_run):
@@ -96,7 +96,7 @@ def test_stream_mode_trains_before_scoring_ends(scorer_killed_run):
     run_dir = scorer_killed_run.run_dir
     batches = [json.loads(line) for path in (run_dir / "scoring").glob("reference-*.jsonl")
                for line in path.read_text().splitlines()]
-    assert sum(batch["pairs"] for batch in batches) >= 256  # every pair scored (retried batches count twice)
+    assert sum(batch["pairs"] for batch in batches) >= 160  # every pair scored (retried batches count twice)
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert min(step["time"] for step in steps) < max(batch["time"] for batch in batches)
 
@@ -104,7 +104,7 @@ def test_stream_mode_trains_before_scoring_ends(scorer_killed_run):
 def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny_model, demo_data, tmp_path):
     config = build_config({
         "run": {"name": "worker-killed", "output_dir": str(tmp_path)},
-        "data": {"train": {"path": str(demo_data["train"]), "limit": 256}, "max_length": 64, "max_prompt_length": 32},
+        "data": {"train": {"path": str(demo_data["train"]), "limit": 128}, "max_length": 64, "max_prompt_length": 32},
         "loss": {"type": "dpo"},
         "training": {"epochs": 2, "learning_rate": 1e-4, "max_tokens_per_batch": 256, "checkpoint_every": 4,
                      "max_failures": 1},
@@ -119,4 +119,4 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny
     assert len(placement_pids(config.run_dir, "policy")) == 2  # the worker group was started again
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, outcome["summary"]["steps"] + 1))  # resumed from a checkpoint, no step twice
-    assert trained_pairs_per_epoch(config.run_dir) == {0: 256, 1: 256}
+    assert trained_pairs_per_epoch(config.run_dir) == {0: 128, 1: 128}

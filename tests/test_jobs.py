@@ -46,8 +46,8 @@ def head(tmp_path_factory):
 
 
 def small_demo(outputs: Path, *extra: str) -> list[str]:
-    return ["--set", f"run.output_dir={outputs}", "--set", "training.epochs=1", "--set", "data.train.limit=96",
-            "--set", "data.eval.limit=16", *extra]
+    return ["--set", f"run.output_dir={outputs}", "--set", "training.epochs=1", "--set", "data.train.limit=48",
+            "--set", "data.eval.limit=8", *extra]
 
 
 def test_submit_the_demo_wait_and_read_its_logs(head):

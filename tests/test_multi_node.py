@@ -39,7 +39,7 @@ def test_groups_follow_their_labels_and_survive_a_lost_scorer_node(cluster, tiny
     slow_reference = str(make_tiny_model(str(tmp_path / "slow-ref"), hidden_size=512, layers=8))
     config = build_config({
         "run": {"name": "labelled", "output_dir": str(tmp_path)},
-        "data": {"train": {"path": str(demo_data["train"]), "limit": 256}, "max_length": 64, "max_prompt_length": 32},
+        "data": {"train": {"path": str(demo_data["train"]), "limit": 128}, "max_length": 64, "max_prompt_length": 32},
         "loss": {"type": "dpo"},
         "training": {"epochs": 1, "learning_rate": 1e-4, "max_tokens_per_batch": 512},
         "policy": {"model": tiny_model, "workers": 2, "gpus_per_worker": 1,
@@ -65,5 +65,5 @@ def test_groups_follow_their_labels_and_survive_a_lost_scorer_node(cluster, tiny
     scorer_nodes = {r["node_id"] for r in records if r["role"] == "reference"}
     assert scorer_nodes == {node_ids["scorer-a"], node_ids["scorer-b"]}  # moved to the other scorer node
     pairs = sum(json.loads(line)["pairs"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines())
-    assert pairs == 256
+    assert pairs == 128
 

@@ -27,7 +27,7 @@ def make_job(tiny_model, demo_data, tmp_path_factory):
     def make(name, *overrides):
         raw = {
             "run": {"name": name, "output_dir": str(root), "seed": 3},
-            "data": {"train": {"path": str(demo_data["train"]), "limit": 96}, "max_length": 64,
+            "data": {"train": {"path": str(demo_data["train"]), "limit": 64}, "max_length": 64,
                      "max_prompt_length": 32},
             "loss": {"type": "dpo"},
             "training": {"epochs": 2, "learning_rate": 1e-3, "max_tokens_per_batch": 512,
@@ -56,8 +56,8 @@ def uninterrupted(ray_cluster, make_job):
 
 def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninterrupted):
     full_config, full = uninterrupted
-    stopped = run_train(make_job("resumed", "training.max_steps=5"))
-    assert stopped["steps"] == 5 and stopped["complete"] is False
+    stopped = run_train(make_job("resumed", "training.max_steps=3"))
+    assert stopped["steps"] == 3 and stopped["complete"] is False
 
     config = make_job("resumed")
     resumed = run_train(config)  # the same command again
@@ -71,7 +71,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
     records = train_records(config.run_dir)
     assert [r["step"] for r in records] == list(range(1, full["steps"] + 1))  # no step logged twice
     for epoch in (0, 1):
-        assert sum(r["pairs"] for r in records if r["epoch"] == epoch) == 96  # every pair once per epoch
+        assert sum(r["pairs"] for r in records if r["epoch"] == epoch) == 64  # every pair once per epoch
     # keep_checkpoints: only the newest two complete checkpoints remain.
     assert len(list((config.run_dir / "checkpoints").glob("step-*"))) == 2
 
