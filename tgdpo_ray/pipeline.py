@@ -60,8 +60,8 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
 def run_job(config_path: str, overrides: list[str], kind: str | None = None, log=print) -> dict:
     """Runs a job spec; `kind` (from the command) overrides the spec's own kind."""
     raw = read_raw_config(config_path)
-    if kind and isinstance(raw, dict):
-        raw["kind"] = kind
+    # The command's kind is applied last, after the user's overrides.
+    overrides = list(overrides) + ([f"kind={kind}"] if kind else [])
     # Keys and values first: a demo job's paths only exist once its inputs are built.
     unchecked = build_config(raw, config_path, overrides, check_paths=False)
     if unchecked.kind == "demo":

@@ -66,8 +66,9 @@ def answer_values(model, rows: list, pad_id: int, device: torch.device, chunk_si
     return grid_to_values(token_logps(outputs, batch["labels"].to(device), chunk_size), rows)
 
 
-class LogProbScorer:
-    """A Ray Data callable class: one instance per actor, holding one frozen model."""
+class FrozenScorer:
+    """A Ray Data callable class: one instance per actor, holding one frozen model (a causal LM scored for
+    per-token log-probs, or a token reward model scored for per-token rewards)."""
 
     def __init__(self, role: str, model: str, precision: str, trust_remote_code: bool, pad_id: int,
                  max_tokens: int, chunk_size: int, run_dir: str, token_rewards: bool = False):
@@ -123,7 +124,7 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
 
     low, high = (section.replicas, section.replicas) if isinstance(section.replicas, int) else section.replicas
     return dataset.map_batches(
-        LogProbScorer,
+        FrozenScorer,
         fn_constructor_kwargs=dict(
             role=role,
             model=model,
