@@ -281,28 +281,20 @@ def compute_loss(loss_type, batch, beta, alpha, simpo_gamma, clamp_weights):
             beta=beta,
             gamma=simpo_gamma,
         )
-    if loss_type == "tgdpo" and "chosen_token_rewards" in batch:
+    if loss_type == "tgdpo":
+        chosen_rewards, rejected_rewards = batch.get("chosen_token_rewards"), batch.get("rejected_token_rewards")
+        if chosen_rewards is None:
+            # The implicit form, as tgdpo_loss computes it: r_hat = beta * (guidance - ref).
+            with torch.no_grad():
+                chosen_rewards = beta * (get("guidance_chosen_logps") - get("ref_chosen_logps"))
+                rejected_rewards = beta * (get("guidance_rejected_logps") - get("ref_rejected_logps"))
         return tgdpo_loss_from_rewards(
             get("policy_chosen_logps"),
             get("policy_rejected_logps"),
             get("ref_chosen_logps"),
             get("ref_rejected_logps"),
-            get("chosen_token_rewards"),
-            get("rejected_token_rewards"),
-            get("chosen_mask"),
-            get("rejected_mask"),
-            beta=beta,
-            alpha=alpha,
-            clamp_weights=clamp_weights,
-        )
-    if loss_type == "tgdpo":
-        return tgdpo_loss(
-            get("policy_chosen_logps"),
-            get("policy_rejected_logps"),
-            get("ref_chosen_logps"),
-            get("ref_rejected_logps"),
-            get("guidance_chosen_logps"),
-            get("guidance_rejected_logps"),
+            chosen_rewards,
+            rejected_rewards,
             get("chosen_mask"),
             get("rejected_mask"),
             beta=beta,

@@ -24,16 +24,30 @@ def memory_metrics() -> dict:
     return metrics
 
 
-def scorer_throughput(run_dir: Path) -> dict[str, float]:
-    """Pairs per second each scorer pool has delivered so far, from the pools' batch logs (scoring/*.jsonl)."""
-    rates = {}
-    for pool in ("reference", "guidance"):
-        batches = [json.loads(line) for path in (run_dir / "scoring").glob(f"{pool}-*.jsonl")
-                   for line in path.read_text().splitlines() if line.strip()]
-        if batches:
-            span = max(b["time"] for b in batches) - min(b["time"] - b["seconds"] for b in batches)
-            rates[f"{pool}_pairs_per_second"] = sum(b["pairs"] for b in batches) / max(span, 1e-9)
-    return rates
+class ScorerThroughput:
+    """Pairs per second each scorer pool has delivered so far, from the pools' batch logs (scoring/*.jsonl).
+    Reads only the lines added since the last call: the cost per logged step stays flat over a long run."""
+
+    def __init__(self, run_dir: Path):
+        self.folder = run_dir / "scoring"
+        self.offsets: dict[Path, int] = {}
+        self.pools: dict[str, dict] = {}  # pool -> pairs, first start, last end
+
+    def __call__(self) -> dict[str, float]:
+        for path in sorted(self.folder.glob("*.jsonl")):
+            with open(path) as handle:
+                handle.seek(self.offsets.get(path, 0))
+                lines = handle.readlines()
+            complete = [line for line in lines if line.endswith("\n")]  # a line being written waits
+            self.offsets[path] = self.offsets.get(path, 0) + sum(len(line.encode()) for line in complete)
+            pool = self.pools.setdefault(path.name.split("-")[0], {"pairs": 0, "start": None, "end": None})
+            for batch in map(json.loads, complete):
+                pool["pairs"] += batch["pairs"]
+                start = batch["time"] - batch["seconds"]
+                pool["start"] = start if pool["start"] is None else min(pool["start"], start)
+                pool["end"] = batch["time"] if pool["end"] is None else max(pool["end"], batch["time"])
+        return {f"{name}_pairs_per_second": pool["pairs"] / max(pool["end"] - pool["start"], 1e-9)
+                for name, pool in self.pools.items() if pool["pairs"]}
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:

@@ -26,7 +26,7 @@ from tgdpo_ray.losses import (IGNORE_INDEX, TOKEN_SUM_KEYS, WEIGHT_BINS, compute
                               metric_sums, token_logps)
 from tgdpo_ray.models import load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.scoring import COLUMN_PREFIX, pick_device, record_placement
-from tgdpo_ray.tracking import MetricsLog, memory_metrics, scorer_throughput
+from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
 
 SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
 
@@ -250,6 +250,7 @@ def train_loop(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
     log = MetricsLog(config, rank, resumed_step=state["step"] or None)
+    scorer_throughput = ScorerThroughput(run_dir)
     meter = MetricSums(config.loss.type)
     training = config.training
     started, eval_metrics = time.perf_counter(), None
@@ -293,7 +294,7 @@ def train_loop(loop_config: dict) -> None:
                   "elapsed_seconds": time.perf_counter() - started, "time": time.time(), **memory_metrics()}
         line = None
         if rank == 0 and (step % training.log_every == 0 or step == 1):
-            record.update(scorer_throughput(run_dir))
+            record.update(scorer_throughput())
             line = (f"[train] step {step}/~{total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
                     f"acc {metrics['reward_accuracy']:.2f} margin {metrics['reward_margin']:.4f} "
                     f"lr {lr:.2e} tok/s {record['tokens_per_second']:.0f} data wait {waited:.2f}s")
