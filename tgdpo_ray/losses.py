@@ -160,6 +160,12 @@ def simpo_loss(
     return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), {})
 
 
+def implicit_token_rewards(guidance_logps, ref_logps, beta):
+    """Token-level guidance rewards r_hat = beta * (log pi_g - log pi_ref): the paper's implicit form, a constant."""
+    with torch.no_grad():
+        return beta * (guidance_logps - ref_logps)
+
+
 def tgdpo_loss(
     policy_chosen_logps,
     policy_rejected_logps,
@@ -173,10 +179,8 @@ def tgdpo_loss(
     alpha=0.5,
     clamp_weights=False,
 ):
-    with torch.no_grad():
-        # Token-level guidance rewards r_hat = beta * (guidance - ref): the paper's implicit form.
-        chosen_token_rewards = beta * (guidance_chosen_logps - ref_chosen_logps)
-        rejected_token_rewards = beta * (guidance_rejected_logps - ref_rejected_logps)
+    chosen_token_rewards = implicit_token_rewards(guidance_chosen_logps, ref_chosen_logps, beta)
+    rejected_token_rewards = implicit_token_rewards(guidance_rejected_logps, ref_rejected_logps, beta)
     return tgdpo_loss_from_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         chosen_token_rewards, rejected_token_rewards, chosen_mask, rejected_mask, beta, alpha, clamp_weights,
@@ -284,10 +288,8 @@ def compute_loss(loss_type, batch, beta, alpha, simpo_gamma, clamp_weights):
     if loss_type == "tgdpo":
         chosen_rewards, rejected_rewards = batch.get("chosen_token_rewards"), batch.get("rejected_token_rewards")
         if chosen_rewards is None:
-            # The implicit form, as tgdpo_loss computes it: r_hat = beta * (guidance - ref).
-            with torch.no_grad():
-                chosen_rewards = beta * (get("guidance_chosen_logps") - get("ref_chosen_logps"))
-                rejected_rewards = beta * (get("guidance_rejected_logps") - get("ref_rejected_logps"))
+            chosen_rewards = implicit_token_rewards(get("guidance_chosen_logps"), get("ref_chosen_logps"), beta)
+            rejected_rewards = implicit_token_rewards(get("guidance_rejected_logps"), get("ref_rejected_logps"), beta)
         return tgdpo_loss_from_rewards(
             get("policy_chosen_logps"),
             get("policy_rejected_logps"),

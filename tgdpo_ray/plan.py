@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.config import ConfigError, JobConfig, ScorerSection

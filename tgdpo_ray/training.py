@@ -13,7 +13,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
