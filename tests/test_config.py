@@ -63,7 +63,7 @@ def test_out_of_range_value(raw):
 
 def test_missing_required_key(raw):
     del raw["policy"]
-    assert "policy: required key is missing" in error_of(raw)
+    assert "(top level): kind train needs the section(s) policy" in error_of(raw)
 
 
 def test_missing_data_path(raw, tmp_path):

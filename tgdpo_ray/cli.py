@@ -1,8 +1,9 @@
 """tgdpo-ray: one entry point for every job.
 
-    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, score, pipeline, demo)
+    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, score, eval, pipeline, demo)
     tgdpo-ray train --config JOB.yaml [--set ...]              one training run
     tgdpo-ray score --config JOB.yaml [--set ...]              scoring alone, into the cache
+    tgdpo-ray eval --config JOB.yaml [--set ...]               vLLM answers, an LLM judge, a report
     tgdpo-ray demo [--config jobs/demo.yaml] [--set ...]       the demo pipeline on a local Ray
     tgdpo-ray check-config --config JOB.yaml [--set ...]       validate and print with defaults
     tgdpo-ray plan --config JOB.yaml [--cluster gpus=N,cpus=N]  GPUs per group, scorer replicas needed
@@ -40,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgdpo-ray", description="TGDPO preference training on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, score, pipeline or demo"))
+    add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, score, eval, pipeline or demo"))
     add_config_args(commands.add_parser("train", help="one training run (dpo, ipo, simpo or tgdpo)"))
     add_config_args(commands.add_parser("score", help="score the data into the cache, train later"))
+    add_config_args(commands.add_parser("eval", help="MT-Bench-style evaluation: vLLM answers, an LLM judge"))
     add_config_args(commands.add_parser("demo", help="tiny model + demo data, DPO then TGDPO guided by it"),
                     default="jobs/demo.yaml")
     add_config_args(commands.add_parser("check-config", help="validate a job config, print it with defaults"))
@@ -90,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("run", "train", "score", "demo"):
+    if args.command in ("run", "train", "score", "eval", "demo"):
         from tgdpo_ray.pipeline import run_job
 
-        forced_kind = args.command if args.command in ("train", "score") else None
+        forced_kind = args.command if args.command in ("train", "score", "eval") else None
         result = run_job(args.config, args.overrides, kind=forced_kind)
-        if forced_kind:
+        if forced_kind in ("train", "score"):
             print(json.dumps(result, indent=2))
     elif args.command == "check-config":
         import yaml
@@ -135,6 +137,9 @@ def plan_command(args: argparse.Namespace) -> str:
     from tgdpo_ray.plan import format_plan, make_plan, parse_cluster
 
     config = load_config(args.config, args.overrides, check_paths=False)
+    if config.kind == "eval":
+        raise UserError("plan sizes training jobs; an eval job holds one vLLM engine per model being answered "
+                        "(generation.concurrent_models at once), then one for the judge")
     if args.cluster:
         cluster = parse_cluster(args.cluster)
     elif config.ray.address or os.environ.get("RAY_ADDRESS"):

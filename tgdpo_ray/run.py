@@ -69,10 +69,14 @@ def process_groups(config: JobConfig, with_policy: bool = True) -> dict[str, tup
 
 def check_fits_cluster(config: JobConfig, with_policy: bool = True) -> None:
     """Fail at once, saying what is missing, instead of waiting forever on actors that cannot be placed."""
+    check_groups_fit(process_groups(config, with_policy))
+
+
+def check_groups_fit(groups: dict[str, tuple[int, dict, dict]]) -> None:
+    """groups: name -> (processes held at once, resources each holds, node labels they need)."""
     import ray
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    groups = process_groups(config, with_policy)
     for name, (count, each, labels) in groups.items():
         matching = [node for node in nodes if all(node["Labels"].get(k) == v for k, v in labels.items())]
         if not matching:

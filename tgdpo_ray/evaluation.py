@@ -1,0 +1,298 @@
+"""MT-Bench-style evaluation: vLLM answers, an LLM judge, statistics and a report, in one eval folder.
+
+    answers.jsonl     one record per model and question (every turn's text and token count)
+    judgments.jsonl   one record per judgment, the judge's raw text kept, unparseable verdicts included
+    report.json       the statistics (eval_stats), report.md and PNG charts (eval_report)
+
+Both JSONL files are appended as work finishes, so a re-run (or a job that died) only computes what is missing.
+A record is reused only while everything it depends on is unchanged: an answer carries the model's weights
+identity and the generation settings, a judgment a digest of the exact messages the judge saw and the judge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zlib
+from pathlib import Path
+from typing import Optional
+
+from tgdpo_ray.config import PIPELINE_MODELS, EvalModel, EvalSection, JobConfig
+from tgdpo_ray.eval_report import format_table, write_eval_report
+from tgdpo_ray.eval_stats import length_summary, pairwise_summary, single_summary
+from tgdpo_ray.questions import Question, load_questions
+
+JUDGE_BATCH = 128  # judgments asked per round trip; each batch is on disk before the next starts
+
+
+def read_jsonl(path: Path, log=print) -> list[dict]:
+    """The records of a file this module wrote; a line cut short by a killed run is skipped and counted."""
+    if not path.exists():
+        return []
+    records, broken = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            broken += 1
+    if broken:
+        log(f"[eval] {path.name}: {broken} incomplete line(s) from an interrupted run ignored (recomputed)")
+    return records
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("a") as out:
+        out.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+def rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    """Leaves exactly the current records (stale ones from older settings go), atomically."""
+    partial = path.with_suffix(".jsonl.partial")
+    partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+    partial.replace(path)
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def answer_identity(model: EvalModel, evaluation: EvalSection, seed: int) -> str:
+    from tgdpo_ray.cache import weights_identity
+
+    generation = evaluation.generation
+    return digest([weights_identity(model.path), generation.max_new_tokens, generation.temperatures, seed,
+                   generation.max_model_len])
+
+
+# ---------------------------------------------------------------- answers
+
+
+def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[Question], log=print) -> list[dict]:
+    from tgdpo_ray.generation import answer_questions, call_engine, start_engine
+
+    evaluation, path = config.eval, config.eval_dir / "answers.jsonl"
+    identity = {model.name: answer_identity(model, evaluation, config.run.seed) for model in models}
+    wanted = {(model.name, q.question_id) for model in models for q in questions}
+    done = {(r["model"], r["question_id"]): r for r in read_jsonl(path, log)
+            if identity.get(r["model"]) == r.get("identity") and (r["model"], r["question_id"]) in wanted}
+    todo = [model for model in models if any((model.name, q.question_id) not in done for q in questions)]
+    if len(done):
+        log(f"[eval] answers: {len(done)} of {len(wanted)} already on disk, reused")
+    concurrent = evaluation.generation.concurrent_models
+    for start in range(0, len(todo), concurrent):
+        group = todo[start:start + concurrent]
+        engines = []
+        for model in group:
+            log(f"[eval] {model.name}: starting a vLLM engine for {model.path}")
+            engines.append(start_engine(model.path, evaluation.generation, config.run.seed, model.trust_remote_code))
+        for model, engine in zip(group, engines):
+            missing = [q for q in questions if (model.name, q.question_id) not in done]
+            # The engine loads the model first; wait for it so that the timing below is generation alone.
+            call_engine(model.path, engine.__ray_ready__.remote())
+            began = time.time()
+            log(f"[eval] {model.name}: answering {len(missing)} question(s), {sum(len(q.turns) for q in missing)} "
+                f"turn(s)")
+            records = answer_questions(engine, model.name, missing, evaluation.generation, config.run.seed)
+            for record in records:
+                record["identity"] = identity[model.name]
+                done[(model.name, record["question_id"])] = record
+            append_jsonl(path, records)
+            tokens = sum(sum(record["tokens"]) for record in records)
+            log(f"[eval] {model.name}: {tokens} tokens generated in {time.time() - began:.1f} s")
+        release(engines)
+    answers = [done[(model.name, q.question_id)] for model in models for q in questions]
+    rewrite_jsonl(path, answers)
+    return answers
+
+
+def release(engines: list) -> None:
+    import ray
+
+    for engine in engines:
+        ray.kill(engine)  # frees its GPUs (and vLLM's worker processes) for the next engine
+
+
+# ---------------------------------------------------------------- judgments
+
+
+def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: list[dict], names: list[str],
+                   prompts: dict, judge_id: str) -> list[dict]:
+    """Every judgment the report needs, with the messages the judge will see."""
+    from tgdpo_ray.judge import render
+
+    by_key = {(record["model"], record["question_id"]): record for record in answers}
+    mode = evaluation.judge.mode
+    if mode == "single":
+        shown = [({"model": name}, [name]) for name in names]
+    else:  # every comparison in both orders: "ab" shows model_a's answer first, "ba" model_b's
+        shown = [(fields, order) for a, b in evaluation.comparisons(names)
+                 for fields, order in (({"model_a": a, "model_b": b, "order": "ab"}, [a, b]),
+                                       ({"model_a": a, "model_b": b, "order": "ba"}, [b, a]))]
+    tasks = []
+    for question in questions:
+        for turn in range(1, len(question.turns) + 1):
+            for fields, order in shown:
+                records = [by_key[(model, question.question_id)] for model in order]
+                prompt, messages = render(prompts, mode, question, turn, [r["turns"][:turn] for r in records])
+                tasks.append({
+                    "mode": mode, **fields, "question_id": question.question_id, "category": question.category,
+                    "turn": turn, "prompt": prompt, "judge": judge_id, "digest": digest([messages, judge_id]),
+                    # An answer that could not be generated is not sent to the judge (see judge_all).
+                    "answer_errors": [r["errors"][turn - 1] for r in records if r["errors"][turn - 1]],
+                    "messages": messages,
+                })
+    return tasks
+
+
+def read_verdict(task: dict, text: str) -> tuple[dict, Optional[str]]:
+    """The verdict fields of a judgment record, and why parsing failed (None when it did not)."""
+    from tgdpo_ray.judge import parse_choice, parse_rating
+
+    if task["mode"] == "single":
+        score, why = parse_rating(text)
+        return {"score": score}, why
+    choice, why = parse_choice(text)
+    shown_first, shown_second = ((task["model_a"], task["model_b"]) if task["order"] == "ab"
+                                 else (task["model_b"], task["model_a"]))
+    winner = {"A": shown_first, "B": shown_second, "tie": "tie", None: None}[choice]
+    return {"verdict": choice, "winner": winner}, why
+
+
+def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: Path, log=print) -> list[dict]:
+    """Asks the judge for every task not already on disk (start_backend() gives the judge, only when needed).
+    An unparseable verdict is asked again (sampling at judge.retry_temperature) up to judge.parse_retries
+    times, then recorded as unparseable with its text."""
+    judge = evaluation.judge
+    done = {r["digest"]: r for r in read_jsonl(path, log)}
+    todo = [task for task in tasks if task["digest"] not in done]
+    if len(tasks) > len(todo):
+        log(f"[eval] judgments: {len(tasks) - len(todo)} of {len(tasks)} already on disk, reused")
+    backend = start_backend() if todo else None
+    unparseable = 0
+    for start in range(0, len(todo), JUDGE_BATCH):
+        batch, finished = todo[start:start + JUDGE_BATCH], []
+        for task in batch:
+            if task["answer_errors"]:
+                finished.append(judgment_record(task, "", {"score": None, "winner": None}, 0,
+                                                "answer missing: " + "; ".join(task["answer_errors"]), []))
+        asking = [task for task in batch if not task["answer_errors"]]
+        earlier: dict[str, list[str]] = {task["digest"]: [] for task in asking}
+        for attempt in range(1, judge.parse_retries + 2):
+            temperature = judge.temperature if attempt == 1 else judge.retry_temperature
+            replies = backend.complete([(task["messages"], temperature, zlib.crc32(f"{task['digest']}/{attempt}"
+                                                                                     .encode())) for task in asking])
+            again = []
+            for task, (text, error) in zip(asking, replies):
+                fields, why = read_verdict(task, text) if error is None else ({}, error)
+                if why is not None and error is None and attempt <= judge.parse_retries:
+                    earlier[task["digest"]].append(text)
+                    again.append(task)
+                    continue
+                fields = fields or {"score": None, "winner": None}
+                finished.append(judgment_record(task, text, fields, attempt, why, earlier[task["digest"]]))
+            asking = again
+            if not asking:
+                break
+        append_jsonl(path, finished)
+        for record in finished:
+            done[record["digest"]] = record
+        unparseable += sum(record["error"] is not None for record in finished)
+        log(f"[eval] judged {min(start + JUDGE_BATCH, len(todo))}/{len(todo)} "
+            f"(unparseable or failed so far: {unparseable})")
+    judgments = [done[task["digest"]] for task in tasks]
+    rewrite_jsonl(path, judgments)
+    return judgments
+
+
+def judgment_record(task: dict, text: str, fields: dict, attempts: int, error: Optional[str],
+                    earlier_texts: list[str]) -> dict:
+    record = {key: value for key, value in task.items() if key not in ("messages", "answer_errors")}
+    if task["mode"] == "single":
+        record["score"] = fields.get("score")
+    else:
+        record.update(verdict=fields.get("verdict"), winner=fields.get("winner"))
+    record.update(judge_text=text, attempts=attempts, error=error, earlier_texts=earlier_texts)
+    return record
+
+
+def start_judge(config: JobConfig, engines: list, log=print):
+    """The judge backend; a vLLM engine it starts is added to `engines`, for the caller to release."""
+    from tgdpo_ray.judge import OpenAIJudge, VLLMJudge
+
+    judge = config.eval.judge
+    if judge.backend == "openai":
+        return OpenAIJudge(judge.base_url, judge.model, judge.api_key_env, judge.max_tokens, judge.request_retries,
+                           judge.timeout_s, judge.requests_per_second, judge.concurrency)
+    from tgdpo_ray.generation import call_engine, start_engine
+
+    log(f"[eval] judge: starting a vLLM engine for {judge.model}")
+    engines.append(start_engine(judge.model, judge, config.run.seed))
+    call_engine(judge.model, engines[-1].__ray_ready__.remote())
+    return VLLMJudge(engines[-1], judge.model, judge.max_tokens)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def evaluated_models(config: JobConfig, trained: Optional[dict[str, str]] = None) -> list[EvalModel]:
+    """kind eval: eval.models. A pipeline: its trained policies (name -> model dir) first, then eval.models."""
+    trained_models = [EvalModel(name=name, path=path) for name, path in (trained or {}).items()]
+    return trained_models + list(config.eval.models)
+
+
+def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=print) -> dict:
+    """Answers, judgments, statistics and the report in config.eval_dir; returns the summary (report.json)."""
+    from tgdpo_ray.generation import engine_group
+    from tgdpo_ray.judge import load_prompts
+    from tgdpo_ray.run import check_groups_fit, start_ray
+
+    evaluation = config.eval
+    models = evaluated_models(config, trained)
+    names = [model.name for model in models]
+    # Everything that can be wrong with the inputs fails here, before any model loads.
+    questions = load_questions(evaluation.questions.path, split=evaluation.questions.split,
+                               categories=tuple(evaluation.generation.temperatures),
+                               references=evaluation.questions.references, limit=evaluation.questions.limit)
+    prompts = load_prompts(evaluation.judge.prompts)
+    judge_id = f"{evaluation.judge.backend}:{evaluation.judge.model}"
+    eval_dir = config.eval_dir
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[eval] {len(questions)} questions, models {names}, judge {judge_id} ({evaluation.judge.mode} mode), "
+        f"writing to {eval_dir}")
+
+    start_ray(config)
+    check_groups_fit(engine_group("answer engines", evaluation.generation,
+                                  min(evaluation.generation.concurrent_models, len(models))))
+    if evaluation.judge.backend == "vllm":
+        check_groups_fit(engine_group("judge engine", evaluation.judge))
+    answers = collect_answers(config, models, questions, log)
+
+    tasks = judgment_tasks(evaluation, questions, answers, names, prompts, judge_id)
+    judge_engines: list = []
+    try:
+        judgments = judge_all(lambda: start_judge(config, judge_engines, log), evaluation, tasks,
+                              eval_dir / "judgments.jsonl", log)
+    finally:
+        release(judge_engines)
+
+    samples, seed = evaluation.bootstrap_samples, config.run.seed
+    summary = {
+        "mode": evaluation.judge.mode, "judge": judge_id, "questions": len(questions), "models": names,
+        "scores": single_summary(judgments, samples, seed) if evaluation.judge.mode == "single" else None,
+        "pairwise": pairwise_summary(judgments, samples, seed) if evaluation.judge.mode == "pairwise" else None,
+        "lengths": length_summary(answers),
+        "answer_errors": sum(error is not None for record in answers for error in record["errors"]),
+        "unparseable_judgments": sum(record["error"] is not None for record in judgments),
+        "judgments": len(judgments),
+    }
+    (eval_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    report = write_eval_report(eval_dir, summary)
+    log("\n" + format_table(summary))
+    log(f"\n[eval] {summary['unparseable_judgments']} of {len(judgments)} judgments unparseable or failed "
+        f"(kept in judgments.jsonl); report: {report}")
+    return summary
+
+
+def pipeline_models(runs: dict[str, dict]) -> dict[str, str]:
+    return {name: runs[name]["model_dir"] for name in PIPELINE_MODELS}
