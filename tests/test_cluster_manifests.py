@@ -65,6 +65,28 @@ def test_cluster_offers_what_each_job_asks_for(groups, spec):
         assert capacity >= wanted, f"{spec.name}: {name} needs {wanted} GPUs, nodes labelled {labels} hold {capacity}"
 
 
+# The cluster specs with an evaluation (the demo's runs on a laptop, on CPU).
+EVAL_JOBS = [p for p in sorted((REPO / "jobs").glob("*.yaml")) if p.name != "demo.yaml"
+             and (yaml.safe_load(p.read_text()) or {}).get("eval") and "eval-demo" not in p.name]
+
+
+@pytest.mark.parametrize("groups", [kuberay_groups, launcher_groups], ids=["kuberay", "launcher"])
+@pytest.mark.parametrize("spec", EVAL_JOBS, ids=lambda p: p.name)
+def test_cluster_fits_each_vllm_engine_on_one_node(groups, spec):
+    config = JobConfig.model_validate(yaml.safe_load(spec.read_text()))
+    offered = groups()
+    for name, engine, count in (("generation", config.eval.generation, config.eval.generation.concurrent_models),
+                                ("judge", config.eval.judge, 1)):
+        if name == "judge" and engine.backend != "vllm":
+            continue
+        matching = [g for g in offered.values() if engine.node_labels.items() <= g["labels"].items()]
+        assert engine.node_labels and matching, f"{spec.name}: eval.{name} is not pinned to an existing node group"
+        # vLLM's tensor-parallel workers run inside the engine's actor: one node must hold all of its GPUs.
+        assert max(g["gpus"] for g in matching) >= engine.tensor_parallel_size, f"{spec.name}: eval.{name}"
+        capacity = sum(g["gpus"] * g["max_nodes"] for g in matching)
+        assert capacity >= count * engine.tensor_parallel_size, f"{spec.name}: eval.{name}"
+
+
 def test_raycluster_pod_templates_pass_the_kubernetes_schema():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     spec = raycluster()["spec"]

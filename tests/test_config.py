@@ -133,7 +133,7 @@ def test_every_shipped_job_spec_is_valid():
     for spec in specs:
         # Schema only: the demo's model and data are built by `make demo`, so their paths may not exist yet.
         config = JobConfig.model_validate(yaml.safe_load(spec.read_text()))
-        assert config.policy.model, spec
+        assert (config.eval.models if config.kind == "eval" else config.policy.model), spec
 
 
 def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
@@ -142,3 +142,58 @@ def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
     assert "tracking.wandb_project: needs the wandb package" in error_of(raw, ["tracking.wandb_project=p"])
+
+
+# ---------------------------------------------------------------- eval sections
+
+
+@pytest.fixture
+def eval_raw(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    return {"kind": "eval", "eval": {"models": [{"name": "a", "path": str(model)}, {"name": "b", "path": str(model)}],
+                                     "judge": {"model": "some-org/judge"}}}
+
+
+def test_an_eval_job_needs_no_data_or_policy_and_absolutizes_its_paths(eval_raw, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    eval_raw["eval"]["models"][0]["path"] = "./model"
+    config = build_config(eval_raw)
+    assert config.eval.models[0].path == str(tmp_path / "model") and config.eval_dir == config.run_dir
+    assert config.eval.questions.path == "shipped" and config.eval.generation.temperatures["writing"] == 0.7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.models=[]"], "kind eval needs eval.models"),
+    (["eval.models.1.name=a"], "model names must be unique"),
+    (["eval.judge.mode=pairwise", "eval.judge.baseline=c"], "judge: 'c' is not one of the evaluated models"),
+    (["eval.judge.mode=pairwise", "eval.judge.pairs=[[a, z]]"], "judge: 'z' is not one of the evaluated models"),
+    (["eval.judge.backend=openai"], "judge.backend openai needs judge.base_url"),
+    (["eval.judge.parse_retries=-1"], "eval.judge.parse_retries"),
+    (["eval.models.0.path=./no-such-model"], "eval.models.0.path: path does not exist"),
+    (["eval.questions.path=missing.jsonl"], "eval.questions.path: path does not exist"),
+    (["eval.judge.promts=x.jsonl"], "eval.judge.promts: unknown key"),
+    (["eval.models.5.path=x"], "'5' is not an index of a list of 2"),
+])
+def test_bad_eval_sections_fail_naming_the_key(eval_raw, overrides, message):
+    assert message in error_of(eval_raw, overrides)
+
+
+def test_pairwise_needs_to_know_what_to_compare(eval_raw, tmp_path):
+    eval_raw["eval"]["models"].append({"name": "c", "path": str(tmp_path / "model")})
+    assert "set judge.baseline or judge.pairs" in error_of(eval_raw, ["eval.judge.mode=pairwise"])
+    config = build_config(eval_raw, overrides=["eval.judge.mode=pairwise", "eval.judge.baseline=c"])
+    assert config.eval.comparisons(["a", "b", "c"]) == [("a", "c"), ("b", "c")]
+
+
+def test_the_pipeline_evaluates_after_training_and_its_stages_do_not(raw):
+    from tgdpo_ray.pipeline import stage_config
+
+    raw.pop("guidance")
+    raw.update(kind="pipeline", eval={"judge": {"model": "some-org/judge", "mode": "pairwise"}})
+    config = build_config(raw)
+    assert config.eval_dir == config.run_dir / "eval"
+    assert config.eval.comparisons(config.eval.model_names(("tgdpo", "dpo"))) == [("tgdpo", "dpo")]
+    stage = stage_config(config, "dpo")
+    assert stage.kind == "train" and stage.eval is None
+    assert "kind train does not evaluate" in error_of({**raw, "kind": "train", "guidance": {"model": "x"}})

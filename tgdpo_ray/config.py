@@ -373,18 +373,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Sets each dotted key; a number indexes a list (`eval.models.0.path=...`)."""
     for text in overrides:
         path, value = parse_override(text)
         node = raw
         for part in path[:-1]:
+            if isinstance(node, list):
+                node = list_item(node, part, text)
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            elif not isinstance(child, dict):
+            elif not isinstance(child, (dict, list)):
                 raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[list_index(node, path[-1], text)] = value
+        else:
+            node[path[-1]] = value
     return raw
+
+
+def list_index(items: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--set {text!r}: {part!r} is not an index of a list of {len(items)}")
+    return int(part)
+
+
+def list_item(items: list, part: str, text: str):
+    item = items[list_index(items, part, text)]
+    if not isinstance(item, dict):
+        raise ConfigError(f"--set {text!r}: item {part} is a value, not a section")
+    return item
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -79,28 +81,36 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
     todo = [model for model in models if any((model.name, q.question_id) not in done for q in questions)]
     if len(done):
         log(f"[eval] answers: {len(done)} of {len(wanted)} already on disk, reused")
+    write = threading.Lock()
+
+    def answer(model: EvalModel, engine) -> None:
+        missing = [q for q in questions if (model.name, q.question_id) not in done]
+        # The engine loads the model first; wait for it so that the timing below is generation alone.
+        call_engine(model.path, engine.__ray_ready__.remote())
+        began = time.time()
+        log(f"[eval] {model.name}: answering {len(missing)} question(s), {sum(len(q.turns) for q in missing)} turn(s)")
+        records = answer_questions(engine, model.name, missing, evaluation.generation, config.run.seed)
+        for record in records:
+            record["identity"] = identity[model.name]
+        with write:  # each model's answers are on disk as soon as they exist
+            append_jsonl(path, records)
+            done.update({(model.name, record["question_id"]): record for record in records})
+        tokens = sum(sum(record["tokens"]) for record in records)
+        log(f"[eval] {model.name}: {tokens} tokens generated in {time.time() - began:.1f} s")
+
     concurrent = evaluation.generation.concurrent_models
     for start in range(0, len(todo), concurrent):
         group = todo[start:start + concurrent]
         engines = []
-        for model in group:
-            log(f"[eval] {model.name}: starting a vLLM engine for {model.path}")
-            engines.append(start_engine(model.path, evaluation.generation, config.run.seed, model.trust_remote_code))
-        for model, engine in zip(group, engines):
-            missing = [q for q in questions if (model.name, q.question_id) not in done]
-            # The engine loads the model first; wait for it so that the timing below is generation alone.
-            call_engine(model.path, engine.__ray_ready__.remote())
-            began = time.time()
-            log(f"[eval] {model.name}: answering {len(missing)} question(s), {sum(len(q.turns) for q in missing)} "
-                f"turn(s)")
-            records = answer_questions(engine, model.name, missing, evaluation.generation, config.run.seed)
-            for record in records:
-                record["identity"] = identity[model.name]
-                done[(model.name, record["question_id"])] = record
-            append_jsonl(path, records)
-            tokens = sum(sum(record["tokens"]) for record in records)
-            log(f"[eval] {model.name}: {tokens} tokens generated in {time.time() - began:.1f} s")
-        release(engines)
+        try:
+            for model in group:
+                log(f"[eval] {model.name}: starting a vLLM engine for {model.path}")
+                engines.append(start_engine(model.path, evaluation.generation, config.run.seed,
+                                            model.trust_remote_code))
+            with ThreadPoolExecutor(len(group)) as pool:  # the engines answer at once
+                list(pool.map(answer, group, engines))
+        finally:
+            release(engines)
     answers = [done[(model.name, q.question_id)] for model in models for q in questions]
     rewrite_jsonl(path, answers)
     return answers

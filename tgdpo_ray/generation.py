@@ -47,7 +47,7 @@ class VLLMEngine:
                                                      return_dict=False)
             room = self.max_model_len - len(ids)
             if room < 1:
-                replies[slot] = {"text": "", "tokens": 0, "finish_reason": "error",
+                replies[slot] = {"text": "", "tokens": 0, "prompt_tokens": len(ids), "finish_reason": "error",
                                  "error": f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}"}
                 continue
             prompts.append({"prompt_token_ids": ids})
@@ -58,6 +58,7 @@ class VLLMEngine:
             for slot, output in zip(slots, self.llm.generate(prompts, params, use_tqdm=False)):
                 completion = output.outputs[0]
                 replies[slot] = {"text": completion.text, "tokens": len(completion.token_ids),
+                                 "prompt_tokens": len(output.prompt_token_ids),
                                  "finish_reason": completion.finish_reason, "error": None}
         return replies
 
@@ -113,16 +114,16 @@ def answer_questions(engine, model_name: str, questions: list[Question], generat
     conversations = [[{"role": "user", "content": q.turns[0]}] for q in questions]
     first = call_engine(model_name, engine.chat.remote(
         conversations, [turn_sampling(q, 1, generation, seed) for q in questions]))
+    fields = {"turns": "text", "tokens": "tokens", "prompt_tokens": "prompt_tokens",
+              "finish_reasons": "finish_reason", "errors": "error"}
     records = [{"model": model_name, "question_id": q.question_id, "category": q.category,
-                "turns": [reply["text"]], "tokens": [reply["tokens"]], "finish_reasons": [reply["finish_reason"]],
-                "errors": [reply["error"]]} for q, reply in zip(questions, first)]
+                **{field: [reply[key]] for field, key in fields.items()}} for q, reply in zip(questions, first)]
     follow_ups = [i for i, q in enumerate(questions) if len(q.turns) > 1]
     second = call_engine(model_name, engine.chat.remote(
         [conversations[i] + [{"role": "assistant", "content": records[i]["turns"][0]},
                              {"role": "user", "content": questions[i].turns[1]}] for i in follow_ups],
         [turn_sampling(questions[i], 2, generation, seed) for i in follow_ups]))
     for i, reply in zip(follow_ups, second):
-        for key, value in (("turns", reply["text"]), ("tokens", reply["tokens"]),
-                           ("finish_reasons", reply["finish_reason"]), ("errors", reply["error"])):
-            records[i][key].append(value)
+        for field, key in fields.items():
+            records[i][field].append(reply[key])
     return records

@@ -21,6 +21,7 @@ def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None)
     raw["loss"]["type"] = loss_type
     raw["run"].update(output_dir=str(config.run_dir), name=loss_type)
     raw["guidance"]["model"] = guidance
+    raw["eval"] = None  # the pipeline evaluates after both stages
     return JobConfig.model_validate(raw)
 
 

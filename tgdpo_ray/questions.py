@@ -74,14 +74,12 @@ def _rows(path: str, split: str) -> Iterator[tuple[str, str, dict]]:
     if path == "shipped":
         path = str(SHIPPED_QUESTIONS)
     local = os.path.expanduser(path)
-    if os.path.isdir(local):
-        raise QuestionError(f"{path}: is a folder; expected a .jsonl file of questions or a hub dataset name")
     if os.path.isfile(local):
         yield from _jsonl_rows(local)
-    elif looks_local(path):
+    elif looks_local(path) and not os.path.isdir(local):
         raise QuestionError(f"questions file does not exist: {path}")
-    else:
-        for number, row in enumerate(_hub_dataset(path, split), start=1):
+    else:  # a hub dataset name, or a dataset folder written by save_to_disk
+        for number, row in enumerate(_dataset(path, split), start=1):
             yield path, f"row {number}", row
 
 
@@ -104,10 +102,13 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, str, dict]]:
         yield path, f"line {number}", row
 
 
-def _hub_dataset(name: str, split: str) -> Iterable[dict]:
+def _dataset(name: str, split: str) -> Iterable[dict]:
     import datasets
 
     try:
+        if os.path.isdir(os.path.expanduser(name)):
+            loaded = datasets.load_from_disk(os.path.expanduser(name))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         return datasets.load_dataset(name, split=split)
     except Exception as err:  # noqa: BLE001
         # datasets raises many types; the user needs the name and the reason on one line.
