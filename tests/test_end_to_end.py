@@ -239,41 +239,38 @@ EVAL_QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def evaluation(runs, tiny_model, judge_server, tmp_path_factory):
-    """The trained dpo and tgdpo policies and their starting point answer in vLLM actors; `vllm serve` judges
-    pairwise against the start. Then the same answers are judged again, single mode, by an in-cluster vLLM
-    judge, in a second folder seeded with the first one's answers; then that run is repeated."""
+    """The pipeline's last stage on the trained dpo and tgdpo policies: they answer in vLLM actors and
+    `vllm serve` judges pairwise. Then a kind-eval job judges the same answers (copied into its own folder) in
+    single mode with an in-cluster vLLM judge; then that job runs again."""
     from tgdpo_ray.evaluation import run_eval
+    from tgdpo_ray.pipeline import evaluate_policies
 
     root = tmp_path_factory.mktemp("eval")
     questions = root / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in EVAL_QUESTIONS))
     engine = {"on_gpus": False, "max_model_len": 2048, "gpu_memory_utilization": 0.05, "enforce_eager": True}
-
-    def config(name, judge):
-        return build_config({
-            "kind": "eval", "run": {"name": name, "output_dir": str(root)},
-            "eval": {
-                "questions": {"path": str(questions)},
-                "models": [{"name": "tgdpo", "path": runs["tgdpo"][1]["model_dir"]},
-                           {"name": "dpo", "path": runs["dpo"][1]["model_dir"]},
-                           {"name": "base", "path": tiny_model}],
-                "generation": {**engine, "max_new_tokens": 12, "concurrent_models": 3},
-                "judge": {"max_tokens": 16, "parse_retries": 1, **judge},
-                "bootstrap_samples": 200,
-            },
-        })
+    section = {"questions": {"path": str(questions)}, "bootstrap_samples": 200,
+               "generation": {**engine, "max_new_tokens": 12, "concurrent_models": 2}}
+    judge = {"max_tokens": 16, "parse_retries": 1}
 
     wait_until_serving(judge_server)
     logs = {"pairwise": [], "single": [], "again": []}
-    pairwise = config("pairwise", {"backend": "openai", "base_url": judge_server["url"], "model": "tiny-judge",
-                                   "mode": "pairwise", "baseline": "base"})
-    summaries = {"pairwise": run_eval(pairwise, log=logs["pairwise"].append)}
-    single = config("single", {"backend": "vllm", "model": tiny_model, "mode": "single", **engine})
+    raw = runs["dpo"][0].model_dump(mode="json")
+    raw.update(kind="pipeline", run={"name": "pipeline", "output_dir": str(root)}, guidance={}, eval={
+        **section, "judge": {**judge, "backend": "openai", "base_url": judge_server["url"], "model": "tiny-judge",
+                             "mode": "pairwise"}})
+    pipeline = build_config(raw)
+    summaries = {"pairwise": evaluate_policies(pipeline, {name: runs[name][1] for name in ("dpo", "tgdpo")},
+                                               log=logs["pairwise"].append)}
+    single = build_config({"kind": "eval", "run": {"name": "single", "output_dir": str(root)}, "eval": {
+        **section, "models": [{"name": "tgdpo", "path": runs["tgdpo"][1]["model_dir"]},
+                              {"name": "dpo", "path": runs["dpo"][1]["model_dir"]}],
+        "judge": {**judge, **engine, "backend": "vllm", "model": tiny_model, "mode": "single"}}})
     single.eval_dir.mkdir(parents=True)
-    shutil.copy(pairwise.eval_dir / "answers.jsonl", single.eval_dir / "answers.jsonl")
+    shutil.copy(pipeline.eval_dir / "answers.jsonl", single.eval_dir / "answers.jsonl")
     summaries["single"] = run_eval(single, log=logs["single"].append)
     summaries["again"] = run_eval(single, log=logs["again"].append)
-    return {"configs": {"pairwise": pairwise, "single": single}, "summaries": summaries, "logs": logs}
+    return {"configs": {"pairwise": pipeline, "single": single}, "summaries": summaries, "logs": logs}
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -283,7 +280,7 @@ def jsonl(path: Path) -> list[dict]:
 def test_every_model_answers_every_turn_and_turn_two_follows_its_own_first_answer(evaluation, tokenizer):
     answers = jsonl(evaluation["configs"]["pairwise"].eval_dir / "answers.jsonl")
     assert sorted((a["model"], a["question_id"]) for a in answers) == sorted(
-        (model, str(q["question_id"])) for model in ("tgdpo", "dpo", "base") for q in EVAL_QUESTIONS)
+        (model, str(q["question_id"])) for model in ("tgdpo", "dpo") for q in EVAL_QUESTIONS)
     for answer in answers:
         question = next(q for q in EVAL_QUESTIONS if str(q["question_id"]) == answer["question_id"])
         assert len(answer["turns"]) == len(question["turns"]) and answer["errors"] == [None] * len(question["turns"])
@@ -300,32 +297,33 @@ def test_every_model_answers_every_turn_and_turn_two_follows_its_own_first_answe
 
 def test_pairwise_judging_through_vllm_serve_counts_what_it_cannot_parse(evaluation):
     config, summary = evaluation["configs"]["pairwise"], evaluation["summaries"]["pairwise"]
+    assert config.eval_dir == config.run_dir / "eval"
     judgments = jsonl(config.eval_dir / "judgments.jsonl")
-    # 2 comparisons (tgdpo and dpo vs base) x 5 turns x both orders.
-    assert len(judgments) == summary["judgments"] == 20
-    assert {(j["model_a"], j["model_b"]) for j in judgments} == {("tgdpo", "base"), ("dpo", "base")}
-    assert sorted(j["order"] for j in judgments) == ["ab"] * 10 + ["ba"] * 10
+    # tgdpo vs dpo (the two checkpoints) x 5 turns x both orders.
+    assert len(judgments) == summary["judgments"] == 10
+    assert {(j["model_a"], j["model_b"]) for j in judgments} == {("tgdpo", "dpo")}
+    assert sorted(j["order"] for j in judgments) == ["ab"] * 5 + ["ba"] * 5
     assert all(isinstance(j["judge_text"], str) and j["attempts"] >= 1 for j in judgments)
     assert {j["prompt"] for j in judgments if j["question_id"] == "1"} == {"pair-math-v1", "pair-math-v1-multi-turn"}
     unparsed = sum(j["winner"] is None for j in judgments)
     assert summary["unparseable_judgments"] == unparsed  # a random judge: most are unparseable, all are counted
-    for comparison in summary["pairwise"]["comparisons"]:
-        assert comparison["units"] == 5 and comparison["decided"] + comparison["unparseable"] == 5
+    comparison = summary["pairwise"]["comparisons"][0]
+    assert comparison["units"] == 5 and comparison["decided"] + comparison["unparseable"] == 5
     report = (config.eval_dir / "report.md").read_text()
     assert "unparseable" in report and (config.eval_dir / "win_tie_loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((config.eval_dir / "report.json").read_text())["judgments"] == 20
+    assert json.loads((config.eval_dir / "report.json").read_text())["judgments"] == 10
 
 
 def test_an_in_cluster_judge_regrades_stored_answers_and_a_rerun_recomputes_nothing(evaluation):
     config, logs = evaluation["configs"]["single"], evaluation["logs"]
-    assert any("answers: 9 of 9 already on disk" in line for line in logs["single"])
+    assert any("answers: 6 of 6 already on disk" in line for line in logs["single"])
     started = [line for line in logs["single"] if "starting a vLLM engine" in line]
     assert len(started) == 1 and "judge" in started[0]  # no answer engine: only the judge
     judgments = jsonl(config.eval_dir / "judgments.jsonl")
-    assert len(judgments) == 15 and {j["judge"] for j in judgments} == {f"vllm:{config.eval.judge.model}"}
+    assert len(judgments) == 10 and {j["judge"] for j in judgments} == {f"vllm:{config.eval.judge.model}"}
     scores = evaluation["summaries"]["single"]["scores"]["models"]
-    assert sum(m["n_scored"] + m["n_unparseable"] for m in scores.values()) == 15
+    assert sum(m["n_scored"] + m["n_unparseable"] for m in scores.values()) == 10
     assert (config.eval_dir / "scores_by_category.png").exists()
-    assert any("judgments: 15 of 15 already on disk" in line for line in logs["again"])
+    assert any("judgments: 10 of 10 already on disk" in line for line in logs["again"])
     assert not any("starting a vLLM engine" in line for line in logs["again"])
     assert evaluation["summaries"]["again"] == evaluation["summaries"]["single"]

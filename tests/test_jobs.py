@@ -1,6 +1,5 @@
 """Ray Jobs through the CLI against a real Ray head started here (`ray start --head`, dashboard on loopback)."""
 
-import json
 import os
 import socket
 import subprocess
@@ -47,12 +46,9 @@ def head(tmp_path_factory):
 
 
 def small_demo(outputs: Path, *extra: str) -> list[str]:
-    # The evaluation stage stays, at its smallest: one question, short answers and verdicts.
+    # The evaluation stage is left out (three vLLM engines, about a minute): tests/test_end_to_end.py runs it.
     return ["--set", f"run.output_dir={outputs}", "--set", "training.epochs=1", "--set", "data.train.limit=48",
-            "--set", "data.eval.limit=8", "--set", "eval.questions.limit=1",
-            "--set", "eval.generation.max_new_tokens=8", "--set", "eval.generation.concurrent_models=2",
-            "--set", "eval.judge.max_tokens=8",
-            "--set", "eval.judge.parse_retries=0", *extra]
+            "--set", "data.eval.limit=8", "--set", "eval=null", *extra]
 
 
 def test_submit_the_demo_wait_and_read_its_logs(head):
@@ -70,10 +66,6 @@ def test_submit_the_demo_wait_and_read_its_logs(head):
     for stage in ("dpo", "tgdpo"):
         assert (head["outputs"] / "demo" / stage / "model" / "model.safetensors").exists()
     assert (head["outputs"] / "demo" / "pipeline.json").exists()
-    # The pipeline's last stage evaluated both policies: 1 question x 2 turns x both orders, all accounted for.
-    report = json.loads((head["outputs"] / "demo" / "eval" / "report.json").read_text())
-    assert report["models"] == ["tgdpo", "dpo"] and report["judgments"] == 4
-    assert "[pipeline] stage eval" in logs.stdout and "judgments unparseable or failed" in logs.stdout
     listing = cli("list", "--address", head["address"])
     assert job_id in listing.stdout and "demo" in listing.stdout
 

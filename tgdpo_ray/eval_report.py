@@ -272,6 +272,9 @@ def write_eval_report(eval_dir: Path, summary: dict) -> Path:
              f"- mode: {summary['mode']}", f"- judge: `{summary['judge']}`",
              f"- questions: {summary['questions']}",
              f"- models: {', '.join(f'`{m}`' for m in summary.get('models') or [])}", ""]
+    if summary.get("answer_errors"):
+        lines += [f"**{summary['answer_errors']} answer turn(s) could not be generated** (the conversation left no "
+                  "room in max_model_len; see `errors` in answers.jsonl): their judgments count as unparseable.", ""]
     if summary["mode"] == "single":
         lines += _single_sections(summary)
         chart = plot_scores_by_category(summary["scores"], eval_dir / "scores_by_category.png")

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.config import PIPELINE_MODELS, EvalModel, EvalSection, JobConfig
+from tgdpo_ray.config import EvalModel, EvalSection, JobConfig
 from tgdpo_ray.eval_report import format_table, write_eval_report
 from tgdpo_ray.eval_stats import length_summary, pairwise_summary, single_summary
 from tgdpo_ray.questions import Question, load_questions
@@ -302,7 +302,3 @@ def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=pr
     log(f"\n[eval] {summary['unparseable_judgments']} of {len(judgments)} judgments unparseable or failed "
         f"(kept in judgments.jsonl); report: {report}")
     return summary
-
-
-def pipeline_models(runs: dict[str, dict]) -> dict[str, str]:
-    return {name: runs[name]["model_dir"] for name in PIPELINE_MODELS}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tgdpo_ray.config import JobConfig, build_config, read_raw_config
+from tgdpo_ray.config import PIPELINE_MODELS, JobConfig, build_config, read_raw_config
 from tgdpo_ray.run import run_score, run_train
 
 
@@ -57,11 +57,16 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
     log(f"TGDPO policy:                    {runs['tgdpo']['model_dir']}")
     log(f"Summaries: {config.run_dir / 'pipeline.json'}; per-step metrics: <stage>/metrics.jsonl")
     if config.eval is not None:
-        from tgdpo_ray.evaluation import pipeline_models, run_eval
-
         log(f"\n[pipeline] stage eval: {config.eval_dir}")
-        runs["eval"] = run_eval(config, pipeline_models(runs), log)
+        runs["eval"] = evaluate_policies(config, runs, log)
     return runs
+
+
+def evaluate_policies(config: JobConfig, runs: dict[str, dict], log=print) -> dict:
+    """The last stage: both trained policies (and any eval.models) answer, the judge grades, into <run>/eval/."""
+    from tgdpo_ray.evaluation import run_eval
+
+    return run_eval(config, {name: runs[name]["model_dir"] for name in PIPELINE_MODELS}, log)
 
 
 def run_job(config_path: str, overrides: list[str], kind: str | None = None, log=print) -> dict:
