@@ -68,20 +68,21 @@ def wait_until_serving(server: dict, timeout_s: float = 300) -> None:
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
     # judge_server: started here so that it loads while the policies train.
-    """dpo (2 workers, ZeRO-2) -> tgdpo guided by it (2 workers, ZeRO-3, gradient accumulation 2)
-    -> simpo (1 worker, ZeRO-0)."""
+    """dpo (2 workers, ZeRO-2, packed) -> tgdpo guided by it (2 workers, ZeRO-3, gradient accumulation 2, shared
+    prompt) -> simpo (1 worker, ZeRO-0, padded, gradient checkpointing). Scorers use their run's layout."""
     root = tmp_path_factory.mktemp("runs")
     train = root / "train-with-bad-rows.jsonl"
     train.write_text(demo_data["train"].read_text() + "".join(json.dumps(row) + "\n" for row in BAD_ROWS))
 
-    def config(name, loss, zero_stage, workers, accumulation=1, **extra):
+    def config(name, loss, zero_stage, workers, accumulation=1, packing="padded", checkpointing=False, **extra):
         raw = {
             "run": {"name": name, "output_dir": str(root), "seed": 0},
             "data": {"train": str(train), "eval": str(demo_data["test"]), "bad_rows": "skip",
                      "max_length": 64, "max_prompt_length": 32},
             "loss": {"type": loss, "beta": 0.1},
             "training": {"epochs": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0,
-                         "max_tokens_per_batch": 768, "gradient_accumulation_steps": accumulation},
+                         "max_tokens_per_batch": 768, "gradient_accumulation_steps": accumulation,
+                         "packing": packing, "packed_row_tokens": 256, "gradient_checkpointing": checkpointing},
             "policy": {"model": tiny_model, "workers": workers, "gpus_per_worker": 1, "zero_stage": zero_stage},
             "reference": {"gpus_per_replica": 1, "batch_size": 16},
             "guidance": {"gpus_per_replica": 1, "batch_size": 16, **extra.pop("guidance", {})},
@@ -89,12 +90,12 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
         }
         return build_config(raw)
 
-    dpo = config("dpo", "dpo", zero_stage=2, workers=2)
+    dpo = config("dpo", "dpo", zero_stage=2, workers=2, packing="packed")
     dpo_summary = run_train(dpo)
-    tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, accumulation=2,
+    tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, accumulation=2, packing="shared_prompt",
                    guidance={"model": dpo_summary["model_dir"]})
     tgdpo_summary = run_train(tgdpo)
-    simpo = config("simpo", "simpo", zero_stage=0, workers=1)
+    simpo = config("simpo", "simpo", zero_stage=0, workers=1, checkpointing=True)
     simpo.training.epochs = 1
     simpo_summary = run_train(simpo)
     return {"dpo": (dpo, dpo_summary), "tgdpo": (tgdpo, tgdpo_summary), "simpo": (simpo, simpo_summary)}

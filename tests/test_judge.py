@@ -211,3 +211,14 @@ def test_an_answer_that_could_not_be_generated_is_recorded_not_judged(tmp_path):
     assert [j["score"] for j in judgments] == [8.0, None]
     assert judgments[1]["error"].startswith("answer missing: the prompt has 600 tokens")
     assert len(endpoint.requests) == 1
+
+
+def test_identical_answers_still_get_a_judgment_per_model_and_order(tmp_path):
+    evaluation = EvalSection.model_validate({"judge": {"model": "j", "mode": "pairwise", "baseline": "old"}})
+    answers = answers_for({"new": ["SAME", "SAME"], "old": ["SAME", "SAME"], "mid": ["SAME", "SAME"]}, WRITING)
+    tasks = judgment_tasks(evaluation, [WRITING], answers, ["new", "old", "mid"], load_prompts(None), "openai:j")
+    assert len({task["digest"] for task in tasks}) == len(tasks) == 8  # 2 comparisons x 2 turns x 2 orders
+    endpoint = ScriptedEndpoint({"SAME": ["[[C]]"]})
+    judgments = judge_all(lambda: client(endpoint.url), evaluation, tasks, tmp_path / "j.jsonl", log=print)
+    assert sorted((j["model_a"], j["order"]) for j in judgments) == sorted(
+        (model, order) for model in ("new", "mid") for order in ("ab", "ba") for _ in (1, 2))

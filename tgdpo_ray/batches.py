@@ -28,13 +28,28 @@ def padded_tokens(rows: Sequence) -> int:
     return 2 * len(rows) * max(pair_length(row) for row in rows)
 
 
-def pack_by_token_budget(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None) -> Iterator[list]:
-    """Greedy, order-preserving: a micro-batch grows while its padded size stays within max_tokens (and it holds
-    at most max_pairs pairs). A pair larger than the budget on its own still forms a micro-batch of one: it is
-    never dropped."""
+def packed_tokens(rows: Sequence, shared_prompt: bool) -> int:
+    """Tokens a micro-batch costs without padding: each pair's prompt twice, or once when shared."""
+    prompts = sum(len(row["prompt_ids"]) for row in rows)
+    answers = sum(len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in rows)
+    return answers + (prompts if shared_prompt else 2 * prompts)
+
+
+def micro_batch_tokens(rows: Sequence, packing: str = "padded") -> int:
+    """What a micro-batch costs in the given layout (training.packing): padded, packed or shared_prompt."""
+    if packing == "padded":
+        return padded_tokens(rows)
+    return packed_tokens(rows, shared_prompt=packing == "shared_prompt")
+
+
+def pack_by_token_budget(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None,
+                         packing: str = "padded") -> Iterator[list]:
+    """Greedy, order-preserving: a micro-batch grows while its size in the layout `packing` stays within
+    max_tokens (and it holds at most max_pairs pairs). A pair larger than the budget on its own still forms a
+    micro-batch of one: it is never dropped."""
     batch: list = []
     for row in rows:
-        if batch and (padded_tokens(batch + [row]) > max_tokens or len(batch) == max_pairs):
+        if batch and (micro_batch_tokens(batch + [row], packing) > max_tokens or len(batch) == max_pairs):
             yield batch
             batch = []
         batch.append(row)
@@ -42,8 +57,9 @@ def pack_by_token_budget(rows: Iterable, max_tokens: int, max_pairs: Optional[in
         yield batch
 
 
-def count_micro_batches(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None) -> int:
-    return sum(1 for _ in pack_by_token_budget(rows, max_tokens, max_pairs))
+def count_micro_batches(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None,
+                        packing: str = "padded") -> int:
+    return sum(1 for _ in pack_by_token_budget(rows, max_tokens, max_pairs, packing))
 
 
 def collate_pairs(rows: Sequence, pad_id: int) -> dict[str, torch.Tensor]:

@@ -93,6 +93,16 @@ class TrainingSection(Section):
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0)  # 0 turns clipping off
     logp_chunk_size: int = Field(default=1024, gt=0)  # tokens per chunk of the log-softmax
+    # How a micro-batch of pairs becomes model inputs, for the trainers and the scorers alike:
+    # padded: prompt+chosen and prompt+rejected rows padded to the longest; packed: the same documents back to
+    # back in rows of about packed_row_tokens, each attending only to itself (no padding); shared_prompt: one
+    # document per pair, [prompt | chosen | rejected], the rejected answer attending to the prompt but never to
+    # the chosen one (the prompt is computed once). All three give the same log-probs to float precision.
+    packing: Literal["padded", "packed", "shared_prompt"] = "padded"
+    # Packed rows attend over their whole length (a 4D mask), so several rows of about this size cost less than
+    # one long row; a pair longer than this gets a row as long as itself.
+    packed_row_tokens: int = Field(default=2048, gt=0)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more compute
     log_every: int = Field(default=1, gt=0)  # optimizer steps between console lines
     checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0: only at epoch ends (and at max_steps)
     keep_checkpoints: int = Field(default=2, gt=0)

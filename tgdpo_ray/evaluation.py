@@ -145,9 +145,11 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
             for fields, order in shown:
                 records = [by_key[(model, question.question_id)] for model in order]
                 prompt, messages = render(prompts, mode, question, turn, [r["turns"][:turn] for r in records])
+                # Two models may give the same answer: the digest names the judgment as well as its messages.
+                where = [mode, fields, question.question_id, turn]
                 tasks.append({
                     "mode": mode, **fields, "question_id": question.question_id, "category": question.category,
-                    "turn": turn, "prompt": prompt, "judge": judge_id, "digest": digest([messages, judge_id]),
+                    "turn": turn, "prompt": prompt, "judge": judge_id, "digest": digest([where, messages, judge_id]),
                     # An answer that could not be generated is not sent to the judge (see judge_all).
                     "answer_errors": [r["errors"][turn - 1] for r in records if r["errors"][turn - 1]],
                     "messages": messages,

@@ -176,7 +176,8 @@ def run_train(config: JobConfig, log=print) -> dict:
     pad_id, train, held_out = start_run_dir(config, log)
     per_step = config.policy.workers * config.training.gradient_accumulation_steps
     steps_per_epoch = math.ceil(count_micro_batches(
-        train.rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch) / per_step)
+        train.rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch,
+        config.training.packing) / per_step)
 
     start_ray(config)
     check_fits_cluster(config)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tgdpo_ray.batches import collate_pairs, grid_to_values, pack_by_token_budget
+from tgdpo_ray.packing import micro_batch_token_logps
 from tgdpo_ray.config import JobConfig, ScorerSection
 from tgdpo_ray.losses import token_logps
 from tgdpo_ray.models import load_causal_lm, load_token_reward_model
@@ -50,9 +51,14 @@ def pick_device() -> torch.device:
 
 
 @torch.inference_mode()
-def answer_values(model, rows: list, pad_id: int, device: torch.device, chunk_size: int, token_rewards: bool):
+def answer_values(model, rows: list, pad_id: int, device: torch.device, chunk_size: int, token_rewards: bool,
+                  packing: str = "padded", packed_row_tokens: int = 2048):
     """Per answer token of the chosen and rejected answers of `rows` (lists of float32 arrays): the log-prob
-    under a causal LM, or the output of a per-token reward head."""
+    under a causal LM, or the output of a per-token reward head. Log-probs are computed in the trainers' layout
+    (training.packing); a token reward head always reads padded rows."""
+    if packing != "padded" and not token_rewards:
+        logps, _, _ = micro_batch_token_logps(model, rows, packing == "shared_prompt", packed_row_tokens, chunk_size)
+        return grid_to_values(logps, rows)
     batch = collate_pairs(rows, pad_id)
     outputs = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
@@ -71,7 +77,8 @@ class FrozenScorer:
     per-token log-probs, or a token reward model scored for per-token rewards)."""
 
     def __init__(self, role: str, model: str, precision: str, trust_remote_code: bool, pad_id: int,
-                 max_tokens: int, chunk_size: int, run_dir: str, token_rewards: bool = False):
+                 max_tokens: int, chunk_size: int, run_dir: str, token_rewards: bool = False,
+                 packing: str = "padded", packed_row_tokens: int = 2048):
         self.role = role
         self.batch_log = Path(run_dir) / "scoring" / f"{role}-{os.getpid()}.jsonl"
         self.batch_log.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +86,9 @@ class FrozenScorer:
         self.max_tokens = max_tokens
         self.chunk_size = chunk_size
         self.token_rewards = token_rewards
+        # A token reward head reads padded rows, so its micro-batches are cut by their padded size.
+        self.packing = "padded" if token_rewards else packing
+        self.packed_row_tokens = packed_row_tokens
         self.device = pick_device()
         started = time.perf_counter()
         load = load_token_reward_model if token_rewards else load_causal_lm
@@ -94,9 +104,10 @@ class FrozenScorer:
         ]
         chosen, rejected = [], []
         # The scorer batch is cut again by the token budget, so one long pair cannot blow up memory.
-        for micro in pack_by_token_budget(rows, self.max_tokens):
+        for micro in pack_by_token_budget(rows, self.max_tokens, packing=self.packing):
             micro_chosen, micro_rejected = answer_values(self.model, micro, self.pad_id, self.device,
-                                                         self.chunk_size, self.token_rewards)
+                                                         self.chunk_size, self.token_rewards, self.packing,
+                                                         self.packed_row_tokens)
             chosen += micro_chosen
             rejected += micro_rejected
         prefix, kind = COLUMN_PREFIX[self.role], "rewards" if self.token_rewards else "logps"
@@ -135,6 +146,8 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
             chunk_size=config.training.logp_chunk_size,
             run_dir=str(config.run_dir),
             token_rewards=token_rewards,
+            packing=config.training.packing,
+            packed_row_tokens=config.training.packed_row_tokens,
         ),
         batch_size=section.batch_size,
         batch_format="numpy",

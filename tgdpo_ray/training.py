@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tgdpo_ray.batches import collate_pairs, pack_by_token_budget, values_to_grid
+from tgdpo_ray.batches import collate_pairs, pack_by_token_budget, packed_tokens, values_to_grid
+from tgdpo_ray.packing import micro_batch_token_logps
 from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.losses import (IGNORE_INDEX, TOKEN_SUM_KEYS, WEIGHT_BINS, compute_loss, finalize_metrics,
@@ -116,7 +117,8 @@ class Waited:
 
 def synced_micro_batches(rows: Iterator, config: JobConfig, device, pad_id: int) -> Iterator[tuple[list, bool]]:
     """(micro-batch, real) until every worker is out of data; `real` is False for the filler batches."""
-    local = pack_by_token_budget(rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch)
+    local = pack_by_token_budget(rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch,
+                                 config.training.packing)
     last = None
     while True:
         batch = next(local, None)
@@ -130,12 +132,27 @@ def synced_micro_batches(rows: Iterator, config: JobConfig, device, pad_id: int)
             yield batch, True
 
 
-def micro_batch_loss(model, rows: list, config: JobConfig, pad_id: int, device):
+def policy_token_logps(model, rows: list, config: JobConfig, pad_id: int, device):
+    """(log-probs, answer mask, tokens) on collate_pairs' [2n, W] label grid, in the configured layout. `model` is
+    the DeepSpeed engine (or a plain model). Tokens count prompt + chosen and prompt + rejected in every layout,
+    so that tokens/s compares across layouts."""
+    training = config.training
+    if training.packing != "padded":
+        module = getattr(model, "module", model)
+        # Under ZeRO-3 the LM head's weight is gathered only inside its module's call: no fused head there.
+        logps, mask, _ = micro_batch_token_logps(module, rows, training.packing == "shared_prompt",
+                                                 training.packed_row_tokens, training.logp_chunk_size,
+                                                 fused_head=config.policy.zero_stage != 3)
+        return logps, mask, packed_tokens(rows, shared_prompt=False)
     batch = collate_pairs(rows, pad_id)
     labels = batch["labels"].to(device)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    logps = token_logps(logits, labels, config.training.logp_chunk_size)
-    mask = labels != IGNORE_INDEX
+    return token_logps(logits, labels, training.logp_chunk_size), labels != IGNORE_INDEX, \
+        int(batch["attention_mask"].sum())
+
+
+def micro_batch_loss(model, rows: list, config: JobConfig, pad_id: int, device):
+    logps, mask, tokens = policy_token_logps(model, rows, config, pad_id, device)
     n = len(rows)
     inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
               "chosen_mask": mask[:n], "rejected_mask": mask[n:]}
@@ -149,11 +166,11 @@ def micro_batch_loss(model, rows: list, config: JobConfig, pad_id: int, device):
         wanted.append(("guidance_{side}_logps", "guidance_{side}_logps"))
     for column, name in wanted:
         grid = values_to_grid(rows, column.format(side="chosen"), column.format(side="rejected"),
-                              labels.shape[1]).to(device)
+                              mask.shape[1]).to(device)
         inputs[name.format(side="chosen")], inputs[name.format(side="rejected")] = grid[:n], grid[n:]
     loss = config.loss
     out = compute_loss(loss.type, inputs, loss.beta, loss.alpha, loss.simpo_gamma, loss.clamp_weights)
-    return out, int(batch["attention_mask"].sum())
+    return out, tokens
 
 
 class MetricSums:
@@ -244,6 +261,9 @@ def train_loop(loop_config: dict) -> None:
     pad_id = tokenizer.pad_token_id
     # fp32 master weights; DeepSpeed casts the working copy to bf16 when that is on.
     model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
+    if config.training.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = build_engine(model, config, total_steps, world_size)
     state, done_in_epoch = resume_state(engine, run_dir, rank, config.run.resume)
     first_epoch = state["epoch"]

@@ -1,0 +1,411 @@
+"""Padding-free packing and the fused LM-head log-probs against today's padded computation (CPU, fp32)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from tgdpo_ray.batches import collate_pairs
+from tgdpo_ray.losses import IGNORE_INDEX, token_logps
+from tgdpo_ray.packing import (
+    check_plain_lm_head,
+    lm_head_token_logps,
+    model_attention_mask,
+    pack_pairs,
+    pack_rows,
+    packed_token_logps,
+    pair_span,
+)
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=request.param)
+    # A wider init than the default 0.02: the model's outputs then depend strongly on what each token attends to,
+    # so a leak across documents shows up far above the tolerances below.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def make_pairs(seed: int, count: int, vocab: int) -> list[dict]:
+    """Ragged pairs: prompts of 3..40 tokens, answers of 1..30, every fourth pair with a one-token answer."""
+    rng = random.Random(seed)
+
+    def ids(length):
+        return [rng.randrange(3, vocab) for _ in range(length)]
+
+    pairs = []
+    for i in range(count):
+        chosen, rejected = rng.randint(1, 30), rng.randint(1, 30)
+        if i % 4 == 0:
+            chosen = 1
+        if i % 4 == 1:
+            rejected = 1
+        pairs.append({"pair_id": i, "prompt_ids": ids(rng.randint(3, 40)), "chosen_ids": ids(chosen),
+                      "rejected_ids": ids(rejected)})
+    return pairs
+
+
+def padded_logps(model, rows):
+    """Today's path: full logits of the right-padded [2n, L] grid, then token_logps on the shifted labels."""
+    batch = collate_pairs(rows, model.config.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logps(logits, batch["labels"]), batch["labels"] != IGNORE_INDEX
+
+
+def dpo_margin(logps, mask):
+    n = logps.shape[0] // 2
+    return torch.where(mask, logps, 0.0)[:n].sum() - torch.where(mask, logps, 0.0)[n:].sum()
+
+
+# ---------------------------------------------------------------------------
+# Packing layout.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_packing_respects_the_budget_and_places_every_pair_once(shared_prompt):
+    pairs = make_pairs(1, 40, 500)
+    # One pair far above the budget: it must get a row (and a batch) of its own, whole.
+    pairs[7] = {"pair_id": 7, "prompt_ids": [5] * 150, "chosen_ids": [6] * 60, "rejected_ids": [7] * 50}
+    max_tokens = 200
+    batches = pack_pairs(pairs, max_tokens, shared_prompt=shared_prompt, rows_per_batch=3)
+
+    placed = [row["pair_id"] for batch in batches for row in batch.rows]
+    assert sorted(placed) == list(range(len(pairs)))
+    oversize = [batch for batch in batches if any(row["pair_id"] == 7 for row in batch.rows)]
+    assert len(oversize) == 1 and len(oversize[0].rows) == 1
+    assert oversize[0].input_ids.shape == (1, pair_span(pairs[7], shared_prompt))
+    for batch in batches:
+        assert batch.input_ids.shape[0] <= 3
+        if batch is not oversize[0]:
+            assert batch.input_ids.shape[1] <= max_tokens
+        assert batch.real_tokens == sum(pair_span(row, shared_prompt) for row in batch.rows)
+    # Several pairs share a row, and the packed layout holds fewer tokens than today's padded one.
+    assert max(len(batch.rows) / batch.input_ids.shape[0] for batch in batches) >= 3
+    padded = sum(collate_pairs(batch.rows, 0)["input_ids"].numel() for batch in batches)
+    assert sum(batch.input_ids.numel() for batch in batches) < padded
+
+
+def test_pack_rows_is_first_fit_decreasing():
+    # 9 opens a row, 7 another, 5 a third; 3 fits after 7, 2 after 5.
+    assert pack_rows([5, 3, 7, 2, 9], 10) == [[4], [1, 2], [0, 3]]
+    assert pack_rows([12, 4, 4], 10) == [[0], [1, 2]]  # the oversize span is alone; the others pack
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_answer_tokens_land_on_collate_label_grid(shared_prompt):
+    pairs = make_pairs(2, 12, 500)
+    for batch in pack_pairs(pairs, 150, shared_prompt=shared_prompt, rows_per_batch=2):
+        labels = collate_pairs(batch.rows, 0)["labels"]
+        assert torch.equal(batch.label_grid(), labels)
+
+
+def test_shared_layout_positions_and_mask():
+    pair = {"prompt_ids": [10, 11, 12], "chosen_ids": [20, 21], "rejected_ids": [30, 31, 32]}
+    (batch,) = pack_pairs([pair], 100, shared_prompt=True)
+    assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 31, 32]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]  # rejected continues after the prompt
+    allowed = batch.attention_mask[0, 0]
+    assert allowed[5].tolist() == [True, True, True, False, False, True, False, False]  # first rejected token
+    assert allowed[4].tolist() == [True, True, True, True, True, False, False, False]  # last chosen token
+    # Both first answer tokens are predicted by the last prompt token (column 2).
+    assert batch.source_index.tolist() == [2, 3, 2, 5, 6]
+    assert batch.target_ids.tolist() == [20, 21, 30, 31, 32]
+
+
+def test_mask_forms_and_refusals():
+    (batch,) = pack_pairs(make_pairs(9, 3, 500), 1000, shared_prompt=True)
+    allowed = batch.attention_mask
+    sdpa, eager, flash = (SimpleNamespace(_attn_implementation=name) for name in ("sdpa", "eager", "flash_attention_2"))
+    assert model_attention_mask(allowed, sdpa, torch.bfloat16) is allowed
+    additive = model_attention_mask(allowed, eager, torch.bfloat16)
+    assert additive.dtype == torch.bfloat16
+    assert (additive[allowed] == 0).all() and (additive[~allowed] == torch.finfo(torch.bfloat16).min).all()
+    with pytest.raises(ValueError, match="position_ids"):
+        model_attention_mask(allowed, flash, torch.bfloat16)
+    check_plain_lm_head(SimpleNamespace(final_logit_softcapping=None, logit_scale=1.0))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        check_plain_lm_head(SimpleNamespace(final_logit_softcapping=30.0))
+    moved = batch.to("cpu")
+    assert torch.equal(moved.attention_mask, allowed) and moved.rows is batch.rows
+
+
+def test_position_ids_mode_is_recognised_by_transformers():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    pairs = make_pairs(3, 6, 500)
+    batches = pack_pairs(pairs, 400, mask="position_ids")
+    for batch in batches:
+        assert batch.attention_mask is None and batch.input_ids.shape[0] == 1
+        # transformers finds two documents per pair, each as long as prompt + answer.
+        documents = find_packed_sequence_indices(batch.position_ids)
+        lengths = torch.bincount(documents[0]).tolist()
+        assert sorted(lengths) == sorted(len(row["prompt_ids"]) + len(row[side]) for row in batch.rows
+                                         for side in ("chosen_ids", "rejected_ids"))
+    with pytest.raises(ValueError):
+        pack_pairs(pairs, 400, shared_prompt=True, mask="position_ids")
+
+
+# ---------------------------------------------------------------------------
+# Packed log-probs and gradients equal the padded ones.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_prompt,rows_per_batch", [(False, 1), (False, 3), (True, 1), (True, 3)])
+def test_packed_logps_equal_padded(model, shared_prompt, rows_per_batch):
+    pairs = make_pairs(4, 24, model.config.vocab_size)
+    batches = pack_pairs(pairs, 180, shared_prompt=shared_prompt, rows_per_batch=rows_per_batch,
+                         pad_id=model.config.pad_token_id)
+    assert any(len(batch.rows) >= 3 for batch in batches)  # several pairs per batch
+    with torch.no_grad():
+        for batch in batches:
+            packed, packed_mask = packed_token_logps(model, batch, chunk_size=37)
+            padded, padded_mask = padded_logps(model, batch.rows)
+            assert torch.equal(packed_mask, padded_mask)
+            torch.testing.assert_close(packed, padded, atol=ATOL, rtol=0)
+            assert (packed[packed_mask] < 0).all()
+
+
+def test_position_ids_mode_equals_padded(model):
+    pairs = make_pairs(5, 12, model.config.vocab_size)
+    with torch.no_grad():
+        for batch in pack_pairs(pairs, 250, mask="position_ids"):
+            packed, _ = packed_token_logps(model, batch)
+            padded, _ = padded_logps(model, batch.rows)
+            torch.testing.assert_close(packed, padded, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_packed_gradients_equal_padded(model, shared_prompt):
+    pairs = make_pairs(6, 16, model.config.vocab_size)
+    batches = pack_pairs(pairs, 200, shared_prompt=shared_prompt, rows_per_batch=2, pad_id=model.config.pad_token_id)
+
+    def gradients(logps_of):
+        model.zero_grad(set_to_none=True)
+        for batch in batches:
+            dpo_margin(*logps_of(batch)).backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+    padded = gradients(lambda batch: padded_logps(model, batch.rows))
+    packed = gradients(lambda batch: packed_token_logps(model, batch, chunk_size=50))
+    assert padded.keys() == packed.keys()
+    for name, grad in padded.items():
+        scale = grad.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(packed[name], grad, atol=ATOL * scale, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------
+# Isolation: nothing crosses documents, and rejected never sees chosen.
+# ---------------------------------------------------------------------------
+
+
+def shifted(ids, model):
+    """Other token ids, same length."""
+    vocab = model.config.vocab_size
+    return [(token + 7 - 3) % (vocab - 3) + 3 for token in ids]
+
+
+def leaky(batch):
+    """The same batch with a plain causal mask over each whole row: what a missing document mask would do."""
+    length = batch.input_ids.shape[1]
+    causal = torch.ones((length, length), dtype=torch.bool).tril().expand(batch.input_ids.shape[0], 1, -1, -1)
+    return dataclasses.replace(batch, attention_mask=causal)
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_no_token_attends_across_documents(model, shared_prompt):
+    pairs = make_pairs(7, 6, model.config.vocab_size)
+    (batch,) = pack_pairs(pairs, 10_000, shared_prompt=shared_prompt)  # all pairs in one row
+    assert batch.input_ids.shape[0] == 1 and len(batch.rows) == 6
+    changed = [dict(pair) for pair in pairs]
+    changed[2] = dict(pairs[2], prompt_ids=shifted(pairs[2]["prompt_ids"], model))  # same lengths
+    (other,) = pack_pairs(changed, 10_000, shared_prompt=shared_prompt)
+    n = len(pairs)
+    keep = torch.ones(2 * n, dtype=torch.bool)
+    keep[[2, n + 2]] = False  # pair 2's chosen and rejected rows
+
+    with torch.no_grad():
+        before, mask = packed_token_logps(model, batch)
+        after, _ = packed_token_logps(model, other)
+        assert (before[~keep] - after[~keep]).abs().max() > 1e-3  # the changed pair did change
+        torch.testing.assert_close(after[keep], before[keep], atol=1e-6, rtol=0)
+        # The check has teeth: without the document mask the later pairs would change.
+        leaked = packed_token_logps(model, leaky(other))[0] - packed_token_logps(model, leaky(batch))[0]
+        assert leaked[keep].abs().max() > 1e-3
+
+
+def test_rejected_never_sees_chosen(model):
+    pairs = make_pairs(8, 4, model.config.vocab_size)
+    largest_leak = 0.0
+    for pair in pairs:
+        changed = dict(pair, chosen_ids=shifted(pair["chosen_ids"], model))
+        # One pair per batch: its row is one document, so leaky() is exactly "rejected may see chosen".
+        (batch,) = pack_pairs([pair], 10_000, shared_prompt=True)
+        (other,) = pack_pairs([changed], 10_000, shared_prompt=True)
+        with torch.no_grad():
+            before, _ = packed_token_logps(model, batch)
+            after, _ = packed_token_logps(model, other)
+            assert (before[0] - after[0]).abs().max() > 1e-3  # chosen log-probs changed
+            torch.testing.assert_close(after[1], before[1], atol=1e-6, rtol=0)
+            leaked = packed_token_logps(model, leaky(other))[0] - packed_token_logps(model, leaky(batch))[0]
+            largest_leak = max(largest_leak, leaked[1].abs().max().item())
+    # The check has teeth: were rejected to see chosen, its log-probs would change (one-token rejected answers,
+    # predicted by the prompt alone, cannot show it; the others do).
+    assert largest_leak > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# The fused LM-head log-prob Function.
+# ---------------------------------------------------------------------------
+
+
+def plain_head_logps(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_head_matches_log_softmax_gather(with_bias):
+    torch.manual_seed(0)
+    tokens, hidden_size, vocab = 300, 32, 1000
+    hidden = torch.randn(tokens, hidden_size, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size, dtype=torch.float64) * 0.5).requires_grad_()
+    bias = torch.randn(vocab, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, vocab, (tokens,))
+    upstream = torch.randn(tokens, dtype=torch.float64)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+
+    fused = lm_head_token_logps(hidden, weight, bias, targets, chunk_size=64)  # 300 = 4 x 64 + a ragged chunk
+    plain = plain_head_logps(hidden, weight, bias, targets)
+    # The fused path computes in fp32 (like token_logps); the plain one here in fp32 too, from fp64 inputs.
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    fused_grads = torch.autograd.grad(fused, inputs, upstream)
+    plain_grads = torch.autograd.grad(plain, inputs, upstream)
+    for got, want in zip(fused_grads, plain_grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that aten ops create while the mode is on, freed ones excluded.
+
+    Every op's outputs are recorded by storage with a weak reference, and the live total is taken after each op,
+    so this sees what the CPU allocator holds for the computation (forward, saved tensors, backward) without relying
+    on RSS, which the allocator's caching and glibc make unreliable. Tensors that existed before are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {ptr: entry for ptr, entry in self.live.items() if not entry[0].expired()}
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+def peak_bytes(logps_fn, tokens, hidden_size=64, vocab=16384):
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    with PeakLiveBytes() as tracker:
+        logps = logps_fn(hidden, weight, targets)
+        logps.sum().backward()
+        del logps
+    assert hidden.grad is not None and weight.grad is not None
+    return tracker.peak
+
+
+def test_fused_head_memory_does_not_grow_with_tokens_times_vocab():
+    vocab, chunk = 16384, 128
+    logits_bytes = 2048 * vocab * 4  # one fp32 [2048 x vocab] tensor: 128 MiB
+
+    def fused(hidden, weight, targets):
+        return lm_head_token_logps(hidden, weight, None, targets, chunk_size=chunk)
+
+    def plain(hidden, weight, targets):
+        return plain_head_logps(hidden, weight, None, targets)
+
+    plain_peak = peak_bytes(plain, 2048, vocab=vocab)
+    fused_small, fused_large = peak_bytes(fused, 512, vocab=vocab), peak_bytes(fused, 2048, vocab=vocab)
+    assert plain_peak >= logits_bytes  # the tracker does see the full logits of the plain computation
+    # The fused peak is a few [chunk x vocab] buffers plus the fp32 weight gradient, whatever the token count:
+    assert fused_large <= 4 * chunk * vocab * 4 + 2 * vocab * 64 * 4
+    assert fused_large < plain_peak / 10
+    # and 4x the tokens adds only O(tokens x hidden), far less than one more [1536 x vocab] tensor.
+    assert fused_large - fused_small < 0.02 * 1536 * vocab * 4
+
+
+# ---------------------------------------------------------------- the trainer's and scorers' entry points
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-3 goes through the unfused head (module call)
+def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(model, tiny_model, zero_stage):
+    """micro_batch_loss, TGDPO with reference and guidance log-probs from the data, padded vs packed vs shared."""
+    import numpy as np
+
+    from tgdpo_ray.config import build_config
+    from tgdpo_ray.training import micro_batch_loss
+
+    rng = np.random.default_rng(0)
+    rows = make_pairs(seed=5, count=6, vocab=model.config.vocab_size)
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            length = len(row[f"{side}_ids"])
+            row[f"ref_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
+            row[f"guidance_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
+    results = {}
+    for packing in ("padded", "packed", "shared_prompt"):
+        config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model, "zero_stage": zero_stage},
+                               "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
+                               "training": {"packing": packing, "packed_row_tokens": 64}}, check_paths=False)
+        model.zero_grad()
+        out, tokens = micro_batch_loss(model, rows, config, pad_id=0, device=torch.device("cpu"))
+        out.losses.sum().backward()
+        results[packing] = (out.losses.detach().clone(), tokens,
+                            [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    losses, padded_tokens, grads = results["padded"]
+    for packing in ("packed", "shared_prompt"):
+        other_losses, tokens, other_grads = results[packing]
+        torch.testing.assert_close(other_losses, losses, atol=ATOL, rtol=1e-4)
+        for a, b in zip(other_grads, grads):
+            torch.testing.assert_close(a, b, atol=ATOL * max(1.0, b.abs().max().item()), rtol=1e-4)
+        assert tokens == padded_tokens == sum(pair_span(row, False) for row in rows)  # the same measure
+
+
+def test_the_scorer_gives_the_same_values_in_every_layout(model):
+    from tgdpo_ray.scoring import answer_values
+
+    rows = make_pairs(seed=9, count=5, vocab=model.config.vocab_size)
+    padded = answer_values(model, rows, 0, torch.device("cpu"), 64, token_rewards=False)
+    for packing in ("packed", "shared_prompt"):
+        values = answer_values(model, rows, 0, torch.device("cpu"), 64, token_rewards=False, packing=packing,
+                               packed_row_tokens=48)
+        for side in (0, 1):
+            for a, b in zip(values[side], padded[side]):
+                assert a.shape == b.shape
+                assert abs(a - b).max() < ATOL
