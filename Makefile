@@ -31,7 +31,7 @@ test: setup
 bench: setup
 	$(PY) bench/scaling.py
 	$(PY) bench/packing.py
-	@echo "bench: the comparisons against TRL and the in-process three-model TGDPO are not written yet (issue 6)"
+	$(PY) bench/trl_compare.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,7 +1,11 @@
-"""Padded vs packed vs shared-prompt trainer steps, and log-prob peak memory at a 128k vocabulary (CPU, fp32).
+"""Trainer steps in every layout, TGDPO against DPO and against the authors' in-process way, and log-prob peak
+memory at a 128k vocabulary (CPU, fp32).
 
-Measured side by side in one run on the same model and pairs, through the trainers' own micro_batch_loss (DPO with
-reference log-probs from the data). Prints a table and merges its numbers into bench/results/latest.json.
+Measured side by side in one run on the same models and pairs, through the trainers' own micro_batch_loss:
+- DPO with cached reference log-probs, padded vs packed vs shared_prompt;
+- TGDPO with cached reference and guidance log-probs (what our trainers run: the scorer pools computed them);
+- TGDPO the authors' way: policy, reference and guidance models all in the step of one process, padded.
+Prints a table and merges its numbers into bench/results/latest.json.
 
     python bench/packing.py [--pairs 48] [--max-tokens 4096] [--row-tokens 1024]
 """
@@ -36,43 +40,72 @@ def make_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
         pairs.append({"pair_id": i, "prompt_ids": rng.integers(3, vocab, p).tolist(),
                       "chosen_ids": rng.integers(3, vocab, c).tolist(),
                       "rejected_ids": rng.integers(3, vocab, r).tolist(),
-                      "ref_chosen_logps": rng.normal(-9.0, 1.0, c).astype(np.float32),
-                      "ref_rejected_logps": rng.normal(-9.0, 1.0, r).astype(np.float32)})
+                      **{f"{model}_{side}_logps": rng.normal(-9.0, 1.0, n).astype(np.float32)
+                         for model in ("ref", "guidance") for side, n in (("chosen", c), ("rejected", r))}})
     return pairs
 
 
-def make_model(vocab: int):
+def make_model(vocab: int, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=8, head_dim=64, max_position_embeddings=4096,
                          tie_word_embeddings=True, pad_token_id=0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
-def time_layouts(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) -> dict:
+# name: (loss, layout, reference and guidance computed inside the step)
+VARIANTS = {
+    "padded": ("dpo", "padded", False),
+    "packed": ("dpo", "packed", False),
+    "shared_prompt": ("dpo", "shared_prompt", False),
+    "tgdpo_shared_prompt": ("tgdpo", "shared_prompt", False),
+    "tgdpo_in_process": ("tgdpo", "padded", True),
+}
+
+
+def with_frozen_logps(rows: list[dict], reference, guidance) -> list[dict]:
+    """The authors' step: the reference and guidance forwards run inside it, on the same padded rows."""
+    from tgdpo_ray.scoring import answer_values
+
+    rows = [dict(row) for row in rows]
+    for name, model in (("ref", reference), ("guidance", guidance)):
+        chosen, rejected = answer_values(model, rows, 0, torch.device("cpu"), 1024, token_rewards=False)
+        for row, c, r in zip(rows, chosen, rejected):
+            row[f"{name}_chosen_logps"], row[f"{name}_rejected_logps"] = c, r
+    return rows
+
+
+def time_steps(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) -> dict:
     from tgdpo_ray.batches import micro_batch_tokens, pack_by_token_budget
     from tgdpo_ray.config import build_config
     from tgdpo_ray.training import micro_batch_loss
 
-    model = make_model(vocab)
-    results = {"params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
-    for packing in ("padded", "packed", "shared_prompt"):
-        config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": "bench"}, "loss": {"type": "dpo"},
+    policy, reference, guidance = make_model(vocab, 0), make_model(vocab, 1).eval(), make_model(vocab, 2).eval()
+    results = {"params_millions": round(sum(p.numel() for p in policy.parameters()) / 1e6, 1)}
+
+    def step(rows, config, in_process):
+        rows = with_frozen_logps(rows, reference, guidance) if in_process else rows
+        micro_batch_loss(policy, rows, config, 0, torch.device("cpu"))[0].losses.sum().backward()
+
+    for name, (loss, packing, in_process) in VARIANTS.items():
+        config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": "bench"},
+                               "guidance": {"model": "bench"}, "loss": {"type": loss},
                                "training": {"packing": packing, "packed_row_tokens": row_tokens}},
                               check_paths=False)
         batches = list(pack_by_token_budget(pairs, max_tokens, packing=packing))
-        micro_batch_loss(model, batches[0], config, 0, torch.device("cpu"))[0].losses.sum().backward()  # warm up
-        model.zero_grad(set_to_none=True)
+        step(batches[0], config, in_process)  # warm up
+        policy.zero_grad(set_to_none=True)
         started = time.perf_counter()
         for rows in batches:
-            micro_batch_loss(model, rows, config, 0, torch.device("cpu"))[0].losses.sum().backward()
+            step(rows, config, in_process)
         seconds = time.perf_counter() - started
         computed = sum(micro_batch_tokens(rows, packing) for rows in batches)
-        results[packing] = {"seconds": round(seconds, 2), "micro_batches": len(batches),
-                            "tokens_computed": computed, "pairs_per_second": round(len(pairs) / seconds, 2)}
-        print(f"  {packing:<14} {seconds:7.1f} s  {len(batches):3d} micro-batches  {computed:7d} tokens computed",
+        results[name] = {"loss": loss, "packing": packing, "frozen_models_in_step": in_process,
+                         "seconds": round(seconds, 2), "micro_batches": len(batches),
+                         "policy_tokens_computed": computed, "pairs_per_second": round(len(pairs) / seconds, 2)}
+        print(f"  {name:<20} {seconds:7.1f} s  {len(batches):3d} micro-batches  {computed:7d} policy tokens",
               flush=True)
     return results
 
@@ -114,8 +147,8 @@ def main() -> None:
     pairs = make_pairs(args.pairs, args.vocab)
     print(f"trainer micro-batches: {args.pairs} pairs, prompts 16-512 / answers 8-768 tokens (long-tailed), "
           f"budget {args.max_tokens} tokens, packed rows of {args.row_tokens}", flush=True)
-    layouts = time_layouts(pairs, args.max_tokens, args.row_tokens, args.vocab)
-    padded = layouts["padded"]["seconds"]
+    steps = time_steps(pairs, args.max_tokens, args.row_tokens, args.vocab)
+    seconds = {name: steps[name]["seconds"] for name in VARIANTS}
     print("log-prob peak memory, 4096 tokens x 128k vocabulary, hidden 512 (fresh process each):", flush=True)
     memory = {"plain": logp_peak_memory("plain", 4096, 128_256, 512),
               "fused": logp_peak_memory("fused", 4096, 128_256, 512, chunk=1024),
@@ -123,13 +156,16 @@ def main() -> None:
     print("  " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in memory.items()), flush=True)
 
     numbers = {
-        "packing_speedup": round(padded / layouts["packed"]["seconds"], 2),
-        "shared_prompt_speedup": round(padded / layouts["shared_prompt"]["seconds"], 2),
+        "packing_speedup": round(seconds["padded"] / seconds["packed"], 2),
+        "shared_prompt_speedup": round(seconds["padded"] / seconds["shared_prompt"], 2),
+        # TGDPO step time over DPO step time, both from cached log-probs: the target is at most 1.05.
+        "tgdpo_step_vs_dpo_cached": round(seconds["tgdpo_shared_prompt"] / seconds["shared_prompt"], 3),
+        "tgdpo_vs_inprocess_speedup": round(seconds["tgdpo_in_process"] / seconds["tgdpo_shared_prompt"], 2),
         "logp_peak_memory_reduction": round(memory["plain"] / memory["fused"], 2),  # the default chunk, 1024
-        "packing": {"model": {"params_millions": layouts.pop("params_millions"), "hidden": 512, "layers": 4,
-                              "vocab": args.vocab, "precision": "fp32"},
-                    "data": {"pairs": args.pairs, "prompt_tokens": [16, 512], "answer_tokens": [8, 768]},
-                    "max_tokens_per_batch": args.max_tokens, "packed_row_tokens": args.row_tokens, **layouts},
+        "steps": {"model": {"params_millions": steps.pop("params_millions"), "hidden": 512, "layers": 4,
+                            "vocab": args.vocab, "precision": "fp32"},
+                  "data": {"pairs": args.pairs, "prompt_tokens": [16, 512], "answer_tokens": [8, 768]},
+                  "max_tokens_per_batch": args.max_tokens, "packed_row_tokens": args.row_tokens, **steps},
         "logp_memory": {"tokens": 4096, "vocab": 128_256, "hidden": 512, "lm_head_weight_grad_included": True,
                         **{f"{name}_mib": round(mib) for name, mib in memory.items()},
                         "reduction_chunk_256": round(memory["plain"] / memory["fused_chunk_256"], 2)},
@@ -140,7 +176,8 @@ def main() -> None:
     merged.update(numbers)
     RESULTS.write_text(json.dumps(merged, indent=2))
     print(f"\n{'measure':<40} {'ratio':>7}")
-    for key in ("packing_speedup", "shared_prompt_speedup", "logp_peak_memory_reduction"):
+    for key in ("packing_speedup", "shared_prompt_speedup", "tgdpo_step_vs_dpo_cached", "tgdpo_vs_inprocess_speedup",
+                "logp_peak_memory_reduction"):
         print(f"{key:<40} {numbers[key]:>7}")
     print(f"written to {RESULTS}")
 
