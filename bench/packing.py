@@ -110,7 +110,7 @@ def time_steps(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) 
     return results
 
 
-def logp_peak_memory(mode: str, tokens: int, vocab: int, hidden: int, chunk: int = 1024) -> float:
+def logp_peak_memory(mode: str, tokens: int, vocab: int, hidden: int, chunk: int = 512) -> float:
     """Peak resident memory (MiB) added by one forward and backward of the answer-token log-probs (the LM-head
     weight's gradient included), in a fresh process. The peak is read from /proc (VmHWM, which starts anew at
     exec; getrusage's maxrss would carry this process's peak into the child)."""
@@ -151,7 +151,8 @@ def main() -> None:
     seconds = {name: steps[name]["seconds"] for name in VARIANTS}
     print("log-prob peak memory, 4096 tokens x 128k vocabulary, hidden 512 (fresh process each):", flush=True)
     memory = {"plain": logp_peak_memory("plain", 4096, 128_256, 512),
-              "fused": logp_peak_memory("fused", 4096, 128_256, 512, chunk=1024),
+              "fused": logp_peak_memory("fused", 4096, 128_256, 512, chunk=512),
+              "fused_chunk_1024": logp_peak_memory("fused", 4096, 128_256, 512, chunk=1024),
               "fused_chunk_256": logp_peak_memory("fused", 4096, 128_256, 512, chunk=256)}
     print("  " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in memory.items()), flush=True)
 
@@ -161,7 +162,7 @@ def main() -> None:
         # TGDPO step time over DPO step time, both from cached log-probs: the target is at most 1.05.
         "tgdpo_step_vs_dpo_cached": round(seconds["tgdpo_shared_prompt"] / seconds["shared_prompt"], 3),
         "tgdpo_vs_inprocess_speedup": round(seconds["tgdpo_in_process"] / seconds["tgdpo_shared_prompt"], 2),
-        "logp_peak_memory_reduction": round(memory["plain"] / memory["fused"], 2),  # the default chunk, 1024
+        "logp_peak_memory_reduction": round(memory["plain"] / memory["fused"], 2),  # the default chunk, 512
         "steps": {"model": {"params_millions": steps.pop("params_millions"), "hidden": 512, "layers": 4,
                             "vocab": args.vocab, "precision": "fp32"},
                   "data": {"pairs": args.pairs, "prompt_tokens": [16, 512], "answer_tokens": [8, 768]},

@@ -92,7 +92,7 @@ class TrainingSection(Section):
     max_pairs_per_batch: Optional[int] = Field(default=None, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     max_grad_norm: float = Field(default=1.0, ge=0)  # 0 turns clipping off
-    logp_chunk_size: int = Field(default=1024, gt=0)  # tokens per chunk of the log-softmax
+    logp_chunk_size: int = Field(default=512, gt=0)  # tokens per chunk of the log-softmax (its memory: chunk x vocab)
     # How a micro-batch of pairs becomes model inputs, for the trainers and the scorers alike:
     # padded: prompt+chosen and prompt+rejected rows padded to the longest; packed: the same documents back to
     # back in rows of about packed_row_tokens, each attending only to itself (no padding); shared_prompt: one
