@@ -186,7 +186,7 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
         batch, finished = todo[start:start + JUDGE_BATCH], []
         for task in batch:
             if task["answer_errors"]:
-                finished.append(judgment_record(task, "", {"score": None, "winner": None}, 0,
+                finished.append(judgment_record(task, "", {}, 0,
                                                 "answer missing: " + "; ".join(task["answer_errors"]), []))
         asking = [task for task in batch if not task["answer_errors"]]
         earlier: dict[str, list[str]] = {task["digest"]: [] for task in asking}
@@ -201,7 +201,6 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
                     earlier[task["digest"]].append(text)
                     again.append(task)
                     continue
-                fields = fields or {"score": None, "winner": None}
                 finished.append(judgment_record(task, text, fields, attempt, why, earlier[task["digest"]]))
             asking = again
             if not asking:

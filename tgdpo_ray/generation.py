@@ -76,9 +76,11 @@ def actor_options(engine: EngineSection) -> dict:
 
 def engine_group(name: str, engine: EngineSection, count: int = 1) -> dict[str, tuple[int, dict, dict]]:
     """The engines as a process group for run.check_groups_fit."""
+    from tgdpo_ray.run import held_resources
+
     options = actor_options(engine)
-    each = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options["resources"]}
-    return {name: (count, {key: amount for key, amount in each.items() if amount > 0}, dict(engine.node_labels))}
+    each = held_resources(options["num_cpus"], options["num_gpus"], options["resources"])
+    return {name: (count, each, dict(engine.node_labels))}
 
 
 def start_engine(model: str, engine: EngineSection, seed: int, trust_remote_code: bool = False):

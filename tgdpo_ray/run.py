@@ -62,9 +62,14 @@ def process_groups(config: JobConfig, with_policy: bool = True) -> dict[str, tup
             sections[name] = (section, low, section.cpus_per_replica, section.gpus_per_replica)
     groups = {}
     for name, (section, count, cpus, gpus) in sections.items():
-        each = {"CPU": cpus, "GPU": gpus, **section.resources}
-        groups[name] = (count, {key: amount for key, amount in each.items() if amount > 0}, section.node_labels)
+        groups[name] = (count, held_resources(cpus, gpus, section.resources), section.node_labels)
     return groups
+
+
+def held_resources(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+    """What one process of a group holds, the resources it does not use left out."""
+    each = {"CPU": cpus, "GPU": gpus, **custom}
+    return {key: amount for key, amount in each.items() if amount > 0}
 
 
 def check_fits_cluster(config: JobConfig, with_policy: bool = True) -> None:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from tgdpo_ray.batches import collate_pairs, grid_to_values, pack_by_token_budget
-from tgdpo_ray.packing import micro_batch_token_logps
 from tgdpo_ray.config import JobConfig, ScorerSection
 from tgdpo_ray.losses import token_logps
 from tgdpo_ray.models import load_causal_lm, load_token_reward_model
+from tgdpo_ray.packing import micro_batch_token_logps
 
 
 # Scorer output columns are named as the loss functions name their inputs.

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from tgdpo_ray.batches import collate_pairs, pack_by_token_budget, packed_tokens, values_to_grid
-from tgdpo_ray.packing import micro_batch_token_logps
 from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.losses import (IGNORE_INDEX, TOKEN_SUM_KEYS, WEIGHT_BINS, compute_loss, finalize_metrics,
                               metric_sums, token_logps)
 from tgdpo_ray.models import load_causal_lm, load_tokenizer, resolve_dtype
+from tgdpo_ray.packing import micro_batch_token_logps
 from tgdpo_ray.scoring import COLUMN_PREFIX, pick_device, record_placement
 from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
 
