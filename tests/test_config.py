@@ -1,6 +1,7 @@
 """Job configs: every kind of bad config fails before Ray starts, with a message that names the key."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -99,11 +100,13 @@ def test_replicas_range(raw):
 
 
 def test_overrides(raw):
+    before = json.dumps(raw, sort_keys=True)
     config = build_config(raw, overrides=["training.learning_rate=1e-6", "loss.type=dpo", "run.name=x"])
     assert config.training.learning_rate == 1e-6 and config.loss.type == "dpo" and config.run.name == "x"
+    assert json.dumps(raw, sort_keys=True) == before  # loading never changes the caller's dict
     assert "training.lr: unknown key" in error_of(raw, ["training.lr=1"])
     assert "expected key=value" in error_of(raw, ["training.epochs"])
-    assert "is a value, not a section" in error_of(raw, ["loss.type.x=1"])
+    assert "is a value, not a section" in error_of(raw, ["loss.type=dpo", "loss.type.x=1"])
 
 
 def test_config_file_errors(tmp_path):
@@ -174,6 +177,12 @@ def test_an_eval_job_needs_no_data_or_policy_and_absolutizes_its_paths(eval_raw,
     (["eval.questions.path=missing.jsonl"], "eval.questions.path: path does not exist"),
     (["eval.judge.promts=x.jsonl"], "eval.judge.promts: unknown key"),
     (["eval.models.5.path=x"], "'5' is not an index of a list of 2"),
+    (["eval.generation.on_gpus=false", "eval.generation.gpu_memory_utilization=0.05"],
+     "gpu_memory_utilization applies to GPU engines only; with on_gpus: false set kv_cache_memory_bytes"),
+    (["eval.judge.kv_cache_memory_bytes=lots"], "expected a size such as 268435456, 256MiB or 1GiB, got 'lots'"),
+    (["eval.judge.backend=rule"], "judge.backend rule needs judge.function as module:function"),
+    (["eval.judge.model=null"], "judge.backend vllm needs judge.model"),
+    (["eval.judge.prompts=./no-prompts.jsonl"], "eval.judge.prompts: path does not exist"),
 ])
 def test_bad_eval_sections_fail_naming_the_key(eval_raw, overrides, message):
     assert message in error_of(eval_raw, overrides)
@@ -197,3 +206,21 @@ def test_the_pipeline_evaluates_after_training_and_its_stages_do_not(raw):
     stage = stage_config(config, "dpo")
     assert stage.kind == "train" and stage.eval is None
     assert "kind train does not evaluate" in error_of({**raw, "kind": "train", "guidance": {"model": "x"}})
+
+
+def test_engine_memory_is_a_size_on_cpu_and_a_share_of_the_gpu_otherwise(eval_raw):
+    config = build_config(eval_raw, overrides=["eval.generation.on_gpus=false",
+                                                "eval.judge.kv_cache_memory_bytes=1.5GiB"])
+    # CPU engines always get a size: 256 MiB unless set, whatever the machine's memory.
+    assert config.eval.generation.kv_cache_bytes == 256 * 2**20
+    assert config.eval.judge.kv_cache_bytes == int(1.5 * 2**30)
+    gpu = build_config(eval_raw).eval.generation
+    assert gpu.kv_cache_bytes is None and gpu.gpu_memory_utilization == 0.9  # vLLM sizes it on GPUs
+
+
+def test_named_question_and_prompt_sets_are_not_paths(eval_raw):
+    config = build_config(eval_raw, overrides=["eval.questions.path=mt_bench", "eval.judge.prompts=fastchat"])
+    assert (config.eval.questions.path, config.eval.judge.prompts) == ("mt_bench", "fastchat")
+    rule = build_config(eval_raw, overrides=["eval.judge.backend=rule", "eval.judge.model=null",
+                                             "eval.judge.function=tgdpo_ray.demo_data:rule_score"])
+    assert rule.eval.judge.identity == "rule:tgdpo_ray.demo_data:rule_score"

@@ -91,7 +91,7 @@ def test_malformed_jsonl_line_names_the_line(tokenizer, tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(PLAIN) + "\n{not json\n")
     data = section(path)
-    with pytest.raises(DataError, match=r"broken.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl: line 2: invalid_json: .*\(column 2\)"):
         prepare_pairs(data.train, data, tokenizer)
 
 
@@ -105,12 +105,107 @@ BAD_ROWS = {
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
-def test_each_bad_row_stops_the_run_with_its_index(tokenizer, tmp_path, reason):
-    path = write_jsonl(tmp_path / "bad.jsonl", [PLAIN, PLAIN, BAD_ROWS[reason]])
+def test_each_bad_row_stops_the_run_with_its_line(tokenizer, tmp_path, reason):
+    # A blank line counts: the number is the file's physical line, as an editor shows it.
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{json.dumps(PLAIN)}\n\n{json.dumps(PLAIN)}\n{json.dumps(BAD_ROWS[reason])}\n")
     data = section(path, long_prompts="bad_row", max_length=128, max_prompt_length=64)
     with pytest.raises(DataError) as info:
         prepare_pairs(data.train, data, tokenizer)
-    assert f"row 2: {reason}" in str(info.value) and "bad.jsonl" in str(info.value)
+    assert str(info.value).startswith(f"{path}: line 4: {reason}: ")
+
+
+def write_records(path, rows):
+    """rows as a .json list or a .parquet file, which have records but no lines."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["bad.json", "bad.parquet"])
+def test_files_without_lines_name_the_row_counting_from_one(tokenizer, tmp_path, name):
+    path = write_records(tmp_path / name, [PLAIN, PLAIN, BAD_ROWS["identical_responses"]])
+    data = section(path)
+    with pytest.raises(DataError) as info:
+        prepare_pairs(data.train, data, tokenizer)
+    assert str(info.value).startswith(f"{path}: row 3: identical_responses: ")
+    skipped = section(path, bad_rows="skip")
+    report = prepare_pairs(skipped.train, skipped, tokenizer).report()
+    assert report["skipped_examples"] == [{"row": 3, "reason": "identical_responses",
+                                           "detail": "chosen and rejected are identical"}]
+
+
+def test_a_json_list_item_that_is_not_an_object_is_a_bad_row(tokenizer, tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([PLAIN, "just text", PLAIN]))
+    data = section(path)
+    with pytest.raises(DataError, match=r"list.json: row 2: not_an_object: "):
+        prepare_pairs(data.train, data, tokenizer)
+    skipped = section(path, bad_rows="skip")
+    assert prepare_pairs(skipped.train, skipped, tokenizer).report()["skipped_by_reason"] == {"not_an_object": 1}
+
+
+def test_invalid_json_in_a_json_file_names_its_line(tokenizer, tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[\n" + json.dumps(PLAIN) + ",\n{oops}\n]")
+    data = section(path, bad_rows="skip")  # one document: nothing to skip, the file cannot be read
+    with pytest.raises(DataError, match=r"list.json: line 3: not valid JSON \(.*, column 2\)"):
+        prepare_pairs(data.train, data, tokenizer)
+
+
+def test_byte_order_mark_is_read_as_utf8_sig(tokenizer, tmp_path):
+    expected = expected_ids(tokenizer, tmp_path)
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + (json.dumps(PLAIN) + "\n").encode())
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([PLAIN]).encode())
+    for name in ("bom.jsonl", "bom.json"):
+        data = section(tmp_path / name)
+        assert prepare_pairs(data.train, data, tokenizer).rows == expected, name
+
+
+def line_with_bad_byte() -> bytes:
+    return json.dumps({**PLAIN, "chosen": "apple XX"}).encode().replace(b"XX", b"\xff\xfe")
+
+
+def test_invalid_utf8_line_names_the_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(PLAIN).encode() + b"\n" + line_with_bad_byte() + b"\n")
+    data = section(path)
+    with pytest.raises(DataError) as info:
+        prepare_pairs(data.train, data, tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 2: invalid_utf8: byte 0xff at column ") and "not UTF-8" in message
+
+
+def test_invalid_utf8_in_a_json_file_names_its_line(tokenizer, tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b"[\n" + json.dumps(PLAIN).encode() + b",\n" + line_with_bad_byte() + b"\n]")
+    data = section(path, bad_rows="skip")  # one document: it cannot be decoded, so nothing can be skipped
+    with pytest.raises(DataError, match=r"latin1.json: line 3: not valid UTF-8 \(byte 0xff\)"):
+        prepare_pairs(data.train, data, tokenizer)
+
+
+def test_invalid_utf8_string_in_parquet_is_a_bad_row(tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Arrow checks UTF-8 when casting, not when reading a file: build the column from raw buffers, as a writer
+    # that never validated would have.
+    offsets = pa.py_buffer(b"\x00\x00\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00")
+    prompts = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"ok\xff\xfe")])
+    table = pa.table({"prompt": prompts, "chosen": ["apple", "apple"], "rejected": ["stone", "stone"]})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    data = section(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: row 2: invalid_utf8: a string holds byte 0xff"):
+        prepare_pairs(data.train, data, tokenizer)
+    skipped = section(tmp_path / "bad.parquet", bad_rows="skip")
+    prepared = prepare_pairs(skipped.train, skipped, tokenizer)
+    assert len(prepared.rows) == 1 and prepared.report()["skipped_by_reason"] == {"invalid_utf8": 1}
 
 
 def test_bad_rows_skipped_are_counted_per_reason(tokenizer, tmp_path):
@@ -125,6 +220,22 @@ def test_bad_rows_skipped_are_counted_per_reason(tokenizer, tmp_path):
     assert report["rows_kept"] + report["rows_skipped"] == report["rows_read"]  # nothing vanishes
     assert [row["pair_id"] for row in prepared.rows] == [0, len(rows) - 1]
     assert "skipped 6 of 8 rows" in printed[0] and "empty_field=2" in printed[0]
+    assert [example["line"] for example in report["skipped_examples"]] == list(range(2, 8))  # 1-based lines
+
+
+def test_unreadable_lines_are_skipped_and_counted_like_other_bad_rows(tokenizer, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(PLAIN).encode(), b"{not json", line_with_bad_byte(), b"[1, 2]", json.dumps(PLAIN).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    data = section(path, bad_rows="skip")
+    printed = []
+    prepared = prepare_pairs(data.train, data, tokenizer, log=printed.append)
+    report = prepared.report()
+    assert report["rows_read"] == 5 and report["rows_kept"] == 2
+    assert report["skipped_by_reason"] == {"invalid_json": 1, "invalid_utf8": 1, "not_an_object": 1}
+    assert [(e["line"], e["reason"]) for e in report["skipped_examples"]] == [
+        (2, "invalid_json"), (3, "invalid_utf8"), (4, "not_an_object")]
+    assert "skipped 3 of 5 rows" in printed[0]
 
 
 def test_long_prompts_lose_tokens_from_the_left_then_answers_from_the_right(tokenizer, tmp_path):

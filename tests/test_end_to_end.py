@@ -45,7 +45,7 @@ def judge_server(tiny_model, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
          "--served-model-name", "tiny-judge", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-         "--gpu-memory-utilization", "0.05", "--host", "127.0.0.1", "--port", str(port)],
+         "--kv-cache-memory-bytes", str(256 * 2**20), "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT)
     yield {"url": f"http://127.0.0.1:{port}/v1", "process": process, "log": log.name}
     process.terminate()
@@ -249,7 +249,7 @@ def evaluation(runs, tiny_model, judge_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     questions = root / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in EVAL_QUESTIONS))
-    engine = {"on_gpus": False, "max_model_len": 2048, "gpu_memory_utilization": 0.05, "enforce_eager": True}
+    engine = {"on_gpus": False, "max_model_len": 2048, "enforce_eager": True}
     section = {"questions": {"path": str(questions)}, "bootstrap_samples": 200,
                "generation": {**engine, "max_new_tokens": 12, "concurrent_models": 2}}
     judge = {"max_tokens": 16, "parse_retries": 1}

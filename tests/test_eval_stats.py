@@ -1,5 +1,6 @@
-"""Evaluation statistics and report: hand-computed scores and win rates, the question bootstrap against a direct
-numpy computation and against cases with known intervals, and the written report (pure numpy/matplotlib)."""
+"""Evaluation statistics and report: hand-computed scores and win rates, the judge's position bias, win rates on
+similar-length answers, the question bootstrap against a direct numpy computation and against cases with known
+intervals, and the written report (pure numpy/matplotlib)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from tgdpo_ray.eval_report import format_table, write_eval_report
 from tgdpo_ray.eval_stats import (
     bootstrap_ci,
     combine_orders,
+    length_difference,
     length_summary,
     pairwise_summary,
+    pairwise_units,
     ratio,
     single_summary,
 )
@@ -163,13 +166,17 @@ def test_combine_orders_cases():
     def verdicts(ab, ba):
         return pair("q", "c", 1, "ab", ab), pair("q", "c", 1, "ba", ba)
 
-    assert combine_orders(*verdicts("new", "new")) == ("win", False)
-    assert combine_orders(*verdicts("old", "old")) == ("loss", False)
-    assert combine_orders(*verdicts("tie", "tie")) == ("tie", False)
-    assert combine_orders(*verdicts("new", "old")) == ("tie", True)
-    assert combine_orders(*verdicts("new", "tie")) == ("tie", True)
-    assert combine_orders(*verdicts("new", None)) == (None, False)
-    assert combine_orders(pair("q", "c", 1, "ab", "new"), None) == (None, False)
+    assert combine_orders(*verdicts("new", "new")) == ("win", None)
+    assert combine_orders(*verdicts("old", "old")) == ("loss", None)
+    assert combine_orders(*verdicts("tie", "tie")) == ("tie", None)
+    # "ab" shows new (model_a) first, "ba" shows old first: new then old means whichever came first won.
+    assert combine_orders(*verdicts("new", "old")) == ("tie", "first")
+    assert combine_orders(*verdicts("old", "new")) == ("tie", "second")
+    assert combine_orders(*verdicts("new", "tie")) == ("tie", "tie")
+    assert combine_orders(*verdicts("tie", "old")) == ("tie", "tie")
+    assert combine_orders(*verdicts("new", None)) == (None, None)
+    assert combine_orders(*verdicts(None, "old")) == (None, None)  # would be a first-position flip if parsed
+    assert combine_orders(pair("q", "c", 1, "ab", "new"), None) == (None, None)
 
 
 def test_pairwise_counts_rates_and_position_consistency():
@@ -182,6 +189,10 @@ def test_pairwise_counts_rates_and_position_consistency():
     assert c["adjusted_win_rate"] == pytest.approx((3 + 2 / 2) / 6)
     assert c["net"] == pytest.approx((3 - 1) / 6)
     assert c["position_consistency"] == pytest.approx(5 / 6)
+    # The one flip (q2 turn 2: new when shown first, old when shown first) favoured the first position.
+    assert (c["first_shown_won_both"], c["second_shown_won_both"], c["tie_in_one_order"]) == (1, 0, 0)
+    assert (c["first_shown_share"], c["second_shown_share"]) == (1.0, 0.0)
+    assert c["length_controlled"] is None and summary["verdicts"][0]["tokens_a"] is None  # no answers given
 
     writing, math = c["by_category"]["writing"], c["by_category"]["math"]
     assert (writing["wins"], writing["losses"], writing["ties"], writing["unparseable"]) == (2, 1, 2, 1)
@@ -203,6 +214,173 @@ def test_pairwise_with_nothing_decided_gives_none():
     assert (c["units"], c["decided"], c["unparseable"]) == (1, 0, 1)
     assert c["position_consistency"] is None
     assert (c["win_rate"], c["net"], c["net_ci"], c["adjusted_win_rate_ci"]) == (None, None, None, None)
+
+
+# --- position bias ----------------------------------------------------------------------------------------------
+
+# new vs old: 8 units. 5 decided, of which 4 flipped: 2 to the answer shown first, 1 to the one shown second,
+# 1 with a tie in one order. 3 units have an unparseable or missing verdict and are left out of every count
+# but `unparseable` (two of them would be flips if they counted).
+POSITION = [
+    pair("q1", "writing", 1, "ab", "new"), pair("q1", "writing", 1, "ba", "new"),    # consistent: new wins
+    pair("q1", "writing", 2, "ab", "new"), pair("q1", "writing", 2, "ba", "old"),    # first shown won both
+    pair("q2", "writing", 1, "ab", "new"), pair("q2", "writing", 1, "ba", "old"),    # first shown won both
+    pair("q2", "writing", 2, "ab", "old"), pair("q2", "writing", 2, "ba", "new"),    # second shown won both
+    pair("q3", "math", 1, "ab", "tie"), pair("q3", "math", 1, "ba", "old"),          # a tie in one order
+    pair("q3", "math", 2, "ab", "new"), pair("q3", "math", 2, "ba", None),           # unparseable
+    pair("q4", "math", 1, "ab", None), pair("q4", "math", 1, "ba", "old"),           # unparseable
+    pair("q4", "math", 2, "ab", "new"),                                              # "ba" missing
+    # new vs base: one consistent unit, one flip to the first-shown answer.
+    pair("q1", "writing", 1, "ab", "new", model_b="base"), pair("q1", "writing", 1, "ba", "new", model_b="base"),
+    pair("q2", "writing", 1, "ab", "new", model_b="base"), pair("q2", "writing", 1, "ba", "base", model_b="base"),
+]
+
+
+def test_position_bias_counts_flips_and_excludes_unparseable():
+    summary = pairwise_summary(POSITION, samples=100, seed=0)
+    old, base = summary["comparisons"]
+    assert (old["model_b"], base["model_b"]) == ("old", "base")
+    assert (old["units"], old["decided"], old["unparseable"], old["inconsistent"]) == (8, 5, 3, 4)
+    assert old["position_consistency"] == pytest.approx(1 / 5)  # position-bias rate 4 / 5
+    assert (old["first_shown_won_both"], old["second_shown_won_both"], old["tie_in_one_order"]) == (2, 1, 1)
+    assert old["first_shown_share"] == pytest.approx(2 / 4) and old["second_shown_share"] == pytest.approx(1 / 4)
+    assert (old["wins"], old["losses"], old["ties"]) == (1, 0, 4)  # every flip is a tie
+
+    math = old["by_category"]["math"]
+    assert (math["units"], math["decided"], math["unparseable"], math["inconsistent"]) == (4, 1, 3, 1)
+    assert (math["first_shown_won_both"], math["tie_in_one_order"]) == (0, 1)
+
+    # The judge over both comparisons: 10 units, 7 decided, 5 flipped, 3 of them to the first-shown answer.
+    overall = summary["position_bias"]
+    assert (overall["units"], overall["decided"], overall["unparseable"], overall["inconsistent"]) == (10, 7, 3, 5)
+    assert overall["position_consistency"] == pytest.approx(2 / 7)
+    flips = (overall["first_shown_won_both"], overall["second_shown_won_both"], overall["tie_in_one_order"])
+    assert flips == (3, 1, 1)
+    assert overall["first_shown_share"] == pytest.approx(3 / 5)
+
+    assert overall["second_shown_share"] == pytest.approx(1 / 5)
+    assert_plain_json(summary)
+
+
+def test_no_flip_gives_zero_counts_and_no_shares():
+    (c,) = pairwise_summary([pair("q1", "c", 1, "ab", "new"), pair("q1", "c", 1, "ba", "new")])["comparisons"]
+    assert (c["inconsistent"], c["first_shown_won_both"], c["second_shown_won_both"], c["tie_in_one_order"]) == (
+        0, 0, 0, 0)
+    assert (c["position_consistency"], c["first_shown_share"], c["second_shown_share"]) == (1.0, None, None)
+
+
+# --- length control ---------------------------------------------------------------------------------------------
+
+
+def answer(model, question, tokens, errors=None):
+    return {"model": model, "question_id": question, "category": "writing", "turns": ["x"] * len(tokens),
+            "tokens": tokens, "errors": errors or [None] * len(tokens)}
+
+
+def test_length_difference_and_the_20_percent_boundary():
+    assert length_difference(100, 80) == pytest.approx(0.2)
+    assert length_difference(80, 100) == length_difference(100, 80)
+    assert length_difference(100, 81) == pytest.approx(0.19)
+    assert length_difference(0, 0) == 0.0 and length_difference(0, 5) == 1.0
+    assert length_difference(None, 5) is None and length_difference(5, None) is None
+
+    # Exactly 20% apart is not "less than 20%"; 19% is. An answer error has no length.
+    judgments = [pair(q, "writing", 1, order, "new") for q in ("q1", "q2", "q3", "q4") for order in ("ab", "ba")]
+    answers = [answer("new", "q1", [100]), answer("old", "q1", [80]),     # 0.20: out
+               answer("new", "q2", [81]), answer("old", "q2", [100]),     # 0.19: in
+               answer("new", "q3", [50]), answer("old", "q3", [50]),      # 0.00: in
+               answer("new", "q4", [0], ["no room in max_model_len"]), answer("old", "q4", [60])]  # unknown
+    rows = pairwise_units(judgments, answers)
+    assert [(r["tokens_a"], r["tokens_b"], r["similar_length"]) for r in rows] == [
+        (100, 80, False), (81, 100, True), (50, 50, True), (None, 60, False)]
+    (c,) = pairwise_summary(judgments, samples=50, answers=answers)["comparisons"]
+    assert (c["length_controlled"]["units"], c["length_controlled"]["units_with_lengths"]) == (2, 3)
+    (c,) = pairwise_summary(judgments, samples=50, answers=answers, length_tolerance=0.21)["comparisons"]
+    assert c["length_controlled"]["units"] == 3
+
+
+def test_verdict_rows_put_both_lengths_next_to_both_verdicts():
+    answers = [answer("new", "q1", [120, 300]), answer("old", "q1", [110, 90])]
+    judgments = [pair("q1", "writing", 2, "ab", "new"), pair("q1", "writing", 2, "ba", "old"),
+                 pair("q1", "writing", 1, "ab", "tie"), pair("q1", "writing", 1, "ba", None)]
+    summary = pairwise_summary(judgments, samples=50, answers=answers)
+    assert summary["verdicts"] == [
+        {"model_a": "new", "model_b": "old", "question_id": "q1", "category": "writing", "turn": 2,
+         "winner_ab": "new", "winner_ba": "old", "outcome": "tie", "flip": "first", "tokens_a": 300,
+         "tokens_b": 90, "length_difference": pytest.approx(0.7), "similar_length": False},
+        {"model_a": "new", "model_b": "old", "question_id": "q1", "category": "writing", "turn": 1,
+         "winner_ab": "tie", "winner_ba": None, "outcome": None, "flip": None, "tokens_a": 120,
+         "tokens_b": 110, "length_difference": pytest.approx(10 / 120), "similar_length": True}]
+    assert summary["length_tolerance"] == 0.2
+    assert_plain_json(summary)
+
+
+def both_orders(question, turn, winner, model_a="new", model_b="old"):
+    return [pair(question, "writing", turn, order, winner, model_a, model_b) for order in ("ab", "ba")]
+
+
+def test_length_controlled_win_rate_and_interval_on_hand_cases():
+    # q1, q2: similar lengths, new wins q1 and loses q2. q3: new's answer is twice as long and wins; it is
+    # out of the length-controlled rate. Resampled over q1 and q2 the win rate is 0, 1/2 or 1 (a quarter of the
+    # draws at each end), so the 95% interval is exactly [0, 1], and net's is [-1, 1].
+    judgments = both_orders("q1", 1, "new") + both_orders("q2", 1, "old") + both_orders("q3", 1, "new")
+    answers = [answer("new", "q1", [100]), answer("old", "q1", [95]), answer("new", "q2", [100]),
+               answer("old", "q2", [110]), answer("new", "q3", [400]), answer("old", "q3", [200])]
+    (c,) = pairwise_summary(judgments, samples=2000, seed=0, answers=answers)["comparisons"]
+    assert c["win_rate"] == pytest.approx(2 / 3)  # all units
+    lc = c["length_controlled"]
+    assert (lc["units"], lc["units_with_lengths"], lc["decided"], lc["n_questions"]) == (2, 3, 2, 2)
+    assert (lc["wins"], lc["losses"], lc["ties"]) == (1, 1, 0)
+    assert (lc["win_rate"], lc["win_rate_ci"]) == (0.5, [0.0, 1.0])
+    assert (lc["net"], lc["net_ci"]) == (0.0, [-1.0, 1.0])
+
+    # Every similar-length unit a win: the interval collapses to 1.
+    judgments = both_orders("q1", 1, "new") + both_orders("q2", 1, "new") + both_orders("q3", 1, "old")
+    (c,) = pairwise_summary(judgments, samples=500, answers=answers)["comparisons"]
+    assert (c["length_controlled"]["win_rate"], c["length_controlled"]["win_rate_ci"]) == (1.0, [1.0, 1.0])
+    assert c["win_rate"] == pytest.approx(2 / 3)
+
+
+def test_length_controlled_interval_matches_a_direct_numpy_bootstrap():
+    # Four similar-length questions (two turns each) and one long-answer question that is left out.
+    # Per question (wins, decided) over similar-length units: q1 (2, 2), q2 (0, 2), q3 (1, 2), q4 (1, 1).
+    judgments = (both_orders("q1", 1, "new") + both_orders("q1", 2, "new") + both_orders("q2", 1, "old")
+                 + both_orders("q2", 2, "tie") + both_orders("q3", 1, "new") + both_orders("q3", 2, "old")
+                 + both_orders("q4", 1, "new") + both_orders("q4", 2, "new") + both_orders("q5", 1, "new"))
+    answers = [answer("new", "q1", [100, 100]), answer("old", "q1", [100, 100]),
+               answer("new", "q2", [100, 100]), answer("old", "q2", [90, 100]),
+               answer("new", "q3", [100, 100]), answer("old", "q3", [100, 85]),
+               answer("new", "q4", [100, 100]), answer("old", "q4", [100, 50]),   # q4 turn 2: out
+               answer("new", "q5", [100]), answer("old", "q5", [10])]             # out
+    (c,) = pairwise_summary(judgments, samples=400, seed=5, answers=answers)["comparisons"]
+    lc = c["length_controlled"]
+    assert (lc["units"], lc["units_with_lengths"], lc["wins"], lc["losses"], lc["ties"]) == (7, 9, 4, 2, 1)
+    assert lc["win_rate"] == pytest.approx(4 / 7)
+    assert lc["win_rate_ci"] == pytest.approx(list(direct_bootstrap([2, 0, 1, 1], [2, 2, 2, 1], 400, 5)))
+    # net per question: q1 +2, q2 -1 (a loss and a tie), q3 0, q4 +1
+    assert lc["net_ci"] == pytest.approx(list(direct_bootstrap([2, -1, 0, 1], [2, 2, 2, 1], 400, 5)))
+
+
+def test_single_score_length_correlation():
+    # m's scores against its lengths: x = 10, 20, 30, 40 and y = 1, 3, 2, 4: r = 4 / sqrt(5 * 5) = 0.8.
+    # An unparseable score and an answer error have no pair and are left out.
+    judgments = [single("m", "q1", "writing", 1, 1.0), single("m", "q1", "writing", 2, 3.0),
+                 single("m", "q2", "writing", 1, 2.0), single("m", "q2", "writing", 2, 4.0),
+                 single("m", "q3", "writing", 1, None), single("m", "q3", "writing", 2, 9.0),
+                 single("flat", "q1", "writing", 1, 5.0), single("flat", "q2", "writing", 1, 7.0)]
+    answers = [answer("m", "q1", [10, 20]), answer("m", "q2", [30, 40]), answer("m", "q3", [99, 0], [None, "err"]),
+               answer("flat", "q1", [50]), answer("flat", "q2", [50])]
+    summary = single_summary(judgments, samples=300, seed=2, answers=answers)
+    correlation = summary["models"]["m"]["length_correlation"]
+    assert correlation["r"] == pytest.approx(0.8) and correlation["n"] == 4
+    assert correlation["r"] == pytest.approx(np.corrcoef([10, 20, 30, 40], [1, 3, 2, 4])[0, 1])
+    # Resampling the two questions: some draws hold q1 twice, whose lengths 10 and 20 scored 1 and 3 (r = 1);
+    # q2 alone gives r = 1 too; q1 and q2 give 0.8. The interval is [0.8, 1].
+    assert correlation["ci"] == pytest.approx([0.8, 1.0])
+    # Every answer the same length: r is undefined, not NaN.
+    assert summary["models"]["flat"]["length_correlation"] == {"r": None, "ci": None, "n": 2}
+    assert single_summary(judgments)["models"]["m"]["length_correlation"] is None  # no answers
+    assert_plain_json(summary)
 
 
 # --- lengths ----------------------------------------------------------------------------------------------------
@@ -239,8 +417,8 @@ def is_png(path):
 
 
 def test_single_report(tmp_path):
-    summary = {"mode": "single", "judge": "judge-model", "questions": 3, "models": ["good", "bad"],
-               "scores": single_summary(SINGLE, samples=200), "pairwise": None,
+    summary = {"mode": "single", "judge": "judge-model", "judge_prompts": "fastchat", "questions": 3,
+               "models": ["good", "bad"], "scores": single_summary(SINGLE, samples=200), "pairwise": None,
                "lengths": length_summary(ANSWERS)}
     path = write_eval_report(tmp_path / "eval", summary)
     text = path.read_text()
@@ -249,10 +427,26 @@ def test_single_report(tmp_path):
     assert "**good** scores 4.00 points higher than `bad`" in text
     assert "`good` 1 of 6, `bad` 2 of 6" in text  # unparseable counts, stated plainly
     assert "favour longer answers" in text
+    assert "- judge prompts: `fastchat`" in text
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert "Judge `judge-model`, judge prompts `fastchat`." in verdict
+    assert "score-length r" not in text  # no answers given
     assert is_png(tmp_path / "eval" / "scores_by_category.png")
 
     table = format_table(summary).splitlines()
-    assert len(table) == 3 and table[1].split()[:2] == ["good", "7.00"]
+    assert table[0] == "judge judge-model, judge prompts fastchat"
+    assert len(table) == 4 and table[2].split()[:2] == ["good", "7.00"]
+
+
+def test_single_report_shows_the_score_length_correlation(tmp_path):
+    judgments = [single("m", "q1", "writing", 1, 1.0), single("m", "q1", "writing", 2, 3.0),
+                 single("m", "q2", "writing", 1, 2.0), single("m", "q2", "writing", 2, 4.0)]
+    answers = [answer("m", "q1", [10, 20]), answer("m", "q2", [30, 40])]
+    summary = {"mode": "single", "judge": "j", "judge_prompts": "tgdpo-ray", "questions": 2, "models": ["m"],
+               "scores": single_summary(judgments, samples=100, answers=answers), "pairwise": None,
+               "lengths": length_summary(answers)}
+    text = write_eval_report(tmp_path, summary).read_text()
+    assert "score-length r (95% CI) |" in text and "| +0.80 [+0.80, +1.00], n=4 |" in text
 
 
 def test_pairwise_report(tmp_path):
@@ -260,27 +454,69 @@ def test_pairwise_report(tmp_path):
     judgments = [pair(f"q{i}", "writing", turn, order, "new") for i in range(10) for turn in (1, 2)
                  for order in ("ab", "ba")]
     judgments += [pair("q10", "math", 1, "ab", "old"), pair("q10", "math", 1, "ba", None)]
-    summary = {"mode": "pairwise", "judge": "judge-model", "questions": 11, "models": ["new", "old"],
-               "scores": None, "pairwise": pairwise_summary(judgments, samples=200),
-               "lengths": length_summary(ANSWERS)}
+    summary = {"mode": "pairwise", "judge": "judge-model", "judge_prompts": "/prompts/judge_prompts.jsonl",
+               "questions": 11, "models": ["new", "old"], "scores": None,
+               "pairwise": pairwise_summary(judgments, samples=200), "lengths": length_summary(ANSWERS)}
     text = write_eval_report(tmp_path, summary).read_text()
     assert "so **new** is better" in text
     assert "1 of 21 units are unparseable" in text
     assert "same verdict in both orders for 20 of 20 units (100.0%)" in text
+    assert "position-bias rate 0.0%: 0 unit(s) flipped" in text
     assert "favour longer answers" in text
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert "judge prompts `/prompts/judge_prompts.jsonl`" in verdict
+    assert "## Length-controlled win rate\n\nNot computed" in text  # no answers given
     assert is_png(tmp_path / "win_tie_loss.png")
     assert not (tmp_path / "scores_by_category.png").exists()
 
     table = format_table(summary).splitlines()
-    assert len(table) == 2 and table[1].split()[:6] == ["new", "vs", "old", "20", "0", "0"]
+    assert table[0] == "judge judge-model, judge prompts /prompts/judge_prompts.jsonl"
+    assert len(table) == 3 and table[2].split()[:6] == ["new", "vs", "old", "20", "0", "0"]
+    assert table[2].split()[-1] == "n/a"  # no length-controlled rate
+
+
+def test_pairwise_report_shows_position_bias_and_the_length_controlled_win_rate(tmp_path):
+    # POSITION's new vs old and new vs base, with lengths: q1 and q2 similar, q3 and q4 far apart.
+    answers = [answer("new", "q1", [100, 100]), answer("old", "q1", [90, 100]), answer("base", "q1", [100, 100]),
+               answer("new", "q2", [100, 100]), answer("old", "q2", [100, 85]), answer("base", "q2", [100, 100]),
+               answer("new", "q3", [100, 100]), answer("old", "q3", [10, 10]),
+               answer("new", "q4", [100, 100]), answer("old", "q4", [10, 10])]
+    pairwise = pairwise_summary(POSITION, samples=200, answers=answers)
+    summary = {"mode": "pairwise", "judge": "judge-model", "judge_prompts": "fastchat", "questions": 4,
+               "models": ["new", "old", "base"], "scores": None, "pairwise": pairwise,
+               "lengths": length_summary(answers)}
+    text = write_eval_report(tmp_path, summary).read_text()
+    assert "## Position bias and unparseable verdicts" in text
+    assert ("`new` vs `old`: the judge gave the same verdict in both orders for 1 of 5 units (20.0%); "
+            "position-bias rate 80.0%: 4 unit(s) flipped with the order (counted as ties) (answer shown first won "
+            "both times: 2 (50.0%); shown second won both times: 1 (25.0%); a tie in one order: 1)") in text
+    assert "the judge over all comparisons: the judge gave the same verdict in both orders for 2 of 7 units" in text
+    assert "position-bias rate 71.4%: 5 unit(s) flipped" in text
+    assert "**3 of 8 units are unparseable**" in text
+
+    # new vs old: the 4 units of q1 and q2 are similar in length (1 win, 3 flips: ties) of 8 with lengths.
+    lc = pairwise["comparisons"][0]["length_controlled"]
+    assert (lc["units"], lc["units_with_lengths"], lc["wins"], lc["ties"]) == (4, 8, 1, 3)
+    section = text.split("## Length-controlled win rate")[1].split("\n## ")[0]
+    assert "differ by less than 20.0%: |tokens_a - tokens_b| / max(tokens_a, tokens_b) < 0.2" in section
+    assert "| new vs old | 4 of 8 | 4 | 1 | 0 | 3 | 25.0% [" in section
+    assert "| new vs base | 2 of 2 | 2 | 1 | 0 | 1 | 50.0% [" in section
+    assert ("Length-controlled, on the 4 of 8 units whose answers' lengths differ by less than 20.0% "
+            "(4 decided)") in text
+
+    table = format_table(summary).splitlines()
+    assert table[0] == "judge judge-model, judge prompts fastchat"
+    assert table[2].split()[-1] == "62.5%" and table[3].split()[-1] == "75.0%"  # (W + T/2) / decided
 
 
 def test_reports_with_nothing_scored_do_not_crash(tmp_path):
     nothing = [single("m", "q1", "writing", 1, None)]
     summary = {"mode": "single", "judge": "j", "questions": 1, "models": ["m"], "scores": single_summary(nothing),
                "pairwise": None, "lengths": {}}
-    assert "No model has a parsed score." in write_eval_report(tmp_path / "single", summary).read_text()
-    format_table(summary)
+    text = write_eval_report(tmp_path / "single", summary).read_text()
+    assert "No model has a parsed score." in text
+    assert "judge prompts `not recorded`" in text  # a summary from before judge_prompts existed
+    assert format_table(summary).splitlines()[0] == "judge j, judge prompts not recorded"
 
     undecided = [pair("q1", "c", 1, "ab", None), pair("q1", "c", 1, "ba", None)]
     summary = {"mode": "pairwise", "judge": "j", "questions": 1, "models": ["new", "old"], "scores": None,

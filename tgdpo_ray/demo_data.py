@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Optional
 
 DEMO_WORDS = (
     "apple river stone cloud green quiet north seven paper light glass storm candle silver forest "
@@ -29,8 +30,9 @@ def make_pair(rng: random.Random) -> dict:
     return {"prompt": f"{task}: {' '.join(words)}", "chosen": " ".join(answer), "rejected": " ".join(wrong)}
 
 
-def rule_score(prompt: str, response: str) -> float:
-    """Fraction of answer positions that hold the word the rule asks for (0 for an unparseable prompt)."""
+def rule_score(prompt: str, response: str, reference: Optional[str] = None) -> float:
+    """Fraction of answer positions that hold the word the rule asks for (0 for an unparseable prompt). The
+    signature of a `rule` judge's function (eval.judge.function); the rule itself needs no reference."""
     task, _, text = prompt.partition(": ")
     if task not in TASKS:
         return 0.0
@@ -41,14 +43,16 @@ def rule_score(prompt: str, response: str) -> float:
 
 
 def write_demo_data(out_dir: str, train_pairs: int = 512, test_pairs: int = 64, seed: int = 0) -> dict[str, Path]:
-    """Writes train.jsonl and test.jsonl (held-out pairs) under out_dir."""
+    """Writes train.jsonl, test.jsonl (held-out pairs) and questions.jsonl under out_dir: the held-out prompts as
+    MT-Bench-format questions of category `demo`, their chosen answers as references, for the evaluation."""
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, count in (("train", train_pairs), ("test", test_pairs)):
-        paths[split] = out / f"{split}.jsonl"
-        with open(paths[split], "w") as handle:
-            for _ in range(count):
-                handle.write(json.dumps(make_pair(rng)) + "\n")
+    pairs = {split: [make_pair(rng) for _ in range(count)] for split, count in (("train", train_pairs),
+                                                                               ("test", test_pairs))}
+    questions = [{"question_id": number, "category": "demo", "turns": [pair["prompt"]], "reference": [pair["chosen"]]}
+                 for number, pair in enumerate(pairs["test"], start=1)]
+    paths = {name: out / f"{name}.jsonl" for name in ("train", "test", "questions")}
+    for name, rows in (*pairs.items(), ("questions", questions)):
+        paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
     return paths

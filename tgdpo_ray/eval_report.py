@@ -1,10 +1,15 @@
 """The MT-Bench-style evaluation's report: report.md, PNG charts and a short console table, from the summary the
 evaluation job builds:
 
-    summary = {"mode": "single" | "pairwise", "judge": str, "questions": int, "models": [names],
-               "scores": eval_stats.single_summary(...) or None,
-               "pairwise": eval_stats.pairwise_summary(...) or None,
+    summary = {"mode": "single" | "pairwise", "judge": str, "judge_prompts": str, "questions": int,
+               "models": [names],
+               "scores": eval_stats.single_summary(..., answers=answers) or None,
+               "pairwise": eval_stats.pairwise_summary(..., answers=answers) or None,
                "lengths": eval_stats.length_summary(...)}
+
+`judge_prompts` names the judge prompt set ("tgdpo-ray", "fastchat" or a file path); a summary without it (an
+older report.json) reads "not recorded". Summaries built without answers have no length-controlled numbers, and
+the report says so.
 """
 
 from __future__ import annotations
@@ -46,6 +51,14 @@ def _level(stats: dict) -> str:
     return f"{round(100 * stats.get('level', 0.95))}%"
 
 
+def _prompts(summary: dict) -> str:
+    return summary.get("judge_prompts") or "not recorded"
+
+
+def _judged_by(summary: dict) -> str:
+    return f"Judge `{summary['judge']}`, judge prompts `{_prompts(summary)}`."
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *["| " + " | ".join(row) + " |" for row in rows]]
@@ -75,7 +88,7 @@ def _single_sections(summary: dict) -> list[str]:
     scores, lengths = summary["scores"], summary.get("lengths") or {}
     models, level = scores["models"], _level(scores)
     ranked = sorted((m for m in models if models[m]["mean"] is not None), key=lambda m: -models[m]["mean"])
-    lines = ["## Verdict", ""]
+    lines = ["## Verdict", "", _judged_by(summary), ""]
     if ranked:
         best = models[ranked[0]]
         lines.append(f"Highest mean score: **{ranked[0]}** ({_number(best['mean'])}, {level} CI "
@@ -87,15 +100,21 @@ def _single_sections(summary: dict) -> list[str]:
         lines += [_difference_sentence(d, level) for d in scores["paired_differences"]]
 
     lines += ["", "## Scores", ""]
+    correlated = any(models[m].get("length_correlation") for m in models)
     rows = []
     for model in models:
         block, length = models[model], lengths.get(model, {})
         rows.append([model, _number(block["mean"]), _interval(block["ci"]), str(block["n_scored"]),
                      str(block["n_unparseable"]), _number(length.get("mean_tokens"), 0),
-                     _number(length.get("mean_words"), 0)])
+                     _number(length.get("mean_words"), 0)]
+                    + ([_correlation_cell(block.get("length_correlation"))] if correlated else []))
     lines += _table(["model", "mean score", f"{level} CI", "scored", "unparseable", "mean tokens/turn",
-                     "mean words/turn"], rows)
-    lines += ["", LENGTH_NOTE, ""]
+                     "mean words/turn"] + ([f"score-length r ({level} CI)"] if correlated else []), rows)
+    lines += ["", LENGTH_NOTE]
+    if correlated:
+        lines.append("Score-length r: Pearson's correlation between a model's scores and the generated tokens of "
+                     "the answer turns they grade; a clearly positive r means longer answers scored higher.")
+    lines.append("")
 
     unparseable = {m: models[m]["n_unparseable"] for m in models}
     if any(unparseable.values()):
@@ -115,6 +134,12 @@ def _single_sections(summary: dict) -> list[str]:
     rows = [[category] + [_cell(models[m]["by_category"].get(category)) for m in models] for category in categories]
     lines += _table(["category"] + list(models), rows)
     return lines
+
+
+def _correlation_cell(correlation: dict | None) -> str:
+    if not correlation or correlation["r"] is None:
+        return "n/a"
+    return f"{_number(correlation['r'], sign=True)} {_interval(correlation['ci'], sign=True)}, n={correlation['n']}"
 
 
 def _cell(block: dict | None) -> str:
@@ -153,8 +178,12 @@ def _pairwise_sections(summary: dict) -> list[str]:
     comparisons, level = pairwise["comparisons"], _level(pairwise)
     explanation = ("Each unit is one (question, turn), judged in both answer orders; an order-dependent verdict "
                    "counts as a tie. Net = (wins - losses) / decided units; CIs resample questions.")
-    lines = ["## Verdict", "", explanation, ""]
-    lines += [_comparison_sentence(c, level) for c in comparisons] or ["No comparison was judged."]
+    lines = ["## Verdict", "", _judged_by(summary), "", explanation, ""]
+    for c in comparisons:
+        lines.append(_comparison_sentence(c, level))
+        if c.get("length_controlled") is not None:
+            lines.append("  - " + _length_controlled_sentence(c, pairwise, level))
+    lines += [] if comparisons else ["No comparison was judged."]
 
     lines += ["", "## Comparisons", ""]
     rows = [[f"{c['model_a']} vs {c['model_b']}", str(c["wins"]), str(c["losses"]), str(c["ties"]),
@@ -165,15 +194,46 @@ def _pairwise_sections(summary: dict) -> list[str]:
     lines += _table(["comparison", "W", "L", "T", f"win rate ({level} CI)", "adjusted win rate", "net",
                      "position consistency", "unparseable units"], rows)
 
-    lines += ["", "## Position consistency and unparseable verdicts", ""]
+    lines += ["", "## Position bias and unparseable verdicts", "",
+              "Every unit is judged with each answer shown first once. A verdict that flips with the order is "
+              "position bias: the position-bias rate is the share of units decided in both orders whose two "
+              "verdicts differ (1 - position consistency); those units count as ties. A flip either has the "
+              "answer shown first win both times, the answer shown second win both times, or a tie in one "
+              "order.", ""]
     for c in comparisons:
-        agreeing = c["decided"] - c["inconsistent"]
-        consistency = (f"the judge gave the same verdict in both orders for {agreeing} of {c['decided']} units "
-                       f"({_percent(c['position_consistency'])}); {c['inconsistent']} flipped with the order "
-                       "and count as ties" if c["decided"] else "no unit had both orders parsed")
-        lines.append(f"- `{c['model_a']}` vs `{c['model_b']}`: {consistency}. **{c['unparseable']} of {c['units']} "
-                     "units are unparseable** (a verdict could not be read, or the request failed, in at least one "
-                     "order) and are left out.")
+        lines.append(f"- `{c['model_a']}` vs `{c['model_b']}`: {_position_sentence(c)}. **{c['unparseable']} of "
+                     f"{c['units']} units are unparseable** (a verdict could not be read, or the request failed, in "
+                     "at least one order) and are left out.")
+    overall = pairwise.get("position_bias")
+    if overall and len(comparisons) > 1:
+        lines.append(f"- the judge over all comparisons: {_position_sentence(overall)}; {overall['unparseable']} "
+                     f"of {overall['units']} units unparseable.")
+
+    lines += ["", "## Length-controlled win rate", ""]
+    if all(c.get("length_controlled") is None for c in comparisons):
+        lines.append("Not computed: the summary holds no answer lengths.")
+    else:
+        tolerance = pairwise.get("length_tolerance", 0.2)
+        lines += [f"Judges favour longer answers, so the rates are also given over the units whose two answers' "
+                  f"lengths differ by less than {_percent(tolerance)}: |tokens_a - tokens_b| / max(tokens_a, "
+                  f"tokens_b) < {tolerance:g}, with tokens the generated tokens of that turn's answers. CIs resample "
+                  "those units' questions. Every unit's two verdicts next to both answers' token counts are in "
+                  "report.json (`pairwise.verdicts`).", ""]
+        rows = []
+        for c in comparisons:
+            lc = c.get("length_controlled")
+            if lc is None:
+                continue
+            rows.append([f"{c['model_a']} vs {c['model_b']}", f"{lc['units']} of {lc['units_with_lengths']}",
+                         str(lc["decided"]), str(lc["wins"]), str(lc["losses"]), str(lc["ties"]),
+                         _with_interval(_percent(lc["win_rate"]), _percent_interval(lc["win_rate_ci"])),
+                         _with_interval(_percent(lc["adjusted_win_rate"]),
+                                        _percent_interval(lc["adjusted_win_rate_ci"])),
+                         _with_interval(_number(lc["net"], sign=True), _interval(lc["net_ci"], sign=True)),
+                         _percent(c["adjusted_win_rate"])])
+        lines += _table(["comparison", "similar-length units (of units with lengths)", "decided", "W", "L", "T",
+                         f"win rate ({level} CI)", "adjusted win rate", "net", "adjusted win rate, all units"],
+                        rows)
 
     lines += ["", "## Answer lengths", ""]
     lines += _length_table(summary.get("models") or list(lengths), lengths)
@@ -188,6 +248,34 @@ def _pairwise_sections(summary: dict) -> list[str]:
         lines += _table(["category", "W", "L", "T", "adjusted win rate", "net", "position consistency",
                          "unparseable"], rows)
     return lines
+
+
+def _position_sentence(block: dict) -> str:
+    """Consistency and the position-bias split of a position block (a comparison's, or the judge's overall)."""
+    if not block["decided"]:
+        return "no unit had both orders parsed"
+    agreeing, flipped = block["decided"] - block["inconsistent"], block["inconsistent"]
+    text = (f"the judge gave the same verdict in both orders for {agreeing} of {block['decided']} units "
+            f"({_percent(block['position_consistency'])}); position-bias rate "
+            f"{_percent(flipped / block['decided'])}: {flipped} unit(s) flipped with the order (counted as ties)")
+    if flipped:
+        text += (f" (answer shown first won both times: {block['first_shown_won_both']} "
+                 f"({_percent(block['first_shown_share'])}); shown second won both times: "
+                 f"{block['second_shown_won_both']} ({_percent(block['second_shown_share'])}); a tie in one "
+                 f"order: {block['tie_in_one_order']})")
+    return text
+
+
+def _length_controlled_sentence(c: dict, pairwise: dict, level: str) -> str:
+    lc, tolerance = c["length_controlled"], pairwise.get("length_tolerance", 0.2)
+    where = (f"on the {lc['units']} of {lc['units_with_lengths']} units whose answers' lengths differ by less than "
+             f"{_percent(tolerance)}")
+    if not lc["decided"]:
+        return f"Length-controlled: no decided unit {where}."
+    return (f"Length-controlled, {where} ({lc['decided']} decided): `{c['model_a']}` W {lc['wins']} L "
+            f"{lc['losses']} T {lc['ties']}, adjusted win rate {_percent(lc['adjusted_win_rate'])} ({level} CI "
+            f"{_percent_interval(lc['adjusted_win_rate_ci'])}), net {_number(lc['net'], sign=True)} ({level} CI "
+            f"{_interval(lc['net_ci'], sign=True)}).")
 
 
 def _length_table(models: list[str], lengths: dict) -> list[str]:
@@ -270,6 +358,7 @@ def write_eval_report(eval_dir: Path, summary: dict) -> Path:
     eval_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# MT-Bench evaluation", "",
              f"- mode: {summary['mode']}", f"- judge: `{summary['judge']}`",
+             f"- judge prompts: `{_prompts(summary)}`",
              f"- questions: {summary['questions']}",
              f"- models: {', '.join(f'`{m}`' for m in summary.get('models') or [])}", ""]
     if summary.get("answer_errors"):
@@ -288,7 +377,13 @@ def write_eval_report(eval_dir: Path, summary: dict) -> Path:
 
 
 def format_table(summary: dict) -> str:
-    """A short fixed-width table for the console: one line per model (single) or comparison (pairwise)."""
+    """A short fixed-width table for the console: a line naming the judge and its prompt set, then one line per
+    model (single) or comparison (pairwise)."""
+    caption = f"judge {summary['judge']}, judge prompts {_prompts(summary)}"
+    return caption + "\n" + _format_rows(summary)
+
+
+def _format_rows(summary: dict) -> str:
     lengths = summary.get("lengths") or {}
     if summary["mode"] == "single":
         models = summary["scores"]["models"]
@@ -305,11 +400,12 @@ def format_table(summary: dict) -> str:
     width = max([len("comparison")] + [len(n) for n in names])
     ci = "net " + _level(summary["pairwise"]) + " CI"
     header = (f"{'comparison':<{width}}  {'W':>4}  {'L':>4}  {'T':>4}  {'adj.win':>7}  {'net':>6}  "
-              f"{ci:>16}  {'consist':>7}  {'unparsed':>8}")
+              f"{ci:>16}  {'consist':>7}  {'unparsed':>8}  {'adj.win<20%':>11}")
     lines = [header]
     for name, c in zip(names, comparisons):
+        controlled = (c.get("length_controlled") or {}).get("adjusted_win_rate")  # similar-length units only
         lines.append(f"{name:<{width}}  {c['wins']:>4}  {c['losses']:>4}  {c['ties']:>4}  "
                      f"{_percent(c['adjusted_win_rate']):>7}  {_number(c['net'], sign=True):>6}  "
                      f"{_interval(c['net_ci'], sign=True):>16}  {_percent(c['position_consistency']):>7}  "
-                     f"{c['unparseable']:>8}")
+                     f"{c['unparseable']:>8}  {_percent(controlled):>11}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from tgdpo_ray.eval_report import format_table, write_eval_report
 from tgdpo_ray.eval_stats import length_summary, pairwise_summary, single_summary
 from tgdpo_ray.questions import Question, load_questions
 
-JUDGE_BATCH = 128  # judgments asked per round trip; each batch is on disk before the next starts
+JUDGE_BATCH = 32  # judgments asked per round trip; each batch is on disk, with a progress line, before the next
 
 
 def read_jsonl(path: Path, log=print) -> list[dict]:
@@ -71,9 +71,10 @@ def answer_identity(model: EvalModel, evaluation: EvalSection, seed: int) -> str
 
 
 def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[Question], log=print) -> list[dict]:
-    from tgdpo_ray.generation import answer_questions, call_engine, start_engine
+    from tgdpo_ray.generation import answer_questions, start_engine, wait_started
 
     evaluation, path = config.eval, config.eval_dir / "answers.jsonl"
+    generation = evaluation.generation
     identity = {model.name: answer_identity(model, evaluation, config.run.seed) for model in models}
     wanted = {(model.name, q.question_id) for model in models for q in questions}
     done = {(r["model"], r["question_id"]): r for r in read_jsonl(path, log)
@@ -85,28 +86,27 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
 
     def answer(model: EvalModel, engine) -> None:
         missing = [q for q in questions if (model.name, q.question_id) not in done]
-        # The engine loads the model first; wait for it so that the timing below is generation alone.
-        call_engine(model.path, engine.__ray_ready__.remote())
-        began = time.time()
-        log(f"[eval] {model.name}: answering {len(missing)} question(s), {sum(len(q.turns) for q in missing)} turn(s)")
-        records = answer_questions(engine, model.name, missing, evaluation.generation, config.run.seed)
-        for record in records:
-            record["identity"] = identity[model.name]
-        with write:  # each model's answers are on disk as soon as they exist
-            append_jsonl(path, records)
-            done.update({(model.name, record["question_id"]): record for record in records})
-        tokens = sum(sum(record["tokens"]) for record in records)
-        log(f"[eval] {model.name}: {tokens} tokens generated in {time.time() - began:.1f} s")
+        wait_started(engine, model.path, generation, "eval.generation")
+        progress = Progress(f"{model.name}: answered", sum(len(q.turns) for q in missing), "turns", log)
+        for start in range(0, len(missing), generation.questions_per_batch):
+            batch = missing[start:start + generation.questions_per_batch]
+            records = answer_questions(engine, model.name, batch, generation, config.run.seed)
+            for record in records:
+                record["identity"] = identity[model.name]
+            with write:  # each batch is on disk before the next one starts
+                append_jsonl(path, records)
+                done.update({(model.name, record["question_id"]): record for record in records})
+            progress.advance(sum(len(record["turns"]) for record in records),
+                             sum(sum(record["tokens"]) for record in records))
 
-    concurrent = evaluation.generation.concurrent_models
+    concurrent = generation.concurrent_models
     for start in range(0, len(todo), concurrent):
         group = todo[start:start + concurrent]
         engines = []
         try:
             for model in group:
                 log(f"[eval] {model.name}: starting a vLLM engine for {model.path}")
-                engines.append(start_engine(model.path, evaluation.generation, config.run.seed,
-                                            model.trust_remote_code))
+                engines.append(start_engine(model.path, generation, config.run.seed, model.trust_remote_code))
             with ThreadPoolExecutor(len(group)) as pool:  # the engines answer at once
                 list(pool.map(answer, group, engines))
         finally:
@@ -114,6 +114,22 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
     answers = [done[(model.name, q.question_id)] for model in models for q in questions]
     rewrite_jsonl(path, answers)
     return answers
+
+
+class Progress:
+    """One line per step of long work: done of total, tokens per second, and the time left at that pace."""
+
+    def __init__(self, what: str, total: int, unit: str, log=print):
+        self.what, self.total, self.unit, self.log = what, total, unit, log
+        self.done, self.tokens, self.began = 0, 0, time.monotonic()
+
+    def advance(self, count: int, tokens: int = 0) -> None:
+        self.done, self.tokens = self.done + count, self.tokens + tokens
+        elapsed = max(time.monotonic() - self.began, 1e-9)
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        rate = f", {self.tokens / elapsed:.1f} tokens/s" if self.tokens else ""
+        self.log(f"[eval] {self.what} {self.done}/{self.total} {self.unit}{rate}, {elapsed:.1f} s so far, "
+                 f"about {left:.1f} s left")
 
 
 def release(engines: list) -> None:
@@ -127,12 +143,13 @@ def release(engines: list) -> None:
 
 
 def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: list[dict], names: list[str],
-                   prompts: dict, judge_id: str) -> list[dict]:
-    """Every judgment the report needs, with the messages the judge will see."""
+                   prompts: Optional[dict]) -> list[dict]:
+    """Every judgment the report needs, with what the judge will see: the chat messages of an LLM judge, or the
+    question, reference and answers a rule judge scores (prompts is None)."""
     from tgdpo_ray.judge import render
 
     by_key = {(record["model"], record["question_id"]): record for record in answers}
-    mode = evaluation.judge.mode
+    mode, judge_id = evaluation.judge.mode, evaluation.judge.identity
     if mode == "single":
         shown = [({"model": name}, [name]) for name in names]
     else:  # every comparison in both orders: "ab" shows model_a's answer first, "ba" model_b's
@@ -144,7 +161,13 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
         for turn in range(1, len(question.turns) + 1):
             for fields, order in shown:
                 records = [by_key[(model, question.question_id)] for model in order]
-                prompt, messages = render(prompts, mode, question, turn, [r["turns"][:turn] for r in records])
+                if prompts is None:
+                    reference = (question.reference or ())[turn - 1:turn]
+                    prompt, messages = "rule", {"question": question.turns[turn - 1],
+                                                "reference": reference[0] if reference else None,
+                                                "answers": [r["turns"][turn - 1] for r in records]}
+                else:
+                    prompt, messages = render(prompts, mode, question, turn, [r["turns"][:turn] for r in records])
                 # Two models may give the same answer: the digest names the judgment as well as its messages.
                 where = [mode, fields, question.question_id, turn]
                 tasks.append({
@@ -165,22 +188,27 @@ def read_verdict(task: dict, text: str) -> tuple[dict, Optional[str]]:
         score, why = parse_rating(text)
         return {"score": score}, why
     choice, why = parse_choice(text)
+    return choice_fields(task, choice), why
+
+
+def choice_fields(task: dict, choice: Optional[str]) -> dict:
+    """A pairwise verdict ("A": the answer shown first, "B", "tie" or None) and the model it names."""
     shown_first, shown_second = ((task["model_a"], task["model_b"]) if task["order"] == "ab"
                                  else (task["model_b"], task["model_a"]))
     winner = {"A": shown_first, "B": shown_second, "tie": "tie", None: None}[choice]
-    return {"verdict": choice, "winner": winner}, why
+    return {"verdict": choice, "winner": winner}
 
 
 def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: Path, log=print) -> list[dict]:
     """Asks the judge for every task not already on disk (start_backend() gives the judge, only when needed).
     An unparseable verdict is asked again (sampling at judge.retry_temperature) up to judge.parse_retries
     times, then recorded as unparseable with its text."""
-    judge = evaluation.judge
     done = {r["digest"]: r for r in read_jsonl(path, log)}
     todo = [task for task in tasks if task["digest"] not in done]
     if len(tasks) > len(todo):
         log(f"[eval] judgments: {len(tasks) - len(todo)} of {len(tasks)} already on disk, reused")
     backend = start_backend() if todo else None
+    progress = Progress("judged", len(todo), "judgments", log)
     unparseable = 0
     for start in range(0, len(todo), JUDGE_BATCH):
         batch, finished = todo[start:start + JUDGE_BATCH], []
@@ -189,31 +217,53 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
                 finished.append(judgment_record(task, "", {}, 0,
                                                 "answer missing: " + "; ".join(task["answer_errors"]), []))
         asking = [task for task in batch if not task["answer_errors"]]
-        earlier: dict[str, list[str]] = {task["digest"]: [] for task in asking}
-        for attempt in range(1, judge.parse_retries + 2):
-            temperature = judge.temperature if attempt == 1 else judge.retry_temperature
-            replies = backend.complete([(task["messages"], temperature, zlib.crc32(f"{task['digest']}/{attempt}"
-                                                                                     .encode())) for task in asking])
-            again = []
-            for task, (text, error) in zip(asking, replies):
-                fields, why = read_verdict(task, text) if error is None else ({}, error)
-                if why is not None and error is None and attempt <= judge.parse_retries:
-                    earlier[task["digest"]].append(text)
-                    again.append(task)
-                    continue
-                finished.append(judgment_record(task, text, fields, attempt, why, earlier[task["digest"]]))
-            asking = again
-            if not asking:
-                break
+        if evaluation.judge.backend == "rule":
+            finished += [rule_judgment(backend, task) for task in asking]
+        else:
+            finished += ask_llm_judge(backend, evaluation, asking)
         append_jsonl(path, finished)
         for record in finished:
             done[record["digest"]] = record
         unparseable += sum(record["error"] is not None for record in finished)
-        log(f"[eval] judged {min(start + JUDGE_BATCH, len(todo))}/{len(todo)} "
-            f"(unparseable or failed so far: {unparseable})")
+        progress.advance(len(batch))
+        if unparseable:
+            log(f"[eval] unparseable or failed judgments so far: {unparseable}")
     judgments = [done[task["digest"]] for task in tasks]
     rewrite_jsonl(path, judgments)
     return judgments
+
+
+def ask_llm_judge(backend, evaluation: EvalSection, asking: list[dict]) -> list[dict]:
+    """Judgment records for tasks, asking again (sampling) while a verdict cannot be parsed."""
+    judge, finished = evaluation.judge, []
+    earlier: dict[str, list[str]] = {task["digest"]: [] for task in asking}
+    for attempt in range(1, judge.parse_retries + 2):
+        temperature = judge.temperature if attempt == 1 else judge.retry_temperature
+        replies = backend.complete([(task["messages"], temperature, zlib.crc32(f"{task['digest']}/{attempt}"
+                                                                                 .encode())) for task in asking])
+        again = []
+        for task, (text, error) in zip(asking, replies):
+            fields, why = read_verdict(task, text) if error is None else ({}, error)
+            if why is not None and error is None and attempt <= judge.parse_retries:
+                earlier[task["digest"]].append(text)
+                again.append(task)
+                continue
+            finished.append(judgment_record(task, text, fields, attempt, why, earlier[task["digest"]]))
+        asking = again
+        if not asking:
+            break
+    return finished
+
+
+def rule_judgment(backend, task: dict) -> dict:
+    """A rule judge's record: its score of the answer (single), or the better-scored answer (pairwise)."""
+    scores = backend.scores(task)
+    text = "rule scores: " + ", ".join(f"{score:g}" for score in scores)
+    if task["mode"] == "single":
+        return judgment_record(task, text, {"score": scores[0]}, 1, None, [])
+    first, second = scores
+    choice = "A" if first > second else "B" if second > first else "tie"
+    return judgment_record(task, text, choice_fields(task, choice), 1, None, [])
 
 
 def judgment_record(task: dict, text: str, fields: dict, attempts: int, error: Optional[str],
@@ -229,17 +279,19 @@ def judgment_record(task: dict, text: str, fields: dict, attempts: int, error: O
 
 def start_judge(config: JobConfig, engines: list, log=print):
     """The judge backend; a vLLM engine it starts is added to `engines`, for the caller to release."""
-    from tgdpo_ray.judge import OpenAIJudge, VLLMJudge
+    from tgdpo_ray.judge import OpenAIJudge, RuleJudge, VLLMJudge
 
     judge = config.eval.judge
+    if judge.backend == "rule":
+        return RuleJudge(judge.function)
     if judge.backend == "openai":
         return OpenAIJudge(judge.base_url, judge.model, judge.api_key_env, judge.max_tokens, judge.request_retries,
                            judge.timeout_s, judge.requests_per_second, judge.concurrency)
-    from tgdpo_ray.generation import call_engine, start_engine
+    from tgdpo_ray.generation import start_engine, wait_started
 
     log(f"[eval] judge: starting a vLLM engine for {judge.model}")
     engines.append(start_engine(judge.model, judge, config.run.seed))
-    call_engine(judge.model, engines[-1].__ray_ready__.remote())
+    wait_started(engines[-1], judge.model, judge, "eval.judge")
     return VLLMJudge(engines[-1], judge.model, judge.max_tokens)
 
 
@@ -255,31 +307,36 @@ def evaluated_models(config: JobConfig, trained: Optional[dict[str, str]] = None
 def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=print) -> dict:
     """Answers, judgments, statistics and the report in config.eval_dir; returns the summary (report.json)."""
     from tgdpo_ray.generation import engine_group
-    from tgdpo_ray.judge import load_prompts
+    from tgdpo_ray.judge import RuleJudge, check_references, load_prompts
     from tgdpo_ray.run import check_groups_fit, start_ray
 
-    evaluation = config.eval
+    evaluation, judge = config.eval, config.eval.judge
     models = evaluated_models(config, trained)
     names = [model.name for model in models]
     # Everything that can be wrong with the inputs fails here, before any model loads.
     questions = load_questions(evaluation.questions.path, split=evaluation.questions.split,
                                categories=tuple(evaluation.generation.temperatures),
                                references=evaluation.questions.references, limit=evaluation.questions.limit)
-    prompts = load_prompts(evaluation.judge.prompts)
-    judge_id = f"{evaluation.judge.backend}:{evaluation.judge.model}"
+    if judge.backend == "rule":
+        RuleJudge(judge.function)  # imports the function now, not after the answers
+        prompt_set, prompts = "none (rule judge)", None
+    else:
+        prompt_set = judge.prompts or ("fastchat" if evaluation.questions.path == "mt_bench" else "tgdpo-ray")
+        prompts = load_prompts(prompt_set)
+        check_references(questions)
     eval_dir = config.eval_dir
     eval_dir.mkdir(parents=True, exist_ok=True)
-    log(f"[eval] {len(questions)} questions, models {names}, judge {judge_id} ({evaluation.judge.mode} mode), "
-        f"writing to {eval_dir}")
+    log(f"[eval] {len(questions)} questions, models {names}, judge {judge.identity} ({judge.mode} mode, "
+        f"prompts {prompt_set}), writing to {eval_dir}")
 
     start_ray(config)
     check_groups_fit(engine_group("answer engines", evaluation.generation,
                                   min(evaluation.generation.concurrent_models, len(models))))
-    if evaluation.judge.backend == "vllm":
-        check_groups_fit(engine_group("judge engine", evaluation.judge))
+    if judge.backend == "vllm":
+        check_groups_fit(engine_group("judge engine", judge))
     answers = collect_answers(config, models, questions, log)
 
-    tasks = judgment_tasks(evaluation, questions, answers, names, prompts, judge_id)
+    tasks = judgment_tasks(evaluation, questions, answers, names, prompts)
     judge_engines: list = []
     try:
         judgments = judge_all(lambda: start_judge(config, judge_engines, log), evaluation, tasks,
@@ -289,9 +346,11 @@ def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=pr
 
     samples, seed = evaluation.bootstrap_samples, config.run.seed
     summary = {
-        "mode": evaluation.judge.mode, "judge": judge_id, "questions": len(questions), "models": names,
-        "scores": single_summary(judgments, samples, seed) if evaluation.judge.mode == "single" else None,
-        "pairwise": pairwise_summary(judgments, samples, seed) if evaluation.judge.mode == "pairwise" else None,
+        "mode": judge.mode, "judge": judge.identity, "judge_prompts": prompt_set, "questions": len(questions),
+        "models": names,
+        "scores": single_summary(judgments, samples, seed, answers=answers) if judge.mode == "single" else None,
+        "pairwise": (pairwise_summary(judgments, samples, seed, answers=answers) if judge.mode == "pairwise"
+                     else None),
         "lengths": length_summary(answers),
         "answer_errors": sum(error is not None for record in answers for error in record["errors"]),
         "unparseable_judgments": sum(record["error"] is not None for record in judgments),

@@ -6,8 +6,13 @@ node). The same engine answers the questions and, for the in-cluster judge, grad
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.config import EngineSection, GenerationSection
@@ -19,19 +24,68 @@ class GenerationError(UserError, RuntimeError):
     """An engine that cannot start or answer; the message names the model."""
 
 
-class VLLMEngine:
-    """A vLLM engine as a Ray actor: conversations in, generated texts out."""
+# The last line of an exception in vLLM's log: the root cause of a failed start, which vLLM's engine-core
+# process logs but does not pass up to the caller ("Engine core initialization failed. See root cause above").
+ERROR_LINE = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception): .+")
 
-    def __init__(self, model: str, engine: dict, seed: int, trust_remote_code: bool = False):
+
+def engine_args(model: str, engine: EngineSection, seed: int, trust_remote_code: bool) -> dict:
+    """vllm.LLM's arguments for an engine section."""
+    args = {"model": model, "tensor_parallel_size": engine.tensor_parallel_size, "dtype": engine.dtype,
+            "max_model_len": engine.max_model_len, "enforce_eager": engine.enforce_eager, "seed": seed,
+            "trust_remote_code": trust_remote_code}
+    if engine.kv_cache_bytes is not None:
+        args["kv_cache_memory_bytes"] = engine.kv_cache_bytes
+    else:
+        args["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    if not engine.on_gpus:
+        # vLLM rewinds a seeded request's random generator after a partial (chunked) prefill, which a CPU
+        # generator cannot do ("CPU Generator does not use offset"). Without chunked prefill every prompt is
+        # prefilled whole (vLLM then raises its batched-token limit to max_model_len), so seeds are safe.
+        args["enable_chunked_prefill"] = False
+    return args
+
+
+def vllm_logging_to(path: Path) -> None:
+    """Sends vLLM's log (its processes inherit the setting) to a file: a failed start then leaves one line on
+    the console instead of a traceback per process, and the file keeps everything."""
+    config = {"version": 1, "disable_existing_loggers": False,
+              "formatters": {"plain": {"format": "%(levelname)s %(asctime)s [pid %(process)d] %(message)s"}},
+              "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "plain"}},
+              "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}}}
+    config_path = path.with_suffix(".logging.json")
+    config_path.write_text(json.dumps(config))
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path)
+
+
+def root_cause(log: Path, err: BaseException) -> str:
+    """The most specific reason a start failed: the last exception line vLLM logged, else the exception's."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    found = [line.strip() for line in lines if ERROR_LINE.match(line.strip())]
+    reason = found[-1] if found else f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+    return reason.replace(", please check the stack trace above for the root cause", "")
+
+
+class VLLMEngine:
+    """A vLLM engine as a Ray actor: conversations in, generated texts out. A failed start does not kill the
+    actor: `start_failure()` says why, so the caller can fail with one clear line."""
+
+    def __init__(self, args: dict):
+        self.log = Path(tempfile.mkdtemp(prefix="tgdpo-vllm-")) / "vllm.log"
+        vllm_logging_to(self.log)  # before vLLM is imported: it reads the setting once
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model, tensor_parallel_size=engine["tensor_parallel_size"], dtype=engine["dtype"],
-            max_model_len=engine["max_model_len"], gpu_memory_utilization=engine["gpu_memory_utilization"],
-            enforce_eager=engine["enforce_eager"], seed=seed, trust_remote_code=trust_remote_code,
-        )
+        self.failure: Optional[str] = None
+        try:
+            self.llm = LLM(**args)
+        except Exception as err:  # noqa: BLE001 - any failure to start is reported, with vLLM's reason
+            self.failure = f"{root_cause(self.log, err)} (vLLM's log: {self.log} on {platform.node()})"
+            return
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def start_failure(self) -> Optional[str]:
+        return self.failure
 
     def chat(self, conversations: list[list[dict]], sampling: list[dict]) -> list[dict]:
         """One reply per conversation, each with its own sampling settings ({temperature, max_tokens, seed}).
@@ -65,10 +119,13 @@ class VLLMEngine:
 
 def actor_options(engine: EngineSection) -> dict:
     gpus = engine.tensor_parallel_size if engine.on_gpus else 0
-    # vLLM logs every request at INFO; the job's own progress lines say what is happening.
-    quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    env = {}
+    if not engine.on_gpus:
+        # Ray sets OMP_NUM_THREADS=1 in an actor holding one CPU, and vLLM's automatic thread binding pins every
+        # engine of a node to the same cores: a CPU engine computes with the threads of the CPUs it holds.
+        env = {"OMP_NUM_THREADS": str(max(1, int(engine.cpus_per_engine))), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     options = {"num_cpus": engine.cpus_per_engine, "num_gpus": gpus, "resources": dict(engine.resources),
-               "runtime_env": {"env_vars": quiet}}
+               "runtime_env": {"env_vars": env}}
     if engine.node_labels:
         options["label_selector"] = dict(engine.node_labels)
     return options
@@ -84,15 +141,31 @@ def engine_group(name: str, engine: EngineSection, count: int = 1) -> dict[str, 
 
 
 def start_engine(model: str, engine: EngineSection, seed: int, trust_remote_code: bool = False):
+    """Starts the engine's actor; `wait_started` tells whether the model loaded."""
     import ray
 
     # vLLM's CPU backend and tensor parallelism start worker processes of their own inside the actor.
     remote = ray.remote(VLLMEngine).options(**actor_options(engine), max_concurrency=1)
-    return remote.remote(model, engine.model_dump(), seed, trust_remote_code)
+    return remote.remote(engine_args(model, engine, seed, trust_remote_code))
+
+
+def wait_started(handle, model: str, engine: EngineSection, key: str) -> None:
+    """Waits for the engine to load its model; a failure is one GenerationError naming the model, the memory it
+    asked for and the config key (`key`: eval.generation or eval.judge) that changes it."""
+    failure = call_engine(model, handle.start_failure.remote())
+    if failure is None:
+        return
+    if engine.kv_cache_bytes is not None:
+        asked = (f"it asked for a {engine.kv_cache_bytes / 2**20:.0f} MiB KV cache: change "
+                 f"{key}.kv_cache_memory_bytes, or {key}.max_model_len")
+    else:
+        asked = (f"it may take {engine.gpu_memory_utilization:g} of each GPU's memory: change "
+                 f"{key}.gpu_memory_utilization, {key}.kv_cache_memory_bytes or {key}.max_model_len")
+    raise GenerationError(f"vLLM engine for {model} could not start: {failure}; {asked}")
 
 
 def call_engine(model: str, pending):
-    """ray.get that turns an engine's failure (a model that does not load, out of memory) into one message."""
+    """ray.get that turns an engine's failure (an actor that died, out of memory) into one message."""
     import ray
 
     try:

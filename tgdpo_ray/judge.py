@@ -8,7 +8,9 @@ else is unparseable, and says why.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import random
 import re
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.errors import UserError
+from tgdpo_ray.mt_bench import mt_bench_file
 from tgdpo_ray.questions import Question
 
-DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "judge_prompts.jsonl"
+OUR_PROMPTS = Path(__file__).parent / "assets" / "judge_prompts.jsonl"
 # MT-Bench grades these categories against a reference answer when one exists.
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 # Every placeholder a template may use; a template naming any other fails when the file is loaded.
@@ -35,9 +38,17 @@ class JudgeError(UserError, RuntimeError):
     """A prompt file, key or endpoint the judge cannot work with; the message names it."""
 
 
-def load_prompts(path: Optional[str]) -> dict[str, dict]:
-    """name -> template record. Checks every template can be filled before any model loads."""
-    path = Path(path) if path else DEFAULT_PROMPTS
+def prompt_set_file(prompt_set: str) -> Path:
+    """The file of a judge prompt set: fastchat (FastChat's MT-Bench prompts), tgdpo-ray (ours), or a path."""
+    if prompt_set == "fastchat":
+        return mt_bench_file("judge_prompts")
+    return OUR_PROMPTS if prompt_set == "tgdpo-ray" else Path(prompt_set)
+
+
+def load_prompts(prompt_set: str) -> dict[str, dict]:
+    """name -> template record, of a prompt set (see prompt_set_file). Checks every template can be filled
+    before any model loads."""
+    path = prompt_set_file(prompt_set)
     if not path.is_file():
         raise JudgeError(f"judge prompts file not found: {path}")
     prompts = {}
@@ -67,7 +78,18 @@ def prompt_name(mode: str, turn: int, with_reference: bool) -> str:
 
 
 def uses_reference(question: Question) -> bool:
-    return question.category in REFERENCE_CATEGORIES and bool(question.reference)
+    return question.category in REFERENCE_CATEGORIES
+
+
+def check_references(questions: list[Question]) -> None:
+    """Math, reasoning and coding questions are judged against a reference answer (as in MT-Bench): one without
+    it fails here, before any model loads, instead of being judged silently with the plain prompt."""
+    missing = [q for q in questions if uses_reference(q) and len(q.reference or ()) < len(q.turns)]
+    if missing:
+        named = ", ".join(f"{q.question_id} ({q.category})" for q in missing[:10])
+        raise JudgeError(f"{len(missing)} question(s) of a reference-guided category (math, reasoning, coding) "
+                         f"have no reference answer for every turn: {named}; add `reference` to them or set "
+                         "eval.questions.references")
 
 
 def render(prompts: dict[str, dict], mode: str, question: Question, turn: int,
@@ -135,24 +157,44 @@ class VLLMJudge:
 
 
 class RateLimit:
-    """At most `per_second` request starts per second, across threads."""
+    """At most `per_second` request starts per second, spaced at least 1/per_second apart, across threads and event
+    loops. A start is counted when its caller is let through, not when it queues: callers that wake late (a busy
+    event loop) do not then go out in a burst."""
 
     def __init__(self, per_second: float):
         self.interval, self.next_start, self.lock = 1.0 / per_second, 0.0, threading.Lock()
 
-    def wait(self) -> None:
+    def reserve(self) -> float:
+        """0.0: start now (counted); otherwise the seconds to wait before asking again."""
         with self.lock:
             now = time.monotonic()
-            start = max(now, self.next_start)
-            self.next_start = start + self.interval
-        time.sleep(max(0.0, start - now))
+            if now >= self.next_start:
+                self.next_start = now + self.interval
+                return 0.0
+            return self.next_start - now
+
+    def wait(self) -> None:
+        while (delay := self.reserve()) > 0:
+            time.sleep(delay)
+
+    async def wait_async(self) -> None:
+        while (delay := self.reserve()) > 0:
+            await asyncio.sleep(delay)
 
 
 class OpenAIJudge:
-    """Any OpenAI-compatible chat-completions endpoint: retries with backoff, a rate limit, timeouts."""
+    """Any OpenAI-compatible chat-completions endpoint through the `openai` client (AsyncOpenAI): retries with
+    backoff, a rate limit, a limit on requests in flight, timeouts."""
 
-    # Worth retrying: the server is busy or failed, not the request itself.
-    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+    # Retries are ours; the client gets max_retries=0. Its own retries re-send from inside one create() call:
+    # a rate limit taken around the call would not space them, they would sleep holding a concurrency slot, and
+    # the error we record could not say how many attempts failed. Ours wait for the rate limit on every attempt
+    # (it sits in the HTTP request hook: whatever goes on the wire waits for its slot), back off outside the
+    # concurrency limit, honour Retry-After, and record the last problem. The client gives the typed errors.
+    RETRY_STATUS = (408, 409, 429)  # and every 5xx: the server is busy or failed, not the request itself
+    PLACEHOLDER_KEY = "EMPTY"  # the client needs some key; local servers (vLLM without --api-key) ignore it
+    MAX_BACKOFF_S = 30.0
+    MAX_RETRY_AFTER_S = 120.0  # a server's Retry-After is honoured up to this
 
     def __init__(self, base_url: str, model: str, api_key_env: Optional[str], max_tokens: int,
                  retries: int, timeout_s: float, requests_per_second: float, concurrency: int):
@@ -162,40 +204,140 @@ class OpenAIJudge:
             if not key:
                 raise JudgeError(f"judge.api_key_env: the environment variable {api_key_env} is not set "
                                  "(set it where the job runs)")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        # Only the key named by api_key_env is ever sent: never the client's ambient OPENAI_API_KEY (nor an
+        # Authorization header from OPENAI_CUSTOM_HEADERS), which is what the client would use given None.
+        self.api_key = key or self.PLACEHOLDER_KEY
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model, self.max_tokens, self.retries, self.timeout_s = model, max_tokens, retries, timeout_s
         self.rate, self.concurrency = RateLimit(requests_per_second), concurrency
+        self.quiet_client_logs()
 
     def complete(self, requests: list[tuple[list[dict], float, int]]) -> list[tuple[str, Optional[str]]]:
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda request: self.ask(*request), requests))
+        """requests: (messages, temperature, seed) -> (text, error or None) each, in order. Synchronous: runs its
+        own event loop (in a helper thread when the caller is inside one already)."""
+        if not requests:
+            return []
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._complete(requests))
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._complete(requests)).result()
 
     def ask(self, messages: list[dict], temperature: float, seed: int) -> tuple[str, Optional[str]]:
-        import requests
+        return self.complete([(messages, temperature, seed)])[0]
 
-        body = {"model": self.model, "messages": messages, "temperature": temperature,
-                "max_tokens": self.max_tokens, "seed": seed}
-        problem = "no attempt"
+    async def _complete(self, requests: list[tuple[list[dict], float, int]]) -> list[tuple[str, Optional[str]]]:
+        import openai
+
+        # The rate limit waits in the HTTP client's request hook: a start is when a request goes on the wire, after
+        # the client's own set-up. A client (and its connection pool) per call: they belong to this call's loop.
+        http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._request_starts]})
+        async with openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                                      timeout=self.timeout_s, http_client=http,
+                                      default_headers={"Authorization": f"Bearer {self.api_key}"}) as client:
+            in_flight = asyncio.Semaphore(self.concurrency)
+            tasks = [asyncio.ensure_future(self._ask(client, in_flight, *request)) for request in requests]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                # A JudgeError (or a cancellation) stops the job: nothing else is left running or sending.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+    def backoff_s(self, attempt: int) -> float:
+        """Before retry `attempt` (1, 2, ...): exponential backoff with jitter, so that many requests do not retry
+        in lockstep. A server's Retry-After, when it sent one, is waited at least."""
+        return min(self.MAX_BACKOFF_S, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+
+    async def _request_starts(self, request) -> None:
+        await self.rate.wait_async()
+
+    async def _ask(self, client, in_flight: asyncio.Semaphore, messages: list[dict], temperature: float,
+                   seed: int) -> tuple[str, Optional[str]]:
+        import openai
+
+        problem, retry_after = "no attempt", None
         for attempt in range(self.retries + 1):
             if attempt:
-                # Exponential backoff with jitter, so many threads do not retry in lockstep.
-                time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
-            self.rate.wait()
+                await asyncio.sleep(max(self.backoff_s(attempt), retry_after or 0.0))
+            async with in_flight:
+                try:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model=self.model, messages=messages, temperature=temperature, max_tokens=self.max_tokens,
+                        seed=seed)
+                except openai.APIConnectionError as err:  # APITimeoutError included
+                    cause = err.__cause__
+                    problem = f"{type(err).__name__}: {err}" + (f" ({type(cause).__name__}: {cause})"
+                                                                if cause is not None else "")
+                    retry_after = None
+                    continue
+                except openai.APIStatusError as err:
+                    status, text = err.status_code, err.response.text
+                    if status in self.RETRY_STATUS or status >= 500:
+                        problem, retry_after = f"HTTP {status}: {text[:200]}", self.retry_after_s(err.response)
+                        continue
+                    # A wrong key, model name or URL fails every request the same way: stop the job and say so.
+                    raise JudgeError(f"judge endpoint {self.url} answered HTTP {status}: {text[:300]}") from None
             try:
-                response = requests.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
-            except requests.RequestException as err:
-                problem = f"{type(err).__name__}: {err}"
-                continue
-            if response.status_code in self.RETRY_STATUS:
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
-                continue
-            if response.status_code != 200:
-                # A wrong key, model name or URL fails every request the same way: stop the job and say so.
-                raise JudgeError(f"judge endpoint {self.url} answered HTTP {response.status_code}: "
-                                 f"{response.text[:300]}")
-            try:
-                return response.json()["choices"][0]["message"]["content"] or "", None
-            except (ValueError, KeyError, IndexError, TypeError):
-                return "", f"not a chat completion: {response.text[:200]}"
+                return raw.parse().choices[0].message.content or "", None
+            except (ValueError, AttributeError, KeyError, IndexError, TypeError):
+                return "", f"not a chat completion: {raw.text[:200]}"
         return "", f"gave up after {self.retries + 1} attempts ({problem})"
+
+    @classmethod
+    def retry_after_s(cls, response) -> Optional[float]:
+        """A Retry-After (or retry-after-ms) header in seconds, when it is a number up to the cap."""
+        for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+            try:
+                seconds = float(response.headers.get(header, "")) * scale
+            except ValueError:
+                continue
+            if 0 < seconds <= cls.MAX_RETRY_AFTER_S:
+                return seconds
+        return None
+
+    @staticmethod
+    def quiet_client_logs() -> None:
+        """The openai client and its HTTP libraries log every request (INFO, DEBUG); our retries say enough: keep them
+        to warnings unless someone configured those loggers (or OPENAI_LOG) on purpose."""
+        for name in ("openai", "httpx2", "httpx", "httpcore2", "httpcore"):
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.WARNING)
+
+
+class RuleJudge:
+    """A Python function that scores answers (eval.judge.function, "module:function"), called as
+    f(question, answer, reference) for each turn; a verifiable task (exact answers, unit tests) needs no LLM."""
+
+    def __init__(self, function: str):
+        import importlib
+
+        module_name, _, name = function.partition(":")
+        try:
+            self.function = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise JudgeError(f"judge.function {function}: cannot import it ({type(err).__name__}: {err})") from None
+        if not callable(self.function):
+            raise JudgeError(f"judge.function {function} is not a function")
+        self.name = function
+
+    def scores(self, task: dict) -> list[float]:
+        """The score of each answer shown in the task (one in single mode, two in pairwise mode)."""
+        given = task["messages"]
+        scores = []
+        for answer in given["answers"]:
+            try:
+                score = self.function(given["question"], answer, given["reference"])
+            except Exception as err:  # noqa: BLE001 - a bug in the user's rule stops the job, named
+                raise JudgeError(f"judge.function {self.name} raised {type(err).__name__}: {err} (question "
+                                 f"{task['question_id']}, turn {task['turn']})") from None
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+                raise JudgeError(f"judge.function {self.name} returned {score!r} for question "
+                                 f"{task['question_id']}, turn {task['turn']}: expected a number")
+            scores.append(float(score))
+        return scores

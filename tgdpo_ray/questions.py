@@ -1,7 +1,8 @@
 """MT-Bench-style evaluation questions: load them from a JSONL file or a Hugging Face dataset and validate them.
 
 A question is `{"question_id": .., "category": .., "turns": [turn1, turn2], "reference": [..]}` (reference optional),
-the format of MT-Bench's question.jsonl. `load_questions("shipped")` reads our own small set (assets/questions.jsonl).
+the format of MT-Bench's question.jsonl. `load_questions("shipped")` reads our own small set
+(assets/questions.jsonl), `load_questions("mt_bench")` FastChat's MT-Bench (see mt_bench.py).
 Every problem is reported as a QuestionError that names the file and the line (or the dataset and the row).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from tgdpo_ray.config import looks_local
 from tgdpo_ray.errors import UserError
+from tgdpo_ray.mt_bench import mt_bench_file
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SHIPPED_QUESTIONS = Path(__file__).parent / "assets" / "questions.jsonl"
@@ -41,10 +43,14 @@ def load_questions(
     references: str | None = None,
     limit: int | None = None,
 ) -> list[Question]:
-    """Questions of a local .jsonl file, a hub dataset, or "shipped"; `references` (JSONL) overrides inline ones."""
+    """Questions of a local .jsonl file, a hub dataset, "shipped" or "mt_bench" (FastChat's 80, with GPT-4's
+    reference answers unless `references` names other ones); `references` (JSONL) overrides inline ones."""
     allowed = (categories,) if isinstance(categories, str) else tuple(categories)
     if limit is not None and limit < 0:
         raise QuestionError(f"limit must be 0 or more, got {limit}")
+    if path == "mt_bench":
+        path = str(mt_bench_file("questions"))
+        references = references or str(mt_bench_file("references"))
 
     # The whole file is validated (and the references file too) before anything is cut or used.
     questions: list[Question] = []
@@ -85,7 +91,8 @@ def _rows(path: str, split: str) -> Iterator[tuple[str, str, dict]]:
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, str, dict]]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark that some editors write is not part of line 1's JSON.
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise QuestionError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:

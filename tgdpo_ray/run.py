@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 
 import torch
@@ -34,6 +35,10 @@ def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, Prepa
     return tokenizer.pad_token_id, train, held_out
 
 
+# Seconds to wait for a TCP connection to the cluster's address before calling it unreachable.
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
 def start_ray(config: JobConfig) -> None:
     import ray
 
@@ -43,9 +48,49 @@ def start_ray(config: JobConfig) -> None:
         return
     if config.ray.address or os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job RAY_ADDRESS names the cluster; local-only settings do not apply there.
-        ray.init(address=config.ray.address)
+        name, address = ray_address(config)
+        # ray.init retries a wrong address for minutes and then fails with its internals: check it first.
+        check_reachable(name, address)
+        try:
+            ray.init(address=config.ray.address)
+        except Exception as err:  # e.g. "auto" finding no cluster, or a port that answers but is not Ray's
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise UserError(f"{name} {address!r}: cannot connect to the Ray cluster: {reason}") from err
     else:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+
+
+def ray_address(config: JobConfig) -> tuple[str, str]:
+    """(where it was set, the address) that ray.init will use: RAY_ADDRESS replaces a missing or "auto" one."""
+    address = config.ray.address
+    if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
+        return "RAY_ADDRESS", os.environ["RAY_ADDRESS"]
+    return "ray.address", address
+
+
+def check_reachable(name: str, address: str) -> None:
+    """Fails in seconds, in one line, when nothing answers at a host:port or ray://host:port address. "auto"
+    and "local" are left to Ray, which finds or starts the cluster itself."""
+    if address in ("auto", "local"):
+        return
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        return  # another Ray client protocol: let Ray handle it
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address is written [::1]:6379
+    if not host or not port.isdigit():
+        raise UserError(f"{name} {address!r}: expected host:port (the head's GCS port, 6379 by default), "
+                        f"ray://host:port (Ray Client, 10001 by default) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except socket.gaierror as err:
+        raise UserError(f"{name} {address!r}: cannot resolve host {host!r} ({err.strerror})") from None
+    except TimeoutError:
+        raise UserError(f"{name} {address!r}: no answer within {RAY_CONNECT_TIMEOUT_S:g} s; is the address right "
+                        f"and the port open from this machine?") from None
+    except OSError as err:
+        raise UserError(f"{name} {address!r}: {err.strerror or err}; is a Ray head running there, and is this "
+                        f"its port?") from None
 
 
 def process_groups(config: JobConfig, with_policy: bool = True) -> dict[str, tuple[int, dict, dict]]:

@@ -1,0 +1,653 @@
+"""GPU throughput, MFU and peak memory of the trainer's micro-batch loss (TGDPO on cached reference and guidance
+log-probs) in every layout, on a random ~0.5B Llama in bf16.
+
+Layouts, all on the same pairs, split into micro-batches by the same token budget (pack_by_token_budget):
+- padded: prompt + chosen and prompt + rejected rows padded to the longest, SDPA with a 2D padding mask;
+- packed, shared_prompt: the repo's packed rows with a dense [R, 1, L, L] boolean mask, SDPA;
+- shared_prompt_flex, packed_flex: the same packed rows with FlexAttention and a BlockMask built from document and
+  segment ids (per-document causal; in a shared-prompt document the rejected answer never sees the chosen one).
+
+Plain torch + transformers: it imports tgdpo_ray.packing, .batches and .losses only (no ray, deepspeed, vllm or
+pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a smoke test: it checks that
+every layout gives the padded layout's losses and that FlexAttention gives the dense mask's log-probs, and
+measures nothing. Writes a JSON (--out) and prints a table.
+
+    python3 bench/gpu.py [--out bench/results/gpu.json] [--pairs 128] [--max-tokens 16384] [--row-tokens 2048]
+                         [--budget-s 150] [--toy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GPU_RESULTS = REPO / "bench" / "results" / "gpu.json"
+
+# name: (training.packing, attention implementation). The flex layouts run last: if their compile runs past the
+# time budget, the SDPA figures are already written.
+LAYOUTS = {
+    "padded": ("padded", "sdpa"),
+    "packed": ("packed", "sdpa"),
+    "shared_prompt": ("shared_prompt", "sdpa"),
+    "shared_prompt_flex": ("shared_prompt", "flex_attention"),
+    "packed_flex": ("packed", "flex_attention"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="GPU throughput, MFU and peak memory of the trainer's micro-batch "
+                                     "loss in every layout (padded, packed, shared prompt; SDPA and FlexAttention)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"JSON path (default on a GPU: {GPU_RESULTS.relative_to(REPO)}; toy runs write only here)")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per layout (default 128; toy 12)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="token budget of a micro-batch (16384; toy 384)")
+    parser.add_argument("--row-tokens", type=int, default=None, help="packed row length (2048; toy 128)")
+    parser.add_argument("--timed-passes", type=int, default=None, help="timed passes over the pairs per layout (1)")
+    parser.add_argument("--budget-s", type=float, default=150.0,
+                        help="start no further layout after this many seconds (the SDPA layouts come first)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
+    parser.add_argument("--toy", action="store_true", help="the CPU smoke run even where a GPU is present")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad flags are answered before the imports below: no torch needed
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# Run as `python3 bench/gpu.py` from a checkout that is not pip-installed (the GPU image): find tgdpo_ray beside us.
+sys.path.insert(0, str(REPO))
+
+from tgdpo_ray.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
+                               values_to_grid)
+from tgdpo_ray.losses import IGNORE_INDEX, compute_loss, token_logps  # noqa: E402
+from tgdpo_ray.packing import (CHOSEN, PROMPT, REJECTED, build_packed_batch, lm_head_token_logps,  # noqa: E402
+                               micro_batch_token_logps, pack_pairs, pack_rows, pair_span)
+
+# Two sizes. gpu: a Llama-3-shaped ~0.5B model (GQA, 128k vocabulary, tied embeddings) on long-tailed pairs of up
+# to 2048 + 2048 + 2048 tokens. toy: a CPU smoke run of the same code in seconds.
+SIZES = {
+    "gpu": {
+        "model": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128_256},
+        "dtype": torch.bfloat16,
+        # (shortest, longest, median) tokens; log-normal with sigma 1, clipped
+        "prompt": (16, 2048, 192), "answer": (8, 2048, 256),
+        "pairs": 128, "max_tokens": 16_384, "row_tokens": 2048, "warmup_passes": 1, "timed_passes": 1,
+        "logp_mean": -9.0,  # cached reference / guidance log-probs around this
+    },
+    "toy": {
+        "model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512},
+        "dtype": torch.float32,
+        "prompt": (3, 48, 12), "answer": (1, 40, 10),
+        "pairs": 12, "max_tokens": 384, "row_tokens": 128, "warmup_passes": 1, "timed_passes": 1,
+        "logp_mean": -6.5,
+    },
+}
+
+LOSS = {"type": "tgdpo", "beta": 0.1, "alpha": 0.5, "simpo_gamma": 0.5, "clamp_weights": False}  # config defaults
+LOGP_CHUNK = 512  # training.logp_chunk_size's default
+
+FLOPS_FORMULA = ("model FLOPs per pass = 6 * non_embedding_params * computed_tokens"
+                 " + 12 * layers * heads * head_dim * attended_pairs"
+                 " + 6 * hidden * vocab * answer_tokens; computed_tokens: the real (non-pad) tokens the layout runs"
+                 " (the prompt twice in padded and packed, once in shared_prompt); attended_pairs: the (query, key)"
+                 " pairs the mask allows on real tokens (causal per document, self included); the last term is the"
+                 " LM head (tied to the embedding) on the answer tokens only. Forward + backward = 3x forward;"
+                 " recomputation, padding and masked-out attention are not counted. MFU = FLOPs / seconds /"
+                 " peak_tflops_measured.")
+
+
+# ---------------------------------------------------------------------------
+# Device peak, data and model.
+# ---------------------------------------------------------------------------
+
+
+def matmul_tflops(device, n: int = 8192, warmup: int = 5, iters: int = 20) -> float:
+    """Measured bf16 dense matmul rate (TFLOP/s): the mean over `iters` n x n x n products, timed by CUDA events."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=out)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        torch.matmul(a, b, out=out)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / iters
+    del a, b, out
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / seconds / 1e12
+
+
+def lognormal(rng, low: int, high: int, median: float, size: int) -> np.ndarray:
+    """Long-tailed lengths: most short, a few near `high` (as bench/packing.py)."""
+    return np.clip(np.round(rng.lognormal(np.log(median), 1.0, size)), low, high).astype(int)
+
+
+def make_pairs(size: dict, count: int, seed: int = 0) -> list[dict]:
+    """Random token ids with cached reference and guidance log-probs per answer token, as the scorers add them."""
+    rng = np.random.default_rng(seed)
+    vocab = size["model"]["vocab_size"]
+    prompts, chosen, rejected = (lognormal(rng, *size["prompt"], count), lognormal(rng, *size["answer"], count),
+                                 lognormal(rng, *size["answer"], count))
+    pairs = []
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        pairs.append({"pair_id": i, "prompt_ids": rng.integers(3, vocab, p).tolist(),
+                      "chosen_ids": rng.integers(3, vocab, c).tolist(),
+                      "rejected_ids": rng.integers(3, vocab, r).tolist(),
+                      **{f"{model}_{side}_logps": rng.normal(size["logp_mean"], 1.0, n).astype(np.float32)
+                         for model in ("ref", "guidance") for side, n in (("chosen", c), ("rejected", r))}})
+    return pairs
+
+
+def make_model(size: dict, device, toy: bool):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**size["model"], max_position_embeddings=8192, tie_word_embeddings=True, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, dtype=size["dtype"], attn_implementation="sdpa")
+    if toy:
+        # A wider init than 0.02 (as tests/test_packing.py): outputs then depend strongly on what each token attends
+        # to, so a mask that leaks across documents or answers shows far above the tolerances.
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2:
+                    param.normal_(0.0, 0.2)
+    return model.to(device).train()
+
+
+def non_embedding_params(model) -> int:
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    excluded = embedding.numel() + (0 if head is embedding else head.numel())
+    return sum(p.numel() for p in model.parameters()) - excluded
+
+
+# ---------------------------------------------------------------------------
+# FlexAttention: the repo's packed rows, with a BlockMask instead of the dense mask.
+# ---------------------------------------------------------------------------
+
+
+def document_segments(rows: list, row_indices: list[list[int]], shared_prompt: bool,
+                      length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document and segment (PROMPT, CHOSEN, REJECTED) id of every position, in the order build_packed_batch
+    places the pairs: row r holds rows[i] for i in row_indices[r] back to back, and the padding after them is a
+    document of its own (as there: a query with nothing to attend to would give NaNs)."""
+    document = torch.zeros((len(row_indices), length), dtype=torch.long)
+    segment = torch.full((len(row_indices), length), PROMPT, dtype=torch.long)
+    for r, row in enumerate(row_indices):
+        offset, doc = 0, 0
+        for i in row:
+            p, c, j = (len(rows[i][key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            if shared_prompt:
+                documents = [[(p, PROMPT), (c, CHOSEN), (j, REJECTED)]]
+            else:
+                documents = [[(p, PROMPT), (c, CHOSEN)], [(p, PROMPT), (j, REJECTED)]]
+            for parts in documents:
+                for tokens, part in parts:
+                    document[r, offset:offset + tokens] = doc
+                    segment[r, offset:offset + tokens] = part
+                    offset += tokens
+                doc += 1
+        document[r, offset:] = doc
+    return document, segment
+
+
+def make_mask_mod(document: torch.Tensor, segment: torch.Tensor):
+    """build_packed_batch's rule as a FlexAttention mask_mod: causal, within a document, never rejected -> chosen."""
+    def mask_mod(b, h, q, kv):
+        rejected_to_chosen = (segment[b, q] == REJECTED) & (segment[b, kv] == CHOSEN)
+        return (q >= kv) & (document[b, q] == document[b, kv]) & ~rejected_to_chosen
+    return mask_mod
+
+
+def flex_host_inputs(rows: list, shared_prompt: bool, row_tokens: int, pad_id: int):
+    """What micro_batch_token_logps packs (same rows, same order; pack_pairs with rows_per_batch=len(rows) is one
+    pack_rows call and one build_packed_batch), without the dense mask, plus document and segment ids."""
+    spans = [pair_span(row, shared_prompt) for row in rows]
+    width = max([row_tokens] + spans)
+    row_indices = pack_rows(spans, width)
+    batch = build_packed_batch(rows, row_indices, shared_prompt, with_mask=False, pad_id=pad_id)
+    document, segment = document_segments(rows, row_indices, shared_prompt, batch.input_ids.shape[1])
+    return batch, document, segment
+
+
+def flex_packed_batch(rows: list, shared_prompt: bool, row_tokens: int, pad_id: int, device):
+    """The packed batch, its BlockMask and the mask_mod behind it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, document, segment = flex_host_inputs(rows, shared_prompt, row_tokens, pad_id)
+    count, length = batch.input_ids.shape
+    mask_mod = make_mask_mod(document.to(device), segment.to(device))
+    # Not compiled: it evaluates mask_mod on the [R, L, L] grid once per micro-batch (milliseconds on a GPU) and
+    # saves a compile; the attention kernel itself is compiled by transformers.
+    block_mask = create_block_mask(mask_mod, B=count, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    return batch, block_mask, mask_mod
+
+
+def flex_token_logps(model, rows: list, shared_prompt: bool, row_tokens: int, pad_id: int, device):
+    """packed_token_logps with the BlockMask: decoder body, fused LM head on the answer-predicting states, grid."""
+    batch, block_mask, _ = flex_packed_batch(rows, shared_prompt, row_tokens, pad_id, device)
+    head = model.get_output_embeddings()
+    # transformers' masking_utils passes a 4D mask (a BlockMask has shape [R, 1, L, L]) on unchanged.
+    hidden = model.get_decoder()(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                                 attention_mask=block_mask, use_cache=False).last_hidden_state
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index.to(device))
+    logps = lm_head_token_logps(selected, head.weight, head.bias, batch.target_ids.to(device), LOGP_CHUNK)
+    index = (batch.grid_rows.to(device), batch.grid_cols.to(device))
+    grid = torch.zeros(batch.grid_shape, dtype=logps.dtype, device=device).index_put(index, logps)
+    mask = torch.zeros(batch.grid_shape, dtype=torch.bool, device=device).index_put(
+        index, torch.ones_like(logps, dtype=torch.bool))
+    return grid, mask
+
+
+# ---------------------------------------------------------------------------
+# The trainer's micro-batch loss: training.micro_batch_loss and policy_token_logps mirrored on the same helpers
+# (tgdpo_ray.training itself imports pydantic, ray and deepspeed through its neighbours).
+# ---------------------------------------------------------------------------
+
+
+def policy_token_logps(model, rows: list, packing: str, attention: str, row_tokens: int, device):
+    pad_id = model.config.pad_token_id
+    if packing == "padded":
+        batch = collate_pairs(rows, pad_id)
+        labels = batch["labels"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        return token_logps(logits, labels, LOGP_CHUNK), labels != IGNORE_INDEX
+    if attention == "flex_attention":
+        return flex_token_logps(model, rows, packing == "shared_prompt", row_tokens, pad_id, device)
+    logps, mask, _ = micro_batch_token_logps(model, rows, packing == "shared_prompt", row_tokens, LOGP_CHUNK)
+    return logps, mask
+
+
+def micro_batch_loss(model, rows: list, packing: str, attention: str, row_tokens: int, device):
+    logps, mask = policy_token_logps(model, rows, packing, attention, row_tokens, device)
+    n = len(rows)
+    inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
+              "chosen_mask": mask[:n], "rejected_mask": mask[n:]}
+    for name in ("ref", "guidance"):  # tgdpo with implicit guidance: both cached, from the scorer pools
+        grid = values_to_grid(rows, f"{name}_chosen_logps", f"{name}_rejected_logps", mask.shape[1]).to(device)
+        inputs[f"{name}_chosen_logps"], inputs[f"{name}_rejected_logps"] = grid[:n], grid[n:]
+    return compute_loss(LOSS["type"], inputs, LOSS["beta"], LOSS["alpha"], LOSS["simpo_gamma"], LOSS["clamp_weights"])
+
+
+# ---------------------------------------------------------------------------
+# Work per layout, timing.
+# ---------------------------------------------------------------------------
+
+
+def layout_work(rows: list, packing: str) -> dict:
+    """Real tokens, attended (query, key) pairs and answer tokens the layout computes for these pairs."""
+    def causal(s):
+        return s * (s + 1) // 2
+
+    tokens = attended = answers = 0
+    for row in rows:
+        p, c, r = (len(row[key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        answers += c + r
+        if packing == "shared_prompt":
+            # prompt + chosen causal; each rejected token sees the prompt and the rejected tokens up to itself
+            tokens += p + c + r
+            attended += causal(p + c) + r * p + causal(r)
+        else:  # padded and packed: [prompt | chosen] and [prompt | rejected]; padded's padding is not counted
+            tokens += 2 * p + c + r
+            attended += causal(p + c) + causal(p + r)
+    return {"computed_tokens": tokens, "attended_pairs": attended, "answer_tokens": answers}
+
+
+def model_flops(work: dict, cfg, body_params: int) -> float:
+    attention_width = cfg.num_attention_heads * cfg.head_dim
+    return (6 * body_params * work["computed_tokens"]
+            + 12 * cfg.num_hidden_layers * attention_width * work["attended_pairs"]
+            + 6 * cfg.hidden_size * cfg.vocab_size * work["answer_tokens"])
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_pass(model, batches: list, packing: str, attention: str, row_tokens: int, device, backward: bool) -> dict:
+    """One optimizer step's micro-batches: the loss and, as the trainer, the backward of its mean per micro-batch.
+    Returns pair_id -> [loss, chosen reward, rejected reward]."""
+    per_pair = {}
+    for rows in batches:
+        out = micro_batch_loss(model, rows, packing, attention, row_tokens, device)
+        if backward:
+            out.losses.mean().backward()
+        values = torch.stack([out.losses.detach().float(), out.chosen_rewards.float(), out.rejected_rewards.float()], 1)
+        for row, value in zip(rows, values.cpu().tolist()):
+            per_pair[row["pair_id"]] = value
+    return per_pair
+
+
+def host_packing_seconds(batches: list, packing: str, attention: str, row_tokens: int, pad_id: int) -> float:
+    """CPU time to build one pass's model inputs alone, no model: the packed SDPA layouts build their dense
+    [R, 1, L, L] mask on the host, which can rival the GPU's time; the flex layouts build [R, L] ids."""
+    shared = packing == "shared_prompt"
+    started = time.perf_counter()
+    for rows in batches:
+        if packing == "padded":
+            collate_pairs(rows, pad_id)
+        elif attention == "sdpa":
+            width = max([row_tokens] + [pair_span(row, shared) for row in rows])
+            pack_pairs(rows, width, shared, rows_per_batch=len(rows))
+        else:
+            flex_host_inputs(rows, shared, row_tokens, pad_id)
+    return time.perf_counter() - started
+
+
+def run_layout(model, pairs: list, name: str, size: dict, args, device, body_params: int) -> tuple[dict, dict]:
+    packing, attention = LAYOUTS[name]
+    model.set_attn_implementation(attention)
+    # FlexAttention has no CPU backward: the toy run checks its forward only.
+    backward = not (attention == "flex_attention" and device.type == "cpu")
+    batches = list(pack_by_token_budget(pairs, args.max_tokens, packing=packing))
+    grad_mode = contextlib.nullcontext() if backward else torch.no_grad()
+
+    with grad_mode:
+        started = time.perf_counter()
+        for _ in range(size["warmup_passes"]):  # compiles (flex), cuBLAS and allocator warm-up
+            run_pass(model, batches, packing, attention, args.row_tokens, device, backward)
+        sync(device)
+        warmup_s = time.perf_counter() - started
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(size["timed_passes"]):
+            per_pair = run_pass(model, batches, packing, attention, args.row_tokens, device, backward)
+        sync(device)
+        seconds = (time.perf_counter() - started) / size["timed_passes"]
+    model.zero_grad(set_to_none=True)
+
+    work = layout_work(pairs, packing)
+    flops = model_flops(work, model.config, body_params)
+    trainer_tokens = packed_tokens(pairs, shared_prompt=False)  # as training counts tokens/s: same in all layouts
+    losses = [per_pair[i][0] for i in sorted(per_pair)]
+    result = {
+        "packing": packing, "attention": attention,
+        "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex_attention": "BlockMask"}[
+            attention],
+        "backward": backward, "micro_batches": len(batches), "seconds": round(seconds, 4),
+        "warmup_seconds": round(warmup_s, 2),
+        "host_packing_seconds": round(host_packing_seconds(batches, packing, attention, args.row_tokens,
+                                                           model.config.pad_token_id), 3),
+        "pairs_per_s": round(len(pairs) / seconds, 3),
+        "tokens_per_s": round(trainer_tokens / seconds, 1),
+        "computed_tokens_per_s": round(work["computed_tokens"] / seconds, 1),
+        **work, "budget_tokens": sum(micro_batch_tokens(rows, packing) for rows in batches),  # padding included
+        "model_tflop_per_pass": round(flops / 1e12, 3),
+        "achieved_tflops": round(flops / seconds / 1e12, 2),
+        "peak_memory_gib": (round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None),
+        "loss_mean": sum(losses) / len(losses),
+        "losses_finite": all(math.isfinite(v) for values in per_pair.values() for v in values),
+    }
+    return result, per_pair
+
+
+def flex_check(model, pairs: list, packing: str, args, device) -> dict:
+    """On the first micro-batch: the BlockMask's rule against pack_pairs' dense mask (element by element), and the
+    answer log-probs with FlexAttention against those with the dense mask (SDPA)."""
+    shared = packing == "shared_prompt"
+    rows = next(iter(pack_by_token_budget(pairs, args.max_tokens, packing=packing)))
+    batch, _, mask_mod = flex_packed_batch(rows, shared, args.row_tokens, model.config.pad_token_id, device)
+    width = max([args.row_tokens] + [pair_span(row, shared) for row in rows])
+    (dense,) = pack_pairs(rows, width, shared, rows_per_batch=len(rows))
+    count, length = batch.input_ids.shape
+    index = [torch.arange(n, device=device) for n in (count, length, length)]
+    flex_mask = mask_mod(index[0][:, None, None], 0, index[1][None, :, None], index[2][None, None, :])
+    # On the CPU without grad (FlexAttention has no CPU backward); on the GPU with grad (no backward), so that the
+    # graphs compiled for training are reused instead of compiling no-grad ones.
+    grad_mode = torch.no_grad() if device.type == "cpu" else contextlib.nullcontext()
+    with grad_mode:  # detached at once: one graph at a time in memory
+        model.set_attn_implementation("sdpa")
+        dense_logps, dense_answers = (t.detach() for t in policy_token_logps(model, rows, packing, "sdpa",
+                                                                             args.row_tokens, device))
+        model.set_attn_implementation("flex_attention")
+        flex_logps, flex_answers = (t.detach() for t in policy_token_logps(model, rows, packing, "flex_attention",
+                                                                           args.row_tokens, device))
+    return {"mask_equals_dense": bool(torch.equal(flex_mask.cpu(), dense.attention_mask[:, 0])),
+            "answers_equal": bool(torch.equal(flex_answers, dense_answers)),
+            "max_abs_logp_diff": float((flex_logps - dense_logps).abs().max()),
+            "pairs": len(rows), "rows": count, "row_length": length}
+
+
+def logp_memory(device, hidden: int, vocab: int, tokens: int = 8192, chunk: int = LOGP_CHUNK) -> dict:
+    """Peak GPU memory (GiB) added by forward + backward of the answer-token log-probs at a 128k vocabulary, bf16,
+    LM-head weight gradient included: full logits + fp32 log_softmax, full logits + the repo's chunked
+    token_logps (the padded path), and the fused LM head (the packed paths)."""
+    torch.manual_seed(0)
+    weight = torch.empty(vocab, hidden, device=device, dtype=torch.bfloat16).normal_(0, 0.02).requires_grad_()
+    hidden_states = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    modes = {
+        "plain": lambda: torch.log_softmax((hidden_states @ weight.T).float(), -1).gather(-1, targets[:, None])[:, 0],
+        "chunked": lambda: token_logps((hidden_states @ weight.T)[None], targets[None], chunk)[0],
+        "fused": lambda: lm_head_token_logps(hidden_states, weight, None, targets, chunk),
+    }
+    result = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk, "dtype": "bfloat16"}
+    for mode, logps in modes.items():
+        weight.grad = hidden_states.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        logps().sum().backward()
+        torch.cuda.synchronize()
+        result[f"{mode}_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2 ** 30, 3)
+    result["reduction_fused_vs_plain"] = round(result["plain_gib"] / result["fused_gib"], 2)
+    del weight, hidden_states
+    torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------
+
+
+def write(results: dict, out) -> None:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'layout':<20} {'mb':>4} {'s':>8} {'host s':>7} {'pairs/s':>9} {'tok/s':>10} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'peak GiB':>9} {'loss':>9}")
+    for name, r in results["layouts"].items():
+        if "seconds" not in r:
+            print(f"{name:<20} {r.get('error') or r.get('skipped')}")
+            continue
+        mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
+        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        print(f"{name:<20} {r['micro_batches']:>4} {r['seconds']:>8.3f} {r['host_packing_seconds']:>7.3f} "
+              f"{r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.0f} {r['achieved_tflops']:>8.2f} {mfu:>6} "
+              f"{memory:>9} {r['loss_mean']:>9.4f}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    toy = args.toy or not torch.cuda.is_available()
+    size = dict(SIZES["toy" if toy else "gpu"])
+    args.pairs = args.pairs or size["pairs"]
+    args.max_tokens = args.max_tokens or size["max_tokens"]
+    args.row_tokens = args.row_tokens or size["row_tokens"]
+    size["timed_passes"] = args.timed_passes or size["timed_passes"]
+    out = args.out or (None if toy else GPU_RESULTS)
+    if toy and out is not None and out.resolve() == GPU_RESULTS.resolve():
+        parser.error(f"a toy run does not overwrite {GPU_RESULTS}: give another --out")
+    layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown or "padded" not in layouts:
+        parser.error(f"--layouts: unknown {unknown}; padded (the reference) is always needed")
+
+    import transformers
+
+    device = torch.device("cpu" if toy else "cuda")
+    if toy:
+        print("no GPU: toy-size smoke run, no GPU figure measured" if not torch.cuda.is_available()
+              else "--toy: toy-size smoke run on the CPU, no GPU figure measured", flush=True)
+        # transformers wraps flex_attention in torch.compile, a C++ build of ~20 s per shape on a CPU; its eager
+        # form computes the same attention (the scores materialised, which is fine at toy size).
+        from torch.nn.attention.flex_attention import flex_attention
+        from transformers.integrations import flex_attention as hf_flex
+
+        hf_flex.compile_friendly_flex_attention = lambda q, k, v, training=False, **kwargs: flex_attention(
+            q, k, v, **kwargs)
+    else:
+        import torch._dynamo as dynamo
+
+        # Every micro-batch has its own [R, L] shape: after the second, dynamo compiles flex_attention for dynamic
+        # shapes; a higher limit keeps a stray recompile from falling back to the (very slow) eager flex_attention.
+        if hasattr(dynamo.config, "recompile_limit"):
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+
+    results = {
+        "device": "cpu" if toy else torch.cuda.get_device_name(),
+        "mode": "toy" if toy else "gpu",
+        "note": ("no GPU: toy-size smoke run, no GPU figure measured" if toy else
+                 "bf16 forward + backward of the TGDPO micro-batch loss; no optimizer step"),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "cuda": torch.version.cuda},
+        "peak_tflops_measured": None, "mfu": None, "mfu_layout": None, "shared_prompt_flex_vs_padded": None,
+        "flops_formula": FLOPS_FORMULA,
+        "definitions": {
+            "seconds": "one timed pass over all pairs (every micro-batch's forward, backward and the host-side input "
+                       "building), after the warm-up passes",
+            "tokens_per_s": "prompt + chosen and prompt + rejected tokens per second, as the trainer counts them: "
+                            "the same work in every layout",
+            "computed_tokens_per_s": "real (non-pad) tokens the layout runs through the model per second",
+            "host_packing_seconds": "CPU time to build one pass's inputs alone (the dense 4D masks are built there)",
+            "budget_tokens": "micro_batch_tokens summed: what the token budget counts (padding included in padded)",
+            "peak_memory_gib": "torch.cuda.max_memory_allocated over the timed pass (weights and gradients included)",
+        },
+    }
+    if not toy:
+        print(f"device: {results['device']}", flush=True)
+        results["peak_tflops_measured"] = round(matmul_tflops(device), 1)
+        results["peak_tflops_how"] = "bf16 8192^3 torch.matmul, mean of 20 after 5 warm-ups, CUDA events"
+        print(f"peak bf16 matmul: {results['peak_tflops_measured']} TFLOP/s", flush=True)
+        hidden, vocab = size["model"]["hidden_size"], size["model"]["vocab_size"]
+        results["logp_memory"] = logp_memory(device, hidden, vocab)
+        print("log-prob peak memory, 8192 tokens x 128k vocab: " + ", ".join(
+            f"{mode} {results['logp_memory'][f'{mode}_gib']:.2f} GiB" for mode in ("plain", "chunked", "fused")),
+            flush=True)
+
+    model = make_model(size, device, toy)
+    body_params = non_embedding_params(model)
+    pairs = make_pairs(size, args.pairs)
+    results["model"] = {"architecture": "Llama, random init", **size["model"], "tie_word_embeddings": True,
+                        "params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                        "non_embedding_params_millions": round(body_params / 1e6, 1),
+                        "dtype": str(size["dtype"]).replace("torch.", "")}
+    results["data"] = {"pairs": args.pairs, "prompt_tokens_min_max_median": size["prompt"],
+                       "answer_tokens_min_max_median": size["answer"], "lengths": "log-normal, sigma 1, clipped",
+                       "max_tokens_per_micro_batch": args.max_tokens, "packed_row_tokens": args.row_tokens,
+                       "warmup_passes": size["warmup_passes"], "timed_passes": size["timed_passes"],
+                       "loss": LOSS, "reference_and_guidance": "cached log-probs (random, as from the scorers)",
+                       "prompt_plus_answers_tokens": packed_tokens(pairs, shared_prompt=False)}
+    print(f"model {results['model']['params_millions']}M params ({size['model']['hidden_size']} hidden, "
+          f"{size['model']['num_hidden_layers']} layers, vocab {size['model']['vocab_size']}), "
+          f"{args.pairs} pairs, {args.max_tokens} tokens per micro-batch, rows of {args.row_tokens}", flush=True)
+
+    results["layouts"], per_pair = {}, {}
+    for name in layouts:
+        if time.perf_counter() - started > args.budget_s:
+            results["layouts"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+            continue
+        print(f"  {name} ...", flush=True)
+        try:
+            results["layouts"][name], per_pair[name] = run_layout(model, pairs, name, size, args, device,
+                                                                  body_params)
+        except Exception as error:  # noqa: BLE001 - on the GPU, one failing layout must not lose the others
+            if toy:
+                raise
+            traceback.print_exc()
+            results["layouts"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        if "error" in results["layouts"][name]:  # out of the except block, so its traceback no longer holds memory
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        write(results, out)  # after every layout: a run cut short keeps what it measured
+
+    # The same objective in every layout: per-pair losses and rewards against padded's.
+    measured = {name: r for name, r in results["layouts"].items() if "seconds" in r}
+    for name, r in measured.items():
+        if "padded" in per_pair:
+            ids = sorted(per_pair["padded"])
+            diffs = np.abs(np.array([per_pair[name][i] for i in ids]) - np.array([per_pair["padded"][i] for i in ids]))
+            r["max_loss_diff_vs_padded"] = float(diffs[:, 0].max())
+            r["max_reward_diff_vs_padded"] = float(diffs[:, 1:].max())
+        if toy:  # small: kept for the smoke test
+            r["per_pair"] = {str(i): per_pair[name][i] for i in sorted(per_pair[name])}
+        if results["peak_tflops_measured"]:
+            r["mfu"] = round(r["achieved_tflops"] / results["peak_tflops_measured"], 4)
+    if not toy and measured:
+        best = max(measured, key=lambda name: measured[name].get("mfu") or 0)
+        results["mfu"], results["mfu_layout"] = measured[best].get("mfu"), best
+    if "padded" in measured:
+        results["pairs_per_s_vs_padded"] = {name: round(r["pairs_per_s"] / measured["padded"]["pairs_per_s"], 3)
+                                            for name, r in measured.items()}
+        if not toy and "shared_prompt_flex" in measured:  # a toy run's speeds mean nothing
+            results["shared_prompt_flex_vs_padded"] = results["pairs_per_s_vs_padded"]["shared_prompt_flex"]
+
+    # FlexAttention against the dense mask (fp32 in the toy run: must agree to 1e-4; bf16 on the GPU: for scale).
+    results["flex_check"] = {}
+    for name in ("shared_prompt_flex", "packed_flex"):
+        if name in measured and time.perf_counter() - started <= args.budget_s + 30:
+            try:
+                results["flex_check"][name] = flex_check(model, pairs, LAYOUTS[name][0], args, device)
+            except Exception as error:  # noqa: BLE001
+                if toy:
+                    raise
+                traceback.print_exc()
+                results["flex_check"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+    results["losses_finite"] = all(r["losses_finite"] for r in measured.values())
+    # The GPU image has none of these: the import chain must not need them.
+    results["heavy_modules_loaded"] = sorted({name.split(".")[0] for name in sys.modules}
+                                             & {"ray", "deepspeed", "vllm", "pydantic"})
+    results["complete"] = True
+    results["seconds_total"] = round(time.perf_counter() - started, 1)
+    write(results, out)
+
+    print_table(results)
+    if not toy:
+        print(f"\npeak bf16 matmul {results['peak_tflops_measured']} TFLOP/s; best MFU {results['mfu']} "
+              f"({results['mfu_layout']}); pairs/s of shared_prompt_flex / padded: "
+              f"{results['shared_prompt_flex_vs_padded']}")
+    for name, check in results["flex_check"].items():
+        print(f"flex check {name}: {check}")
+    print(f"total {results['seconds_total']} s; " + (f"written to {out}" if out else "no --out: JSON not written"))
+    failed = [name for name, r in results["layouts"].items() if "error" in r]
+    if not results["losses_finite"] or failed:
+        print(f"FAILED: non-finite losses or failing layouts {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Real vLLM engines (the CPU build) in Ray actors, as the evaluation starts them.
+
+The demo's own engine settings start on any machine (the KV cache is a size, not a share of host memory), an engine
+that cannot fit fails with one line, seeded sampling survives prompts longer than vLLM's batched-token limit, and
+FastChat's real MT-Bench runs end to end with FastChat's judge prompts, on tiny models.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tgdpo_ray.config import GenerationSection, build_config, read_raw_config
+from tgdpo_ray.demo_data import rule_score
+from tgdpo_ray.evaluation import run_eval
+from tgdpo_ray.generation import GenerationError, actor_options, engine_args, start_engine, wait_started
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def long_model(tiny_model, tmp_path_factory):
+    """The tiny model with room for 8192 positions (rotary embeddings work at any length)."""
+    folder = tmp_path_factory.mktemp("long-model") / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    return str(folder)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cpu_engines_compute_with_the_threads_of_the_cpus_they_hold():
+    cpu = actor_options(GenerationSection(on_gpus=False, cpus_per_engine=3))
+    # Ray would set OMP_NUM_THREADS=1 for a 1-CPU actor, and vLLM would pin every engine to the same cores.
+    assert cpu["num_cpus"] == 3 and cpu["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "3",
+                                                                       "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    gpu = actor_options(GenerationSection(tensor_parallel_size=2))
+    assert gpu["num_gpus"] == 2 and gpu["runtime_env"]["env_vars"] == {}
+    args = engine_args("m", GenerationSection(on_gpus=False), seed=1, trust_remote_code=False)
+    assert args["kv_cache_memory_bytes"] == 256 * 2**20 and args["enable_chunked_prefill"] is False
+    assert "gpu_memory_utilization" not in args
+    args = engine_args("m", GenerationSection(), seed=1, trust_remote_code=False)
+    assert args["gpu_memory_utilization"] == 0.9 and "kv_cache_memory_bytes" not in args
+
+
+def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_local, tiny_model, demo_data, tmp_path):
+    """jobs/demo.yaml's eval section as it is (its questions written by the demo data, its models the tiny one):
+    two CPU engines at once with the default KV cache size, answers written batch by batch, graded by the rule."""
+    section = read_raw_config(ROOT / "jobs" / "demo.yaml")["eval"]
+    section["questions"]["path"] = str(demo_data["questions"])
+    section["generation"]["questions_per_batch"] = 8
+    config = build_config({"kind": "eval", "run": {"name": "demo-eval", "output_dir": str(tmp_path)},
+                           "eval": {**section, "models": [{"name": "tgdpo", "path": tiny_model},
+                                                          {"name": "dpo", "path": tiny_model}]}})
+    answers_path = config.eval_dir / "answers.jsonl"
+    lines, on_disk = [], []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if ": answered" in line:  # how many answers were on disk when progress was reported
+            on_disk.append(len(answers_path.read_text().splitlines()))
+
+    summary = run_eval(config, log=log)
+    questions = jsonl(demo_data["questions"])
+    progress = [line for line in lines if "tgdpo: answered" in line]
+    assert [line.split("answered ")[1].split(" turns")[0] for line in progress] == ["8/32", "16/32", "24/32", "32/32"]
+    assert all("tokens/s" in line and "s left" in line for line in progress)
+    # Each batch was on disk when its progress line came, before the next batch was asked.
+    assert on_disk == sorted(on_disk) and on_disk[0] >= 8 and on_disk[-1] == 64 and len(on_disk) == 8
+    assert any("judged 32/64 judgments" in line for line in lines)
+
+    by_id = {str(q["question_id"]): q for q in questions}
+    judgments = jsonl(config.eval_dir / "judgments.jsonl")
+    answers = {(a["model"], a["question_id"]): a for a in jsonl(answers_path)}
+    assert len(judgments) == 64 and summary["unparseable_judgments"] == 0
+    for judgment in judgments:  # every score is the rule's score of that very answer
+        answer = answers[(judgment["model"], judgment["question_id"])]["turns"][0]
+        assert judgment["score"] == rule_score(by_id[judgment["question_id"]]["turns"][0], answer)
+    scores = summary["scores"]["models"]
+    assert set(scores) == {"tgdpo", "dpo"} and all(model["n_scored"] == 32 for model in scores.values())
+    assert summary["judge"] == "rule:tgdpo_ray.demo_data:rule_score"
+
+
+def test_an_engine_that_cannot_fit_fails_with_one_line_naming_model_memory_and_key(ray_local, tiny_model):
+    section = GenerationSection(on_gpus=False, max_model_len=512, enforce_eager=True, kv_cache_memory_bytes="64TiB")
+    engine = start_engine(tiny_model, section, seed=0)
+    try:
+        with pytest.raises(GenerationError) as raised:
+            wait_started(engine, tiny_model, section, "eval.generation")
+    finally:
+        ray_local.kill(engine)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"vLLM engine for {tiny_model} could not start")
+    assert "Available memory on node" in message  # vLLM's own reason, from its engine process's log
+    assert "67108864 MiB KV cache" in message and "eval.generation.kv_cache_memory_bytes" in message
+
+
+def test_seeded_sampling_survives_prompts_longer_than_the_batched_token_limit(ray_local, long_model, tokenizer):
+    """vLLM's CPU build crashed ("CPU Generator does not use offset") when a seeded request's prompt was prefilled
+    in chunks, i.e. was longer than its batched-token limit (4096 on CPU)."""
+    import ray
+
+    section = GenerationSection(on_gpus=False, max_model_len=8192, enforce_eager=True)
+    engine = start_engine(long_model, section, seed=0)
+    try:
+        wait_started(engine, long_model, section, "eval.generation")
+        conversation = [{"role": "user", "content": "apple river stone cloud " * 1200}]
+        length = len(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False))
+        assert 4096 < length < 8000
+        replies = ray.get(engine.chat.remote([conversation] * 3, [{"temperature": 1.0, "max_tokens": 8, "seed": seed}
+                                                                  for seed in range(3)]))
+    finally:
+        ray.kill(engine)
+    assert [reply["error"] for reply in replies] == [None] * 3
+    assert all(reply["prompt_tokens"] == length and reply["tokens"] > 0 for reply in replies)
+
+
+def test_the_real_mt_bench_with_fastchats_prompts_and_references_on_tiny_models(ray_local, long_model, tmp_path):
+    engine = {"on_gpus": False, "max_model_len": 8192, "enforce_eager": True}
+    config = build_config({"kind": "eval", "run": {"name": "mt-bench", "output_dir": str(tmp_path)}, "eval": {
+        "questions": {"path": "mt_bench"}, "models": [{"name": "tiny", "path": long_model}],
+        "generation": {**engine, "max_new_tokens": 8},
+        "judge": {**engine, "backend": "vllm", "model": long_model, "mode": "single", "max_tokens": 4,
+                  "parse_retries": 0}, "bootstrap_samples": 100}})
+    summary = run_eval(config, log=print)
+    assert summary["questions"] == 80 and summary["judge_prompts"] == "fastchat"
+    answers = jsonl(config.eval_dir / "answers.jsonl")
+    assert len(answers) == 80 and all(len(a["turns"]) == 2 for a in answers)
+    judgments = jsonl(config.eval_dir / "judgments.jsonl")
+    assert len(judgments) == summary["judgments"] == 160
+    prompts = {(j["question_id"], j["turn"]): j["prompt"] for j in judgments}
+    # Math, reasoning and coding are judged against GPT-4's references (q123 has none inline), the rest without.
+    assert prompts[("123", 1)] == "single-math-v1" and prompts[("123", 2)] == "single-math-v1-multi-turn"
+    assert prompts[("81", 1)] == "single-v1" and prompts[("81", 2)] == "single-v1-multi-turn"
+    assert sum(name.startswith("single-math") for name in prompts.values()) == 60
+    assert "fastchat" in (config.eval_dir / "report.md").read_text()
+
+    again = []
+    run_eval(config, log=again.append)
+    assert any("answers: 80 of 80 already on disk" in line for line in again)
+    assert not any("starting a vLLM engine" in line for line in again)

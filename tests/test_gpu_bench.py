@@ -1,0 +1,78 @@
+"""bench/gpu.py's toy-size smoke run (CPU, fp32): its JSON has the fields, every layout gives the padded layout's
+per-pair losses and rewards (the same objective), and FlexAttention's BlockMask gives the dense mask's log-probs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "gpu.py"
+LAYOUTS = ("padded", "packed", "shared_prompt", "shared_prompt_flex", "packed_flex")
+ATOL = 1e-4
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    # A subprocess: the toy run swaps transformers' compiled flex_attention for the eager one, process-wide.
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-bench") / "gpu.json"
+    done = run_script("--toy", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_json_fields(toy_run):
+    results, stdout = toy_run
+    assert "toy-size smoke run" in stdout
+    for key in ("device", "mfu", "shared_prompt_flex_vs_padded", "peak_tflops_measured", "timestamp", "versions",
+                "model", "data", "layouts", "flops_formula", "flex_check"):
+        assert key in results, key
+    assert results["device"] == "cpu" and results["mode"] == "toy" and results["complete"]
+    # No GPU figure from a toy run.
+    assert results["mfu"] is None and results["peak_tflops_measured"] is None
+    assert results["shared_prompt_flex_vs_padded"] is None
+    assert results["heavy_modules_loaded"] == []  # the GPU image has no ray, deepspeed, vllm or pydantic
+    assert set(results["versions"]) >= {"torch", "transformers"}
+    for name in LAYOUTS:
+        layout = results["layouts"][name]
+        for key in ("pairs_per_s", "tokens_per_s", "micro_batches", "model_tflop_per_pass", "peak_memory_gib"):
+            assert key in layout, (name, key)
+
+
+def test_layouts_give_the_padded_losses(toy_run):
+    results, _ = toy_run
+    layouts = results["layouts"]
+    padded = layouts["padded"]["per_pair"]
+    assert len(padded) == results["data"]["pairs"]
+    for name in LAYOUTS:
+        assert layouts[name]["losses_finite"], name
+        per_pair = layouts[name]["per_pair"]
+        assert per_pair.keys() == padded.keys(), name
+        for pair_id, (loss, chosen_reward, rejected_reward) in per_pair.items():
+            assert all(math.isfinite(v) for v in (loss, chosen_reward, rejected_reward)), (name, pair_id)
+            assert [loss, chosen_reward, rejected_reward] == pytest.approx(padded[pair_id], abs=ATOL), (name, pair_id)
+    # The flex layouts ran forward only: FlexAttention has no CPU backward.
+    assert layouts["packed"]["backward"] and not layouts["packed_flex"]["backward"]
+
+
+def test_flex_matches_the_dense_mask(toy_run):
+    results, _ = toy_run
+    for name in ("shared_prompt_flex", "packed_flex"):
+        check = results["flex_check"][name]
+        assert check["mask_equals_dense"] and check["answers_equal"], (name, check)
+        assert check["max_abs_logp_diff"] <= ATOL, (name, check)
+        assert check["rows"] > 1  # several rows, several documents a row: the document masking is exercised
+
+
+def test_toy_run_never_overwrites_the_gpu_results():
+    done = run_script("--toy", "--out", str(REPO / "bench" / "results" / "gpu.json"))
+    assert done.returncode != 0 and "does not overwrite" in done.stderr
