@@ -29,7 +29,7 @@ demo: setup
 	$(VENV)/bin/tgdpo-ray demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) bench/scaling.py

@@ -73,6 +73,7 @@ from tgdpo_ray.batches import (collate_pairs, micro_batch_tokens, pack_by_token_
 from tgdpo_ray.losses import IGNORE_INDEX, compute_loss, token_logps  # noqa: E402
 from tgdpo_ray.packing import (CHOSEN, PROMPT, REJECTED, build_packed_batch, lm_head_token_logps,  # noqa: E402
                                micro_batch_token_logps, pack_pairs, pack_rows, pair_span)
+from packing import make_pairs  # noqa: E402  (bench/packing.py, imported from its folder, as trl_compare does)
 
 # Two sizes. gpu: a Llama-3-shaped ~0.5B model (GQA, 128k vocabulary, tied embeddings) on long-tailed pairs of up
 # to 2048 + 2048 + 2048 tokens. toy: a CPU smoke run of the same code in seconds.
@@ -132,27 +133,6 @@ def matmul_tflops(device, n: int = 8192, warmup: int = 5, iters: int = 20) -> fl
     del a, b, out
     torch.cuda.empty_cache()
     return 2 * n ** 3 / seconds / 1e12
-
-
-def lognormal(rng, low: int, high: int, median: float, size: int) -> np.ndarray:
-    """Long-tailed lengths: most short, a few near `high` (as bench/packing.py)."""
-    return np.clip(np.round(rng.lognormal(np.log(median), 1.0, size)), low, high).astype(int)
-
-
-def make_pairs(size: dict, count: int, seed: int = 0) -> list[dict]:
-    """Random token ids with cached reference and guidance log-probs per answer token, as the scorers add them."""
-    rng = np.random.default_rng(seed)
-    vocab = size["model"]["vocab_size"]
-    prompts, chosen, rejected = (lognormal(rng, *size["prompt"], count), lognormal(rng, *size["answer"], count),
-                                 lognormal(rng, *size["answer"], count))
-    pairs = []
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        pairs.append({"pair_id": i, "prompt_ids": rng.integers(3, vocab, p).tolist(),
-                      "chosen_ids": rng.integers(3, vocab, c).tolist(),
-                      "rejected_ids": rng.integers(3, vocab, r).tolist(),
-                      **{f"{model}_{side}_logps": rng.normal(size["logp_mean"], 1.0, n).astype(np.float32)
-                         for model in ("ref", "guidance") for side, n in (("chosen", c), ("rejected", r))}})
-    return pairs
 
 
 def make_model(size: dict, device, toy: bool):
@@ -559,7 +539,8 @@ def main(argv=None) -> int:
 
     model = make_model(size, device, toy)
     body_params = non_embedding_params(model)
-    pairs = make_pairs(size, args.pairs)
+    pairs = make_pairs(args.pairs, size["model"]["vocab_size"], prompt=size["prompt"], answer=size["answer"],
+                       logp_mean=size["logp_mean"])
     results["model"] = {"architecture": "Llama, random init", **size["model"], "tie_word_embeddings": True,
                         "params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                         "non_embedding_params_millions": round(body_params / 1e6, 1),

@@ -30,17 +30,19 @@ def lognormal(rng, low: int, high: int, median: float, size: int) -> np.ndarray:
     return np.clip(np.round(rng.lognormal(np.log(median), 1.0, size)), low, high).astype(int)
 
 
-def make_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Prompts of 16..512 tokens and answers of 8..768, with reference log-probs (as the scorers would add)."""
+def make_pairs(count: int, vocab: int, seed: int = 0, prompt: tuple = (16, 512, 96), answer: tuple = (8, 768, 160),
+               logp_mean: float = -9.0) -> list[dict]:
+    """Random token ids, prompts and answers of long-tailed lengths ((shortest, longest, median) tokens; by default
+    16..512 and 8..768), with reference and guidance log-probs per answer token (as the scorers would add)."""
     rng = np.random.default_rng(seed)
-    prompts, chosen, rejected = (lognormal(rng, 16, 512, 96, count), lognormal(rng, 8, 768, 160, count),
-                                 lognormal(rng, 8, 768, 160, count))
+    prompts, chosen, rejected = (lognormal(rng, *prompt, count), lognormal(rng, *answer, count),
+                                 lognormal(rng, *answer, count))
     pairs = []
     for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
         pairs.append({"pair_id": i, "prompt_ids": rng.integers(3, vocab, p).tolist(),
                       "chosen_ids": rng.integers(3, vocab, c).tolist(),
                       "rejected_ids": rng.integers(3, vocab, r).tolist(),
-                      **{f"{model}_{side}_logps": rng.normal(-9.0, 1.0, n).astype(np.float32)
+                      **{f"{model}_{side}_logps": rng.normal(logp_mean, 1.0, n).astype(np.float32)
                          for model in ("ref", "guidance") for side, n in (("chosen", c), ("rejected", r))}})
     return pairs
 

@@ -2,11 +2,10 @@
 
 One DPO run produces the guidance model, a TGDPO run uses it, and a SimPO run needs no scorer at all;
 between them ZeRO stages 0, 2 and 3 all train. The trained policies are then evaluated: real vLLM (CPU build)
-answers as Ray actors, and the judge is either `vllm serve` on loopback (OpenAI-compatible) or a vLLM actor.
+answers as Ray actors, and `vllm serve` on loopback (OpenAI-compatible) judges them.
 """
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -239,11 +238,9 @@ EVAL_QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def evaluation(runs, tiny_model, judge_server, tmp_path_factory):
+def evaluation(runs, judge_server, tmp_path_factory):
     """The pipeline's last stage on the trained dpo and tgdpo policies: they answer in vLLM actors and
-    `vllm serve` judges pairwise. Then a kind-eval job judges the same answers (copied into its own folder) in
-    single mode with an in-cluster vLLM judge; then that job runs again."""
-    from tgdpo_ray.evaluation import run_eval
+    `vllm serve` judges pairwise. (An in-cluster vLLM judge, re-grading and resuming: tests/test_engines.py.)"""
     from tgdpo_ray.pipeline import evaluate_policies
 
     root = tmp_path_factory.mktemp("eval")
@@ -255,7 +252,7 @@ def evaluation(runs, tiny_model, judge_server, tmp_path_factory):
     judge = {"max_tokens": 16, "parse_retries": 1}
 
     wait_until_serving(judge_server)
-    logs = {"pairwise": [], "single": [], "again": []}
+    logs = {"pairwise": []}
     raw = runs["dpo"][0].model_dump(mode="json")
     raw.update(kind="pipeline", run={"name": "pipeline", "output_dir": str(root)}, guidance={}, eval={
         **section, "judge": {**judge, "backend": "openai", "base_url": judge_server["url"], "model": "tiny-judge",
@@ -263,15 +260,7 @@ def evaluation(runs, tiny_model, judge_server, tmp_path_factory):
     pipeline = build_config(raw)
     summaries = {"pairwise": evaluate_policies(pipeline, {name: runs[name][1] for name in ("dpo", "tgdpo")},
                                                log=logs["pairwise"].append)}
-    single = build_config({"kind": "eval", "run": {"name": "single", "output_dir": str(root)}, "eval": {
-        **section, "models": [{"name": "tgdpo", "path": runs["tgdpo"][1]["model_dir"]},
-                              {"name": "dpo", "path": runs["dpo"][1]["model_dir"]}],
-        "judge": {**judge, **engine, "backend": "vllm", "model": tiny_model, "mode": "single"}}})
-    single.eval_dir.mkdir(parents=True)
-    shutil.copy(pipeline.eval_dir / "answers.jsonl", single.eval_dir / "answers.jsonl")
-    summaries["single"] = run_eval(single, log=logs["single"].append)
-    summaries["again"] = run_eval(single, log=logs["again"].append)
-    return {"configs": {"pairwise": pipeline, "single": single}, "summaries": summaries, "logs": logs}
+    return {"configs": {"pairwise": pipeline}, "summaries": summaries, "logs": logs}
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -313,18 +302,3 @@ def test_pairwise_judging_through_vllm_serve_counts_what_it_cannot_parse(evaluat
     report = (config.eval_dir / "report.md").read_text()
     assert "unparseable" in report and (config.eval_dir / "win_tie_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((config.eval_dir / "report.json").read_text())["judgments"] == 10
-
-
-def test_an_in_cluster_judge_regrades_stored_answers_and_a_rerun_recomputes_nothing(evaluation):
-    config, logs = evaluation["configs"]["single"], evaluation["logs"]
-    assert any("answers: 6 of 6 already on disk" in line for line in logs["single"])
-    started = [line for line in logs["single"] if "starting a vLLM engine" in line]
-    assert len(started) == 1 and "judge" in started[0]  # no answer engine: only the judge
-    judgments = jsonl(config.eval_dir / "judgments.jsonl")
-    assert len(judgments) == 10 and {j["judge"] for j in judgments} == {f"vllm:{config.eval.judge.model}"}
-    scores = evaluation["summaries"]["single"]["scores"]["models"]
-    assert sum(m["n_scored"] + m["n_unparseable"] for m in scores.values()) == 10
-    assert (config.eval_dir / "scores_by_category.png").exists()
-    assert any("judgments: 10 of 10 already on disk" in line for line in logs["again"])
-    assert not any("starting a vLLM engine" in line for line in logs["again"])
-    assert evaluation["summaries"]["again"] == evaluation["summaries"]["single"]

@@ -130,12 +130,15 @@ def test_seeded_sampling_survives_prompts_longer_than_the_batched_token_limit(ra
 
 
 def test_the_real_mt_bench_with_fastchats_prompts_and_references_on_tiny_models(ray_local, long_model, tmp_path):
+    """FastChat's 80 questions answered in a vLLM actor and judged by an in-cluster vLLM judge with FastChat's
+    prompts; the answers re-graded by another judge; a re-run that recomputes nothing."""
     engine = {"on_gpus": False, "max_model_len": 8192, "enforce_eager": True}
-    config = build_config({"kind": "eval", "run": {"name": "mt-bench", "output_dir": str(tmp_path)}, "eval": {
+    raw = {"kind": "eval", "run": {"name": "mt-bench", "output_dir": str(tmp_path)}, "eval": {
         "questions": {"path": "mt_bench"}, "models": [{"name": "tiny", "path": long_model}],
         "generation": {**engine, "max_new_tokens": 8},
         "judge": {**engine, "backend": "vllm", "model": long_model, "mode": "single", "max_tokens": 4,
-                  "parse_retries": 0}, "bootstrap_samples": 100}})
+                  "parse_retries": 0}, "bootstrap_samples": 100}}
+    config = build_config(raw)
     summary = run_eval(config, log=print)
     assert summary["questions"] == 80 and summary["judge_prompts"] == "fastchat"
     answers = jsonl(config.eval_dir / "answers.jsonl")
@@ -148,8 +151,28 @@ def test_the_real_mt_bench_with_fastchats_prompts_and_references_on_tiny_models(
     assert prompts[("81", 1)] == "single-v1" and prompts[("81", 2)] == "single-v1-multi-turn"
     assert sum(name.startswith("single-math") for name in prompts.values()) == 60
     assert "fastchat" in (config.eval_dir / "report.md").read_text()
+    assert (config.eval_dir / "scores_by_category.png").read_bytes()[:4] == b"\x89PNG"
+    scored = summary["scores"]["models"]["tiny"]
+    assert scored["n_scored"] + scored["n_unparseable"] == 160 == summary["judgments"]
 
+    # The same answers graded by another judge in a new folder (README: copy answers.jsonl): no engine starts.
+    regrade = build_config({**raw, "run": {"name": "regrade", "output_dir": str(tmp_path)}, "eval": {
+        **raw["eval"], "judge": {"backend": "rule", "function": f"{__name__}:words_in_answer"}}})
+    regrade.eval_dir.mkdir(parents=True)
+    shutil.copy(config.eval_dir / "answers.jsonl", regrade.eval_dir / "answers.jsonl")
+    lines = []
+    rule = run_eval(regrade, log=lines.append)
+    assert any("answers: 80 of 80 already on disk" in line for line in lines)
+    assert not any("starting a vLLM engine" in line for line in lines) and rule["judgments"] == 160
+    assert {j["judge"] for j in jsonl(regrade.eval_dir / "judgments.jsonl")} == {f"rule:{__name__}:words_in_answer"}
+
+    # A re-run of the first job finds everything on disk.
     again = []
     run_eval(config, log=again.append)
     assert any("answers: 80 of 80 already on disk" in line for line in again)
+    assert any("judgments: 160 of 160 already on disk" in line for line in again)
     assert not any("starting a vLLM engine" in line for line in again)
+
+
+def words_in_answer(question: str, answer: str, reference) -> float:
+    return float(len(answer.split()))

@@ -79,13 +79,16 @@ class VLLMEngine:
         try:
             self.llm = LLM(**args)
         except Exception as err:  # noqa: BLE001 - any failure to start is reported, with vLLM's reason
-            self.failure = f"{root_cause(self.log, err)} (vLLM's log: {self.log} on {platform.node()})"
+            self.failure = self.explain(err)
             return
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def start_failure(self) -> Optional[str]:
         return self.failure
+
+    def explain(self, err: BaseException) -> str:
+        return f"{root_cause(self.log, err)} (vLLM's log: {self.log} on {platform.node()})"
 
     def chat(self, conversations: list[list[dict]], sampling: list[dict]) -> list[dict]:
         """One reply per conversation, each with its own sampling settings ({temperature, max_tokens, seed}).
@@ -109,7 +112,11 @@ class VLLMEngine:
                                          max_tokens=min(settings["max_tokens"], room)))
             slots.append(slot)
         if prompts:
-            for slot, output in zip(slots, self.llm.generate(prompts, params, use_tqdm=False)):
+            try:
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            except Exception as err:  # noqa: BLE001 - a dead engine: say why, from vLLM's own log
+                raise RuntimeError(self.explain(err)) from None
+            for slot, output in zip(slots, outputs):
                 completion = output.outputs[0]
                 replies[slot] = {"text": completion.text, "tokens": len(completion.token_ids),
                                  "prompt_tokens": len(output.prompt_token_ids),
