@@ -8,9 +8,12 @@ copy of its last micro-batch, so collectives never hang and no pair is dropped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -66,8 +69,19 @@ def deepspeed_config(config: JobConfig, world_size: int, bf16: bool) -> dict:
     }
 
 
+def extensions_dir() -> str:
+    """A torch extension cache of this Python environment's own. DeepSpeed compiles its CPU all-reduce op into
+    torch's extension cache, whose default folder every checkout on a machine shares while the build command names
+    the environment's paths: each checkout rebuilt the op (about a minute of both cores of a small machine)
+    whenever another one had built it last."""
+    environment = hashlib.sha256(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:16]
+    return str(Path.home() / ".cache" / "torch_extensions" / f"env-{environment}")
+
+
 def build_engine(model, config: JobConfig, total_steps: int, world_size: int):
     import deepspeed
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
 
     bf16 = resolve_dtype(config.policy.precision) == torch.bfloat16
     optimizer = torch.optim.AdamW(
