@@ -1,6 +1,8 @@
 """Cache mode: score once into <cache_dir>/<fingerprint>/, then train from it with no scorer at all."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,23 +70,85 @@ def test_a_half_written_cache_is_never_read(ray_cluster, tiny_model, demo_data, 
     assert roles(tmp_path / "runs" / "again") == {"reference", "guidance"}
 
 
-def test_the_fingerprint_covers_data_limits_and_weights(tiny_model, demo_data, tmp_path):
-    from tgdpo_ray.models import load_tokenizer, make_tiny_model
+def test_the_fingerprint_covers_everything_the_scores_depend_on(tiny_model, demo_data, tmp_path):
+    """Each change below changes the scored values; drop any of them from the fingerprint and this fails."""
+    from tgdpo_ray.models import CHATML_TEMPLATE, make_tiny_model
     from tgdpo_ray.run import prepare_data
 
-    base = job(tiny_model, demo_data, tmp_path, "x")
-    _, train, _ = prepare_data(base)
-    key = fingerprint(train.rows, scorer_identity(base))
-    assert key == fingerprint(train.rows, scorer_identity(job(tiny_model, demo_data, tmp_path, "y")))
-
-    _, shorter, _ = prepare_data(job(tiny_model, demo_data, tmp_path, "x", "data.max_length=20",
-                                     "data.max_prompt_length=10"))
-    assert fingerprint(shorter.rows, scorer_identity(base)) != key  # a length limit changes the token ids
-    assert fingerprint(train.rows[:-1], scorer_identity(base)) != key  # so does the data content
     other = str(make_tiny_model(str(tmp_path / "other"), seed=7))
-    assert weights_identity(other) != weights_identity(tiny_model)
-    assert fingerprint(train.rows, scorer_identity(job(tiny_model, demo_data, tmp_path, "x",
-                                                        f"guidance.model={other}"))) != key
-    dpo = job(tiny_model, demo_data, tmp_path, "x", "loss.type=dpo")
-    assert fingerprint(train.rows, scorer_identity(dpo)) != key  # dpo caches the reference alone
-    assert load_tokenizer(tiny_model).pad_token_id is not None
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+
+    def key(*overrides: str, rows=None) -> str:
+        config = job(tiny_model, demo_data, tmp_path, "x", *overrides)
+        rows = prepare_data(config, log=lambda line: None)[1].rows if rows is None else rows
+        return fingerprint(rows, scorer_identity(config))
+
+    base = key()
+    assert key("run.name=y") == base  # where a run writes is not what it scores
+    assert key(f"guidance.model={copy}") == base  # weights are known by their content, not their folder
+    lines = demo_data["train"].read_text().splitlines()
+    pair = json.loads(lines[3])
+    pair["chosen"] += " indeed"
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join(lines[:3] + [json.dumps(pair)] + lines[4:]) + "\n")
+    changes = {
+        "data content": key(f"data.train.path={edited}"),
+        "tokenizer": key(f"policy.model={other}", f"reference.model={tiny_model}"),
+        "chat template": key("data.chat_template=" + json.dumps(CHATML_TEMPLATE.replace("<|im_start|>", "<|im_end|>"))),
+        # Length limits reach the scores through the token ids they cut.
+        "max_length": key("data.max_length=20", "data.max_prompt_length=10"),
+        "max_prompt_length": key("data.max_length=20", "data.max_prompt_length=6"),
+        "reference weights": key(f"reference.model={other}"),
+        "guidance weights": key(f"guidance.model={other}"),
+        "reference precision": key("reference.precision=bf16"),
+        "guidance precision": key("guidance.precision=bf16"),
+        "policy precision (the scorers' default)": key("policy.precision=bf16"),
+        "guidance source": key("guidance.source=token_reward_model"),
+        "dpo scores the reference alone": key("loss.type=dpo"),
+    }
+    # Rewards that come with the data (guidance.source: column) are part of what a cached pair holds.
+    rows = prepare_data(job(tiny_model, demo_data, tmp_path, "x"), log=lambda line: None)[1].rows
+    rewarded = [dict(row, guidance_chosen_rewards=[0.5] * len(row["chosen_ids"]), guidance_rejected_rewards=[])
+                for row in rows]
+    with_rewards = key(rows=rewarded)
+    rewarded[0] = dict(rewarded[0], guidance_chosen_rewards=[0.25] * len(rows[0]["chosen_ids"]))
+    changes["token rewards from the data"] = key(rows=rewarded)
+    assert with_rewards != base
+    unchanged = [what for what, changed in changes.items() if changed in (base, with_rewards)]
+    assert not unchanged, f"the fingerprint ignores: {unchanged}"
+    assert len(set(changes.values())) == len(changes)
+
+
+def write_three_tensors(folder: Path, middle: float) -> Path:
+    """A safetensors file of three 1.2 MiB tensors: its first and last MiB hold only the outer two."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"a_embed": torch.zeros(315_000), "b_layer": torch.full((315_000,), middle),
+               "c_head": torch.ones(315_000)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    return folder / "model.safetensors"
+
+
+def test_weights_identity_hashes_whole_files(tmp_path, monkeypatch):
+    """A guidance model retrained with frozen embeddings changes only its middle tensors: a new identity."""
+    weights = write_three_tensors(tmp_path / "model", middle=0.0)
+    assert weights.stat().st_size > 3 * 2**20
+    first = weights_identity(str(tmp_path / "model"))
+    write_three_tensors(tmp_path / "changed", middle=1.0)
+    assert weights_identity(str(tmp_path / "changed")) != first
+
+    # Retrained into the same folder: the new contents are read again (the memo is keyed by size and mtime).
+    write_three_tensors(tmp_path / "model", middle=2.0)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a real retrain ends seconds later
+    retrained = weights_identity(str(tmp_path / "model"))
+    assert retrained not in (first, weights_identity(str(tmp_path / "changed")))
+
+    # Unchanged files are hashed once per process.
+    opened = []
+    monkeypatch.setattr("tgdpo_ray.cache.open", lambda *args: opened.append(args) or open(*args), raising=False)
+    assert weights_identity(str(tmp_path / "model")) == retrained
+    assert opened == []

@@ -2,7 +2,7 @@
 
 The reference and guidance log-probs of a pair are a pure function of the pair's token ids (which already
 encode the dataset content, the tokenizer, the chat template and the length limits) and of the frozen models'
-weights and precision. Their hash is the fingerprint; scored pairs live in Parquet under
+weights (whole files) and precision. Their hash is the fingerprint; scored pairs live in Parquet under
 `<cache_dir>/<fingerprint>/`, on any filesystem pyarrow knows (a local path, s3://, gs://, ...).
 
 A cache folder counts only once its `_COMPLETE.json` marker exists, written last: a run that died while
@@ -22,7 +22,10 @@ from tgdpo_ray.config import JobConfig
 CACHE_FORMAT = 1  # bump when the meaning of the cached columns changes
 MARKER = "_COMPLETE.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
-SAMPLE_BYTES = 1 << 20
+CHUNK_BYTES = 8 << 20
+# file_digest's memo: (resolved path, size, mtime_ns) -> sha256. A 16 GB model is hashed once per process
+# (about 2 GB/s on one core), and again only when a file changes.
+FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 ROWS_PER_FILE = 20_000
 
 
@@ -48,30 +51,40 @@ def model_files(name_or_path: str) -> Optional[Path]:
         return None
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a whole file, memoized by (path, size, mtime_ns): a process reads each file once, and
+    again only after it was rewritten."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+        FILE_DIGESTS[key] = digest.hexdigest()
+    return FILE_DIGESTS[key]
+
+
 def weights_identity(name_or_path: str) -> str:
-    """A digest of a model's files: names, sizes, and their first and last MiB (cheap even at 100 GB, and
-    any retraining changes them)."""
+    """A digest of a model's files: their names and whole contents. Sampling parts of each file is not enough:
+    a model retrained with frozen embeddings keeps the first and last MiB of its weights."""
     folder = model_files(name_or_path)
     if folder is None:
         return f"name:{name_or_path}"
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(folder)}:{size}".encode())
-        with open(file, "rb") as handle:
-            digest.update(handle.read(SAMPLE_BYTES))
-            if size > 2 * SAMPLE_BYTES:
-                handle.seek(-SAMPLE_BYTES, 2)
-                digest.update(handle.read(SAMPLE_BYTES))
+        digest.update(f"{file.relative_to(folder)}:{file_digest(file)}".encode())
     return digest.hexdigest()
 
 
 def scorer_identity(config: JobConfig) -> dict:
+    """What the scored values depend on besides the token ids: each scorer's weights and the precision it
+    runs in (resolved: a scorer without its own precision runs in the policy's)."""
     identity = {"format": CACHE_FORMAT}
     if config.needs_reference:
-        identity["reference"] = [weights_identity(config.reference_model), config.reference.precision]
+        identity["reference"] = [weights_identity(config.reference_model), config.scorer_precision(config.reference)]
     if config.needs_guidance:
-        identity["guidance"] = [weights_identity(config.guidance.model), config.guidance.precision,
+        identity["guidance"] = [weights_identity(config.guidance.model), config.scorer_precision(config.guidance),
                                 config.guidance.source]
     return identity
 

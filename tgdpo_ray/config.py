@@ -140,7 +140,9 @@ class ScorerSection(Placement):
     gpus_per_replica: float = Field(default=0, ge=0)
     cpus_per_replica: float = Field(default=1, ge=0)
     batch_size: int = Field(default=16, gt=0)  # pairs per scorer call
-    precision: Precision = "auto"
+    # None: the policy's (JobConfig.scorer_precision). A scorer in another precision than the policy gives a
+    # log-ratio that is not zero at step 0.
+    precision: Optional[Precision] = None
 
     @field_validator("replicas")
     @classmethod
@@ -416,6 +418,10 @@ class JobConfig(Section):
     @property
     def reference_model(self) -> str:
         return self.reference.model or self.policy.model
+
+    def scorer_precision(self, section: ScorerSection) -> Precision:
+        """The precision a scorer (config.reference or config.guidance) runs in: its own, else the policy's."""
+        return section.precision or self.policy.precision
 
     @property
     def needs_reference(self) -> bool:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from tgdpo_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from tgdpo_ray.config import JobConfig
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -74,6 +79,57 @@ def load_token_reward_model(name_or_path: str, precision: str = "auto", trust_re
         raise ModelLoadError(f"{name_or_path!r} has {model.config.num_labels} labels per token; a token reward "
                              "model has one (a scalar reward per token)")
     return model
+
+
+class ModelMismatchError(UserError, ValueError):
+    """A reference or guidance model that reads the policy's token ids differently; the message names both."""
+
+
+def vocabulary_signature(name_or_path: str, trust_remote_code: bool = False) -> dict:
+    """What a scorer model must share with the policy: the same embedding size, the same token for every id
+    and the same special tokens."""
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the config of {name_or_path!r}: {err}") from None
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "config.vocab_size": getattr(config.get_text_config(), "vocab_size", None),
+        "tokenizer vocabulary hash": hashlib.sha256(vocab.encode()).hexdigest()[:12],
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def check_models_agree(config: JobConfig) -> None:
+    """Fails, before any Ray resource starts, when a reference or guidance model does not share the policy's
+    tokenizer and vocabulary. The scorers compute log-probs of the policy tokenizer's ids: in another model a
+    larger vocabulary gives wrong values silently and a smaller one an IndexError inside a scorer."""
+    policy = config.policy
+    scorers = []
+    if config.needs_reference:
+        scorers.append(("reference.model", config.reference_model, config.reference.trust_remote_code))
+    if config.needs_guidance:  # a token reward model too: it reads the same ids
+        scorers.append(("guidance.model", config.guidance.model, config.guidance.trust_remote_code))
+    scorers = [scorer for scorer in scorers if scorer[1] != policy.model]  # the policy agrees with itself
+    if not scorers:
+        return
+    expected = vocabulary_signature(policy.model, policy.trust_remote_code)
+    for key, model, trust_remote_code in scorers:
+        found = vocabulary_signature(model, trust_remote_code)
+        differences = [f"{what} {found[what]} vs {expected[what]}" for what in expected
+                       if found[what] != expected[what]]
+        if differences:
+            raise ModelMismatchError(
+                f"{key} {model} does not agree with policy.model {policy.model}: "
+                f"{'; '.join(differences)} ({key.split('.')[0]} vs policy). The scorers compute log-probs of the "
+                "policy tokenizer's token ids, so the reference and guidance models need the policy's tokenizer, "
+                "vocabulary size and special tokens"
+            )
 
 
 def tokenizer_corpus(seed: int, lines: int = 4000) -> list[str]:

@@ -16,7 +16,7 @@ from tgdpo_ray.batches import count_micro_batches
 from tgdpo_ray.config import JobConfig, dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
-from tgdpo_ray.models import load_tokenizer
+from tgdpo_ray.models import check_models_agree, load_tokenizer
 
 
 class RunError(UserError, RuntimeError):
@@ -206,6 +206,7 @@ def run_score(config: JobConfig, log=print) -> dict:
     if not (config.needs_reference or config.needs_guidance):
         raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
     config.scoring.mode = "cache"
+    check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
     start_ray(config)
     check_fits_cluster(config, with_policy=False)
@@ -223,6 +224,8 @@ def run_train(config: JobConfig, log=print) -> dict:
     from tgdpo_ray.training import train_loop
 
     run_dir = config.run_dir
+    # Here, not at config load: a pipeline's guidance model is its DPO stage's output, made during the run.
+    check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
     per_step = config.policy.workers * config.training.gradient_accumulation_steps
     steps_per_epoch = math.ceil(count_micro_batches(

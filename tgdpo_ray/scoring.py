@@ -139,7 +139,7 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
         fn_constructor_kwargs=dict(
             role=role,
             model=model,
-            precision=section.precision,
+            precision=config.scorer_precision(section),
             trust_remote_code=section.trust_remote_code,
             pad_id=pad_id,
             max_tokens=config.training.max_tokens_per_batch,
