@@ -215,7 +215,16 @@ def test_engine_memory_is_a_size_on_cpu_and_a_share_of_the_gpu_otherwise(eval_ra
     assert config.eval.generation.kv_cache_bytes == 256 * 2**20
     assert config.eval.judge.kv_cache_bytes == int(1.5 * 2**30)
     gpu = build_config(eval_raw).eval.generation
-    assert gpu.kv_cache_bytes is None and gpu.gpu_memory_utilization == 0.9  # vLLM sizes it on GPUs
+    assert gpu.kv_cache_bytes is None and gpu.gpu_memory_share == 0.9  # vLLM sizes it on GPUs
+
+
+def test_a_validated_config_written_out_validates_again(eval_raw, tmp_path):
+    """config.yaml and check-config print every default: reading that back must give the same config."""
+    from tgdpo_ray.config import dump_config
+
+    config = build_config(eval_raw, overrides=["eval.generation.on_gpus=false", "eval.judge.on_gpus=false"])
+    dump_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
 
 
 def test_named_question_and_prompt_sets_are_not_paths(eval_raw):

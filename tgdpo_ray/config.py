@@ -192,6 +192,7 @@ class RaySection(Section):
 # The KV cache of a CPU engine when kv_cache_memory_bytes is not set: room for ~11k tokens of a 135M Llama at
 # bf16, and small enough for two engines beside the trainers on a machine with a few GB free.
 CPU_KV_CACHE_BYTES = 256 * 2**20
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own default share of each GPU
 BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
               "gb": 10**9, "tb": 10**12}
 
@@ -242,8 +243,8 @@ class EngineSection(Placement):
     cpus_per_engine: float = Field(default=1, ge=0)
     dtype: str = "auto"
     max_model_len: Optional[int] = Field(default=None, gt=0)  # None: the model's own
-    # GPUs only: the share of each GPU's memory vLLM may take (weights, activations and the KV cache).
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # GPUs only: the share of each GPU's memory vLLM may take (weights, activations and the KV cache); None: 0.9.
+    gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
     # The KV cache's size in bytes (an integer or "512MiB", "2GiB"). On CPU engines it is always a size:
     # vLLM's CPU build reads gpu_memory_utilization as a share of a NUMA node's memory, which differs from
     # machine to machine. None: 256 MiB on CPU; on GPUs, what gpu_memory_utilization leaves.
@@ -257,10 +258,14 @@ class EngineSection(Placement):
 
     @model_validator(mode="after")
     def _memory_knob_for_the_device(self) -> "EngineSection":
-        if not self.on_gpus and "gpu_memory_utilization" in self.model_fields_set:
+        if not self.on_gpus and self.gpu_memory_utilization is not None:
             raise ValueError("gpu_memory_utilization applies to GPU engines only; with on_gpus: false set "
                              "kv_cache_memory_bytes (e.g. 512MiB) instead")
         return self
+
+    @property
+    def gpu_memory_share(self) -> float:
+        return GPU_MEMORY_UTILIZATION if self.gpu_memory_utilization is None else self.gpu_memory_utilization
 
     @property
     def kv_cache_bytes(self) -> Optional[int]:

@@ -37,7 +37,7 @@ def engine_args(model: str, engine: EngineSection, seed: int, trust_remote_code:
     if engine.kv_cache_bytes is not None:
         args["kv_cache_memory_bytes"] = engine.kv_cache_bytes
     else:
-        args["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        args["gpu_memory_utilization"] = engine.gpu_memory_share
     if not engine.on_gpus:
         # vLLM rewinds a seeded request's random generator after a partial (chunked) prefill, which a CPU
         # generator cannot do ("CPU Generator does not use offset"). Without chunked prefill every prompt is
@@ -166,7 +166,7 @@ def wait_started(handle, model: str, engine: EngineSection, key: str) -> None:
         asked = (f"it asked for a {engine.kv_cache_bytes / 2**20:.0f} MiB KV cache: change "
                  f"{key}.kv_cache_memory_bytes, or {key}.max_model_len")
     else:
-        asked = (f"it may take {engine.gpu_memory_utilization:g} of each GPU's memory: change "
+        asked = (f"it may take {engine.gpu_memory_share:g} of each GPU's memory: change "
                  f"{key}.gpu_memory_utilization, {key}.kv_cache_memory_bytes or {key}.max_model_len")
     raise GenerationError(f"vLLM engine for {model} could not start: {failure}; {asked}")
 
