@@ -78,10 +78,21 @@ def extensions_dir() -> str:
     return str(Path.home() / ".cache" / "torch_extensions" / f"env-{environment}")
 
 
+def prefer_environment_ninja() -> None:
+    """torch builds extensions with the first ninja on PATH. Processes that Ray starts see different PATHs: in one
+    suite run the op was built with the venv's ninja (1.13) in one process and the system's (1.11) in another,
+    each discarding the other's build log, so it was compiled twice. The environment's own ninja (DeepSpeed
+    depends on it) is always the one used."""
+    tools = str(Path(sys.executable).parent)
+    if (Path(tools) / "ninja").exists() and os.environ.get("PATH", "").split(os.pathsep)[0] != tools:
+        os.environ["PATH"] = tools + os.pathsep + os.environ.get("PATH", "")
+
+
 def build_engine(model, config: JobConfig, total_steps: int, world_size: int):
     import deepspeed
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    prefer_environment_ninja()
 
     bf16 = resolve_dtype(config.policy.precision) == torch.bfloat16
     optimizer = torch.optim.AdamW(
