@@ -145,10 +145,9 @@ def plan_command(args: argparse.Namespace) -> str:
     elif config.ray.address or os.environ.get("RAY_ADDRESS"):
         import ray
 
-        from tgdpo_ray.run import check_reachable, ray_address
+        from tgdpo_ray.run import connect_to_cluster
 
-        check_reachable(*ray_address(config))  # a wrong address fails in seconds, not after Ray's retries
-        ray.init(address=config.ray.address, logging_level="ERROR")
+        connect_to_cluster(config, logging_level="ERROR")
         cluster = ray.cluster_resources()
     else:
         cluster = None

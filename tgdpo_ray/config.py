@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -199,8 +200,6 @@ BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2*
 
 def parse_bytes(text: str) -> int:
     """ "512MiB" -> 536870912; a plain number is bytes."""
-    import re
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in BYTE_UNITS:
         raise ValueError(f"expected a size such as 268435456, 256MiB or 1GiB, got {text!r}")

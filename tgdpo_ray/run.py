@@ -48,16 +48,23 @@ def start_ray(config: JobConfig) -> None:
         return
     if config.ray.address or os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job RAY_ADDRESS names the cluster; local-only settings do not apply there.
-        name, address = ray_address(config)
-        # ray.init retries a wrong address for minutes and then fails with its internals: check it first.
-        check_reachable(name, address)
-        try:
-            ray.init(address=config.ray.address)
-        except Exception as err:  # e.g. "auto" finding no cluster, or a port that answers but is not Ray's
-            reason = " ".join(str(err).split()) or type(err).__name__
-            raise UserError(f"{name} {address!r}: cannot connect to the Ray cluster: {reason}") from err
+        connect_to_cluster(config)
     else:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+
+
+def connect_to_cluster(config: JobConfig, **init_options) -> None:
+    """ray.init on an existing cluster; a wrong or unreachable address fails in seconds, in one line."""
+    import ray
+
+    name, address = ray_address(config)
+    # ray.init retries a wrong address for minutes and then fails with its internals: check it first.
+    check_reachable(name, address)
+    try:
+        ray.init(address=config.ray.address, **init_options)
+    except Exception as err:  # e.g. "auto" finding no cluster, or a port that answers but is not Ray's
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(f"{name} {address!r}: cannot connect to the Ray cluster: {reason}") from err
 
 
 def ray_address(config: JobConfig) -> tuple[str, str]:
