@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model and demo data are built once per test session, in a temporary folder."""
 
 import os
+import socket
 
 import pytest
 
@@ -28,3 +29,57 @@ def demo_data(tmp_path_factory):
     from tgdpo_ray.demo_data import write_demo_data
 
     return write_demo_data(str(tmp_path_factory.mktemp("demo-data")), train_pairs=384, test_pairs=32)
+
+
+def start_local_ray():
+    """The suite's local Ray: 8 logical CPUs overcommit a small machine so that pools and trainers share it;
+    6 logical GPUs let tests check placement (CPU torch then trains with gloo)."""
+    import ray
+
+    ray.init(num_cpus=8, num_gpus=6, include_dashboard=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every test that needs one (a test that needs another cluster shuts this one down and
+    starts it again afterwards)."""
+    import ray
+
+    start_local_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """torch.distributed in this process (gloo, one rank). Started once: DeepSpeed keeps the first process group
+    it sees for the life of the process."""
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def one_process_group(process_group, monkeypatch):
+    """A real DeepSpeed engine without Ray Train; the launcher's variables it asks for are set for this test only
+    (vLLM engines and servers started later must not inherit them)."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def trained_pair_ids(run_dir) -> dict[int, list[int]]:
+    """epoch -> the ids of the pairs its optimizer steps trained (metrics.jsonl), sorted, repeats kept."""
+    import json
+    from pathlib import Path
+
+    trained: dict[int, list[int]] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval" not in record:
+            trained.setdefault(record["epoch"], []).extend(record["pair_ids"])
+    return {epoch: sorted(ids) for epoch, ids in trained.items()}

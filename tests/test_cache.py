@@ -12,15 +12,6 @@ from tgdpo_ray.config import build_config
 from tgdpo_ray.run import run_score, run_train
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def job(tiny_model, demo_data, root: Path, name: str, *overrides: str):
     raw = {
         "run": {"name": name, "output_dir": str(root / "runs")},

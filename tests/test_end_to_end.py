@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from tgdpo_ray.config import build_config
 from tgdpo_ray.run import run_train
@@ -22,15 +23,6 @@ BAD_ROWS = [
     {"prompt": "Repeat: apple", "chosen": "apple", "rejected": "apple"},
     {"prompt": "Repeat: apple", "chosen": "apple"},
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, num_gpus=6, include_dashboard=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +63,9 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
     prompt) -> simpo (1 worker, ZeRO-0, padded, gradient checkpointing). Scorers use their run's layout."""
     root = tmp_path_factory.mktemp("runs")
     train = root / "train-with-bad-rows.jsonl"
-    train.write_text(demo_data["train"].read_text() + "".join(json.dumps(row) + "\n" for row in BAD_ROWS))
+    # 256 of the demo's pairs (three epochs are plenty to see the loss fall), then the bad rows.
+    pairs = demo_data["train"].read_text().splitlines(keepends=True)[:256]
+    train.write_text("".join(pairs) + "".join(json.dumps(row) + "\n" for row in BAD_ROWS))
 
     def config(name, loss, zero_stage, workers, accumulation=1, packing="padded", checkpointing=False, **extra):
         raw = {
@@ -127,24 +121,73 @@ def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
 
 
 @pytest.mark.parametrize("name", ["dpo", "tgdpo"])
-def test_every_pair_is_trained_exactly_once_per_epoch(runs, name):
+def test_every_pair_is_trained_exactly_once_per_epoch_in_the_planned_steps(runs, name):
+    from tgdpo_ray.run import prepare_data
+    from tgdpo_ray.steps import in_epoch_order, plan_steps
+
     config, summary = runs[name]
     report = json.loads((config.run_dir / "data_report.json").read_text())["train"]
-    kept = report["rows_kept"]
     assert report["skipped_by_reason"] == {"identical_responses": 1, "missing_field": 1}
+    _, train, _ = prepare_data(config, log=lambda _: None)
+    kept = sorted(row["pair_id"] for row in train.rows)
+    assert len(kept) == report["rows_kept"]
+    records = train_records(config.run_dir)
+    orders = []
     for epoch in (0, 1, 2):
-        pairs = sum(r["pairs"] for r in train_records(config.run_dir) if r["epoch"] == epoch)
-        assert pairs == kept, f"epoch {epoch}: {pairs} pairs trained, {kept} kept"  # two uneven shards, none lost
+        steps = [record["pair_ids"] for record in records if record["epoch"] == epoch]
+        assert sorted(i for ids in steps for i in ids) == kept, f"epoch {epoch}: not every pair exactly once"
+        # Rank 0 dealt exactly the plan computed from the seed and the data, so a rerun trains the same steps.
+        plan = plan_steps(in_epoch_order(train.rows, config.run.seed, epoch, shuffle=True), config.training,
+                          config.policy.workers)
+        planned = [[row["pair_id"] for index in range(max(map(len, step))) for share in step
+                    if index < len(share) for row in share[index]] for step in plan]
+        assert steps == planned
+        orders.append([i for ids in steps for i in ids])
+    assert len({tuple(order) for order in orders}) == 3 and orders[0] != kept  # shuffled, anew each epoch
 
 
-def test_loss_goes_down_and_held_out_accuracy_is_reported(runs):
+def test_loss_goes_down_and_held_out_metrics_are_those_of_the_saved_policy(runs, demo_data):
+    from tgdpo_ray.run import prepare_data
+
     for name in ("dpo", "tgdpo"):
         config, summary = runs[name]
-        losses = [r["loss"] for r in train_records(config.run_dir)]
+        records = train_records(config.run_dir)
+        losses = [r["loss"] for r in records]
         first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
         assert last < first - 0.01, f"{name}: loss {first:.4f} -> {last:.4f}"
-        assert summary["eval"]["pairs"] == 32 and 0.0 <= summary["eval"]["reward_accuracy"] <= 1.0
         assert summary["tokens_per_second"] > 0
+        assert all(r["grad_norm"] > 0 for r in records)
+        held_out = summary["eval"]
+        assert held_out["pairs"] == 32 and summary["eval_step"] == summary["steps"]
+        # Recomputed here from the saved policy and the reference, outside Ray and DeepSpeed: the reported
+        # held-out DPO loss and reward accuracy are those of the model the run wrote.
+        _, _, pairs = prepare_data(config, log=lambda _: None)
+        margins = dpo_margins(summary["model_dir"], config.policy.model, pairs.rows, config.loss.beta)
+        undecided = (margins.abs() < 1e-4).float().mean().item()  # a sign float noise could flip
+        assert abs(held_out["reward_accuracy"] - (margins > 0).float().mean().item()) <= undecided
+        assert held_out["dpo_loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item(),
+                                                     rel=1e-4)
+        if name == "dpo":
+            assert held_out["loss"] == pytest.approx(held_out["dpo_loss"], rel=1e-6)
+
+
+def dpo_margins(policy_dir: str, reference_dir: str, rows: list, beta: float) -> "torch.Tensor":
+    """beta * (policy - reference) log-ratio of chosen minus rejected, summed over answer tokens, per pair."""
+    from transformers import AutoModelForCausalLM
+
+    from tgdpo_ray.batches import collate_pairs
+    from tgdpo_ray.losses import IGNORE_INDEX, token_logps
+
+    batch = collate_pairs(rows, pad_id=0)
+    answer = batch["labels"] != IGNORE_INDEX
+    sums = []
+    for folder in (policy_dir, reference_dir):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums.append((token_logps(logits, batch["labels"]) * answer).sum(-1))
+    ratio = beta * (sums[0] - sums[1])
+    return ratio[: len(rows)] - ratio[len(rows):]
 
 
 def test_tgdpo_weights_come_from_the_guidance_model(runs):
@@ -177,7 +220,6 @@ def test_saved_policy_loads_with_transformers_and_generates(runs, name):
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
-    assert isinstance(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]), str)
 
 
 def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):

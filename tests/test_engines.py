@@ -20,15 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def long_model(tiny_model, tmp_path_factory):
     """The tiny model with room for 8192 positions (rotary embeddings work at any length)."""
     folder = tmp_path_factory.mktemp("long-model") / "model"
@@ -56,7 +47,7 @@ def test_cpu_engines_compute_with_the_threads_of_the_cpus_they_hold():
     assert args["gpu_memory_utilization"] == 0.9 and "kv_cache_memory_bytes" not in args
 
 
-def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_local, tiny_model, demo_data, tmp_path):
+def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_cluster, tiny_model, demo_data, tmp_path):
     """jobs/demo.yaml's eval section as it is (its questions written by the demo data, its models the tiny one):
     two CPU engines at once with the default KV cache size, answers written batch by batch, graded by the rule."""
     section = read_raw_config(ROOT / "jobs" / "demo.yaml")["eval"]
@@ -94,21 +85,21 @@ def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_local, 
     assert summary["judge"] == "rule:tgdpo_ray.demo_data:rule_score"
 
 
-def test_an_engine_that_cannot_fit_fails_with_one_line_naming_model_memory_and_key(ray_local, tiny_model):
+def test_an_engine_that_cannot_fit_fails_with_one_line_naming_model_memory_and_key(ray_cluster, tiny_model):
     section = GenerationSection(on_gpus=False, max_model_len=512, enforce_eager=True, kv_cache_memory_bytes="64TiB")
     engine = start_engine(tiny_model, section, seed=0)
     try:
         with pytest.raises(GenerationError) as raised:
             wait_started(engine, tiny_model, section, "eval.generation")
     finally:
-        ray_local.kill(engine)
+        ray_cluster.kill(engine)
     message = str(raised.value)
     assert "\n" not in message and message.startswith(f"vLLM engine for {tiny_model} could not start")
     assert "Available memory on node" in message  # vLLM's own reason, from its engine process's log
     assert "67108864 MiB KV cache" in message and "eval.generation.kv_cache_memory_bytes" in message
 
 
-def test_seeded_sampling_survives_prompts_longer_than_the_batched_token_limit(ray_local, long_model, tokenizer):
+def test_seeded_sampling_survives_prompts_longer_than_the_batched_token_limit(ray_cluster, long_model, tokenizer):
     """vLLM's CPU build crashed ("CPU Generator does not use offset") when a seeded request's prompt was prefilled
     in chunks, i.e. was longer than its batched-token limit (4096 on CPU)."""
     import ray
@@ -129,7 +120,7 @@ def test_seeded_sampling_survives_prompts_longer_than_the_batched_token_limit(ra
     assert all(reply["prompt_tokens"] == length and reply["tokens"] > 0 for reply in replies)
 
 
-def test_the_real_mt_bench_with_fastchats_prompts_and_references_on_tiny_models(ray_local, long_model, tmp_path):
+def test_the_real_mt_bench_with_fastchats_prompts_and_references_on_tiny_models(ray_cluster, long_model, tmp_path):
     """FastChat's 80 questions answered in a vLLM actor and judged by an in-cluster vLLM judge with FastChat's
     prompts; the answers re-graded by another judge; a re-run that recomputes nothing."""
     engine = {"on_gpus": False, "max_model_len": 8192, "enforce_eager": True}

@@ -10,18 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import trained_pair_ids
 from tgdpo_ray.config import build_config
 from tgdpo_ray.models import make_tiny_model
 from tgdpo_ray.run import run_train
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield ray
-    ray.shutdown()
 
 
 def start_run(config):
@@ -53,15 +45,6 @@ def placement_pids(run_dir: Path, role: str) -> list[int]:
     return [json.loads(p.read_text())["pid"] for p in (run_dir / "placement").glob(f"{role}-*.json")]
 
 
-def trained_pairs_per_epoch(run_dir: Path) -> dict:
-    counts = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "eval" not in record:
-            counts[record["epoch"]] = counts.get(record["epoch"], 0) + record["pairs"]
-    return counts
-
-
 @pytest.fixture(scope="module")
 def scorer_killed_run(ray_cluster, tiny_model, demo_data, tmp_path_factory):
     """One epoch in stream mode whose reference scorer actor is killed while scoring."""
@@ -88,7 +71,7 @@ def scorer_killed_run(ray_cluster, tiny_model, demo_data, tmp_path_factory):
 def test_a_killed_scorer_actor_is_restarted_and_its_batches_retried(scorer_killed_run):
     config = scorer_killed_run
     assert len(placement_pids(config.run_dir, "reference")) >= 2  # the pool replaced the killed actor
-    assert trained_pairs_per_epoch(config.run_dir) == {0: 160}
+    assert trained_pair_ids(config.run_dir) == {0: list(range(160))}  # each pair once, by id
 
 
 def test_stream_mode_trains_before_scoring_ends(scorer_killed_run):
@@ -119,4 +102,4 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny
     assert len(placement_pids(config.run_dir, "policy")) == 2  # the worker group was started again
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, outcome["summary"]["steps"] + 1))  # resumed from a checkpoint, no step twice
-    assert trained_pairs_per_epoch(config.run_dir) == {0: 128, 1: 128}
+    assert trained_pair_ids(config.run_dir) == {0: list(range(128)), 1: list(range(128))}

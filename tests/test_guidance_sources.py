@@ -73,15 +73,6 @@ def test_token_reward_head_output_lands_on_its_token(reward_model, tokenizer, de
         assert torch.allclose(torch.from_numpy(values), head, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def run(tiny_model, root, name, train, guidance):
     config = build_config({
         "run": {"name": name, "output_dir": str(root)},

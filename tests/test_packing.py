@@ -364,15 +364,19 @@ def test_fused_head_memory_does_not_grow_with_tokens_times_vocab():
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-3 goes through the unfused head (module call)
-def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(model, tiny_model, zero_stage):
-    """micro_batch_loss, TGDPO with reference and guidance log-probs from the data, padded vs packed vs shared."""
+def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process_group, tiny_model, zero_stage):
+    """micro_batch_loss through a real DeepSpeed engine (ZeRO-2, and ZeRO-3 with its partitioned weights), TGDPO
+    with reference and guidance log-probs from the data: padded vs packed vs shared prompt."""
     import numpy as np
+    from deepspeed.utils import safe_get_full_grad
+    from transformers import AutoConfig
 
     from tgdpo_ray.config import build_config
-    from tgdpo_ray.training import micro_batch_loss
+    from tgdpo_ray.models import load_causal_lm
+    from tgdpo_ray.training import build_engine, micro_batch_loss
 
     rng = np.random.default_rng(0)
-    rows = make_pairs(seed=5, count=6, vocab=model.config.vocab_size)
+    rows = make_pairs(seed=5, count=6, vocab=AutoConfig.from_pretrained(tiny_model).vocab_size)
     for row in rows:
         for side in ("chosen", "rejected"):
             length = len(row[f"{side}_ids"])
@@ -383,12 +387,16 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(model, tiny
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model, "zero_stage": zero_stage},
                                "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
                                "training": {"packing": packing, "packed_row_tokens": 64}}, check_paths=False)
-        model.zero_grad()
-        out, tokens = micro_batch_loss(model, rows, config, pad_id=0, device=torch.device("cpu"))
-        out.losses.sum().backward()
+        # A fresh engine per layout: the gradients read below are exactly this layout's.
+        engine = build_engine(load_causal_lm(tiny_model, "fp32"), config, total_steps=1, world_size=1)
+        if zero_stage == 3:  # the weights really are partitioned: only a module call can see them
+            assert all(param.numel() == 0 for param in engine.module.parameters())
+        out, tokens = micro_batch_loss(engine, rows, config, pad_id=0, device=torch.device("cpu"))
+        engine.backward(out.losses.sum())
         results[packing] = (out.losses.detach().clone(), tokens,
-                            [p.grad.clone() for p in model.parameters() if p.grad is not None])
+                            [safe_get_full_grad(param).clone() for param in engine.module.parameters()])
     losses, padded_tokens, grads = results["padded"]
+    assert any(grad.abs().max() > 0 for grad in grads)
     for packing in ("packed", "shared_prompt"):
         other_losses, tokens, other_grads = results[packing]
         torch.testing.assert_close(other_losses, losses, atol=ATOL, rtol=1e-4)

@@ -1,7 +1,9 @@
-"""Checkpoints and resume: a run stopped part-way and started again ends with the weights of a run that was
-never interrupted, and trains every pair of every epoch exactly once."""
+"""Checkpoints and resume, on two workers: a run stopped part-way and started again trains the same pairs in the
+same steps as a run that was never interrupted, ends with its weights, and trains every pair of every epoch
+exactly once."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -9,15 +11,6 @@ from safetensors.torch import load_file
 
 from tgdpo_ray.config import build_config
 from tgdpo_ray.run import run_train
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,7 @@ def make_job(tiny_model, demo_data, tmp_path_factory):
             "loss": {"type": "dpo"},
             "training": {"epochs": 2, "learning_rate": 1e-3, "max_tokens_per_batch": 512,
                          "gradient_accumulation_steps": 2, "checkpoint_every": 3, "keep_checkpoints": 2},
-            "policy": {"model": tiny_model, "zero_stage": 2},
+            "policy": {"model": tiny_model, "zero_stage": 2, "workers": 2},
             "reference": {"batch_size": 8},
         }
         return build_config(raw, overrides=list(overrides))
@@ -45,7 +38,12 @@ def weights(run_dir: Path) -> dict:
 
 
 def train_records(run_dir: Path) -> list:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if "eval" not in record]
+
+
+def steps_pairs(run_dir: Path) -> list[list[int]]:
+    return [record["pair_ids"] for record in train_records(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +60,17 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
     config = make_job("resumed")
     resumed = run_train(config)  # the same command again
     assert resumed["complete"] and resumed["steps"] == full["steps"]
-    # Float noise bound: the resumed run replays the same micro-batches in the same order, so on one CPU
-    # worker the weights agree to 1e-6 (they are usually bit-identical).
+    assert steps_pairs(config.run_dir) == steps_pairs(full_config.run_dir)  # the same pairs in the same steps
+    # Float noise bound: the resumed run replays the same micro-batches in the same order, so on CPU workers the
+    # weights agree to 1e-6 (they are usually bit-identical).
     expected, got = weights(full_config.run_dir), weights(config.run_dir)
     worst = max((expected[name] - got[name]).abs().max().item() for name in expected)
     assert worst <= 1e-6, f"resumed weights differ by {worst}"
 
     records = train_records(config.run_dir)
     assert [r["step"] for r in records] == list(range(1, full["steps"] + 1))  # no step logged twice
-    for epoch in (0, 1):
-        assert sum(r["pairs"] for r in records if r["epoch"] == epoch) == 64  # every pair once per epoch
+    for epoch in (0, 1):  # every pair once per epoch, by id
+        assert sorted(i for r in records if r["epoch"] == epoch for i in r["pair_ids"]) == list(range(64))
     # keep_checkpoints: only the newest two complete checkpoints remain.
     assert len(list((config.run_dir / "checkpoints").glob("step-*"))) == 2
 
@@ -89,11 +88,26 @@ def test_a_half_written_checkpoint_is_ignored(ray_cluster, make_job, uninterrupt
     assert len(exports) == 2
 
 
-def test_resume_off_starts_afresh(ray_cluster, make_job, uninterrupted):
-    before = weights(uninterrupted[0].run_dir)
+def test_resume_off_starts_afresh_and_a_rerun_trains_the_same_steps(ray_cluster, make_job, uninterrupted):
+    full_config, full = uninterrupted
+    before = weights(full_config.run_dir), steps_pairs(full_config.run_dir)
     config = make_job("uninterrupted", "run.resume=false")  # its folder holds a final checkpoint
+    started = time.time()
     summary = run_train(config)
-    assert summary["steps"] == uninterrupted[1]["steps"]  # trained all over again, not resumed at the end
-    assert len(train_records(config.run_dir)) == summary["steps"]
+    records = train_records(config.run_dir)
+    # Resumed from that final checkpoint, the run would train nothing and keep the old lines.
+    assert [r["step"] for r in records] == list(range(1, full["steps"] + 1))
+    assert all(r["time"] > started for r in records)
+    assert summary["steps"] == full["steps"]
+    # The same seed on two workers: the same pairs in the same steps, and the same weights.
+    assert steps_pairs(config.run_dir) == before[1]
     after = weights(config.run_dir)
-    assert max((before[name] - after[name]).abs().max().item() for name in before) <= 1e-6
+    assert max((before[0][name] - after[name]).abs().max().item() for name in after) <= 1e-6
+
+
+def test_a_finished_run_started_again_reports_its_last_held_out_metrics(ray_cluster, make_job, demo_data):
+    config = make_job("finished", f"data.eval={demo_data['test']}", "training.epochs=1")
+    first = run_train(config)
+    again = run_train(config)  # resumes at the end: nothing left to train
+    assert again["steps"] == first["steps"] and first["eval"]["pairs"] == 32
+    assert again["eval"] == first["eval"] and again["eval_step"] == first["steps"]

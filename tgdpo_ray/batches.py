@@ -57,11 +57,6 @@ def pack_by_token_budget(rows: Iterable, max_tokens: int, max_pairs: Optional[in
         yield batch
 
 
-def count_micro_batches(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None,
-                        packing: str = "padded") -> int:
-    return sum(1 for _ in pack_by_token_budget(rows, max_tokens, max_pairs, packing))
-
-
 def collate_pairs(rows: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask and the shifted labels, all [2n, L] (labels IGNORE_INDEX off the answers)."""
     sequences, answer_lengths = [], []

@@ -62,8 +62,9 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, run_dir: Path, state: dict, epoch_pair_ids: list[int], keep: int, rank: int) -> Path:
-    """A collective call: every worker saves its DeepSpeed shard and RNG; rank 0 seals it with state.json."""
+def save_checkpoint(engine, run_dir: Path, state: dict, keep: int, rank: int) -> Path:
+    """A collective call: every worker saves its DeepSpeed shard and RNG; rank 0 seals it with state.json (the
+    state of the loop, with the ids of the pairs of its epoch already trained)."""
     root = checkpoint_root(run_dir)
     tag = f"step-{state['step']:08d}"
     folder = root / tag
@@ -72,12 +73,9 @@ def save_checkpoint(engine, run_dir: Path, state: dict, epoch_pair_ids: list[int
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
-    # Every worker trained its own pairs: the position in the data is their union.
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, epoch_pair_ids)
+    dist.barrier()  # every shard is written before state.json seals the folder
     if rank == 0:
-        done = sorted({pair_id for ids in gathered for pair_id in ids})
-        (folder / STATE_FILE).write_text(json.dumps({**state, "epoch_pairs_done": done}))
+        (folder / STATE_FILE).write_text(json.dumps(state))
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -93,6 +93,8 @@ class TrainingSection(Section):
     # exactly max_pairs_per_batch x gradient_accumulation_steps x policy.workers pairs.
     max_pairs_per_batch: Optional[int] = Field(default=None, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
+    # Each epoch visits the pairs in an order drawn from (run.seed, epoch); false: file order.
+    shuffle: bool = True
     max_grad_norm: float = Field(default=1.0, ge=0)  # 0 turns clipping off
     logp_chunk_size: int = Field(default=512, gt=0)  # tokens per chunk of the log-softmax (its memory: chunk x vocab)
     # How a micro-batch of pairs becomes model inputs, for the trainers and the scorers alike:
@@ -107,6 +109,7 @@ class TrainingSection(Section):
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more compute
     log_every: int = Field(default=1, gt=0)  # optimizer steps between console lines
     checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0: only at epoch ends (and at max_steps)
+    eval_every: int = Field(default=0, ge=0)  # optimizer steps between held-out evaluations; 0: epoch ends only
     keep_checkpoints: int = Field(default=2, gt=0)
     checkpoint_hf_export: bool = False  # also write each checkpoint's policy in Hugging Face format (<ckpt>/hf)
     max_steps: Optional[int] = Field(default=None, gt=0)  # stop (with a checkpoint) after this many steps
@@ -132,6 +135,7 @@ class PolicySection(Placement):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Precision = "auto"  # auto: bf16 on GPUs that support it, fp32 otherwise
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with GPUs and a CUDA build of torch, else gloo
+    disable_dropout: bool = True  # as the authors' trainer and TRL do for DPO: training log-probs match eval's
 
 
 class ScorerSection(Placement):

@@ -347,8 +347,9 @@ def loss_metrics(out):
     return metrics
 
 
-def metric_sums(out):
-    """Sums over pairs (and tokens, for tgdpo) that add up across micro-batches."""
+def metric_sums(out, dpo_rewards=False):
+    """Sums over pairs (and tokens, for tgdpo) that add up across micro-batches. With dpo_rewards (the rewards
+    are DPO's implicit ones, beta * summed log-ratio), also plain DPO's loss, whatever loss trained."""
     chosen = out.chosen_rewards.float()
     rejected = out.rejected_rewards.float()
     sums = {
@@ -359,6 +360,8 @@ def metric_sums(out):
         "correct_sum": (chosen > rejected).float().sum().item(),
         "pairs": float(out.losses.shape[0]),
     }
+    if dpo_rewards:
+        sums["dpo_loss_sum"] = -F.logsigmoid(chosen - rejected).sum().item()
     for key in TOKEN_SUM_KEYS:
         if key in out.stats:
             sums[key] = out.stats[key].item()
@@ -377,6 +380,8 @@ def finalize_metrics(sums):
         "reward_margin": sums["margin_sum"] / pairs,
         "reward_accuracy": sums["correct_sum"] / pairs,
     }
+    if "dpo_loss_sum" in sums:
+        metrics["dpo_loss"] = sums["dpo_loss_sum"] / pairs
     if "weighted_tokens" in sums:
         metrics["chosen_weight_mean"] = sums["chosen_weight_sum"] / max(sums["chosen_tokens"], 1.0)
         metrics["rejected_weight_mean"] = sums["rejected_weight_sum"] / max(sums["rejected_tokens"], 1.0)

@@ -65,6 +65,16 @@ def load_causal_lm(name_or_path: str, precision: str = "auto", trust_remote_code
         raise ModelLoadError(f"cannot load the model {name_or_path!r}: {err}") from None
 
 
+def disable_dropout(model) -> None:
+    """Dropout off everywhere: nn.Dropout modules, and the float rates attention implementations read."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def load_token_reward_model(name_or_path: str, precision: str = "auto", trust_remote_code: bool = False):
     """A model with a per-token scalar head: AutoModelForTokenClassification with one label."""
     from transformers import AutoModelForTokenClassification

@@ -4,19 +4,20 @@ the Ray Train workers, and collect the run's summary."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
 import time
+from functools import partial
 
+import numpy as np
 import torch
 
-from tgdpo_ray.batches import count_micro_batches
 from tgdpo_ray.config import JobConfig, dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import check_models_agree, load_tokenizer
+from tgdpo_ray.steps import epoch_dataset, epoch_positions, in_epoch_order, plan_steps
 
 
 class RunError(UserError, RuntimeError):
@@ -164,25 +165,6 @@ def torch_backend(config: JobConfig) -> str:
     return "nccl" if config.policy.gpus_per_worker > 0 and torch.version.cuda else "gloo"
 
 
-def uneven_split_config():
-    """Ray Train's default split evens the shards by dropping up to world_size - 1 rows; ours drops none (the
-    trainers pad with zero-weight micro-batches instead, see training.synced_micro_batches)."""
-    from ray.train import DataConfig
-
-    class UnevenSplit(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            shards = [{} for _ in range(world_size)]
-            for name, dataset in datasets.items():
-                dataset = dataset.copy(dataset)
-                dataset.context.execution_options = self._resolve_execution_options(name)
-                splits = dataset.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
-                for rank, split in enumerate(splits):
-                    shards[rank][name] = split
-            return shards
-
-    return UnevenSplit()
-
-
 def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
     """The stream the trainers read: scored on the fly, or from the cache (scored into it first if missing)."""
     from tgdpo_ray.cache import cached_scored_dataset
@@ -192,6 +174,39 @@ def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=pri
     if config.scoring.mode == "cache" and (config.needs_reference or config.needs_guidance):
         return cached_scored_dataset(rows, config, pad_id, split, log)
     return scored_dataset(rows, config, pad_id)
+
+
+def epoch_streams(rows: list, config: JobConfig, pad_id: int, log=print) -> dict:
+    """One scored dataset per epoch, each in its epoch's order (steps.epoch_positions): streamed pairs enter
+    the scorers in that order; cached pairs are sorted into it."""
+    seed, shuffle, epochs = config.run.seed, config.training.shuffle, config.training.epochs
+    if config.scoring.mode == "stream" or not (config.needs_reference or config.needs_guidance):
+        return {epoch_dataset(epoch): scored_pairs(in_epoch_order(rows, seed, epoch, shuffle), config, pad_id,
+                                                   "train", log) for epoch in range(epochs)}
+    cached = scored_pairs(rows, config, pad_id, "train", log)
+    streams = {}
+    for epoch in range(epochs):
+        places = epoch_positions((row["pair_id"] for row in rows), seed, epoch, shuffle)
+        ids = np.array(sorted(places))
+        order = np.array([places[pair_id] for pair_id in ids.tolist()])
+        streams[epoch_dataset(epoch)] = cached.map_batches(
+            partial(with_places, ids=ids, places=order), batch_format="pyarrow").sort("place")
+    return streams
+
+
+def with_places(table, ids: np.ndarray, places: np.ndarray):
+    """Adds each pair's place in the epoch's order (a `place` column) to a block of scored pairs."""
+    import pyarrow as pa
+
+    index = np.searchsorted(ids, table["pair_id"].to_numpy())
+    return table.append_column("place", pa.array(places[index]))
+
+
+def steps_per_run(rows: list, config: JobConfig) -> int:
+    """The optimizer steps of the whole run: its epochs' plans (steps.plan_steps) counted on the driver."""
+    training, world_size = config.training, config.policy.workers
+    return sum(sum(1 for _ in plan_steps(in_epoch_order(rows, config.run.seed, epoch, training.shuffle), training,
+                                         world_size)) for epoch in range(training.epochs))
 
 
 def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, PreparedData | None]:
@@ -225,7 +240,7 @@ def run_score(config: JobConfig, log=print) -> dict:
 
 def run_train(config: JobConfig, log=print) -> dict:
     """One training run; returns the summary that the trainer wrote to <run_dir>/summary.json."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tgdpo_ray.training import train_loop
@@ -234,21 +249,18 @@ def run_train(config: JobConfig, log=print) -> dict:
     # Here, not at config load: a pipeline's guidance model is its DPO stage's output, made during the run.
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
-    per_step = config.policy.workers * config.training.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(count_micro_batches(
-        train.rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch,
-        config.training.packing) / per_step)
+    total_steps = steps_per_run(train.rows, config)  # the schedule's length, whatever max_steps stops at
 
     start_ray(config)
     check_fits_cluster(config)
-    datasets = {"train": scored_pairs(train.rows, config, pad_id, "train", log)}
+    datasets = epoch_streams(train.rows, config, pad_id, log)
     if held_out:
         datasets["eval"] = scored_pairs(held_out.rows, config, pad_id, "eval", log)
     policy = config.policy
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "has_eval": held_out is not None,
-                           "total_steps": steps_per_epoch * config.training.epochs},
+                           "total_steps": total_steps},
         scaling_config=ScalingConfig(
             num_workers=policy.workers,
             use_gpu=policy.gpus_per_worker > 0,
@@ -258,12 +270,14 @@ def run_train(config: JobConfig, log=print) -> dict:
         ),
         torch_config=TorchConfig(backend=torch_backend(config)),
         datasets=datasets,
-        dataset_config=uneven_split_config(),
+        # No dataset is split: rank 0 alone reads each one and deals every step's micro-batches to the workers
+        # (steps.py), so which pairs train in which step depends on the seed and the data, never on timing.
+        dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name=config.run.name, storage_path=str(run_dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=config.training.max_failures)),
     )
     log(f"[run] {config.loss.type} on {policy.workers} policy worker(s), ZeRO-{policy.zero_stage}, "
-        f"~{steps_per_epoch * config.training.epochs} optimizer steps; outputs in {run_dir}")
+        f"{total_steps} optimizer steps; outputs in {run_dir}")
     started = time.perf_counter()
     try:
         trainer.fit()

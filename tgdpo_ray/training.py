@@ -1,35 +1,38 @@
 """The policy trainer: a Ray Train worker loop around a DeepSpeed engine.
 
-Each worker reads its shard of the scored stream (pairs that already carry reference and guidance log-probs),
-so a training step is one policy forward and backward. Shards are uneven under a token budget; workers agree
-at every micro-batch whether anyone still has data, and a worker that has run out joins with a zero-weight
-copy of its last micro-batch, so collectives never hang and no pair is dropped.
+Workers train pairs that already carry reference and guidance log-probs, so a step is one policy forward and
+backward per micro-batch. Rank 0 reads the scored stream and deals each optimizer step's micro-batches to the
+workers (steps.py); every pair of a step weighs the same in its gradient, however the token budget cut the step
+and however its pairs fell on the workers (train_step).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from tgdpo_ray.batches import collate_pairs, pack_by_token_budget, packed_tokens, values_to_grid
+from tgdpo_ray.batches import collate_pairs, packed_tokens, values_to_grid
 from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.losses import (IGNORE_INDEX, TOKEN_SUM_KEYS, WEIGHT_BINS, compute_loss, finalize_metrics,
                               metric_sums, token_logps)
-from tgdpo_ray.models import load_causal_lm, load_tokenizer, resolve_dtype
+from tgdpo_ray.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.packing import micro_batch_token_logps
 from tgdpo_ray.scoring import COLUMN_PREFIX, pick_device, record_placement
+from tgdpo_ray.steps import StepShare, deal_step, epoch_dataset, plan_steps
 from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
 
 SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
@@ -114,7 +117,7 @@ def all_reduce(values: list[float], device, op=None) -> list[float]:
 
 
 def dummy_row(pad_id: int) -> dict:
-    """A one-token pair for a worker that got no data at all: it still has to join every collective."""
+    """A one-token pair for a worker with no micro-batch left in a step: it still joins every collective."""
     values = [f"{prefix}_{side}_{kind}" for prefix in COLUMN_PREFIX.values() for side in ("chosen", "rejected")
               for kind in ("logps", "rewards")]
     return {"pair_id": -1, "prompt_ids": [pad_id], "chosen_ids": [pad_id], "rejected_ids": [pad_id],
@@ -127,7 +130,6 @@ class Waited:
     def __init__(self, iterator):
         self.iterator = iter(iterator)
         self.seconds = 0.0
-        self.step_started = time.perf_counter()
 
     def __iter__(self):
         return self
@@ -139,22 +141,9 @@ class Waited:
         finally:
             self.seconds += time.perf_counter() - started
 
-
-def synced_micro_batches(rows: Iterator, config: JobConfig, device, pad_id: int) -> Iterator[tuple[list, bool]]:
-    """(micro-batch, real) until every worker is out of data; `real` is False for the filler batches."""
-    local = pack_by_token_budget(rows, config.training.max_tokens_per_batch, config.training.max_pairs_per_batch,
-                                 config.training.packing)
-    last = None
-    while True:
-        batch = next(local, None)
-        anyone_has_data = all_reduce([0.0 if batch is None else 1.0], device, dist.ReduceOp.MAX)[0]
-        if not anyone_has_data:
-            return
-        if batch is None:
-            yield (last or [dummy_row(pad_id)]), False
-        else:
-            last = batch
-            yield batch, True
+    def take_seconds(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def policy_token_logps(model, rows: list, config: JobConfig, pad_id: int, device):
@@ -201,9 +190,13 @@ def micro_batch_loss(model, rows: list, config: JobConfig, pad_id: int, device):
 class MetricSums:
     """Sums over the micro-batches of one optimizer step (or one evaluation), combined across workers."""
 
-    def __init__(self, loss_type: str):
-        self.keys = SUM_KEYS + (TOKEN_SUM_KEYS if loss_type == "tgdpo" else ()) + ("tokens",)
-        self.histograms = ("chosen_weight_histogram", "rejected_weight_histogram") if loss_type == "tgdpo" else ()
+    def __init__(self, config: JobConfig):
+        # Every loss with a reference also reports plain DPO's loss, so runs of different losses compare.
+        self.dpo_rewards = config.needs_reference
+        tgdpo = config.loss.type == "tgdpo"
+        self.keys = SUM_KEYS + (("dpo_loss_sum",) if self.dpo_rewards else ()) + (TOKEN_SUM_KEYS if tgdpo else ()) \
+            + ("tokens",)
+        self.histograms = ("chosen_weight_histogram", "rejected_weight_histogram") if tgdpo else ()
         self.reset()
 
     def reset(self) -> None:
@@ -211,7 +204,7 @@ class MetricSums:
         self.counts = {key: [0.0] * WEIGHT_BINS for key in self.histograms}
 
     def add(self, out, tokens: int) -> None:
-        for key, value in metric_sums(out).items():
+        for key, value in metric_sums(out, self.dpo_rewards).items():
             self.sums[key] += value
         self.sums["tokens"] += tokens
         for key in self.histograms:
@@ -230,15 +223,64 @@ class MetricSums:
         return metrics
 
 
-def evaluate(engine, shard, config: JobConfig, pad_id: int, device) -> dict:
-    meter = MetricSums(config.loss.type)
+@dataclass
+class StepResult:
+    metrics: dict  # summed over the step's micro-batches and workers, then averaged over its pairs
+    lr: float  # the learning rate this step used
+    grad_norm: Optional[float]  # of the step's mean-loss gradient, before clipping
+
+
+def gradient_norm(engine) -> float:
+    """The norm of the (already averaged) gradients of an unpartitioned fp32 engine; ZeRO and bf16 engines
+    record their own in step()."""
+    norms = [param.grad.detach().float().norm() for param in engine.module.parameters() if param.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def train_step(engine, share: StepShare, config: JobConfig, pad_id: int, device, world_size: int) -> StepResult:
+    """One optimizer step: its gradient is that of the mean loss over exactly the step's real pairs.
+
+    DeepSpeed averages gradients over the workers, so each micro-batch contributes its summed loss times
+    world_size / step_pairs, and DeepSpeed must not divide by the accumulation steps again (scale_wrt_gas).
+    A worker dealt fewer micro-batches than gradient_accumulation_steps runs zero-weight fillers, so that every
+    worker makes the same collective calls."""
+    engine.train()  # from_pretrained and held-out evaluation leave the policy in eval mode
+    meter = MetricSums(config)
+    accumulation = config.training.gradient_accumulation_steps
+    batches = share.micro_batches + [[dummy_row(pad_id)]] * (accumulation - len(share.micro_batches))
+    weight = world_size / share.step_pairs
+    lr = engine.get_lr()[0]  # read before the scheduler advances
+    norm = None
+    for index, rows in enumerate(batches):
+        real = index < len(share.micro_batches)
+        last = index == accumulation - 1
+        if engine.is_gradient_accumulation_boundary() != last:
+            raise RuntimeError(f"DeepSpeed's accumulation boundary is out of step with the loop at micro-batch "
+                               f"{index + 1}/{accumulation}")
+        out, tokens = micro_batch_loss(engine, rows, config, pad_id, device)
+        engine.backward(out.losses.sum() * (weight if real else 0.0), scale_wrt_gas=False)
+        if real:
+            meter.add(out, tokens)
+        if last and engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+            norm = gradient_norm(engine)
+        engine.step()
+    if norm is None and engine.get_global_grad_norm() is not None:
+        norm = float(engine.get_global_grad_norm())
+    return StepResult(meter.combined(device), lr, norm)
+
+
+def evaluate(engine, rows, config: JobConfig, pad_id: int, device, rank: int, world_size: int) -> dict:
+    """Held-out metrics in eval mode. Rank 0 reads `rows` and deals micro-batches as in training; a worker
+    without one runs a zero-weight filler (ZeRO-3 gathers weights collectively in every forward)."""
+    meter = MetricSums(config)
     engine.eval()
+    plan = plan_steps(rows, config.training, world_size, accumulation=1) if rank == 0 else None
     with torch.no_grad():
-        for rows, real in synced_micro_batches(iter(shard.iter_rows()), config, device, pad_id):
-            out, tokens = micro_batch_loss(engine, rows, config, pad_id, device)
-            if real:
-                meter.add(out, tokens)
-    engine.train()
+        while (share := deal_step(plan, rank, world_size)) is not None:
+            for batch in share.micro_batches or [[dummy_row(pad_id)]]:
+                out, tokens = micro_batch_loss(engine, batch, config, pad_id, device)
+                if share.micro_batches:
+                    meter.add(out, tokens)
     return meter.combined(device)
 
 
@@ -254,135 +296,149 @@ def save_hf_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) 
     dist.barrier()
 
 
-def resume_state(engine, run_dir: Path, rank: int, enabled: bool) -> tuple[dict, set]:
-    """The loop state to start from, and the pairs of its epoch already trained (a fresh run: zeros)."""
-    state = {"step": 0, "epoch": 0, "tokens": 0, "step_seconds": 0.0}
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint's state.json."""
+
+    step: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    step_seconds: float = 0.0
+    epoch_pairs_done: list[int] = field(default_factory=list)  # pairs of `epoch` already trained
+    last_eval: Optional[dict] = None  # the latest held-out metrics, kept for a run resumed after its end
+    last_eval_step: Optional[int] = None
+
+
+def resume_state(engine, run_dir: Path, rank: int, enabled: bool) -> TrainState:
+    """The state to start from: the latest complete checkpoint's, or a fresh one."""
     found = latest_checkpoint(run_dir, warn=print if rank == 0 else lambda _: None) if enabled else None
     if found is None:
-        return state, set()
+        return TrainState()
     folder, saved = found
     load_checkpoint(engine, folder, rank)
-    state.update({key: saved[key] for key in state})
+    state = TrainState(**{key: saved[key] for key in TrainState.__dataclass_fields__ if key in saved})
     if rank == 0:
-        print(f"[checkpoint] resumed from {folder}: step {saved['step']}, epoch {saved['epoch']}, "
-              f"{len(saved['epoch_pairs_done'])} pairs of that epoch already trained", flush=True)
-    return state, set(saved["epoch_pairs_done"])
+        print(f"[checkpoint] resumed from {folder}: step {state.step}, epoch {state.epoch}, "
+              f"{len(state.epoch_pairs_done)} pairs of that epoch already trained", flush=True)
+    return state
+
+
+def load_policy(config: JobConfig, device):
+    # fp32 master weights; DeepSpeed casts the working copy to bf16 when that is on.
+    model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
+    if config.policy.disable_dropout:
+        disable_dropout(model)
+    if config.training.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def step_line(state: TrainState, total_steps: int, result: StepResult, record: dict) -> str:
+    metrics = result.metrics
+    norm = "" if result.grad_norm is None else f" grad norm {result.grad_norm:.3f}"
+    return (f"[train] step {state.step}/{total_steps} epoch {state.epoch} loss {metrics['loss']:.4f} "
+            f"acc {metrics['reward_accuracy']:.2f} margin {metrics['reward_margin']:.4f} lr {result.lr:.2e}{norm} "
+            f"tok/s {record['tokens_per_second']:.0f} data wait {record['data_wait_seconds']:.2f}s")
+
+
+def eval_line(state: TrainState, metrics: dict) -> str:
+    dpo = f" (DPO loss {metrics['dpo_loss']:.4f})" if "dpo_loss" in metrics else ""
+    return (f"[eval] step {state.step} epoch {state.epoch} loss {metrics['loss']:.4f}{dpo} "
+            f"reward accuracy {metrics['reward_accuracy']:.3f} on {metrics['pairs']} pairs")
 
 
 def train_loop(loop_config: dict) -> None:
-    """Runs in every Ray Train worker."""
+    """Runs in every Ray Train worker: one optimizer step per turn of the loop below."""
     import ray.train
 
     config = JobConfig.model_validate(loop_config["config"])
-    total_steps = loop_config["total_steps"]
+    training, run_dir, total_steps = config.training, config.run_dir, loop_config["total_steps"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    run_dir = config.run_dir
     record_placement(str(run_dir), "policy", rank=rank)
+    # Rank 0 runs Ray Data's executor in this process: its per-dataset lines would drown the step lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     seed_everything(config.run.seed + rank)
     device = pick_device()
 
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
     pad_id = tokenizer.pad_token_id
-    # fp32 master weights; DeepSpeed casts the working copy to bf16 when that is on.
-    model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
-    if config.training.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = build_engine(model, config, total_steps, world_size)
-    state, done_in_epoch = resume_state(engine, run_dir, rank, config.run.resume)
-    first_epoch = state["epoch"]
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
-    log = MetricsLog(config, rank, resumed_step=state["step"] or None)
+    engine = build_engine(load_policy(config, device), config, total_steps, world_size)
+    state = resume_state(engine, run_dir, rank, config.run.resume)
+    log = MetricsLog(config, rank, resumed_step=state.step or None)
     scorer_throughput = ScorerThroughput(run_dir)
-    meter = MetricSums(config.loss.type)
-    training = config.training
-    started, eval_metrics = time.perf_counter(), None
-    # Pairs of the current epoch whose gradients were applied: the position in the data a checkpoint keeps.
-    epoch_pairs: list = []
-    pending_pairs: list = []
+    started = time.perf_counter()
 
-    def checkpoint(epoch: int, pairs: list) -> None:
-        saved = {**{key: state[key] for key in ("step", "tokens", "step_seconds")}, "epoch": epoch}
-        folder = save_checkpoint(engine, run_dir, saved, pairs, training.keep_checkpoints, rank)
+    def checkpoint() -> None:
+        folder = save_checkpoint(engine, run_dir, asdict(state), training.keep_checkpoints, rank)
         if training.checkpoint_hf_export:
             save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
 
-    def micro_step(micro: list, real: bool, epoch: int, rows: Waited) -> bool:
-        """One micro-batch; True when it completed an optimizer step."""
-        out, tokens = micro_batch_loss(engine, micro, config, pad_id, device)
-        engine.backward(out.losses.mean() * (1.0 if real else 0.0))
-        at_boundary = engine.is_gradient_accumulation_boundary()
-        lr = engine.get_lr()[0]  # the rate this step uses, read before the scheduler advances
-        engine.step()
-        if real:
-            meter.add(out, tokens)
-            pending_pairs.extend(int(row["pair_id"]) for row in micro)
-        if at_boundary:
-            epoch_pairs.extend(pending_pairs)
-            pending_pairs.clear()
-            log_step(epoch, lr, rows)
-        return at_boundary
-
-    def log_step(epoch: int, lr: float, rows: Waited) -> None:
-        step_seconds = time.perf_counter() - rows.step_started
-        state["step"] += 1
-        step = state["step"]
-        metrics = meter.combined(device)
-        waited = all_reduce([rows.seconds], device)[0] / world_size
-        state["tokens"] += metrics["tokens"]
-        state["step_seconds"] += step_seconds
-        record = {"step": step, "epoch": epoch, "lr": lr, **metrics,
-                  "tokens_per_second": metrics["tokens"] / max(step_seconds, 1e-9),
-                  "data_wait_seconds": waited, "step_seconds": step_seconds,
-                  "elapsed_seconds": time.perf_counter() - started, "time": time.time(), **memory_metrics()}
-        line = None
-        if rank == 0 and (step % training.log_every == 0 or step == 1):
-            record.update(scorer_throughput())
-            line = (f"[train] step {step}/~{total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
-                    f"acc {metrics['reward_accuracy']:.2f} margin {metrics['reward_margin']:.4f} "
-                    f"lr {lr:.2e} tok/s {record['tokens_per_second']:.0f} data wait {waited:.2f}s")
-        log.write(record, line)
-        meter.reset()
-        rows.seconds = 0.0
-        rows.step_started = time.perf_counter()
+    def held_out() -> None:
+        if not loop_config["has_eval"]:
+            return
+        rows = ray.train.get_dataset_shard("eval").iter_rows() if rank == 0 else None
+        state.last_eval = evaluate(engine, rows, config, pad_id, device, rank, world_size)
+        state.last_eval_step = state.step
+        log.write({"step": state.step, "epoch": state.epoch, "eval": state.last_eval},
+                  eval_line(state, state.last_eval))
 
     stopped = False
-    for epoch in range(first_epoch, training.epochs):
-        skip = done_in_epoch if epoch == first_epoch else set()
-        epoch_pairs[:] = sorted(skip)
-        rows = Waited(row for row in train_shard.iter_rows() if int(row["pair_id"]) not in skip)
-        for micro, real in synced_micro_batches(rows, config, device, pad_id):
-            if not micro_step(micro, real, epoch, rows):
-                continue
-            if training.max_steps and state["step"] >= training.max_steps:
+    for epoch in range(state.epoch, training.epochs):
+        state.epoch = epoch
+        plan = rows = None
+        if rank == 0:  # only rank 0 reads data; it deals every step's micro-batches to the workers
+            done = set(state.epoch_pairs_done)  # a resumed epoch goes on where its checkpoint left it
+            rows = Waited(row for row in ray.train.get_dataset_shard(epoch_dataset(epoch)).iter_rows()
+                          if int(row["pair_id"]) not in done)
+            plan = plan_steps(rows, training, world_size)
+        while True:
+            step_started = time.perf_counter()
+            share = deal_step(plan, rank, world_size)
+            if share is None:
+                break
+            result = train_step(engine, share, config, pad_id, device, world_size)
+            step_seconds = time.perf_counter() - step_started
+            state.step += 1
+            state.tokens += result.metrics["tokens"]
+            state.step_seconds += step_seconds
+            state.epoch_pairs_done += share.step_pair_ids
+            if rank == 0:
+                record = {"step": state.step, "epoch": epoch, "lr": result.lr, "grad_norm": result.grad_norm,
+                          **result.metrics, "tokens_per_second": result.metrics["tokens"] / max(step_seconds, 1e-9),
+                          "data_wait_seconds": rows.take_seconds(), "step_seconds": step_seconds,
+                          "elapsed_seconds": time.perf_counter() - started, "time": time.time(),
+                          "pair_ids": share.step_pair_ids, **memory_metrics()}
+                line = None
+                if state.step % training.log_every == 0 or state.step == 1:
+                    record.update(scorer_throughput())
+                    line = step_line(state, total_steps, result, record)
+                log.write(record, line)
+            if training.eval_every and state.step % training.eval_every == 0:
+                held_out()
+            if training.max_steps and state.step >= training.max_steps:
                 stopped = True
                 break
-            if training.checkpoint_every and state["step"] % training.checkpoint_every == 0:
-                checkpoint(epoch, epoch_pairs)
+            if training.checkpoint_every and state.step % training.checkpoint_every == 0:
+                checkpoint()
         if stopped:
-            checkpoint(epoch, epoch_pairs)
+            checkpoint()
             if rank == 0:
                 print(f"[train] stopped at max_steps {training.max_steps}; run the same job again to resume",
                       flush=True)
             break
-        # A partial accumulation at the end of the epoch is applied, not thrown away.
-        while engine.micro_steps % training.gradient_accumulation_steps:
-            micro_step([dummy_row(pad_id)], False, epoch, rows)
-        if eval_shard is not None:
-            eval_metrics = evaluate(engine, eval_shard, config, pad_id, device)
-            log.write({"step": state["step"], "epoch": epoch, "eval": eval_metrics},
-                      f"[eval] epoch {epoch} loss {eval_metrics['loss']:.4f} "
-                      f"reward accuracy {eval_metrics['reward_accuracy']:.3f} on {eval_metrics['pairs']} pairs")
-        checkpoint(epoch + 1, [])
+        if state.last_eval_step != state.step:
+            held_out()
+        state.epoch, state.epoch_pairs_done = epoch + 1, []
+        checkpoint()
 
     train_seconds = time.perf_counter() - started
     save_hf_model(engine, tokenizer, run_dir / "model", config.policy.zero_stage, rank)
-    summary = {"steps": state["step"], "complete": not stopped, "train_seconds": train_seconds,
-               "tokens": state["tokens"], "tokens_per_second": state["tokens"] / max(state["step_seconds"], 1e-9),
-               "eval": eval_metrics, "model_dir": str(run_dir / "model")}
+    summary = {"steps": state.step, "complete": not stopped, "train_seconds": train_seconds,
+               "tokens": state.tokens, "tokens_per_second": state.tokens / max(state.step_seconds, 1e-9),
+               "eval": state.last_eval, "eval_step": state.last_eval_step, "model_dir": str(run_dir / "model")}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.close()
-    ray.train.report({"steps": state["step"], "tokens_per_second": summary["tokens_per_second"]})
+    ray.train.report({"steps": state.step, "tokens_per_second": summary["tokens_per_second"]})

@@ -1,0 +1,174 @@
+"""The optimizer step: the pairs of each step follow the seed and the data, never timing; every pair of a step
+weighs the same however the step is cut into micro-batches and dealt to workers; the policy trains in train mode
+(gradient checkpointing really runs) with dropout off."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tgdpo_ray.batches import pack_by_token_budget
+from tgdpo_ray.config import TrainingSection, build_config
+from tgdpo_ray.run import prepare_data, run_train
+from tgdpo_ray.steps import StepShare, epoch_positions, in_epoch_order, plan_steps
+
+PAIRS = 12
+
+
+def rows_of_lengths(lengths: list[int]) -> list[dict]:
+    return [{"pair_id": index, "prompt_ids": [1] * 4, "chosen_ids": [2] * length, "rejected_ids": [3] * length}
+            for index, length in enumerate(lengths)]
+
+
+def test_each_epoch_has_its_own_seeded_order_and_file_order_without_shuffle():
+    ids = list(range(100))
+    orders = {(seed, epoch): sorted(ids, key=epoch_positions(ids, seed, epoch, True).get)
+              for seed in (0, 1) for epoch in (0, 1)}
+    assert all(sorted(order) == ids for order in orders.values())  # permutations: every pair once
+    assert len({tuple(order) for order in orders.values()}) == 4  # another seed or epoch: another order
+    assert orders[(0, 1)] == sorted(ids, key=epoch_positions(ids, 0, 1, True).get)  # the same on every call
+    assert orders[(0, 0)] != ids
+    rows = rows_of_lengths([5] * 10)
+    assert [row["pair_id"] for row in in_epoch_order(rows[::-1], 0, 3, shuffle=False)] == list(range(10))
+
+
+def test_a_step_deals_its_micro_batches_round_robin_at_most_accumulation_each():
+    training = TrainingSection(max_tokens_per_batch=10**6, max_pairs_per_batch=2, gradient_accumulation_steps=2)
+    steps = list(plan_steps(rows_of_lengths([5] * 11), training, world_size=2))
+    # 11 pairs -> micro-batches of 2,2,2,2,2,1; four per step (2 workers x 2).
+    ids = [[[row["pair_id"] for row in batch] for batch in share] for step in steps for share in step]
+    assert ids == [[[0, 1], [4, 5]], [[2, 3], [6, 7]],  # step 1: worker 0, worker 1
+                   [[8, 9]], [[10]]]  # step 2: one micro-batch each, the rest filled in by the trainers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One optimizer step over the same 12 pairs, cut and dealt in different ways (SimPO: a per-pair loss that needs
+# no scorer). One worker runs in this process with a real DeepSpeed engine; two workers run on Ray.
+# ---------------------------------------------------------------------------------------------------------------
+
+BUDGET = 330  # padded tokens: cuts the 12 demo pairs into uneven micro-batches (5, 5, 2 today)
+
+
+def one_step_config(tiny_model, demo_data, root, workers=1, **training):
+    return build_config({
+        "run": {"name": f"one-step-{workers}", "output_dir": str(root), "seed": 5},
+        "data": {"train": {"path": str(demo_data["train"]), "limit": PAIRS}, "max_length": 64,
+                 "max_prompt_length": 32},
+        "loss": {"type": "simpo"},
+        # Clipping off, no warmup: the step applies the gradient it computed, at the full rate.
+        "training": {"epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0, "max_grad_norm": 0.0, "max_steps": 1,
+                     **training},
+        "policy": {"model": tiny_model, "workers": workers, "zero_stage": 2},
+    })
+
+
+def flat_update(weights: dict, start: dict) -> torch.Tensor:
+    return torch.cat([(weights[key].detach().cpu() - start[key]).flatten() for key in sorted(start)])
+
+
+def step_in_this_process(config) -> tuple[float, float, torch.Tensor]:
+    """(loss, gradient norm, weight update) of the first step, planned and dealt as rank 0 of one worker does."""
+    from tgdpo_ray.steps import deal_step
+    from tgdpo_ray.training import build_engine, load_policy, train_step
+
+    pad_id, train, _ = prepare_data(config, log=lambda _: None)
+    engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=1, world_size=1)
+    plan = plan_steps(in_epoch_order(train.rows, config.run.seed, 0, shuffle=True), config.training, 1)
+    share = deal_step(plan, rank=0, world_size=1)
+    assert share.step_pairs == PAIRS
+    result = train_step(engine, share, config, pad_id, torch.device("cpu"), world_size=1)
+    start = load_file(str(Path(config.policy.model) / "model.safetensors"))
+    return result.metrics["loss"], result.grad_norm, flat_update(dict(engine.module.named_parameters()), start)
+
+
+def test_every_pair_of_a_step_weighs_the_same_however_the_step_is_cut(one_process_group, ray_cluster, tiny_model,
+                                                                      demo_data, tmp_path):
+    whole = step_in_this_process(one_step_config(tiny_model, demo_data, tmp_path, max_tokens_per_batch=10**5))
+
+    config = one_step_config(tiny_model, demo_data, tmp_path, max_tokens_per_batch=BUDGET,
+                             gradient_accumulation_steps=3)
+    _, train, _ = prepare_data(config, log=lambda _: None)
+    sizes = [len(batch) for batch in pack_by_token_budget(in_epoch_order(train.rows, 5, 0, True), BUDGET)]
+    assert len(set(sizes)) > 1 and len(sizes) == 3, sizes
+    variants = {"one worker, three uneven micro-batches": step_in_this_process(config)}
+
+    # Two workers: worker 0 gets micro-batches 1 and 3, worker 1 micro-batch 2 and then a zero-weight filler.
+    config = one_step_config(tiny_model, demo_data, tmp_path, workers=2, max_tokens_per_batch=BUDGET,
+                             gradient_accumulation_steps=2)
+    run_train(config)
+    record = json.loads((config.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["pairs"] == PAIRS
+    start = load_file(str(Path(tiny_model) / "model.safetensors"))
+    saved = load_file(str(config.run_dir / "model" / "model.safetensors"))
+    variants["two workers, one short of micro-batches"] = (record["loss"], record["grad_norm"],
+                                                           flat_update(saved, start))
+
+    loss, norm, update = whole
+    for name, (other_loss, other_norm, other_update) in variants.items():
+        assert other_loss == pytest.approx(loss, rel=1e-6), name
+        # The gradient's scale: a pair weighted twice, or a sum divided by the wrong count, changes it.
+        assert other_norm == pytest.approx(norm, rel=1e-5), name
+        # Its direction: Adam's first step is about lr * sign(gradient), so elements whose gradient is float
+        # noise may differ by a fraction of lr; a pair weighted differently moves many elements.
+        difference = ((other_update - update).norm() / update.norm()).item()
+        assert difference < 1e-3, f"{name}: the update differs from one whole micro-batch's by {difference}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The policy's mode, in-process with a real DeepSpeed engine (one worker, gloo).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_runs_from_the_first_step(one_process_group, tiny_model, demo_data, tmp_path):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tgdpo_ray.training import build_engine, load_policy, train_step
+
+    config = build_config({"run": {"output_dir": str(tmp_path)}, "loss": {"type": "simpo"},
+                           "data": {"train": {"path": str(demo_data["train"]), "limit": 4}, "max_length": 64,
+                                    "max_prompt_length": 32},
+                           "training": {"gradient_checkpointing": True},
+                           "policy": {"model": tiny_model, "zero_stage": 0}})
+    pad_id, train, _ = prepare_data(config, log=lambda _: None)
+    model = load_policy(config, torch.device("cpu"))
+    assert not model.training  # from_pretrained's mode: checkpointing (and dropout) would be off in it
+    checkpointed = []
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    assert layers and all(layer.gradient_checkpointing for layer in layers)
+    for layer in layers:
+        def counted(*args, inner=layer._gradient_checkpointing_func, **kwargs):
+            checkpointed.append(1)
+            return inner(*args, **kwargs)
+        layer._gradient_checkpointing_func = counted
+    engine = build_engine(model, config, total_steps=1, world_size=1)
+    ids = [row["pair_id"] for row in train.rows]
+    result = train_step(engine, StepShare([train.rows], len(ids), ids), config, pad_id, torch.device("cpu"), 1)
+    assert len(checkpointed) == len(layers)  # every layer's forward went through the checkpoint
+    assert model.training and result.metrics["pairs"] == 4
+
+
+def test_dropout_is_off_in_the_policy_unless_asked_for(tiny_model, tmp_path):
+    import shutil
+
+    from tgdpo_ray.training import load_policy
+
+    folder = tmp_path / "with-dropout"
+    shutil.copytree(tiny_model, folder)
+    model_config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**model_config, "attention_dropout": 0.5}))
+    inputs = torch.arange(1, 33).reshape(1, 32)
+
+    def two_forwards(disable: bool):
+        config = build_config({"policy": {"model": str(folder), "disable_dropout": disable}, "loss": {"type": "dpo"},
+                               "data": {"train": {"path": "unused.jsonl"}}}, check_paths=False)
+        model = load_policy(config, torch.device("cpu")).train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model(input_ids=inputs).logits, model(input_ids=inputs).logits
+
+    first, second = two_forwards(disable=True)
+    assert torch.equal(first, second)
+    first, second = two_forwards(disable=False)
+    assert not torch.allclose(first, second)  # the check can fail: dropout at 0.5 does change the logits

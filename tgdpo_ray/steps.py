@@ -1,0 +1,78 @@
+"""Which pairs train in which optimizer step, and on which worker.
+
+Every epoch visits the pairs in an order drawn from (run.seed, epoch) (training.shuffle; file order when off).
+Rank 0 reads the epoch's scored stream in that order, cuts it into token-budget micro-batches and deals each
+optimizer step's micro-batches to the workers: worker w gets micro-batches w, w + W, w + 2W, ... of the step, at
+most gradient_accumulation_steps of them. The plan is a function of the data, the seed and the config alone,
+never of timing: a rerun trains the same pairs in the same steps, and a resumed run continues the plan of the
+run it resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch.distributed as dist
+
+from tgdpo_ray.batches import pack_by_token_budget
+from tgdpo_ray.config import TrainingSection
+
+
+def epoch_dataset(epoch: int) -> str:
+    """The name under which the trainers find an epoch's scored stream (one dataset per epoch, each in its
+    own order)."""
+    return f"train-epoch-{epoch}"
+
+
+def epoch_positions(pair_ids: Iterable[int], seed: int, epoch: int, shuffle: bool) -> dict[int, int]:
+    """pair id -> its place in the epoch's order: a permutation drawn from (seed, epoch), or file order."""
+    ids = sorted(pair_ids)
+    if not shuffle:
+        return {pair_id: place for place, pair_id in enumerate(ids)}
+    order = np.random.default_rng([seed, epoch]).permutation(len(ids))
+    return {ids[index]: place for place, index in enumerate(order.tolist())}
+
+
+def in_epoch_order(rows: list[dict], seed: int, epoch: int, shuffle: bool) -> list[dict]:
+    places = epoch_positions((row["pair_id"] for row in rows), seed, epoch, shuffle)
+    return sorted(rows, key=lambda row: places[row["pair_id"]])
+
+
+@dataclass
+class StepShare:
+    """One worker's part of an optimizer step."""
+
+    micro_batches: list[list[dict]]
+    step_pairs: int  # real pairs of the whole step, over every worker: the divisor of the step's loss
+    step_pair_ids: list[int]  # every pair of the step, in plan order
+
+
+def plan_steps(rows: Iterable[dict], training: TrainingSection, world_size: int,
+               accumulation: Optional[int] = None) -> Iterator[list[list[list[dict]]]]:
+    """The steps of one pass over `rows`: for each step, every worker's micro-batches."""
+    per_worker = training.gradient_accumulation_steps if accumulation is None else accumulation
+    micro_batches = pack_by_token_budget(rows, training.max_tokens_per_batch, training.max_pairs_per_batch,
+                                         training.packing)
+    while True:
+        step = list(islice(micro_batches, world_size * per_worker))
+        if not step:
+            return
+        yield [step[worker::world_size] for worker in range(world_size)]
+
+
+def deal_step(plan: Optional[Iterator], rank: int, world_size: int) -> Optional[StepShare]:
+    """A collective: rank 0 takes the plan's next step and sends each worker its share (one message per worker,
+    which also carries the step's pair count). Every worker gets None when the plan is used up."""
+    shares: list = [None] * world_size
+    if rank == 0:
+        step = next(plan, None)
+        if step is not None:
+            pair_ids = [int(row["pair_id"]) for index in range(max(map(len, step)))
+                        for share in step if index < len(share) for row in share[index]]
+            shares = [StepShare(share, len(pair_ids), pair_ids) for share in step]
+    received: list = [None]
+    dist.scatter_object_list(received, shares if rank == 0 else None, src=0)
+    return received[0]
