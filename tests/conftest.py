@@ -2,6 +2,7 @@
 
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 
@@ -37,6 +38,21 @@ def start_local_ray():
     import ray
 
     ray.init(num_cpus=8, num_gpus=6, include_dashboard=False)
+
+
+@contextmanager
+def without_local_ray():
+    """For a test with a cluster of its own: the suite's local Ray is stopped meanwhile, and started again after
+    when it was running."""
+    import ray
+
+    shared = ray.is_initialized()
+    ray.shutdown()
+    try:
+        yield
+    finally:
+        if shared:
+            start_local_ray()
 
 
 @pytest.fixture(scope="session")

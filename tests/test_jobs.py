@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import without_local_ray
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -26,7 +28,13 @@ def cli(*args, timeout=600, env=None):
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A Ray head whose job drivers find this venv's python first on PATH (as a cluster image would)."""
+    """A Ray head whose job drivers find this venv's python first on PATH (as a cluster image would). The suite's
+    local Ray is stopped meanwhile: `ray stop --force` at the end stops every Ray on the machine."""
+    with without_local_ray():
+        yield from started_head(tmp_path_factory)
+
+
+def started_head(tmp_path_factory):
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     port, dashboard = free_port(), free_port()
     started = subprocess.run(

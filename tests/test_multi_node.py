@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_local_ray, trained_pair_ids
+from conftest import trained_pair_ids, without_local_ray
 from tgdpo_ray.config import build_config
 from tgdpo_ray.models import make_tiny_model
 from tgdpo_ray.run import run_train
@@ -19,20 +19,17 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    shared = ray.is_initialized()  # the suite's local Ray (conftest): started again afterwards
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
-    nodes = {
-        "policy": cluster.add_node(num_cpus=3, num_gpus=2, labels={"tgdpo-group": "policy"}),
-        "scorer-a": cluster.add_node(num_cpus=2, num_gpus=1, labels={"tgdpo-group": "scorer"}),
-        "scorer-b": cluster.add_node(num_cpus=2, num_gpus=1, labels={"tgdpo-group": "scorer"}),
-    }
-    ray.init(address=cluster.address)
-    yield cluster, {name: node.node_id for name, node in nodes.items()}, nodes
-    ray.shutdown()
-    cluster.shutdown()
-    if shared:
-        start_local_ray()
+    with without_local_ray():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
+        nodes = {
+            "policy": cluster.add_node(num_cpus=3, num_gpus=2, labels={"tgdpo-group": "policy"}),
+            "scorer-a": cluster.add_node(num_cpus=2, num_gpus=1, labels={"tgdpo-group": "scorer"}),
+            "scorer-b": cluster.add_node(num_cpus=2, num_gpus=1, labels={"tgdpo-group": "scorer"}),
+        }
+        ray.init(address=cluster.address)
+        yield cluster, {name: node.node_id for name, node in nodes.items()}, nodes
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def placements(run_dir: Path) -> list[dict]:

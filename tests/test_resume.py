@@ -105,9 +105,16 @@ def test_resume_off_starts_afresh_and_a_rerun_trains_the_same_steps(ray_cluster,
     assert max((before[0][name] - after[name]).abs().max().item() for name in after) <= 1e-6
 
 
-def test_a_finished_run_started_again_reports_its_last_held_out_metrics(ray_cluster, make_job, demo_data):
-    config = make_job("finished", f"data.eval={demo_data['test']}", "training.epochs=1")
+def test_held_out_every_few_steps_and_a_finished_run_started_again_keeps_its_metrics(ray_cluster, make_job,
+                                                                                     demo_data):
+    config = make_job("finished", f"data.eval={demo_data['test']}", "training.epochs=1", "training.eval_every=2")
     first = run_train(config)
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [record["step"] for record in records if "eval" in record]
+    # Every second step, and at the epoch's end unless that step was just evaluated.
+    assert evaluated == sorted(set(range(2, first["steps"] + 1, 2)) | {first["steps"]})
+    assert all(record["eval"]["pairs"] == 32 and "dpo_loss" in record["eval"] for record in records
+               if "eval" in record)
     again = run_train(config)  # resumes at the end: nothing left to train
-    assert again["steps"] == first["steps"] and first["eval"]["pairs"] == 32
-    assert again["eval"] == first["eval"] and again["eval_step"] == first["steps"]
+    assert again["steps"] == first["steps"]
+    assert again["eval"] == first["eval"] and again["eval_step"] == first["steps"]  # not nan, not missing

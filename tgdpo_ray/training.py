@@ -153,10 +153,12 @@ def policy_token_logps(model, rows: list, config: JobConfig, pad_id: int, device
     training = config.training
     if training.packing != "padded":
         module = getattr(model, "module", model)
-        # Under ZeRO-3 the LM head's weight is gathered only inside its module's call: no fused head there.
+        # Under ZeRO-3 the LM head's weight is gathered only inside its module's call: no fused head there, and
+        # the forward goes through the engine.
+        zero3 = config.policy.zero_stage == 3
         logps, mask, _ = micro_batch_token_logps(module, rows, training.packing == "shared_prompt",
                                                  training.packed_row_tokens, training.logp_chunk_size,
-                                                 fused_head=config.policy.zero_stage != 3)
+                                                 fused_head=not zero3, engine=model if zero3 else None)
         return logps, mask, packed_tokens(rows, shared_prompt=False)
     batch = collate_pairs(rows, pad_id)
     labels = batch["labels"].to(device)
@@ -354,6 +356,7 @@ def train_loop(loop_config: dict) -> None:
 
     config = JobConfig.model_validate(loop_config["config"])
     training, run_dir, total_steps = config.training, config.run_dir, loop_config["total_steps"]
+    has_eval = loop_config["has_eval"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     record_placement(str(run_dir), "policy", rank=rank)
@@ -370,21 +373,19 @@ def train_loop(loop_config: dict) -> None:
     scorer_throughput = ScorerThroughput(run_dir)
     started = time.perf_counter()
 
-    def checkpoint() -> None:
+    def checkpoint() -> int:
         folder = save_checkpoint(engine, run_dir, asdict(state), training.keep_checkpoints, rank)
         if training.checkpoint_hf_export:
             save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
+        return state.step
 
-    def held_out() -> None:
-        if not loop_config["has_eval"]:
-            return
+    def held_out() -> dict:
         rows = ray.train.get_dataset_shard("eval").iter_rows() if rank == 0 else None
-        state.last_eval = evaluate(engine, rows, config, pad_id, device, rank, world_size)
-        state.last_eval_step = state.step
-        log.write({"step": state.step, "epoch": state.epoch, "eval": state.last_eval},
-                  eval_line(state, state.last_eval))
+        metrics = evaluate(engine, rows, config, pad_id, device, rank, world_size)
+        log.write({"step": state.step, "epoch": state.epoch, "eval": metrics}, eval_line(state, metrics))
+        return metrics
 
-    stopped = False
+    stopped, saved_step = False, state.step  # a resumed run starts from a checkpoint of its step
     for epoch in range(state.epoch, training.epochs):
         state.epoch = epoch
         plan = rows = None
@@ -394,6 +395,9 @@ def train_loop(loop_config: dict) -> None:
                           if int(row["pair_id"]) not in done)
             plan = plan_steps(rows, training, world_size)
         while True:
+            if training.max_steps and state.step >= training.max_steps:
+                stopped = True
+                break
             step_started = time.perf_counter()
             share = deal_step(plan, rank, world_size)
             if share is None:
@@ -415,23 +419,21 @@ def train_loop(loop_config: dict) -> None:
                     record.update(scorer_throughput())
                     line = step_line(state, total_steps, result, record)
                 log.write(record, line)
-            if training.eval_every and state.step % training.eval_every == 0:
-                held_out()
-            if training.max_steps and state.step >= training.max_steps:
-                stopped = True
-                break
+            if has_eval and training.eval_every and state.step % training.eval_every == 0:
+                state.last_eval, state.last_eval_step = held_out(), state.step
             if training.checkpoint_every and state.step % training.checkpoint_every == 0:
-                checkpoint()
+                saved_step = checkpoint()
         if stopped:
-            checkpoint()
+            if saved_step != state.step:
+                saved_step = checkpoint()
             if rank == 0:
                 print(f"[train] stopped at max_steps {training.max_steps}; run the same job again to resume",
                       flush=True)
             break
-        if state.last_eval_step != state.step:
-            held_out()
+        if has_eval and state.last_eval_step != state.step:
+            state.last_eval, state.last_eval_step = held_out(), state.step
         state.epoch, state.epoch_pairs_done = epoch + 1, []
-        checkpoint()
+        saved_step = checkpoint()
 
     train_seconds = time.perf_counter() - started
     save_hf_model(engine, tokenizer, run_dir / "model", config.policy.zero_stage, rank)
