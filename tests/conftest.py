@@ -99,3 +99,15 @@ def trained_pair_ids(run_dir) -> dict[int, list[int]]:
         if "eval" not in record:
             trained.setdefault(record["epoch"], []).extend(record["pair_ids"])
     return {epoch: sorted(ids) for epoch, ids in trained.items()}
+
+
+def planned_step_ids(config, epoch: int) -> list[list[int]]:
+    """The pair ids of each optimizer step of `epoch` as the driver plans them from the seed and the data (what
+    rank 0 must deal, whatever the timing)."""
+    from tgdpo_ray.run import prepare_data
+    from tgdpo_ray.steps import in_epoch_order, plan_steps
+
+    _, train, _ = prepare_data(config, log=lambda _: None)
+    ordered = in_epoch_order(train.rows, config.run.seed, epoch, config.training.shuffle)
+    return [[row["pair_id"] for index in range(max(map(len, step))) for share in step if index < len(share)
+             for row in share[index]] for step in plan_steps(ordered, config.training, config.policy.workers)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import planned_step_ids, trained_pair_ids
 from tgdpo_ray.cache import MARKER, fingerprint, scorer_identity, weights_identity
 from tgdpo_ray.config import build_config
 from tgdpo_ray.run import run_score, run_train
@@ -43,8 +44,12 @@ def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp
     summary = run_train(config, log=printed.append)
     assert sum("(no scorer starts)" in line for line in printed) == 2, printed
     assert roles(config.run_dir) == {"policy"}  # both epochs and the held-out set came from the cache
+    assert trained_pair_ids(config.run_dir) == {0: list(range(64)), 1: list(range(64))}
+    # Cached pairs are sorted into each epoch's order: the same steps as streamed pairs would make.
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r["pairs"] for r in records if "eval" not in r) == 2 * 64
+    for epoch in (0, 1):
+        assert [r["pair_ids"] for r in records if r.get("epoch") == epoch and "eval" not in r] == \
+            planned_step_ids(config, epoch)
     assert summary["eval"]["pairs"] == 16
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import planned_step_ids, trained_pair_ids
 from tgdpo_ray.config import build_config
 from tgdpo_ray.run import run_train
 
+EPOCHS = 2
 BAD_ROWS = [
     {"prompt": "Repeat: apple", "chosen": "apple", "rejected": "apple"},
     {"prompt": "Repeat: apple", "chosen": "apple"},
@@ -73,7 +75,7 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
             "data": {"train": str(train), "eval": str(demo_data["test"]), "bad_rows": "skip",
                      "max_length": 64, "max_prompt_length": 32},
             "loss": {"type": loss, "beta": 0.1},
-            "training": {"epochs": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0,
+            "training": {"epochs": EPOCHS, "learning_rate": 1e-3, "warmup_ratio": 0.0,
                          "max_tokens_per_batch": 768, "gradient_accumulation_steps": accumulation,
                          "packing": packing, "packed_row_tokens": 256, "gradient_checkpointing": checkpointing},
             "policy": {"model": tiny_model, "workers": workers, "gpus_per_worker": 1, "zero_stage": zero_stage},
@@ -122,28 +124,19 @@ def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
 
 @pytest.mark.parametrize("name", ["dpo", "tgdpo"])
 def test_every_pair_is_trained_exactly_once_per_epoch_in_the_planned_steps(runs, name):
-    from tgdpo_ray.run import prepare_data
-    from tgdpo_ray.steps import in_epoch_order, plan_steps
-
     config, summary = runs[name]
     report = json.loads((config.run_dir / "data_report.json").read_text())["train"]
     assert report["skipped_by_reason"] == {"identical_responses": 1, "missing_field": 1}
-    _, train, _ = prepare_data(config, log=lambda _: None)
-    kept = sorted(row["pair_id"] for row in train.rows)
-    assert len(kept) == report["rows_kept"]
+    kept = list(range(report["rows_kept"]))  # the bad rows are the file's last two
+    assert trained_pair_ids(config.run_dir) == {epoch: kept for epoch in range(EPOCHS)}
     records = train_records(config.run_dir)
     orders = []
-    for epoch in (0, 1, 2):
+    for epoch in range(EPOCHS):
         steps = [record["pair_ids"] for record in records if record["epoch"] == epoch]
-        assert sorted(i for ids in steps for i in ids) == kept, f"epoch {epoch}: not every pair exactly once"
-        # Rank 0 dealt exactly the plan computed from the seed and the data, so a rerun trains the same steps.
-        plan = plan_steps(in_epoch_order(train.rows, config.run.seed, epoch, shuffle=True), config.training,
-                          config.policy.workers)
-        planned = [[row["pair_id"] for index in range(max(map(len, step))) for share in step
-                    if index < len(share) for row in share[index]] for step in plan]
-        assert steps == planned
+        # Rank 0 dealt exactly the plan drawn from the seed and the data, so a rerun trains the same steps.
+        assert steps == planned_step_ids(config, epoch)
         orders.append([i for ids in steps for i in ids])
-    assert len({tuple(order) for order in orders}) == 3 and orders[0] != kept  # shuffled, anew each epoch
+    assert len({tuple(order) for order in orders}) == EPOCHS and orders[0] != kept  # shuffled, anew each epoch
 
 
 def test_loss_goes_down_and_held_out_metrics_are_those_of_the_saved_policy(runs, demo_data):

@@ -8,6 +8,7 @@ and however its pairs fell on the workers (train_step).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -379,9 +380,14 @@ def train_loop(loop_config: dict) -> None:
             save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
         return state.step
 
+    @functools.cache
+    def held_out_rows() -> Optional[list]:
+        """Rank 0 keeps the scored held-out pairs from the first evaluation on: stream mode would score them
+        again at every one."""
+        return list(ray.train.get_dataset_shard("eval").iter_rows()) if rank == 0 else None
+
     def held_out() -> dict:
-        rows = ray.train.get_dataset_shard("eval").iter_rows() if rank == 0 else None
-        metrics = evaluate(engine, rows, config, pad_id, device, rank, world_size)
+        metrics = evaluate(engine, held_out_rows(), config, pad_id, device, rank, world_size)
         log.write({"step": state.step, "epoch": state.epoch, "eval": metrics}, eval_line(state, metrics))
         return metrics
 
