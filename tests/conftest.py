@@ -105,9 +105,8 @@ def planned_step_ids(config, epoch: int) -> list[list[int]]:
     """The pair ids of each optimizer step of `epoch` as the driver plans them from the seed and the data (what
     rank 0 must deal, whatever the timing)."""
     from tgdpo_ray.run import prepare_data
-    from tgdpo_ray.steps import in_epoch_order, plan_steps
+    from tgdpo_ray.steps import in_epoch_order, plan_steps, step_pair_ids
 
     _, train, _ = prepare_data(config, log=lambda _: None)
     ordered = in_epoch_order(train.rows, config.run.seed, epoch, config.training.shuffle)
-    return [[row["pair_id"] for index in range(max(map(len, step))) for share in step if index < len(share)
-             for row in share[index]] for step in plan_steps(ordered, config.training, config.policy.workers)]
+    return [step_pair_ids(step) for step in plan_steps(ordered, config.training, config.policy.workers)]

@@ -63,6 +63,12 @@ def plan_steps(rows: Iterable[dict], training: TrainingSection, world_size: int,
         yield [step[worker::world_size] for worker in range(world_size)]
 
 
+def step_pair_ids(step: list[list[list[dict]]]) -> list[int]:
+    """The pair ids of a planned step in plan order (micro-batch k of the step is share k mod W, index k // W)."""
+    return [int(row["pair_id"]) for index in range(max(map(len, step))) for share in step if index < len(share)
+            for row in share[index]]
+
+
 def deal_step(plan: Optional[Iterator], rank: int, world_size: int) -> Optional[StepShare]:
     """A collective: rank 0 takes the plan's next step and sends each worker its share (one message per worker,
     which also carries the step's pair count). Every worker gets None when the plan is used up."""
@@ -70,8 +76,7 @@ def deal_step(plan: Optional[Iterator], rank: int, world_size: int) -> Optional[
     if rank == 0:
         step = next(plan, None)
         if step is not None:
-            pair_ids = [int(row["pair_id"]) for index in range(max(map(len, step)))
-                        for share in step if index < len(share) for row in share[index]]
+            pair_ids = step_pair_ids(step)
             shares = [StepShare(share, len(pair_ids), pair_ids) for share in step]
     received: list = [None]
     dist.scatter_object_list(received, shares if rank == 0 else None, src=0)
