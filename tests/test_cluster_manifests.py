@@ -21,16 +21,69 @@ def raycluster() -> dict:
 
 
 def kuberay_groups() -> dict[str, dict]:
-    """Worker group -> {labels, gpus per node, replicas}, from rayStartParams and the container limits."""
+    """Worker group -> {labels, gpus per node, replicas}, from the group's labels and its container limits."""
     groups = {}
     for group in raycluster()["spec"]["workerGroupSpecs"]:
         params = group["rayStartParams"]
-        labels = dict(pair.split("=") for pair in params.get("labels", "").split(",") if pair)
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert int(params["num-gpus"]) == int(limits["nvidia.com/gpu"]), group["groupName"]
-        groups[group["groupName"]] = {"labels": labels, "gpus": int(params["num-gpus"]),
-                                      "max_nodes": group["maxReplicas"]}
+        groups[group["groupName"]] = {"labels": group.get("labels", {}), "gpus": int(limits["nvidia.com/gpu"]),
+                                      "max_nodes": group["maxReplicas"], "num_gpus": params.get("num-gpus")}
     return groups
+
+
+def pod_specs() -> dict[str, dict]:
+    spec = raycluster()["spec"]
+    return {"head": spec["headGroupSpec"]["template"]["spec"],
+            **{group["groupName"]: group["template"]["spec"] for group in spec["workerGroupSpecs"]}}
+
+
+def test_the_operators_rules_labels_at_the_top_gpus_as_declared_and_a_head_without_gpus():
+    """What KubeRay's validation (>= 1.5) refuses, and what Ray then needs to place and autoscale the groups."""
+    spec = raycluster()["spec"]
+    for group in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+        # KubeRay >= 1.5 rejects the whole RayCluster (no pod starts) when rayStartParams carry labels.
+        assert "labels" not in group["rayStartParams"], group.get("groupName", "head")
+    for name, group in kuberay_groups().items():
+        assert group["labels"].get("tgdpo-group") == name
+        assert group["num_gpus"] == str(group["gpus"]), f"{name}: num-gpus differs from the container's GPU limit"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"].get("num-gpus") == "0"
+    assert all("nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
+               for container in head["template"]["spec"]["containers"])
+
+
+def test_every_pod_shares_storage_it_can_write_with_room_in_shm_and_the_hub_cache_on_the_volume():
+    claim = next(doc for doc in documents(REPO / "cluster/kuberay/raycluster.yaml")
+                 if doc["kind"] == "PersistentVolumeClaim")
+    # Block-storage default classes cannot provide ReadWriteMany: the class is named, for the user to set.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"].get("storageClassName")
+    for name, pod in pod_specs().items():
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        (container,) = pod["containers"]
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        assert volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", name  # Kubernetes' default: 64 MiB
+        assert pod["securityContext"]["fsGroup"] == 100, name  # the image's user ray is in group 100 (users)
+        env = {item["name"]: item for item in container["env"]}
+        assert env["HF_HOME"]["value"].startswith("/mnt/shared/"), name
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"], name
+        if name != "head":
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_the_launchers_shared_storage_reaches_the_container_and_a_failed_mount_fails():
+    config = yaml.safe_load((REPO / "cluster/launcher.yaml").read_text())
+    # Ray runs inside Docker: only a bind mount makes the host's mount visible there.
+    assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    assert any(option.startswith("-e HF_HOME=/mnt/shared/") for option in config["docker"]["run_options"])
+    commands = config["initialization_commands"]
+    assert any("mount -t nfs4" in command for command in commands)
+    assert not any("|| true" in command for command in commands)
+
+
+def test_the_image_leaves_local_environments_and_outputs_out():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv/", ".git/", "outputs/"} <= set(ignored)
 
 
 def launcher_groups() -> dict[str, dict]:
