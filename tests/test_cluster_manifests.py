@@ -166,3 +166,52 @@ def test_launcher_config_passes_rays_own_schema():
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(yaml.safe_load((REPO / "cluster/launcher.yaml").read_text()), schema)
+
+
+# KubeRay v1.7.0's CRD schemas, pruned to what the manifests use (tests/data/kuberay/SOURCE.md).
+CRD_SCHEMAS = {"RayCluster": "raycluster.schema.json", "RayJob": "rayjob.schema.json"}
+
+
+def crd_schema(kind: str) -> dict:
+    return json.loads((REPO / "tests/data/kuberay" / CRD_SCHEMAS[kind]).read_text())
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Keys the API server would prune or refuse: not among an object's `properties`, at every level the value
+    reaches, unless the schema keeps unknown fields (x-kubernetes-preserve-unknown-fields) or maps any key. Also
+    keys whose subschema the pruned test data left empty."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, dict):
+        if "properties" not in schema:
+            values = schema.get("additionalProperties")
+            if not isinstance(values, dict):
+                return []
+            return [found for key, item in value.items() for found in unknown_fields(item, values, f"{path}.{key}")]
+        known = schema["properties"]
+        # A known key whose subschema was pruned away: the test data is older than the manifest.
+        stale = [f"{path}.{key} (rerun tests/data/kuberay/prune.py)" for key in value if known.get(key, None) == {}]
+        return [f"{path}.{key}" for key in value if key not in known] + stale + [
+            found for key, item in value.items() if key in known
+            for found in unknown_fields(item, known[key], f"{path}.{key}")]
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [found for index, item in enumerate(value)
+                for found in unknown_fields(item, schema["items"], f"{path}[{index}]")]
+    return []
+
+
+@pytest.mark.parametrize("kind", sorted(CRD_SCHEMAS))
+def test_the_manifests_pass_kuberays_crd_schemas_with_no_unknown_field(kind):
+    import copy
+
+    import jsonschema
+
+    path = REPO / "cluster/kuberay" / ("raycluster.yaml" if kind == "RayCluster" else "rayjob.yaml")
+    (manifest,) = [doc for doc in documents(path) if doc["kind"] == kind]
+    schema = crd_schema(kind)
+    jsonschema.Draft7Validator(schema).validate(manifest)
+    assert unknown_fields(manifest, schema) == []
+    # The walk does find a field KubeRay does not know, wherever it is.
+    misspelt = copy.deepcopy(manifest)
+    misspelt["spec"]["shutdownAfterJobFinishs" if kind == "RayJob" else "enableInTreeAutoscalng"] = True
+    assert len(unknown_fields(misspelt, schema)) == 1
