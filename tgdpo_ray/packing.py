@@ -295,17 +295,17 @@ def check_plain_lm_head(config) -> None:
                              "LM head, which packed_token_logps does not reproduce")
 
 
-def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024, fused_head: bool = True,
-                       engine=None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
+                       zero3_engine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, mask), both [2n, W] as collate_pairs' labels of batch.rows: fp32 log-prob of each answer token,
     0.0 off the answers, and True on the answers. `model` is a Hugging Face causal LM (unwrapped: model.module of a
     DeepSpeed engine or DDP). Only the answer-predicting hidden states go through the LM head.
 
-    fused_head=False is for DeepSpeed ZeRO-3 (`engine`: the DeepSpeed engine around `model`), whose partitioned
-    weights are gathered only inside module calls and whose gradient accumulation needs every forward to go
-    through the engine (called around it, only the last micro-batch of a step kept its gradient: the engine's
-    forward resets ZeRO-3's per-forward backward state): the engine computes logits for the columns that hold
-    answer-predicting states (logits_to_keep), then a chunked log-softmax."""
+    zero3_engine: the DeepSpeed ZeRO-3 engine around `model`. Its partitioned weights are gathered only inside
+    module calls, and its gradient accumulation needs every forward to go through the engine (called around it,
+    only the last micro-batch of a step kept its gradient: the engine's forward resets ZeRO-3's per-forward
+    backward state). The engine computes logits for the columns that hold answer-predicting states
+    (logits_to_keep), then a chunked log-softmax; no fused head."""
     check_plain_lm_head(model.config)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
@@ -318,14 +318,14 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024, fused_
               "attention_mask": attention_mask, "use_cache": False}
     source = batch.source_index.to(device)
     targets = batch.target_ids.to(device)
-    if fused_head:
+    if zero3_engine is None:
         hidden = decoder(**inputs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
         logps = lm_head_token_logps(selected, head.weight, head.bias, targets, chunk_size)
     else:
         rows, columns = source // batch.input_ids.shape[1], source % batch.input_ids.shape[1]
         kept = torch.unique(columns)  # sorted
-        logits = (engine or model)(**inputs, logits_to_keep=kept).logits  # [rows, kept columns, vocab]
+        logits = zero3_engine(**inputs, logits_to_keep=kept).logits  # [rows, kept columns, vocab]
         logps = token_logps(logits[rows, torch.searchsorted(kept, columns)].unsqueeze(0), targets.unsqueeze(0),
                             chunk_size)[0]
 
@@ -337,11 +337,11 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024, fused_
 
 
 def micro_batch_token_logps(model, rows: Sequence, shared_prompt: bool, row_tokens: int, chunk_size: int,
-                            fused_head: bool = True, engine=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                            zero3_engine=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The trainers' and scorers' entry point: one micro-batch of pairs packed into rows of about row_tokens
     tokens (never less than its longest pair, so that it stays one batch and one backward), scored as
     packed_token_logps. Returns (log-probs, mask, real tokens)."""
     width = max([row_tokens] + [pair_span(row, shared_prompt) for row in rows])
     (batch,) = pack_pairs(rows, width, shared_prompt, rows_per_batch=len(rows))
-    logps, mask = packed_token_logps(model, batch, chunk_size, fused_head, engine)
+    logps, mask = packed_token_logps(model, batch, chunk_size, zero3_engine)
     return logps, mask, batch.real_tokens

@@ -17,7 +17,7 @@ from tgdpo_ray.config import JobConfig, dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import check_models_agree, load_tokenizer
-from tgdpo_ray.steps import epoch_dataset, epoch_positions, in_epoch_order, plan_steps
+from tgdpo_ray.steps import epoch_dataset, in_epoch_order, plan_steps
 
 
 class RunError(UserError, RuntimeError):
@@ -165,48 +165,44 @@ def torch_backend(config: JobConfig) -> str:
     return "nccl" if config.policy.gpus_per_worker > 0 and torch.version.cuda else "gloo"
 
 
+def reads_cache(config: JobConfig) -> bool:
+    """Cache mode, for a loss with a scorer (a loss without one has nothing to cache)."""
+    return config.scoring.mode == "cache" and (config.needs_reference or config.needs_guidance)
+
+
 def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
     """The stream the trainers read: scored on the fly, or from the cache (scored into it first if missing)."""
     from tgdpo_ray.cache import cached_scored_dataset
     from tgdpo_ray.scoring import configure_ray_data, scored_dataset
 
     configure_ray_data()
-    if config.scoring.mode == "cache" and (config.needs_reference or config.needs_guidance):
+    if reads_cache(config):
         return cached_scored_dataset(rows, config, pad_id, split, log)
     return scored_dataset(rows, config, pad_id)
 
 
-def epoch_streams(rows: list, config: JobConfig, pad_id: int, log=print) -> dict:
-    """One scored dataset per epoch, each in its epoch's order (steps.epoch_positions): streamed pairs enter
-    the scorers in that order; cached pairs are sorted into it."""
-    seed, shuffle, epochs = config.run.seed, config.training.shuffle, config.training.epochs
-    if config.scoring.mode == "stream" or not (config.needs_reference or config.needs_guidance):
-        return {epoch_dataset(epoch): scored_pairs(in_epoch_order(rows, seed, epoch, shuffle), config, pad_id,
-                                                   "train", log) for epoch in range(epochs)}
+def epoch_streams(rows: list, orders: list[list], config: JobConfig, pad_id: int, log=print) -> dict:
+    """One scored dataset per epoch, each in its epoch's order (`orders`, steps.in_epoch_order): streamed pairs
+    enter the scorers in that order; cached pairs are sorted into it."""
+    if not reads_cache(config):
+        return {epoch_dataset(epoch): scored_pairs(ordered, config, pad_id, "train", log)
+                for epoch, ordered in enumerate(orders)}
     cached = scored_pairs(rows, config, pad_id, "train", log)
     streams = {}
-    for epoch in range(epochs):
-        places = epoch_positions((row["pair_id"] for row in rows), seed, epoch, shuffle)
-        ids = np.array(sorted(places))
-        order = np.array([places[pair_id] for pair_id in ids.tolist()])
+    for epoch, ordered in enumerate(orders):
+        ids = np.array([row["pair_id"] for row in ordered])
+        places = np.argsort(ids)  # the place in `ordered` of each id, ids sorted
         streams[epoch_dataset(epoch)] = cached.map_batches(
-            partial(with_places, ids=ids, places=order), batch_format="pyarrow").sort("place")
+            partial(with_places, ids=ids[places], places=places), batch_format="pyarrow").sort("place")
     return streams
 
 
 def with_places(table, ids: np.ndarray, places: np.ndarray):
-    """Adds each pair's place in the epoch's order (a `place` column) to a block of scored pairs."""
+    """Adds each pair's place in the epoch's order (a `place` column) to a block of scored pairs; `ids` sorted."""
     import pyarrow as pa
 
     index = np.searchsorted(ids, table["pair_id"].to_numpy())
     return table.append_column("place", pa.array(places[index]))
-
-
-def steps_per_run(rows: list, config: JobConfig) -> int:
-    """The optimizer steps of the whole run: its epochs' plans (steps.plan_steps) counted on the driver."""
-    training, world_size = config.training, config.policy.workers
-    return sum(sum(1 for _ in plan_steps(in_epoch_order(rows, config.run.seed, epoch, training.shuffle), training,
-                                         world_size)) for epoch in range(training.epochs))
 
 
 def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, PreparedData | None]:
@@ -249,11 +245,14 @@ def run_train(config: JobConfig, log=print) -> dict:
     # Here, not at config load: a pipeline's guidance model is its DPO stage's output, made during the run.
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
-    total_steps = steps_per_run(train.rows, config)  # the schedule's length, whatever max_steps stops at
+    training = config.training
+    orders = [in_epoch_order(train.rows, config.run.seed, epoch, training.shuffle) for epoch in range(training.epochs)]
+    # The schedule's length, whatever max_steps stops at: every epoch's plan counted here.
+    total_steps = sum(sum(1 for _ in plan_steps(ordered, training, config.policy.workers)) for ordered in orders)
 
     start_ray(config)
     check_fits_cluster(config)
-    datasets = epoch_streams(train.rows, config, pad_id, log)
+    datasets = epoch_streams(train.rows, orders, config, pad_id, log)
     if held_out:
         datasets["eval"] = scored_pairs(held_out.rows, config, pad_id, "eval", log)
     policy = config.policy

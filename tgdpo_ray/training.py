@@ -154,12 +154,10 @@ def policy_token_logps(model, rows: list, config: JobConfig, pad_id: int, device
     training = config.training
     if training.packing != "padded":
         module = getattr(model, "module", model)
-        # Under ZeRO-3 the LM head's weight is gathered only inside its module's call: no fused head there, and
-        # the forward goes through the engine.
-        zero3 = config.policy.zero_stage == 3
+        # Under ZeRO-3 the forward goes through the engine (no fused head: the weights are partitioned).
         logps, mask, _ = micro_batch_token_logps(module, rows, training.packing == "shared_prompt",
                                                  training.packed_row_tokens, training.logp_chunk_size,
-                                                 fused_head=not zero3, engine=model if zero3 else None)
+                                                 zero3_engine=model if config.policy.zero_stage == 3 else None)
         return logps, mask, packed_tokens(rows, shared_prompt=False)
     batch = collate_pairs(rows, pad_id)
     labels = batch["labels"].to(device)
@@ -200,9 +198,6 @@ class MetricSums:
         self.keys = SUM_KEYS + (("dpo_loss_sum",) if self.dpo_rewards else ()) + (TOKEN_SUM_KEYS if tgdpo else ()) \
             + ("tokens",)
         self.histograms = ("chosen_weight_histogram", "rejected_weight_histogram") if tgdpo else ()
-        self.reset()
-
-    def reset(self) -> None:
         self.sums = dict.fromkeys(self.keys, 0.0)
         self.counts = {key: [0.0] * WEIGHT_BINS for key in self.histograms}
 
