@@ -56,8 +56,7 @@ def main() -> None:
 
     import ray
 
-    from tgdpo_ray.demo_data import write_demo_data
-    from tgdpo_ray.models import make_tiny_model
+    from tgdpo_ray.demo import make_tiny_model, write_demo_data
     from tgdpo_ray.run import run_score, run_train
 
     shutil.rmtree(WORK, ignore_errors=True)

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from tgdpo_ray.models import make_tiny_model
+    from tgdpo_ray.demo import make_tiny_model
 
     return str(make_tiny_model(str(tmp_path_factory.mktemp("tiny-model"))))
 
@@ -27,7 +27,7 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    from tgdpo_ray.demo_data import write_demo_data
+    from tgdpo_ray.demo import write_demo_data
 
     return write_demo_data(str(tmp_path_factory.mktemp("demo-data")), train_pairs=384, test_pairs=32)
 

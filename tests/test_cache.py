@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import planned_step_ids, trained_pair_ids
-from tgdpo_ray.cache import MARKER, fingerprint, scorer_identity, weights_identity
+from tgdpo_ray.cache import MARKER, fingerprint, scorer_identity
 from tgdpo_ray.config import build_config
+from tgdpo_ray.model_files import weights_identity
 from tgdpo_ray.run import run_score, run_train
 
 
@@ -68,7 +69,7 @@ def test_a_half_written_cache_is_never_read(ray_cluster, tiny_model, demo_data, 
 
 def test_the_fingerprint_covers_everything_the_scores_depend_on(tiny_model, demo_data, tmp_path):
     """Each change below changes the scored values; drop any of them from the fingerprint and this fails."""
-    from tgdpo_ray.models import CHATML_TEMPLATE, make_tiny_model
+    from tgdpo_ray.demo import CHATML_TEMPLATE, make_tiny_model
     from tgdpo_ray.run import prepare_data
 
     other = str(make_tiny_model(str(tmp_path / "other"), seed=7))

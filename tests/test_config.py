@@ -231,5 +231,5 @@ def test_named_question_and_prompt_sets_are_not_paths(eval_raw):
     config = build_config(eval_raw, overrides=["eval.questions.path=mt_bench", "eval.judge.prompts=fastchat"])
     assert (config.eval.questions.path, config.eval.judge.prompts) == ("mt_bench", "fastchat")
     rule = build_config(eval_raw, overrides=["eval.judge.backend=rule", "eval.judge.model=null",
-                                             "eval.judge.function=tgdpo_ray.demo_data:rule_score"])
-    assert rule.eval.judge.identity == "rule:tgdpo_ray.demo_data:rule_score"
+                                             "eval.judge.function=tgdpo_ray.demo:rule_score"])
+    assert rule.eval.judge.identity == "rule:tgdpo_ray.demo:rule_score"

@@ -59,8 +59,7 @@ def wait_until_serving(server: dict, timeout_s: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
-    # judge_server: started here so that it loads while the policies train.
+def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
     """dpo (2 workers, ZeRO-2, packed) -> tgdpo guided by it (2 workers, ZeRO-3, gradient accumulation 2, shared
     prompt) -> simpo (1 worker, ZeRO-0, padded, gradient checkpointing). Scorers use their run's layout."""
     root = tmp_path_factory.mktemp("runs")
@@ -216,7 +215,7 @@ def test_saved_policy_loads_with_transformers_and_generates(runs, name):
 
 
 def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):
-    from tgdpo_ray.run import RunError
+    from tgdpo_ray.cluster import ClusterError
 
     config = build_config({
         "run": {"output_dir": str(tmp_path)},
@@ -225,20 +224,20 @@ def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, de
         "policy": {"model": tiny_model, "workers": 4, "gpus_per_worker": 1},
         "reference": {"replicas": [3, 6], "gpus_per_replica": 1},
     })
-    with pytest.raises(RunError, match=r"needs 7 GPU at once \(policy 4, reference 3\) but the Ray cluster has 6"):
+    with pytest.raises(ClusterError, match=r"needs 7 GPU at once \(policy 4, reference 3\) but the Ray cluster has 6"):
         run_train(config)
 
 
 def test_a_node_label_or_resource_nobody_has_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):
-    from tgdpo_ray.run import RunError
+    from tgdpo_ray.cluster import ClusterError
 
     raw = {"run": {"output_dir": str(tmp_path)}, "data": {"train": str(demo_data["train"])},
            "loss": {"type": "dpo"}, "policy": {"model": tiny_model}}
     labelled = build_config(raw, overrides=["reference.node_labels={tgdpo-group: scorer}"])
-    with pytest.raises(RunError, match=r"reference: no node of the Ray cluster has the labels \{'tgdpo-group': 'scorer'\}"):
+    with pytest.raises(ClusterError, match=r"reference: no node of the Ray cluster has the labels \{'tgdpo-group': 'scorer'\}"):
         run_train(labelled)
     custom = build_config(raw, overrides=["policy.resources={policy_slot: 1}"])
-    with pytest.raises(RunError, match=r"policy: needs 1 process\(es\) holding .*policy_slot.* fit 0"):
+    with pytest.raises(ClusterError, match=r"policy: needs 1 process\(es\) holding .*policy_slot.* fit 0"):
         run_train(custom)
 
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from tgdpo_ray.eval_report import format_table, write_eval_report
-from tgdpo_ray.eval_stats import (
+from tgdpo_ray.eval.report import format_table, write_eval_report
+from tgdpo_ray.eval.stats import (
     bootstrap_ci,
     combine_orders,
     length_difference,

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import trained_pair_ids
 from tgdpo_ray.config import build_config
-from tgdpo_ray.models import make_tiny_model
+from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.run import run_train
 
 

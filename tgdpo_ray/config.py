@@ -157,6 +157,11 @@ class ScorerSection(Placement):
             raise ValueError(f"replicas must be >= 1, or [min, max] with 1 <= min <= max; got {value}")
         return value
 
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) replicas of the pool: the same number twice for a fixed size."""
+        return (self.replicas, self.replicas) if isinstance(self.replicas, int) else tuple(self.replicas)
+
 
 class RewardColumns(Section):
     chosen: str = "chosen_token_rewards"
@@ -293,7 +298,7 @@ class JudgeSection(EngineSection):
     # rule: `function` ("module:function") scores each answer: f(question, answer, reference) -> a number.
     backend: Literal["vllm", "openai", "rule"] = "vllm"
     model: Optional[str] = None  # vllm, openai: required
-    function: Optional[str] = None  # rule: required, e.g. tgdpo_ray.demo_data:rule_score
+    function: Optional[str] = None  # rule: required, e.g. tgdpo_ray.demo:rule_score
     base_url: Optional[str] = None  # openai: e.g. https://api.openai.com/v1 or http://judge-host:8000/v1
     api_key_env: Optional[str] = None  # openai: the environment variable holding the API key
     mode: Literal["single", "pairwise"] = "single"  # a 1-10 score per answer, or A/B/tie between two models
@@ -319,7 +324,7 @@ class JudgeSection(EngineSection):
             raise ValueError(f"judge.backend {self.backend} needs judge.model")
         if self.backend == "rule" and not (self.function and ":" in self.function):
             raise ValueError("judge.backend rule needs judge.function as module:function "
-                             "(e.g. tgdpo_ray.demo_data:rule_score)")
+                             "(e.g. tgdpo_ray.demo:rule_score)")
         return self
 
     @property

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 
 from tgdpo_ray.config import Columns, DataSection, DataSource, RewardColumns, looks_local
 from tgdpo_ray.errors import UserError
+from tgdpo_ray.jsonl import BadLine, numbered_lines
 
 BAD_ROW_REASONS = {
     "missing_field": "a prompt, chosen or rejected field is missing or null",
@@ -87,27 +88,8 @@ def iter_raw_rows(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, int, dict | BadRow]]:
-    # utf-8-sig drops a byte-order mark; surrogateescape keeps bytes that are not UTF-8 (as lone surrogates), so
-    # that only the line holding them is bad and the lines after it are still read.
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield "line", line_number, _parse_line(line)
-
-
-def _parse_line(line: str) -> dict | BadRow:
-    try:
-        line.encode("utf-8")  # fails exactly where surrogateescape kept a byte that is not UTF-8
-    except UnicodeEncodeError as err:
-        byte = ord(line[err.start]) - 0xDC00
-        return BadRow("invalid_utf8", f"byte 0x{byte:02x} at column {err.start + 1} is not UTF-8")
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        return BadRow("invalid_json", f"{err.msg} (column {err.colno})")
-    if not isinstance(row, dict):
-        return BadRow("not_an_object", f"a JSON {type(row).__name__}, expected an object")
-    return row
+    for line_number, row in numbered_lines(path):
+        yield "line", line_number, BadRow(row.reason, row.detail) if isinstance(row, BadLine) else row
 
 
 def _iter_json(path: str) -> Iterator[tuple[str, int, dict | BadRow]]:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from tgdpo_ray.config import PIPELINE_MODELS, JobConfig, build_config, read_raw_config
+from tgdpo_ray.jsonl import read_records
 from tgdpo_ray.run import run_score, run_train
 
 
@@ -26,7 +27,7 @@ def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None)
 
 
 def last_train_loss(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_records(run_dir / "metrics.jsonl")
     return [record for record in records if "loss" in record][-1]["loss"]
 
 
@@ -67,7 +68,7 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
 
 def evaluate_policies(config: JobConfig, runs: dict[str, dict], log=print) -> dict:
     """The last stage: both trained policies (and any eval.models) answer, the judge grades, into <run>/eval/."""
-    from tgdpo_ray.evaluation import run_eval
+    from tgdpo_ray.eval.flow import run_eval
 
     return run_eval(config, {name: runs[name]["model_dir"] for name in PIPELINE_MODELS}, log)
 
@@ -89,7 +90,7 @@ def run_job(config_path: str, overrides: list[str], kind: str | None = None, log
     if config.kind == "score":
         return run_score(config, log)
     if config.kind == "eval":
-        from tgdpo_ray.evaluation import run_eval
+        from tgdpo_ray.eval.flow import run_eval
 
         return run_eval(config, log=log)
     return run_pipeline(config, log)

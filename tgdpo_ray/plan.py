@@ -12,15 +12,15 @@ import json
 import math
 from typing import Optional
 
-from tgdpo_ray.config import ConfigError, JobConfig, ScorerSection
+from tgdpo_ray.cluster import training_groups
+from tgdpo_ray.config import ConfigError, JobConfig
+from tgdpo_ray.model_files import model_files
 
 FORWARD_SHARE_OF_STEP = 1 / 3
 
 
 def parameter_count(name_or_path: str) -> Optional[int]:
     """Approximate parameters of a decoder from its config.json (None when the config is not at hand)."""
-    from tgdpo_ray.cache import model_files
-
     folder = model_files(name_or_path)
     if folder is None or not (folder / "config.json").exists():
         return None
@@ -38,10 +38,6 @@ def parameter_count(name_or_path: str) -> Optional[int]:
     return layers * (attention + mlp) + embeddings
 
 
-def pool_range(section: ScorerSection) -> tuple[int, int]:
-    return (section.replicas, section.replicas) if isinstance(section.replicas, int) else tuple(section.replicas)
-
-
 def parse_cluster(text: str) -> dict[str, float]:
     """`gpus=16,cpus=128` -> {"GPU": 16, "CPU": 128}: a cluster described on the command line."""
     cluster = {}
@@ -57,35 +53,32 @@ def parse_cluster(text: str) -> dict[str, float]:
 def make_plan(config: JobConfig, cluster: Optional[dict[str, float]] = None) -> dict:
     policy_gpus = config.policy.workers * config.policy.gpus_per_worker
     policy_params = parameter_count(config.policy.model)
-    groups = [{"group": "policy", "processes": (config.policy.workers, config.policy.workers),
-               "gpus_each": config.policy.gpus_per_worker, "labels": config.policy.node_labels}]
+    groups = training_groups(config)
+    models = {"reference": config.reference_model, "guidance": config.guidance.model}
     warnings, pools = [], []
-    for name, section, model, needed in (("reference", config.reference, config.reference_model, config.needs_reference),
-                                          ("guidance", config.guidance, config.guidance.model, config.needs_guidance)):
-        if not needed:
-            continue
-        low, high = pool_range(section)
-        groups.append({"group": name, "processes": (low, high), "gpus_each": section.gpus_per_replica,
-                       "labels": section.node_labels})
-        params = parameter_count(model) if model else None
+    for group in groups[1:]:  # the scorer pools
+        params = parameter_count(models[group.name]) if models[group.name] else None
         size_ratio = params / policy_params if params and policy_params else 1.0
         gpus_needed = policy_gpus * FORWARD_SHARE_OF_STEP * size_ratio
-        replicas_needed = math.ceil(gpus_needed / section.gpus_per_replica - 1e-9) if section.gpus_per_replica else None
-        pools.append({"group": name, "size_ratio": round(size_ratio, 3), "gpus_needed": round(gpus_needed, 2),
+        replicas_needed = math.ceil(gpus_needed / group.gpus_each - 1e-9) if group.gpus_each else None
+        high = group.processes[1]
+        pools.append({"group": group.name, "size_ratio": round(size_ratio, 3), "gpus_needed": round(gpus_needed, 2),
                       "replicas_needed": replicas_needed, "max_replicas": high})
         if replicas_needed and high < replicas_needed and config.scoring.mode == "stream":
-            warnings.append(f"{name}: at most {high} replica(s) of {section.gpus_per_replica:g} GPU, but about "
+            warnings.append(f"{group.name}: at most {high} replica(s) of {group.gpus_each:g} GPU, but about "
                             f"{replicas_needed} are needed to keep {policy_gpus:g} training GPUs fed: scoring "
-                            f"will starve training (raise {name}.replicas, or score ahead with scoring.mode: cache)")
-    for group in groups:
-        group["gpus"] = tuple(n * group["gpus_each"] for n in group["processes"])
-    total = tuple(sum(group["gpus"][i] for group in groups) for i in (0, 1))
+                            f"will starve training (raise {group.name}.replicas, or score ahead with "
+                            f"scoring.mode: cache)")
+    rows = [{"group": group.name, "processes": group.processes, "gpus_each": group.gpus_each,
+             "gpus": tuple(n * group.gpus_each for n in group.processes), "labels": group.labels}
+            for group in groups]
+    total = tuple(sum(row["gpus"][i] for row in rows) for i in (0, 1))
     if cluster is not None and total[0] > cluster.get("GPU", 0):
         warnings.append(f"the job needs at least {total[0]:g} GPUs at once; the cluster has {cluster.get('GPU', 0):g}")
     elif cluster is not None and total[1] > cluster.get("GPU", 0):
         warnings.append(f"the scorer pools can only grow to {cluster.get('GPU', 0) - total[0]:g} spare GPUs of the "
                         f"{total[1] - total[0]:g} their maximum sizes ask for")
-    return {"groups": groups, "total_gpus": total, "pools": pools, "cluster": cluster, "warnings": warnings,
+    return {"groups": rows, "total_gpus": total, "pools": pools, "cluster": cluster, "warnings": warnings,
             "sizes_known": policy_params is not None}
 
 

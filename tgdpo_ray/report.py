@@ -7,39 +7,26 @@ import json
 from pathlib import Path
 
 from tgdpo_ray.errors import UserError
+from tgdpo_ray.jsonl import read_records
+from tgdpo_ray.tracking import ScorerThroughput
 
 
 class ReportError(UserError):
     pass
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def load_run(run_dir: Path) -> dict:
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.exists():
         raise ReportError(f"{run_dir} is not a run folder: no metrics.jsonl")
-    records = read_jsonl(metrics_file)
+    records = read_records(metrics_file)
     steps = [r for r in records if "eval" not in r]
     if not steps:
         raise ReportError(f"{metrics_file} holds no training step yet")
-    pools = {}
-    for path in sorted((run_dir / "scoring").glob("*.jsonl")):
-        pools.setdefault(path.name.split("-")[0], []).extend(read_jsonl(path))
+    pools = ScorerThroughput(run_dir).read()
     optional = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else None  # noqa: E731
     return {"steps": steps, "evals": [r for r in records if "eval" in r], "pools": pools,
             "summary": optional("summary.json"), "data": optional("data_report.json")}
-
-
-def pool_throughput(batches: list[dict]) -> dict:
-    """Pairs per second of a pool over its busy span, and of its actors' own compute time."""
-    batches = sorted(batches, key=lambda b: b["time"])
-    span = batches[-1]["time"] - (batches[0]["time"] - batches[0]["seconds"])
-    pairs = sum(b["pairs"] for b in batches)
-    return {"pairs": pairs, "pairs_per_second": pairs / max(span, 1e-9),
-            "pairs_per_busy_second": pairs / max(sum(b["seconds"] for b in batches), 1e-9)}
 
 
 def plot(run: dict, out: Path) -> list[Path]:
@@ -115,10 +102,9 @@ def summary_markdown(run_dir: Path, run: dict, charts: list[Path]) -> str:
         held_out = run["evals"][-1]["eval"]
         lines.append(f"- held-out: loss {held_out['loss']:.4f}, reward accuracy {held_out['reward_accuracy']:.3f} "
                      f"on {held_out['pairs']} pairs")
-    for pool, batches in sorted(run["pools"].items()):
-        speed = pool_throughput(batches)
-        lines.append(f"- {pool} scorers: {speed['pairs']} pairs, {speed['pairs_per_second']:.1f} pairs/s "
-                     f"({speed['pairs_per_busy_second']:.1f} per busy second)")
+    for name, pool in sorted(run["pools"].items()):
+        lines.append(f"- {name} scorers: {pool.pairs} pairs, {pool.pairs_per_second:.1f} pairs/s "
+                     f"({pool.pairs_per_busy_second:.1f} per busy second)")
     if run["data"]:
         train = run["data"]["train"]
         lines.append(f"- data: {train['rows_kept']} of {train['rows_read']} rows kept, skipped "

@@ -4,15 +4,13 @@ the Ray Train workers, and collect the run's summary."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import time
 from functools import partial
 
 import numpy as np
-import torch
 
+from tgdpo_ray.cluster import check_fits, start_ray, torch_backend, training_groups
 from tgdpo_ray.config import JobConfig, dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
@@ -34,135 +32,6 @@ def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, Prepa
     log(f"[data] {len(train.rows)} training pairs" + (f", {len(held_out.rows)} held-out pairs" if held_out else "")
         + f" tokenized in {time.perf_counter() - started:.1f}s")
     return tokenizer.pad_token_id, train, held_out
-
-
-# Seconds to wait for a TCP connection to the cluster's address before calling it unreachable.
-RAY_CONNECT_TIMEOUT_S = 5.0
-
-
-def start_ray(config: JobConfig) -> None:
-    import ray
-
-    # Ray Train's print patch echoes every worker line twice through the driver's log stream.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if ray.is_initialized():
-        return
-    if config.ray.address or os.environ.get("RAY_ADDRESS"):
-        # Inside a Ray job RAY_ADDRESS names the cluster; local-only settings do not apply there.
-        connect_to_cluster(config)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
-
-
-def connect_to_cluster(config: JobConfig, **init_options) -> None:
-    """ray.init on an existing cluster; a wrong or unreachable address fails in seconds, in one line."""
-    import ray
-
-    name, address = ray_address(config)
-    # ray.init retries a wrong address for minutes and then fails with its internals: check it first.
-    check_reachable(name, address)
-    try:
-        ray.init(address=config.ray.address, **init_options)
-    except Exception as err:  # e.g. "auto" finding no cluster, or a port that answers but is not Ray's
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise UserError(f"{name} {address!r}: cannot connect to the Ray cluster: {reason}") from err
-
-
-def ray_address(config: JobConfig) -> tuple[str, str]:
-    """(where it was set, the address) that ray.init will use: RAY_ADDRESS replaces a missing or "auto" one."""
-    address = config.ray.address
-    if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
-        return "RAY_ADDRESS", os.environ["RAY_ADDRESS"]
-    return "ray.address", address
-
-
-def check_reachable(name: str, address: str) -> None:
-    """Fails in seconds, in one line, when nothing answers at a host:port or ray://host:port address. "auto"
-    and "local" are left to Ray, which finds or starts the cluster itself."""
-    if address in ("auto", "local"):
-        return
-    scheme, _, rest = address.rpartition("://")
-    if scheme not in ("", "ray"):
-        return  # another Ray client protocol: let Ray handle it
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]")  # an IPv6 address is written [::1]:6379
-    if not host or not port.isdigit():
-        raise UserError(f"{name} {address!r}: expected host:port (the head's GCS port, 6379 by default), "
-                        f"ray://host:port (Ray Client, 10001 by default) or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
-    except socket.gaierror as err:
-        raise UserError(f"{name} {address!r}: cannot resolve host {host!r} ({err.strerror})") from None
-    except TimeoutError:
-        raise UserError(f"{name} {address!r}: no answer within {RAY_CONNECT_TIMEOUT_S:g} s; is the address right "
-                        f"and the port open from this machine?") from None
-    except OSError as err:
-        raise UserError(f"{name} {address!r}: {err.strerror or err}; is a Ray head running there, and is this "
-                        f"its port?") from None
-
-
-def process_groups(config: JobConfig, with_policy: bool = True) -> dict[str, tuple[int, dict, dict]]:
-    """Each group's processes held at once (scorer pools at their minimum size), what each one holds, and
-    the node labels it needs."""
-    sections = {}
-    if with_policy:
-        sections["policy"] = (config.policy, config.policy.workers, config.policy.cpus_per_worker,
-                              config.policy.gpus_per_worker)
-    for name, section, needed in (("reference", config.reference, config.needs_reference),
-                                  ("guidance", config.guidance, config.needs_guidance)):
-        if needed:
-            low = section.replicas if isinstance(section.replicas, int) else section.replicas[0]
-            sections[name] = (section, low, section.cpus_per_replica, section.gpus_per_replica)
-    groups = {}
-    for name, (section, count, cpus, gpus) in sections.items():
-        groups[name] = (count, held_resources(cpus, gpus, section.resources), section.node_labels)
-    return groups
-
-
-def held_resources(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
-    """What one process of a group holds, the resources it does not use left out."""
-    each = {"CPU": cpus, "GPU": gpus, **custom}
-    return {key: amount for key, amount in each.items() if amount > 0}
-
-
-def check_fits_cluster(config: JobConfig, with_policy: bool = True) -> None:
-    """Fail at once, saying what is missing, instead of waiting forever on actors that cannot be placed."""
-    check_groups_fit(process_groups(config, with_policy))
-
-
-def check_groups_fit(groups: dict[str, tuple[int, dict, dict]]) -> None:
-    """groups: name -> (processes held at once, resources each holds, node labels they need)."""
-    import ray
-
-    nodes = [node for node in ray.nodes() if node["Alive"]]
-    for name, (count, each, labels) in groups.items():
-        matching = [node for node in nodes if all(node["Labels"].get(k) == v for k, v in labels.items())]
-        if not matching:
-            raise RunError(f"{name}: no node of the Ray cluster has the labels {labels}")
-        # How many such processes the matching nodes could hold if this group were alone on them.
-        room = sum(min((int(node["Resources"].get(key, 0) / amount + 1e-9) for key, amount in each.items()),
-                       default=count) for node in matching)
-        if room < count:
-            where = f"nodes labelled {labels}" if labels else "the cluster's nodes"
-            raise RunError(f"{name}: needs {count} process(es) holding {each} each, but {where} fit {room}")
-    available = ray.cluster_resources()
-    for resource in sorted({key for _, each, _ in groups.values() for key in each}):
-        wanted = sum(count * each.get(resource, 0) for count, each, _ in groups.values())
-        if wanted > available.get(resource, 0) + 1e-9:
-            detail = ", ".join(f"{name} {count * each[resource]:g}" for name, (count, each, _) in groups.items()
-                               if resource in each)
-            raise RunError(
-                f"the job needs {wanted:g} {resource} at once ({detail}) but the Ray cluster has "
-                f"{available.get(resource, 0):g}; lower policy.workers, the replicas or the per-replica "
-                f"resources, or add nodes"
-            )
-
-
-def torch_backend(config: JobConfig) -> str:
-    """NCCL needs real GPUs and a CUDA build of torch; anything else (CPU, logical GPUs in tests) uses gloo."""
-    if config.policy.backend != "auto":
-        return config.policy.backend
-    return "nccl" if config.policy.gpus_per_worker > 0 and torch.version.cuda else "gloo"
 
 
 def reads_cache(config: JobConfig) -> bool:
@@ -227,7 +96,7 @@ def run_score(config: JobConfig, log=print) -> dict:
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
     start_ray(config)
-    check_fits_cluster(config, with_policy=False)
+    check_fits(training_groups(config, with_policy=False))
     splits = {"train": train} | ({"eval": held_out} if held_out else {})
     counts = {split: scored_pairs(data.rows, config, pad_id, split, log).count() for split, data in splits.items()}
     log(f"[score] cached {counts} in {config.scoring.cache_dir}")
@@ -251,7 +120,7 @@ def run_train(config: JobConfig, log=print) -> dict:
     total_steps = sum(sum(1 for _ in plan_steps(ordered, training, config.policy.workers)) for ordered in orders)
 
     start_ray(config)
-    check_fits_cluster(config)
+    check_fits(training_groups(config))
     datasets = epoch_streams(train.rows, orders, config, pad_id, log)
     if held_out:
         datasets["eval"] = scored_pairs(held_out.rows, config, pad_id, "eval", log)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from tgdpo_ray.batches import collate_pairs, grid_to_values, pack_by_token_budget
+from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import JobConfig, ScorerSection
 from tgdpo_ray.losses import token_logps
 from tgdpo_ray.models import load_causal_lm, load_token_reward_model
@@ -26,28 +26,6 @@ from tgdpo_ray.packing import micro_batch_token_logps
 
 # Scorer output columns are named as the loss functions name their inputs.
 COLUMN_PREFIX = {"reference": "ref", "guidance": "guidance"}
-
-
-def record_placement(run_dir: str, role: str, **extra) -> dict:
-    """Writes which process, node and GPUs this actor got, so a run (and its tests) can check placement."""
-    import ray
-
-    record = {
-        "role": role,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
-        **extra,
-    }
-    folder = Path(run_dir) / "placement"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{role}-{record['pid']}.json").write_text(json.dumps(record))
-    return record
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -133,7 +111,7 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
                token_rewards: bool = False):
     from ray.data import ActorPoolStrategy
 
-    low, high = (section.replicas, section.replicas) if isinstance(section.replicas, int) else section.replicas
+    low, high = section.replica_range
     return dataset.map_batches(
         FrozenScorer,
         fn_constructor_kwargs=dict(

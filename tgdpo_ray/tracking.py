@@ -4,18 +4,20 @@ config names them. Only rank 0 writes; the numbers it writes are already combine
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from tgdpo_ray.config import JobConfig
+from tgdpo_ray.jsonl import append_records, read_records, rewrite_records
 
 
 def memory_metrics() -> dict:
     """Host memory of this worker and, on a GPU, the peak allocated since the last call."""
     import psutil
+    import torch
 
     metrics = {"host_memory_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30}
     if torch.cuda.is_available():
@@ -24,30 +26,56 @@ def memory_metrics() -> dict:
     return metrics
 
 
+@dataclass
+class PoolTotals:
+    """What one scorer pool has delivered, from its batch log lines ({time, pairs, tokens, seconds} each)."""
+
+    pairs: int = 0
+    start: float = math.inf  # the earliest batch's start
+    end: float = -math.inf  # the latest batch's end
+    busy_seconds: float = 0.0  # the pool's actors' own compute time, summed
+
+    def add(self, batch: dict) -> None:
+        self.pairs += batch["pairs"]
+        self.start = min(self.start, batch["time"] - batch["seconds"])
+        self.end = max(self.end, batch["time"])
+        self.busy_seconds += batch["seconds"]
+
+    @property
+    def pairs_per_second(self) -> float:
+        """Over the pool's span, from its first batch's start to its last batch's end."""
+        return self.pairs / max(self.end - self.start, 1e-9)
+
+    @property
+    def pairs_per_busy_second(self) -> float:
+        return self.pairs / max(self.busy_seconds, 1e-9)
+
+
 class ScorerThroughput:
-    """Pairs per second each scorer pool has delivered so far, from the pools' batch logs (scoring/*.jsonl).
+    """Each scorer pool's totals so far, from the pools' batch logs (<run_dir>/scoring/<pool>-<pid>.jsonl).
     Reads only the lines added since the last call: the cost per logged step stays flat over a long run."""
 
     def __init__(self, run_dir: Path):
         self.folder = run_dir / "scoring"
         self.offsets: dict[Path, int] = {}
-        self.pools: dict[str, dict] = {}  # pool -> pairs, first start, last end
+        self.pools: dict[str, PoolTotals] = {}
 
-    def __call__(self) -> dict[str, float]:
+    def read(self) -> dict[str, PoolTotals]:
         for path in sorted(self.folder.glob("*.jsonl")):
             with open(path) as handle:
                 handle.seek(self.offsets.get(path, 0))
                 lines = handle.readlines()
             complete = [line for line in lines if line.endswith("\n")]  # a line being written waits
             self.offsets[path] = self.offsets.get(path, 0) + sum(len(line.encode()) for line in complete)
-            pool = self.pools.setdefault(path.name.split("-")[0], {"pairs": 0, "start": None, "end": None})
+            pool = self.pools.setdefault(path.name.split("-")[0], PoolTotals())
             for batch in map(json.loads, complete):
-                pool["pairs"] += batch["pairs"]
-                start = batch["time"] - batch["seconds"]
-                pool["start"] = start if pool["start"] is None else min(pool["start"], start)
-                pool["end"] = batch["time"] if pool["end"] is None else max(pool["end"], batch["time"])
-        return {f"{name}_pairs_per_second": pool["pairs"] / max(pool["end"] - pool["start"], 1e-9)
-                for name, pool in self.pools.items() if pool["pairs"]}
+                pool.add(batch)
+        return self.pools
+
+    def __call__(self) -> dict[str, float]:
+        """The step record's fields: <pool>_pairs_per_second of every pool that has scored."""
+        return {f"{name}_pairs_per_second": pool.pairs_per_second for name, pool in self.read().items()
+                if pool.pairs}
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
@@ -71,18 +99,14 @@ class MetricsLog:
         self.writers = []
         if rank != 0:
             return
-        kept = []
-        if resumed_step is not None and self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line)["step"] <= resumed_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [] if resumed_step is None else [r for r in read_records(self.path) if r["step"] <= resumed_step]
+        rewrite_records(self.path, kept)
         self.writers = open_trackers(config)
 
     def write(self, record: dict, console: Optional[str] = None) -> None:
         if self.rank != 0:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_records(self.path, [record])
         values = scalars(record)
         for writer in self.writers:
             writer(values, record["step"])

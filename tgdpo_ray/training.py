@@ -27,12 +27,13 @@ import torch.distributed as dist
 
 from tgdpo_ray.batches import collate_pairs, packed_tokens, values_to_grid
 from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.losses import (IGNORE_INDEX, TOKEN_SUM_KEYS, WEIGHT_BINS, compute_loss, finalize_metrics,
                               metric_sums, token_logps)
 from tgdpo_ray.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.packing import micro_batch_token_logps
-from tgdpo_ray.scoring import COLUMN_PREFIX, pick_device, record_placement
+from tgdpo_ray.scoring import COLUMN_PREFIX
 from tgdpo_ray.steps import StepShare, deal_step, epoch_dataset, plan_steps
 from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
 

@@ -15,9 +15,10 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
+from tgdpo_ray.cluster import ProcessGroup, process_group
 from tgdpo_ray.config import EngineSection, GenerationSection
 from tgdpo_ray.errors import UserError
-from tgdpo_ray.questions import Question
+from tgdpo_ray.eval.questions import Question
 
 
 class GenerationError(UserError, RuntimeError):
@@ -138,13 +139,10 @@ def actor_options(engine: EngineSection) -> dict:
     return options
 
 
-def engine_group(name: str, engine: EngineSection, count: int = 1) -> dict[str, tuple[int, dict, dict]]:
-    """The engines as a process group for run.check_groups_fit."""
-    from tgdpo_ray.run import held_resources
-
+def engine_group(name: str, engine: EngineSection, count: int = 1) -> ProcessGroup:
+    """`count` engines as a process group, for cluster.check_fits."""
     options = actor_options(engine)
-    each = held_resources(options["num_cpus"], options["num_gpus"], options["resources"])
-    return {name: (count, each, dict(engine.node_labels))}
+    return process_group(name, engine, (count, count), options["num_cpus"], options["num_gpus"])
 
 
 def start_engine(model: str, engine: EngineSection, seed: int, trust_remote_code: bool = False):

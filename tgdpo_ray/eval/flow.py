@@ -20,39 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from tgdpo_ray.cluster import check_fits, start_ray
 from tgdpo_ray.config import EvalModel, EvalSection, JobConfig
-from tgdpo_ray.eval_report import format_table, write_eval_report
-from tgdpo_ray.eval_stats import length_summary, pairwise_summary, single_summary
-from tgdpo_ray.questions import Question, load_questions
+from tgdpo_ray.eval.generation import answer_questions, engine_group, start_engine, wait_started
+from tgdpo_ray.eval.judge import (OpenAIJudge, RuleJudge, VLLMJudge, check_references, load_prompts, parse_choice,
+                                  parse_rating, render)
+from tgdpo_ray.eval.questions import Question, load_questions
+from tgdpo_ray.eval.report import format_table, write_eval_report
+from tgdpo_ray.eval.stats import length_summary, pairwise_summary, single_summary
+from tgdpo_ray.jsonl import append_records, read_records, rewrite_records
+from tgdpo_ray.model_files import weights_identity
 
 JUDGE_BATCH = 32  # judgments asked per round trip; each batch is on disk, with a progress line, before the next
 
 
-def read_jsonl(path: Path, log=print) -> list[dict]:
-    """The records of a file this module wrote; a line cut short by a killed run is skipped and counted."""
-    if not path.exists():
-        return []
-    records, broken = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            broken += 1
-    if broken:
-        log(f"[eval] {path.name}: {broken} incomplete line(s) from an interrupted run ignored (recomputed)")
-    return records
-
-
-def append_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("a") as out:
-        out.write("".join(json.dumps(record) + "\n" for record in records))
-
-
-def rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    """Leaves exactly the current records (stale ones from older settings go), atomically."""
-    partial = path.with_suffix(".jsonl.partial")
-    partial.write_text("".join(json.dumps(record) + "\n" for record in records))
-    partial.replace(path)
+def eval_log(log):
+    return lambda message: log(f"[eval] {message}")
 
 
 def digest(value) -> str:
@@ -60,8 +43,6 @@ def digest(value) -> str:
 
 
 def answer_identity(model: EvalModel, evaluation: EvalSection, seed: int) -> str:
-    from tgdpo_ray.cache import weights_identity
-
     generation = evaluation.generation
     return digest([weights_identity(model.path), generation.max_new_tokens, generation.temperatures, seed,
                    generation.max_model_len])
@@ -71,13 +52,11 @@ def answer_identity(model: EvalModel, evaluation: EvalSection, seed: int) -> str
 
 
 def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[Question], log=print) -> list[dict]:
-    from tgdpo_ray.generation import answer_questions, start_engine, wait_started
-
     evaluation, path = config.eval, config.eval_dir / "answers.jsonl"
     generation = evaluation.generation
     identity = {model.name: answer_identity(model, evaluation, config.run.seed) for model in models}
     wanted = {(model.name, q.question_id) for model in models for q in questions}
-    done = {(r["model"], r["question_id"]): r for r in read_jsonl(path, log)
+    done = {(r["model"], r["question_id"]): r for r in read_records(path, eval_log(log))
             if identity.get(r["model"]) == r.get("identity") and (r["model"], r["question_id"]) in wanted}
     todo = [model for model in models if any((model.name, q.question_id) not in done for q in questions)]
     if len(done):
@@ -94,7 +73,7 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
             for record in records:
                 record["identity"] = identity[model.name]
             with write:  # each batch is on disk before the next one starts
-                append_jsonl(path, records)
+                append_records(path, records)
                 done.update({(model.name, record["question_id"]): record for record in records})
             progress.advance(sum(len(record["turns"]) for record in records),
                              sum(sum(record["tokens"]) for record in records))
@@ -112,7 +91,7 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
         finally:
             release(engines)
     answers = [done[(model.name, q.question_id)] for model in models for q in questions]
-    rewrite_jsonl(path, answers)
+    rewrite_records(path, answers)
     return answers
 
 
@@ -146,8 +125,6 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
                    prompts: Optional[dict]) -> list[dict]:
     """Every judgment the report needs, with what the judge will see: the chat messages of an LLM judge, or the
     question, reference and answers a rule judge scores (prompts is None)."""
-    from tgdpo_ray.judge import render
-
     by_key = {(record["model"], record["question_id"]): record for record in answers}
     mode, judge_id = evaluation.judge.mode, evaluation.judge.identity
     if mode == "single":
@@ -182,8 +159,6 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
 
 def read_verdict(task: dict, text: str) -> tuple[dict, Optional[str]]:
     """The verdict fields of a judgment record, and why parsing failed (None when it did not)."""
-    from tgdpo_ray.judge import parse_choice, parse_rating
-
     if task["mode"] == "single":
         score, why = parse_rating(text)
         return {"score": score}, why
@@ -203,7 +178,7 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
     """Asks the judge for every task not already on disk (start_backend() gives the judge, only when needed).
     An unparseable verdict is asked again (sampling at judge.retry_temperature) up to judge.parse_retries
     times, then recorded as unparseable with its text."""
-    done = {r["digest"]: r for r in read_jsonl(path, log)}
+    done = {r["digest"]: r for r in read_records(path, eval_log(log))}
     todo = [task for task in tasks if task["digest"] not in done]
     if len(tasks) > len(todo):
         log(f"[eval] judgments: {len(tasks) - len(todo)} of {len(tasks)} already on disk, reused")
@@ -221,7 +196,7 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
             finished += [rule_judgment(backend, task) for task in asking]
         else:
             finished += ask_llm_judge(backend, evaluation, asking)
-        append_jsonl(path, finished)
+        append_records(path, finished)
         for record in finished:
             done[record["digest"]] = record
         unparseable += sum(record["error"] is not None for record in finished)
@@ -229,7 +204,7 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
         if unparseable:
             log(f"[eval] unparseable or failed judgments so far: {unparseable}")
     judgments = [done[task["digest"]] for task in tasks]
-    rewrite_jsonl(path, judgments)
+    rewrite_records(path, judgments)
     return judgments
 
 
@@ -279,16 +254,12 @@ def judgment_record(task: dict, text: str, fields: dict, attempts: int, error: O
 
 def start_judge(config: JobConfig, engines: list, log=print):
     """The judge backend; a vLLM engine it starts is added to `engines`, for the caller to release."""
-    from tgdpo_ray.judge import OpenAIJudge, RuleJudge, VLLMJudge
-
     judge = config.eval.judge
     if judge.backend == "rule":
         return RuleJudge(judge.function)
     if judge.backend == "openai":
         return OpenAIJudge(judge.base_url, judge.model, judge.api_key_env, judge.max_tokens, judge.request_retries,
                            judge.timeout_s, judge.requests_per_second, judge.concurrency)
-    from tgdpo_ray.generation import start_engine, wait_started
-
     log(f"[eval] judge: starting a vLLM engine for {judge.model}")
     engines.append(start_engine(judge.model, judge, config.run.seed))
     wait_started(engines[-1], judge.model, judge, "eval.judge")
@@ -306,10 +277,6 @@ def evaluated_models(config: JobConfig, trained: Optional[dict[str, str]] = None
 
 def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=print) -> dict:
     """Answers, judgments, statistics and the report in config.eval_dir; returns the summary (report.json)."""
-    from tgdpo_ray.generation import engine_group
-    from tgdpo_ray.judge import RuleJudge, check_references, load_prompts
-    from tgdpo_ray.run import check_groups_fit, start_ray
-
     evaluation, judge = config.eval, config.eval.judge
     models = evaluated_models(config, trained)
     names = [model.name for model in models]
@@ -330,10 +297,10 @@ def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=pr
         f"prompts {prompt_set}), writing to {eval_dir}")
 
     start_ray(config)
-    check_groups_fit(engine_group("answer engines", evaluation.generation,
-                                  min(evaluation.generation.concurrent_models, len(models))))
+    check_fits([engine_group("answer engines", evaluation.generation,
+                             min(evaluation.generation.concurrent_models, len(models)))])
     if judge.backend == "vllm":
-        check_groups_fit(engine_group("judge engine", judge))
+        check_fits([engine_group("judge engine", judge)])
     answers = collect_answers(config, models, questions, log)
 
     tasks = judgment_tasks(evaluation, questions, answers, names, prompts)

@@ -8,7 +8,6 @@ Every problem is reported as a QuestionError that names the file and the line (o
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -17,7 +16,8 @@ from typing import Any
 
 from tgdpo_ray.config import looks_local
 from tgdpo_ray.errors import UserError
-from tgdpo_ray.mt_bench import mt_bench_file
+from tgdpo_ray.eval.mt_bench import mt_bench_file
+from tgdpo_ray.jsonl import BadLine, numbered_lines
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SHIPPED_QUESTIONS = Path(__file__).parent / "assets" / "questions.jsonl"
@@ -91,22 +91,12 @@ def _rows(path: str, split: str) -> Iterator[tuple[str, str, dict]]:
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, str, dict]]:
     try:
-        # utf-8-sig: a byte-order mark that some editors write is not part of line 1's JSON.
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise QuestionError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        for number, row in numbered_lines(path):
+            if isinstance(row, BadLine):
+                raise QuestionError(f"{path}, line {number}: {row}")
+            yield path, f"line {number}", row
     except OSError as err:
         raise QuestionError(f"cannot read {path}: {err.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QuestionError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise QuestionError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-        yield path, f"line {number}", row
 
 
 def _dataset(name: str, split: str) -> Iterable[dict]:

@@ -9,7 +9,6 @@ else is unparseable, and says why.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -21,8 +20,10 @@ from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.errors import UserError
-from tgdpo_ray.mt_bench import mt_bench_file
-from tgdpo_ray.questions import Question
+from tgdpo_ray.eval.generation import call_engine
+from tgdpo_ray.eval.mt_bench import mt_bench_file
+from tgdpo_ray.eval.questions import Question
+from tgdpo_ray.jsonl import BadLine, numbered_lines
 
 OUR_PROMPTS = Path(__file__).parent / "assets" / "judge_prompts.jsonl"
 # MT-Bench grades these categories against a reference answer when one exists.
@@ -52,14 +53,13 @@ def load_prompts(prompt_set: str) -> dict[str, dict]:
     if not path.is_file():
         raise JudgeError(f"judge prompts file not found: {path}")
     prompts = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in numbered_lines(path):
         try:
-            record = json.loads(line)
+            if isinstance(record, BadLine):
+                raise ValueError(str(record))
             name, kind, template = record["name"], record["type"], record["prompt_template"]
             template.format(**{key: "" for key in PLACEHOLDERS})
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as err:
+        except (KeyError, IndexError, TypeError, ValueError) as err:
             raise JudgeError(f"{path}, line {number}: not a judge prompt record ({type(err).__name__}: {err}); "
                              "expected name, type, system_prompt, prompt_template") from None
         if kind not in ("single", "pairwise"):
@@ -147,8 +147,6 @@ class VLLMJudge:
 
     def complete(self, requests: list[tuple[list[dict], float, int]]) -> list[tuple[str, Optional[str]]]:
         """requests: (messages, temperature, seed) -> (text, error or None) each."""
-        from tgdpo_ray.generation import call_engine
-
         replies = call_engine(self.model, self.engine.chat.remote(
             [messages for messages, _, _ in requests],
             [{"temperature": temperature, "seed": seed, "max_tokens": self.max_tokens}

@@ -1,0 +1,80 @@
+"""JSON Lines, the one home for reading and writing them.
+
+Two kinds of file: a user's input (preference data, questions, references, judge prompts), read line by line with
+each line's 1-based number and, for a bad line, why it is bad, so the caller can name the file and the line; and
+the records this project appends as work finishes (metrics, scorer batch logs, answers, judgments), whose last
+line may have been cut short by a process that died while writing it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Union
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a user's JSONL file that is not a JSON object."""
+
+    reason: str  # invalid_utf8 | invalid_json | not_an_object
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def numbered_lines(path: Union[str, Path]) -> Iterator[tuple[int, Union[dict, BadLine]]]:
+    """(1-based line number, the line's JSON object or a BadLine) for every non-blank line of a user's file."""
+    # utf-8-sig drops a byte-order mark; surrogateescape keeps bytes that are not UTF-8 (as lone surrogates), so
+    # that only the line holding them is bad and the lines after it are still read.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield line_number, parse_line(line)
+
+
+def parse_line(line: str) -> Union[dict, BadLine]:
+    try:
+        line.encode("utf-8")  # fails exactly where surrogateescape kept a byte that is not UTF-8
+    except UnicodeEncodeError as err:
+        byte = ord(line[err.start]) - 0xDC00
+        return BadLine("invalid_utf8", f"byte 0x{byte:02x} at column {err.start + 1} is not UTF-8")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return BadLine("invalid_json", f"{err.msg} (column {err.colno})")
+    if not isinstance(row, dict):
+        return BadLine("not_an_object", f"a JSON {type(row).__name__}, expected an object")
+    return row
+
+
+def read_records(path: Path, log=None) -> list[dict]:
+    """The records of a file this project appended to ([] when it does not exist). A line cut short by a process
+    that died while writing it is skipped, and counted to `log` when one is given (its work is done again)."""
+    if not path.exists():
+        return []
+    records, broken = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            broken += 1
+    if broken and log is not None:
+        log(f"{path.name}: {broken} incomplete line(s) from an interrupted run ignored (recomputed)")
+    return records
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    with path.open("a") as out:
+        out.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+def rewrite_records(path: Path, records: list[dict]) -> None:
+    """Leaves exactly `records` in the file, atomically: a crash leaves the old file or the new one."""
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+    partial.replace(path)
