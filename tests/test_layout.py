@@ -66,3 +66,16 @@ def test_the_checks_see_imports_of_every_form(tmp_path):
                       "def f():\n    from tgdpo_ray.training import train_loop\n")
     assert imported_modules(source) == {"eval.judge", "cluster", "cli", "training"}
     assert "eval.flow" in modules()["pipeline"]  # a lazy import, inside a function
+
+
+def test_readme_lists_every_module_and_no_other():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    tree = section.split("```", 2)[1]
+    listed = set()
+    for line in tree.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.endswith(".py"):
+            listed.add(("eval/" if line.startswith("    ") else "") + name)
+    actual = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
+    assert listed == actual, f"README lists {sorted(listed - actual)} that do not exist and misses {sorted(actual - listed)}"
