@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from tgdpo_ray.config import DataSection, RewardColumns, build_config
+from tgdpo_ray.config import DataSection, RewardColumns
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.data import DataError, prepare_pairs
 from tgdpo_ray.losses import tgdpo_loss, tgdpo_loss_from_rewards
 from tgdpo_ray.models import load_token_reward_model, make_tiny_model

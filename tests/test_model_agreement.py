@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tgdpo_ray.config import build_config
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.models import (ModelMismatchError, check_models_agree, load_causal_lm, load_tokenizer,
                               make_tiny_model)
 

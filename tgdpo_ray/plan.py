@@ -12,7 +12,7 @@ import json
 import math
 from typing import Optional
 
-from tgdpo_ray.config import ConfigError, JobConfig, ScorerSection
+from tgdpo_ray.config import ConfigError, JobConfig
 
 FORWARD_SHARE_OF_STEP = 1 / 3
 
@@ -38,10 +38,6 @@ def parameter_count(name_or_path: str) -> Optional[int]:
     return layers * (attention + mlp) + embeddings
 
 
-def pool_range(section: ScorerSection) -> tuple[int, int]:
-    return (section.replicas, section.replicas) if isinstance(section.replicas, int) else tuple(section.replicas)
-
-
 def parse_cluster(text: str) -> dict[str, float]:
     """`gpus=16,cpus=128` -> {"GPU": 16, "CPU": 128}: a cluster described on the command line."""
     cluster = {}
@@ -64,7 +60,7 @@ def make_plan(config: JobConfig, cluster: Optional[dict[str, float]] = None) -> 
                                           ("guidance", config.guidance, config.guidance.model, config.needs_guidance)):
         if not needed:
             continue
-        low, high = pool_range(section)
+        low, high = section.replica_range
         groups.append({"group": name, "processes": (low, high), "gpus_each": section.gpus_per_replica,
                        "labels": section.node_labels})
         params = parameter_count(model) if model else None

@@ -13,7 +13,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from tgdpo_ray.config import JobConfig, dump_config
+from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config_loader import dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import check_models_agree, load_tokenizer
@@ -111,8 +112,7 @@ def process_groups(config: JobConfig, with_policy: bool = True) -> dict[str, tup
     for name, section, needed in (("reference", config.reference, config.needs_reference),
                                   ("guidance", config.guidance, config.needs_guidance)):
         if needed:
-            low = section.replicas if isinstance(section.replicas, int) else section.replicas[0]
-            sections[name] = (section, low, section.cpus_per_replica, section.gpus_per_replica)
+            sections[name] = (section, section.replica_range[0], section.cpus_per_replica, section.gpus_per_replica)
     groups = {}
     for name, (section, count, cpus, gpus) in sections.items():
         groups[name] = (count, held_resources(cpus, gpus, section.resources), section.node_labels)
@@ -223,7 +223,7 @@ def run_score(config: JobConfig, log=print) -> dict:
     """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
     if not (config.needs_reference or config.needs_guidance):
         raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
-    config.scoring.mode = "cache"
+    config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"mode": "cache"})})
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
     start_ray(config)

@@ -133,7 +133,7 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
                token_rewards: bool = False):
     from ray.data import ActorPoolStrategy
 
-    low, high = (section.replicas, section.replicas) if isinstance(section.replicas, int) else section.replicas
+    low, high = section.replica_range
     return dataset.map_batches(
         FrozenScorer,
         fn_constructor_kwargs=dict(
