@@ -1,6 +1,7 @@
 """Job configs: every kind of bad config fails before Ray starts, with a message that names the key."""
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -152,6 +153,17 @@ def test_a_chat_template_file_stays_a_path_and_the_tokenizer_reads_it(raw, tiny_
     assert load_tokenizer(tiny_model, chat_template=template).chat_template == template  # a template as it is
 
 
+def test_readme_lists_every_key_with_its_description():
+    """README's tables of keys are generated from the schema: run `python scripts/config_keys.py --write`."""
+    spec = importlib.util.spec_from_file_location("config_keys", REPO / "scripts" / "config_keys.py")
+    config_keys = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_keys)
+    assert not config_keys.undescribed_keys(), "every key needs Field(description=...)"
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("<!-- config-keys: ") == 2
+    assert config_keys.with_tables(readme) == readme, "README is stale: run python scripts/config_keys.py --write"
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="job config not found"):
         load_config(tmp_path / "missing.yaml")
@@ -183,7 +195,8 @@ def test_every_shipped_job_spec_is_valid():
 
 
 def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
-    
+    import importlib.util
+
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
     assert "tracking.wandb_project: needs the wandb package" in error_of(raw, ["tracking.wandb_project=p"])
