@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench config-docs clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,9 @@ bench: setup
 	$(PY) bench/scaling.py
 	$(PY) bench/packing.py
 	$(PY) bench/trl_compare.py
+
+config-docs: setup
+	$(PY) scripts/config_keys.py --write
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -81,7 +81,7 @@ def with_frozen_logps(rows: list[dict], reference, guidance) -> list[dict]:
 
 def time_steps(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) -> dict:
     from tgdpo_ray.batches import micro_batch_tokens, pack_by_token_budget
-    from tgdpo_ray.config import build_config
+    from tgdpo_ray.config_loader import build_config
     from tgdpo_ray.training import micro_batch_loss
 
     policy, reference, guidance = make_model(vocab, 0), make_model(vocab, 1).eval(), make_model(vocab, 2).eval()

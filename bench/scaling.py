@@ -23,7 +23,7 @@ RESULTS = HERE / "results" / "scaling.json"
 
 
 def job(model: str, data: Path, name: str, **sections) -> "JobConfig":  # noqa: F821
-    from tgdpo_ray.config import build_config
+    from tgdpo_ray.config_loader import build_config
 
     raw = {"run": {"name": name, "output_dir": str(WORK / "runs"), "resume": False},
            "data": {"train": str(data), "max_length": 96, "max_prompt_length": 48},

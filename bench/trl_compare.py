@@ -53,7 +53,7 @@ def step_batches(pairs: list[dict], batch: int, steps: int) -> list[list[dict]]:
 
 
 def dpo_config(max_tokens: int, row_tokens: int):
-    from tgdpo_ray.config import build_config
+    from tgdpo_ray.config_loader import build_config
 
     return build_config({"data": {"train": "x.jsonl"}, "policy": {"model": "bench"}, "loss": {"type": "dpo"},
                          "training": {"packing": "shared_prompt", "max_tokens_per_batch": max_tokens,

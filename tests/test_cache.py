@@ -9,7 +9,7 @@ import pytest
 
 from conftest import planned_step_ids, trained_pair_ids
 from tgdpo_ray.cache import MARKER, fingerprint, scorer_identity
-from tgdpo_ray.config import build_config
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.model_files import weights_identity
 from tgdpo_ray.run import run_score, run_train
 
@@ -82,6 +82,10 @@ def test_the_fingerprint_covers_everything_the_scores_depend_on(tiny_model, demo
 
     base = key()
     assert key("run.name=y") == base  # where a run writes is not what it scores
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(CHATML_TEMPLATE)  # the tiny model's own
+    assert key(f"data.chat_template={template_file}") == base
+    template_file.write_text(CHATML_TEMPLATE.replace("\n", ":\n"))
     assert key(f"guidance.model={copy}") == base  # weights are known by their content, not their folder
     lines = demo_data["train"].read_text().splitlines()
     pair = json.loads(lines[3])
@@ -92,6 +96,7 @@ def test_the_fingerprint_covers_everything_the_scores_depend_on(tiny_model, demo
         "data content": key(f"data.train.path={edited}"),
         "tokenizer": key(f"policy.model={other}", f"reference.model={tiny_model}"),
         "chat template": key("data.chat_template=" + json.dumps(CHATML_TEMPLATE.replace("<|im_start|>", "<|im_end|>"))),
+        "chat template file's content": key(f"data.chat_template={template_file}"),
         # Length limits reach the scores through the token ids they cut.
         "max_length": key("data.max_length=20", "data.max_prompt_length=10"),
         "max_prompt_length": key("data.max_length=20", "data.max_prompt_length=6"),

@@ -103,7 +103,7 @@ def test_cluster_offers_what_each_job_asks_for(groups, spec):
                                                    or config.loss.type == "tgdpo" else [])
     scorer_gpus = {}
     for name, section in scorers:
-        low = section.replicas if isinstance(section.replicas, int) else section.replicas[0]
+        low = section.replica_range[0]
         key = tuple(sorted(section.node_labels.items()))
         scorer_gpus[key] = scorer_gpus.get(key, 0) + low * section.gpus_per_replica
         needs.append((name, section.node_labels, None))

@@ -1,6 +1,7 @@
 """Job configs: every kind of bad config fails before Ray starts, with a message that names the key."""
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 import yaml
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config import ConfigError, JobConfig, build_config, load_config
+from tgdpo_ray.config import ConfigError, JobConfig
+from tgdpo_ray.config_loader import absolutize, apply_overrides, build_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,7 +97,9 @@ def test_prompt_limit_must_leave_room_for_answers(raw):
 
 
 def test_replicas_range(raw):
-    assert build_config(raw, overrides=["reference.replicas=[1, 4]"]).reference.replicas == (1, 4)
+    ranged = build_config(raw, overrides=["reference.replicas=[1, 4]"]).reference
+    assert ranged.replicas == (1, 4) and ranged.replica_range == (1, 4)
+    assert build_config(raw, overrides=["reference.replicas=3"]).reference.replica_range == (3, 3)
     assert "reference.replicas" in error_of(raw, ["reference.replicas=[3, 1]"])
 
 
@@ -107,6 +111,58 @@ def test_overrides(raw):
     assert "training.lr: unknown key" in error_of(raw, ["training.lr=1"])
     assert "expected key=value" in error_of(raw, ["training.epochs"])
     assert "is a value, not a section" in error_of(raw, ["loss.type=dpo", "loss.type.x=1"])
+
+
+def test_loading_never_changes_its_input(raw, eval_raw, tmp_path, monkeypatch):
+    before = copy.deepcopy(eval_raw)
+    changed = apply_overrides(eval_raw, ["eval.models.0.path=./elsewhere", "eval.judge.mode=pairwise", "run.x.y=1"])
+    assert eval_raw == before  # nested dicts and lists included
+    assert changed["eval"]["models"][0]["path"] == "./elsewhere" and changed["run"] == {"x": {"y": 1}}
+
+    monkeypatch.chdir(tmp_path)
+    raw["data"]["train"] = "./train.jsonl"
+    relative = build_config(raw, check_paths=False)
+    dumped = relative.model_dump()
+    absolute = absolutize(relative)
+    assert relative.model_dump() == dumped and relative.data.train.path == "./train.jsonl"
+    assert absolute.data.train.path == str(tmp_path / "train.jsonl") and Path(absolute.run.output_dir).is_absolute()
+
+
+def test_run_job_reads_and_validates_the_spec_once(raw, tmp_path, monkeypatch):
+    from tgdpo_ray import config_loader, pipeline
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    calls = []
+    monkeypatch.setattr(config_loader, "apply_overrides", lambda *args: calls.append(args) or apply_overrides(*args))
+    monkeypatch.setattr(pipeline, "run_train", lambda config, log: config)
+    config = pipeline.run_job(str(spec), ["run.name=once", "loss.type=dpo"], kind="train")
+    assert len(calls) == 1 and calls[0][1] == ["run.name=once", "loss.type=dpo", "kind=train"]
+    assert config.run.name == "once" and config.loss.type == "dpo" and Path(config.run.output_dir).is_absolute()
+
+
+def test_a_chat_template_file_stays_a_path_and_the_tokenizer_reads_it(raw, tiny_model, tmp_path, monkeypatch):
+    from tgdpo_ray.demo import CHATML_TEMPLATE
+    from tgdpo_ray.models import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    template = CHATML_TEMPLATE.replace("<|im_start|>", "<|im_end|>")
+    (tmp_path / "template.jinja").write_text(template)
+    config = build_config(raw, overrides=["data.chat_template=template.jinja"])
+    assert config.data.chat_template == str(tmp_path / "template.jinja")
+    assert load_tokenizer(tiny_model, chat_template=config.data.chat_template).chat_template == template
+    assert load_tokenizer(tiny_model, chat_template=template).chat_template == template  # a template as it is
+
+
+def test_readme_lists_every_key_with_its_description():
+    """README's tables of keys are generated from the schema: run `python scripts/config_keys.py --write`."""
+    spec = importlib.util.spec_from_file_location("config_keys", REPO / "scripts" / "config_keys.py")
+    config_keys = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_keys)
+    assert not config_keys.undescribed_keys(), "every key needs Field(description=...)"
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("<!-- config-keys: ") == 2
+    assert config_keys.with_tables(readme) == readme, "README is stale: run python scripts/config_keys.py --write"
 
 
 def test_config_file_errors(tmp_path):
@@ -220,7 +276,7 @@ def test_engine_memory_is_a_size_on_cpu_and_a_share_of_the_gpu_otherwise(eval_ra
 
 def test_a_validated_config_written_out_validates_again(eval_raw, tmp_path):
     """config.yaml and check-config print every default: reading that back must give the same config."""
-    from tgdpo_ray.config import dump_config
+    from tgdpo_ray.config_loader import dump_config
 
     config = build_config(eval_raw, overrides=["eval.generation.on_gpus=false", "eval.judge.on_gpus=false"])
     dump_config(config, tmp_path / "config.yaml")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import planned_step_ids, trained_pair_ids
-from tgdpo_ray.config import build_config
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.run import run_train
 
 EPOCHS = 2

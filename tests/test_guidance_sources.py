@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from tgdpo_ray.config import DataSection, RewardColumns, build_config
+from tgdpo_ray.config import DataSection, RewardColumns
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.data import DataError, prepare_pairs
 from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.losses import tgdpo_loss, tgdpo_loss_from_rewards

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from tgdpo_ray.config import build_config
-from tgdpo_ray.models import (ModelMismatchError, check_models_agree, load_causal_lm, load_tokenizer,
-                              make_tiny_model)
+from tgdpo_ray.config_loader import build_config
+from tgdpo_ray.demo import make_tiny_model
+from tgdpo_ray.models import ModelMismatchError, check_models_agree, load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import trained_pair_ids, without_local_ray
-from tgdpo_ray.config import build_config
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.run import run_train
 

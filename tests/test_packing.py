@@ -371,7 +371,7 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoConfig
 
-    from tgdpo_ray.config import build_config
+    from tgdpo_ray.config_loader import build_config
     from tgdpo_ray.models import load_causal_lm
     from tgdpo_ray.training import build_engine, micro_batch_loss
 

@@ -3,7 +3,8 @@
 import pytest
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config import ConfigError, build_config
+from tgdpo_ray.config import ConfigError
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.plan import format_plan, make_plan, parameter_count, parse_cluster
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tgdpo_ray import cluster
-from tgdpo_ray.config import build_config
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.errors import UserError
 
 # On today's Ray a bad address retries for about two minutes: fail the test long before that.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tgdpo_ray.config import build_config
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.run import run_train
 
 

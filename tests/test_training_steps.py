@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tgdpo_ray.batches import pack_by_token_budget
-from tgdpo_ray.config import TrainingSection, build_config
+from tgdpo_ray.config import TrainingSection
+from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.run import prepare_data, run_train
 from tgdpo_ray.steps import StepShare, epoch_positions, in_epoch_order, plan_steps
 

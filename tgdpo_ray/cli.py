@@ -102,7 +102,7 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "check-config":
         import yaml
 
-        from tgdpo_ray.config import load_config
+        from tgdpo_ray.config_loader import load_config
 
         config = load_config(args.config, args.overrides)
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
@@ -133,7 +133,7 @@ def run_command(args: argparse.Namespace) -> int:
 def plan_command(args: argparse.Namespace) -> str:
     import os
 
-    from tgdpo_ray.config import load_config
+    from tgdpo_ray.config_loader import load_config
     from tgdpo_ray.plan import format_plan, make_plan, parse_cluster
 
     config = load_config(args.config, args.overrides, check_paths=False)

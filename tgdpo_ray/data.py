@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tgdpo_ray.config import Columns, DataSection, DataSource, RewardColumns, looks_local
+from tgdpo_ray.config import Columns, DataSection, DataSource, RewardColumns
+from tgdpo_ray.config_loader import looks_local
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.jsonl import BadLine, numbered_lines
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.config import load_config
+from tgdpo_ray.config_loader import load_config
 from tgdpo_ray.errors import UserError
 
 # What never travels: environments, outputs, caches (Ray caps a working directory at 500 MiB).

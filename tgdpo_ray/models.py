@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -37,7 +39,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, chat_temp
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the tokenizer of {name_or_path!r}: {err}") from None
     if chat_template:
-        tokenizer.chat_template = chat_template
+        # data.chat_template is a template, or the path of a file holding one.
+        tokenizer.chat_template = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token

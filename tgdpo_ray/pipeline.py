@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tgdpo_ray.config import PIPELINE_MODELS, JobConfig, build_config, read_raw_config
+from tgdpo_ray.config import PIPELINE_MODELS, JobConfig
+from tgdpo_ray.config_loader import load_config, ready_to_run
 from tgdpo_ray.jsonl import read_records
 from tgdpo_ray.run import run_score, run_train
 
@@ -75,16 +76,15 @@ def evaluate_policies(config: JobConfig, runs: dict[str, dict], log=print) -> di
 
 def run_job(config_path: str, overrides: list[str], kind: str | None = None, log=print) -> dict:
     """Runs a job spec; `kind` (from the command) overrides the spec's own kind."""
-    raw = read_raw_config(config_path)
     # The command's kind is applied last, after the user's overrides.
     overrides = list(overrides) + ([f"kind={kind}"] if kind else [])
     # Keys and values first: a demo job's paths only exist once its inputs are built.
-    unchecked = build_config(raw, config_path, overrides, check_paths=False)
-    if unchecked.kind == "demo":
+    config = load_config(config_path, overrides, check_paths=False)
+    if config.kind == "demo":
         from tgdpo_ray.demo import ensure_demo_inputs
 
-        ensure_demo_inputs(Path(unchecked.policy.model), Path(unchecked.data.train.path).parent, log)
-    config = build_config(raw, config_path, overrides)
+        ensure_demo_inputs(Path(config.policy.model), Path(config.data.train.path).parent, log)
+    config = ready_to_run(config, config_path)
     if config.kind == "train":
         return run_train(config, log)
     if config.kind == "score":

@@ -11,7 +11,8 @@ from functools import partial
 import numpy as np
 
 from tgdpo_ray.cluster import check_fits, start_ray, torch_backend, training_groups
-from tgdpo_ray.config import JobConfig, dump_config
+from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config_loader import dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import check_models_agree, load_tokenizer
@@ -92,7 +93,7 @@ def run_score(config: JobConfig, log=print) -> dict:
     """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
     if not (config.needs_reference or config.needs_guidance):
         raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
-    config.scoring.mode = "cache"
+    config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"mode": "cache"})})
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
     start_ray(config)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tgdpo_ray.config import looks_local
+from tgdpo_ray.config_loader import looks_local
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.eval.mt_bench import mt_bench_file
 from tgdpo_ray.jsonl import BadLine, numbered_lines
