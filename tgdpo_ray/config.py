@@ -163,13 +163,20 @@ class RewardColumns(Section):
     rejected: str = "rejected_token_rewards"
 
 
+GuidanceSource = Literal["implicit", "token_reward_model", "column"]
+
+
 class GuidanceSection(ScorerSection):
     # implicit: r_hat = beta * (log p_guidance - log p_ref), the paper's form, from a causal LM (guidance.model).
     # token_reward_model: guidance.model has a per-token scalar head (AutoModelForTokenClassification with one
     #   label); its output at each answer token is r_hat.
     # column: r_hat comes with the data, one number per answer token (guidance.reward_columns); no pool runs.
-    source: Literal["implicit", "token_reward_model", "column"] = "implicit"
+    source: GuidanceSource = "implicit"
     reward_columns: RewardColumns = RewardColumns()
+
+
+# The guidance sources (JobConfig.guidance_kind) scored by a guidance model's pool; column needs none.
+SCORED_GUIDANCE = ("implicit", "token_reward_model")
 
 
 class ScoringSection(Section):
@@ -406,7 +413,7 @@ class JobConfig(Section):
     def _models_for_the_loss(self) -> "JobConfig":
         if self.kind == "eval":
             return self
-        if self.kind in ("train", "score") and self.needs_guidance and not self.guidance.model:
+        if self.kind in ("train", "score") and self.guidance_kind in SCORED_GUIDANCE and not self.guidance.model:
             raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run), "
                              "or guidance.source: column with per-token rewards in the data")
         if self.kind in ("pipeline", "demo") and (self.guidance.model or self.guidance.source != "implicit"):
@@ -436,18 +443,10 @@ class JobConfig(Section):
         return self.loss.type != "simpo"
 
     @property
-    def needs_guidance(self) -> bool:
-        """A guidance scorer pool runs: tgdpo with a guidance model (not rewards from the data)."""
-        return self.loss.type == "tgdpo" and self.guidance.source != "column"
-
-    @property
-    def rewards_from_data(self) -> bool:
-        return self.loss.type == "tgdpo" and self.guidance.source == "column"
-
-    @property
-    def uses_token_rewards(self) -> bool:
-        """The trainers read r_hat itself (from a token reward model or the data), not guidance log-probs."""
-        return self.loss.type == "tgdpo" and self.guidance.source != "implicit"
+    def guidance_kind(self) -> Optional[GuidanceSource]:
+        """Where TGDPO's token rewards come from (guidance.source); None for a loss that takes no guidance. A
+        guidance scorer pool runs for the kinds in SCORED_GUIDANCE."""
+        return self.guidance.source if self.loss.type == "tgdpo" else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -528,7 +527,7 @@ def check_local_paths(config: JobConfig, source: str) -> None:
         candidates = {
             "policy.model": config.policy.model,
             "reference.model": config.reference.model,
-            "guidance.model": config.guidance.model if config.needs_guidance else None,
+            "guidance.model": config.guidance.model if config.guidance_kind in SCORED_GUIDANCE else None,
             "data.train.path": config.data.train.path,
             "data.eval.path": config.data.eval.path if config.data.eval else None,
         }

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Optional
 
-from tgdpo_ray.config import ConfigError, JobConfig, ScorerSection
+from tgdpo_ray.config import SCORED_GUIDANCE, ConfigError, JobConfig, ScorerSection
 
 FORWARD_SHARE_OF_STEP = 1 / 3
 
@@ -61,7 +61,8 @@ def make_plan(config: JobConfig, cluster: Optional[dict[str, float]] = None) -> 
                "gpus_each": config.policy.gpus_per_worker, "labels": config.policy.node_labels}]
     warnings, pools = [], []
     for name, section, model, needed in (("reference", config.reference, config.reference_model, config.needs_reference),
-                                          ("guidance", config.guidance, config.guidance.model, config.needs_guidance)):
+                                          ("guidance", config.guidance, config.guidance.model,
+                                           config.guidance_kind in SCORED_GUIDANCE)):
         if not needed:
             continue
         low, high = pool_range(section)

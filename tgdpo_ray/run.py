@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from tgdpo_ray.config import JobConfig, dump_config
+from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import check_models_agree, load_tokenizer
@@ -28,7 +28,7 @@ def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, Prepa
     """Everything that can reject the input happens here, before any Ray resource starts."""
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code, config.data.chat_template)
     started = time.perf_counter()
-    rewards = config.guidance.reward_columns if config.rewards_from_data else None
+    rewards = config.guidance.reward_columns if config.guidance_kind == "column" else None
     train = prepare_pairs(config.data.train, config.data, tokenizer, log, rewards)
     held_out = prepare_pairs(config.data.eval, config.data, tokenizer, log, rewards) if config.data.eval else None
     log(f"[data] {len(train.rows)} training pairs" + (f", {len(held_out.rows)} held-out pairs" if held_out else "")
@@ -109,7 +109,7 @@ def process_groups(config: JobConfig, with_policy: bool = True) -> dict[str, tup
         sections["policy"] = (config.policy, config.policy.workers, config.policy.cpus_per_worker,
                               config.policy.gpus_per_worker)
     for name, section, needed in (("reference", config.reference, config.needs_reference),
-                                  ("guidance", config.guidance, config.needs_guidance)):
+                                  ("guidance", config.guidance, config.guidance_kind in SCORED_GUIDANCE)):
         if needed:
             low = section.replicas if isinstance(section.replicas, int) else section.replicas[0]
             sections[name] = (section, low, section.cpus_per_replica, section.gpus_per_replica)
@@ -167,7 +167,7 @@ def torch_backend(config: JobConfig) -> str:
 
 def reads_cache(config: JobConfig) -> bool:
     """Cache mode, for a loss with a scorer (a loss without one has nothing to cache)."""
-    return config.scoring.mode == "cache" and (config.needs_reference or config.needs_guidance)
+    return config.scoring.mode == "cache" and (config.needs_reference or config.guidance_kind in SCORED_GUIDANCE)
 
 
 def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
@@ -221,7 +221,7 @@ def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, Prep
 
 def run_score(config: JobConfig, log=print) -> dict:
     """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
-    if not (config.needs_reference or config.needs_guidance):
+    if not (config.needs_reference or config.guidance_kind in SCORED_GUIDANCE):
         raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
     config.scoring.mode = "cache"
     check_models_agree(config)
