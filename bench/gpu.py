@@ -7,8 +7,8 @@ Layouts, all on the same pairs, split into micro-batches by the same token budge
 - shared_prompt_flex, packed_flex: the same packed rows with FlexAttention and a BlockMask built from document and
   segment ids (per-document causal; in a shared-prompt document the rejected answer never sees the chosen one).
 
-Plain torch + transformers: it imports tgdpo_ray.packing, .batches and .losses only (no ray, deepspeed, vllm or
-pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a smoke test: it checks that
+Plain torch + transformers: it imports tgdpo_ray.packing, .batches, .logprobs and .losses only (no ray, deepspeed,
+vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a smoke test: it checks that
 every layout gives the padded layout's losses and that FlexAttention gives the dense mask's log-probs, and
 measures nothing. Writes a JSON (--out) and prints a table.
 
@@ -28,6 +28,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_RESULTS = REPO / "bench" / "results" / "gpu.json"
@@ -69,10 +70,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(REPO))
 
 from tgdpo_ray.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
-                               values_to_grid)
-from tgdpo_ray.losses import IGNORE_INDEX, compute_loss, token_logps  # noqa: E402
-from tgdpo_ray.packing import (CHOSEN, PROMPT, REJECTED, build_packed_batch, lm_head_token_logps,  # noqa: E402
-                               micro_batch_token_logps, pack_pairs, pack_rows, pair_span)
+                               pair_batch)
+from tgdpo_ray.logprobs import answer_logps, lm_head_token_logps, token_logps  # noqa: E402
+from tgdpo_ray.losses import build_loss  # noqa: E402
+from tgdpo_ray.packing import (CHOSEN, PROMPT, REJECTED, build_packed_batch, pack_pairs, pack_rows,  # noqa: E402
+                               pair_span)
 from packing import make_pairs  # noqa: E402  (bench/packing.py, imported from its folder, as trl_compare does)
 
 # Two sizes. gpu: a Llama-3-shaped ~0.5B model (GQA, 128k vocabulary, tied embeddings) on long-tailed pairs of up
@@ -98,6 +100,7 @@ SIZES = {
 }
 
 LOSS = {"type": "tgdpo", "beta": 0.1, "alpha": 0.5, "simpo_gamma": 0.5, "clamp_weights": False}  # config defaults
+TRAINER_LOSS = build_loss(SimpleNamespace(**LOSS))  # built once, as the trainers build theirs from config.loss
 LOGP_CHUNK = 512  # training.logp_chunk_size's default
 
 FLOPS_FORMULA = ("model FLOPs per pass = 6 * non_embedding_params * computed_tokens"
@@ -197,7 +200,7 @@ def make_mask_mod(document: torch.Tensor, segment: torch.Tensor):
 
 
 def flex_host_inputs(rows: list, shared_prompt: bool, row_tokens: int, pad_id: int):
-    """What micro_batch_token_logps packs (same rows, same order; pack_pairs with rows_per_batch=len(rows) is one
+    """What answer_logps packs (same rows, same order; pack_pairs with rows_per_batch=len(rows) is one
     pack_rows call and one build_packed_batch), without the dense mask, plus document and segment ids."""
     spans = [pair_span(row, shared_prompt) for row in rows]
     width = max([row_tokens] + spans)
@@ -229,42 +232,26 @@ def flex_token_logps(model, rows: list, shared_prompt: bool, row_tokens: int, pa
                                  attention_mask=block_mask, use_cache=False).last_hidden_state
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index.to(device))
     logps = lm_head_token_logps(selected, head.weight, head.bias, batch.target_ids.to(device), LOGP_CHUNK)
-    index = (batch.grid_rows.to(device), batch.grid_cols.to(device))
-    grid = torch.zeros(batch.grid_shape, dtype=logps.dtype, device=device).index_put(index, logps)
-    mask = torch.zeros(batch.grid_shape, dtype=torch.bool, device=device).index_put(
-        index, torch.ones_like(logps, dtype=torch.bool))
-    return grid, mask
+    return batch.answer_grid(logps)
 
 
 # ---------------------------------------------------------------------------
-# The trainer's micro-batch loss: training.micro_batch_loss and policy_token_logps mirrored on the same helpers
+# The trainer's micro-batch loss: training.micro_batch_loss on the same helpers, plus FlexAttention
 # (tgdpo_ray.training itself imports pydantic, ray and deepspeed through its neighbours).
 # ---------------------------------------------------------------------------
 
 
 def policy_token_logps(model, rows: list, packing: str, attention: str, row_tokens: int, device):
     pad_id = model.config.pad_token_id
-    if packing == "padded":
-        batch = collate_pairs(rows, pad_id)
-        labels = batch["labels"].to(device)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        return token_logps(logits, labels, LOGP_CHUNK), labels != IGNORE_INDEX
     if attention == "flex_attention":
         return flex_token_logps(model, rows, packing == "shared_prompt", row_tokens, pad_id, device)
-    logps, mask, _ = micro_batch_token_logps(model, rows, packing == "shared_prompt", row_tokens, LOGP_CHUNK)
-    return logps, mask
+    return answer_logps(model, rows, packing, row_tokens, LOGP_CHUNK, pad_id, device)
 
 
 def micro_batch_loss(model, rows: list, packing: str, attention: str, row_tokens: int, device):
     logps, mask = policy_token_logps(model, rows, packing, attention, row_tokens, device)
-    n = len(rows)
-    inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
-              "chosen_mask": mask[:n], "rejected_mask": mask[n:]}
-    for name in ("ref", "guidance"):  # tgdpo with implicit guidance: both cached, from the scorer pools
-        grid = values_to_grid(rows, f"{name}_chosen_logps", f"{name}_rejected_logps", mask.shape[1]).to(device)
-        inputs[f"{name}_chosen_logps"], inputs[f"{name}_rejected_logps"] = grid[:n], grid[n:]
-    return compute_loss(LOSS["type"], inputs, LOSS["beta"], LOSS["alpha"], LOSS["simpo_gamma"], LOSS["clamp_weights"])
+    # tgdpo with implicit guidance: reference and guidance log-probs both cached, from the scorer pools.
+    return TRAINER_LOSS(pair_batch(rows, logps, mask, with_reference=True, guidance_kind="implicit"))
 
 
 # ---------------------------------------------------------------------------

@@ -82,29 +82,31 @@ def with_frozen_logps(rows: list[dict], reference, guidance) -> list[dict]:
 def time_steps(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) -> dict:
     from tgdpo_ray.batches import micro_batch_tokens, pack_by_token_budget
     from tgdpo_ray.config_loader import build_config
+    from tgdpo_ray.losses import build_loss
     from tgdpo_ray.training import micro_batch_loss
 
     policy, reference, guidance = make_model(vocab, 0), make_model(vocab, 1).eval(), make_model(vocab, 2).eval()
     results = {"params_millions": round(sum(p.numel() for p in policy.parameters()) / 1e6, 1)}
 
-    def step(rows, config, in_process):
+    def step(rows, config, loss, in_process):
         rows = with_frozen_logps(rows, reference, guidance) if in_process else rows
-        micro_batch_loss(policy, rows, config, 0, torch.device("cpu"))[0].losses.sum().backward()
+        micro_batch_loss(policy, rows, config, loss, 0, torch.device("cpu"))[0].losses.sum().backward()
 
-    for name, (loss, packing, in_process) in VARIANTS.items():
+    for name, (loss_type, packing, in_process) in VARIANTS.items():
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": "bench"},
-                               "guidance": {"model": "bench"}, "loss": {"type": loss},
+                               "guidance": {"model": "bench"}, "loss": {"type": loss_type},
                                "training": {"packing": packing, "packed_row_tokens": row_tokens}},
                               check_paths=False)
+        loss = build_loss(config.loss)
         batches = list(pack_by_token_budget(pairs, max_tokens, packing=packing))
-        step(batches[0], config, in_process)  # warm up
+        step(batches[0], config, loss, in_process)  # warm up
         policy.zero_grad(set_to_none=True)
         started = time.perf_counter()
         for rows in batches:
-            step(rows, config, in_process)
+            step(rows, config, loss, in_process)
         seconds = time.perf_counter() - started
         computed = sum(micro_batch_tokens(rows, packing) for rows in batches)
-        results[name] = {"loss": loss, "packing": packing, "frozen_models_in_step": in_process,
+        results[name] = {"loss": loss_type, "packing": packing, "frozen_models_in_step": in_process,
                          "seconds": round(seconds, 2), "micro_batches": len(batches),
                          "policy_tokens_computed": computed, "pairs_per_second": round(len(pairs) / seconds, 2)}
         print(f"  {name:<20} {seconds:7.1f} s  {len(batches):3d} micro-batches  {computed:7d} policy tokens",
@@ -118,7 +120,7 @@ def logp_peak_memory(mode: str, tokens: int, vocab: int, hidden: int, chunk: int
     exec; getrusage's maxrss would carry this process's peak into the child)."""
     code = f"""
 import re, torch
-from tgdpo_ray.packing import lm_head_token_logps
+from tgdpo_ray.logprobs import lm_head_token_logps
 def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 torch.manual_seed(0)

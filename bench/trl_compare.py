@@ -63,10 +63,12 @@ def dpo_config(max_tokens: int, row_tokens: int):
 
 def run_ours(batches: list[list[dict]], config, vocab: int) -> dict:
     from tgdpo_ray.batches import micro_batch_tokens, pack_by_token_budget
+    from tgdpo_ray.losses import build_loss
     from tgdpo_ray.training import micro_batch_loss
 
     training = config.training
     model = make_model(vocab, 0).train()
+    loss = build_loss(config.loss)
     # The optimizer our trainers build (build_engine): torch's AdamW, same rate and weight decay as TRL is given.
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
     device = torch.device("cpu")
@@ -74,7 +76,7 @@ def run_ours(batches: list[list[dict]], config, vocab: int) -> dict:
     for index, rows in enumerate(batches):
         started = time.perf_counter()
         for micro in pack_by_token_budget(rows, training.max_tokens_per_batch, packing="shared_prompt"):
-            out, _ = micro_batch_loss(model, micro, config, PAD, device)
+            out, _ = micro_batch_loss(model, micro, config, loss, PAD, device)
             # Sum over the micro-batch / B: the mean over the effective batch, as TRL's per-batch mean.
             (out.losses.sum() / len(rows)).backward()
             if index:

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from tgdpo_ray.batches import collate_pairs, grid_to_values, pack_by_token_budget, padded_tokens, values_to_grid
+from tgdpo_ray.batches import (IGNORE_INDEX, collate_pairs, grid_to_values, pack_by_token_budget, padded_tokens,
+                               values_to_grid)
 from tgdpo_ray.config import DataSection
 from tgdpo_ray.data import DataError, prepare_pairs, tokenize_pair
 from tgdpo_ray.demo import rule_score, write_demo_data
-from tgdpo_ray.losses import IGNORE_INDEX
 
 PLAIN = {"prompt": "Repeat: apple river", "chosen": "apple river", "rejected": "apple stone"}
 

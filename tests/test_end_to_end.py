@@ -167,8 +167,8 @@ def dpo_margins(policy_dir: str, reference_dir: str, rows: list, beta: float) ->
     """beta * (policy - reference) log-ratio of chosen minus rejected, summed over answer tokens, per pair."""
     from transformers import AutoModelForCausalLM
 
-    from tgdpo_ray.batches import collate_pairs
-    from tgdpo_ray.losses import IGNORE_INDEX, token_logps
+    from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
+    from tgdpo_ray.logprobs import token_logps
 
     batch = collate_pairs(rows, pad_id=0)
     answer = batch["labels"] != IGNORE_INDEX

@@ -9,7 +9,7 @@ from tgdpo_ray.config import DataSection, RewardColumns
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.data import DataError, prepare_pairs
 from tgdpo_ray.demo import make_tiny_model
-from tgdpo_ray.losses import tgdpo_loss, tgdpo_loss_from_rewards
+from tgdpo_ray.losses import PairBatch, TGDPOLoss
 from tgdpo_ray.models import load_token_reward_model
 from tgdpo_ray.run import run_train
 from tgdpo_ray.scoring import answer_values
@@ -39,9 +39,12 @@ def test_rewards_form_equals_the_implicit_form():
     shape = (3, 6)
     policy_c, policy_r, ref_c, ref_r, guide_c, guide_r = (torch.randn(shape) for _ in range(6))
     mask_c, mask_r = torch.rand(shape) > 0.3, torch.rand(shape) > 0.3
-    implicit = tgdpo_loss(policy_c, policy_r, ref_c, ref_r, guide_c, guide_r, mask_c, mask_r, beta=0.1, alpha=0.5)
-    direct = tgdpo_loss_from_rewards(policy_c, policy_r, ref_c, ref_r, 0.1 * (guide_c - ref_c),
-                                     0.1 * (guide_r - ref_r), mask_c, mask_r, beta=0.1, alpha=0.5)
+    loss = TGDPOLoss(beta=0.1, alpha=0.5)
+    policy_and_reference = dict(policy_chosen_logps=policy_c, policy_rejected_logps=policy_r, chosen_mask=mask_c,
+                                rejected_mask=mask_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    implicit = loss(PairBatch(**policy_and_reference, guidance_chosen_logps=guide_c, guidance_rejected_logps=guide_r))
+    direct = loss(PairBatch(**policy_and_reference, chosen_token_rewards=0.1 * (guide_c - ref_c),
+                            rejected_token_rewards=0.1 * (guide_r - ref_r)))
     assert torch.allclose(implicit.losses, direct.losses, atol=1e-7)
 
 

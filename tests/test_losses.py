@@ -1,19 +1,21 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from tgdpo_ray.config import LossSection
+from tgdpo_ray.logprobs import token_logps
 from tgdpo_ray.losses import (
     LOSSES,
-    compute_loss,
-    dpo_loss,
+    DPOLoss,
+    IPOLoss,
+    PairBatch,
+    SimPOLoss,
+    TGDPOLoss,
+    build_loss,
     finalize_metrics,
-    ipo_loss,
-    loss_metrics,
     metric_sums,
-    simpo_loss,
-    tgdpo_loss,
-    token_logps,
 )
 
 
@@ -90,6 +92,8 @@ POLICY_L = torch.tensor([[-3.0, -1.0, 5.0]])
 REF_L = torch.tensor([[-2.0, -0.5, 0.0]])
 GUIDE_W = torch.tensor([[-0.5, -3.5, 40.0]])
 GUIDE_L = torch.tensor([[-1.0, -0.5, -40.0]])
+HAND_BATCH = PairBatch(POLICY_W, POLICY_L, MASK, MASK, ref_chosen_logps=REF_W, ref_rejected_logps=REF_L,
+                 guidance_chosen_logps=GUIDE_W, guidance_rejected_logps=GUIDE_L)
 
 
 def test_dpo_hand_computed():
@@ -98,7 +102,7 @@ def test_dpo_hand_computed():
     sum_l = (-3.0 - -2.0) + (-1.0 - -0.5)  # -1.5
     expected = log1p_exp_neg(beta * (sum_w - sum_l))
 
-    out = dpo_loss(POLICY_W, POLICY_L, REF_W, REF_L, MASK, MASK, beta=beta)
+    out = DPOLoss(beta=beta)(HAND_BATCH)
     assert out.losses.item() == pytest.approx(expected, rel=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(beta * sum_w, rel=1e-6)
     assert out.rejected_rewards.item() == pytest.approx(beta * sum_l, rel=1e-6)
@@ -110,7 +114,7 @@ def test_ipo_hand_computed():
     mean_l = ((-3.0 - -2.0) + (-1.0 - -0.5)) / 2  # -0.75
     expected = (mean_w - mean_l - 1 / (2 * beta)) ** 2  # (1.25 - 5)^2
 
-    out = ipo_loss(POLICY_W, POLICY_L, REF_W, REF_L, MASK, MASK, beta=beta)
+    out = IPOLoss(beta=beta)(HAND_BATCH)
     assert out.losses.item() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(14.0625)
 
@@ -121,7 +125,7 @@ def test_simpo_hand_computed():
     mean_l = (-3.0 + -1.0) / 2
     expected = log1p_exp_neg(beta * mean_w - beta * mean_l - gamma)
 
-    out = simpo_loss(POLICY_W, POLICY_L, MASK, MASK, beta=beta, gamma=gamma)
+    out = SimPOLoss(beta=beta, gamma=gamma)(PairBatch(POLICY_W, POLICY_L, MASK, MASK))
     assert out.losses.item() == pytest.approx(expected, rel=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(beta * mean_w, rel=1e-6)
     assert out.rejected_rewards.item() == pytest.approx(beta * mean_l, rel=1e-6)
@@ -138,7 +142,7 @@ def test_tgdpo_hand_computed():
     z = sum(w * l for w, l in zip(ww, lw)) - sum(w * l for w, l in zip(wl, ll))
     assert z == pytest.approx(0.245)
 
-    out = tgdpo_loss(POLICY_W, POLICY_L, REF_W, REF_L, GUIDE_W, GUIDE_L, MASK, MASK, beta=beta, alpha=alpha)
+    out = TGDPOLoss(beta=beta, alpha=alpha)(HAND_BATCH)
     assert out.losses.item() == pytest.approx(log1p_exp_neg(z), rel=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(beta * sum(lw), rel=1e-6)
     assert out.rejected_rewards.item() == pytest.approx(beta * sum(ll), rel=1e-6)
@@ -150,7 +154,7 @@ def test_tgdpo_hand_computed():
 # ---------------------------------------------------------------- random-input properties
 
 
-def random_batch(seed, batch=4, seq=6):
+def random_batch(seed, batch=4, seq=6) -> PairBatch:
     gen = torch.Generator().manual_seed(seed)
 
     def logps():
@@ -160,32 +164,27 @@ def random_batch(seed, batch=4, seq=6):
     rejected_mask = (torch.rand(batch, seq, generator=gen) > 0.3).long()
     chosen_mask[:, 0] = 1  # every response has at least one token
     rejected_mask[:, 0] = 1
-    return {
-        "policy_chosen_logps": logps(),
-        "policy_rejected_logps": logps(),
-        "ref_chosen_logps": logps(),
-        "ref_rejected_logps": logps(),
-        "guidance_chosen_logps": logps(),
-        "guidance_rejected_logps": logps(),
-        "chosen_mask": chosen_mask,
-        "rejected_mask": rejected_mask,
-    }
+    return PairBatch(
+        policy_chosen_logps=logps(),
+        policy_rejected_logps=logps(),
+        ref_chosen_logps=logps(),
+        ref_rejected_logps=logps(),
+        guidance_chosen_logps=logps(),
+        guidance_rejected_logps=logps(),
+        chosen_mask=chosen_mask,
+        rejected_mask=rejected_mask,
+    )
+
+
+def logps_fields(batch: PairBatch) -> list[str]:
+    return [name for name, value in vars(batch).items() if name.endswith("logps") and value is not None]
 
 
 def test_tgdpo_alpha_zero_equals_dpo():
     for seed in range(5):
         b = random_batch(seed)
-        dpo = dpo_loss(
-            b["policy_chosen_logps"], b["policy_rejected_logps"],
-            b["ref_chosen_logps"], b["ref_rejected_logps"],
-            b["chosen_mask"], b["rejected_mask"], beta=0.3,
-        )
-        tg = tgdpo_loss(
-            b["policy_chosen_logps"], b["policy_rejected_logps"],
-            b["ref_chosen_logps"], b["ref_rejected_logps"],
-            b["guidance_chosen_logps"], b["guidance_rejected_logps"],
-            b["chosen_mask"], b["rejected_mask"], beta=0.3, alpha=0.0,
-        )
+        dpo = DPOLoss(beta=0.3)(b)
+        tg = TGDPOLoss(beta=0.3, alpha=0.0)(b)
         assert torch.allclose(tg.losses, dpo.losses, atol=1e-6, rtol=0)
         assert torch.allclose(tg.chosen_rewards, dpo.chosen_rewards, atol=1e-6, rtol=0)
         assert torch.allclose(tg.rejected_rewards, dpo.rejected_rewards, atol=1e-6, rtol=0)
@@ -193,19 +192,14 @@ def test_tgdpo_alpha_zero_equals_dpo():
 
 def test_tgdpo_gradients_reach_only_policy():
     b = random_batch(3)
-    leaves = {k: v.clone().requires_grad_(True) for k, v in b.items() if k.endswith("logps")}
-    out = tgdpo_loss(
-        leaves["policy_chosen_logps"], leaves["policy_rejected_logps"],
-        leaves["ref_chosen_logps"], leaves["ref_rejected_logps"],
-        leaves["guidance_chosen_logps"], leaves["guidance_rejected_logps"],
-        b["chosen_mask"], b["rejected_mask"], beta=0.1, alpha=0.5,
-    )
+    leaves = {k: getattr(b, k).clone().requires_grad_(True) for k in logps_fields(b)}
+    out = TGDPOLoss(beta=0.1, alpha=0.5)(dataclasses.replace(b, **leaves))
     out.losses.sum().backward()
 
     for key in ("ref_chosen_logps", "ref_rejected_logps", "guidance_chosen_logps", "guidance_rejected_logps"):
         grad = leaves[key].grad
         assert grad is None or (grad == 0).all(), key
-    for key, mask in (("policy_chosen_logps", b["chosen_mask"]), ("policy_rejected_logps", b["rejected_mask"])):
+    for key, mask in (("policy_chosen_logps", b.chosen_mask), ("policy_rejected_logps", b.rejected_mask)):
         grad = leaves[key].grad
         assert grad is not None
         assert (grad[mask.bool()] != 0).all(), key
@@ -216,7 +210,7 @@ def test_tgdpo_gradients_reach_only_policy():
 
 def run_all_losses(b, clamp_weights=False):
     return {
-        name: compute_loss(name, b, beta=0.2, alpha=0.7, simpo_gamma=0.3, clamp_weights=clamp_weights)
+        name: build_loss(LossSection(type=name, beta=0.2, alpha=0.7, simpo_gamma=0.3, clamp_weights=clamp_weights))(b)
         for name in LOSSES
     }
 
@@ -224,13 +218,13 @@ def run_all_losses(b, clamp_weights=False):
 @pytest.mark.parametrize("clamp_weights", [False, True])
 def test_masked_positions_change_nothing(clamp_weights):
     clean = random_batch(7)
-    dirty = dict(clean)
+    dirty = dataclasses.replace(clean)
     gen = torch.Generator().manual_seed(99)
-    for key in [k for k in clean if k.endswith("logps")]:
-        mask = clean["chosen_mask" if "chosen" in key else "rejected_mask"].bool()
+    for key in logps_fields(clean):
+        mask = (clean.chosen_mask if "chosen" in key else clean.rejected_mask).bool()
         garbage = torch.randn(mask.shape, generator=gen) * 1e4
-        dirty[key] = torch.where(mask, clean[key], garbage)
-        assert not torch.equal(dirty[key], clean[key])
+        setattr(dirty, key, torch.where(mask, getattr(clean, key), garbage))
+        assert not torch.equal(getattr(dirty, key), getattr(clean, key))
 
     clean_out = run_all_losses(clean, clamp_weights)
     dirty_out = run_all_losses(dirty, clamp_weights)
@@ -255,9 +249,10 @@ def test_clamp_weights_changes_loss_but_not_negative_fraction():
     z_free = w_w * 0.5 - w_l * -0.5  # 0.0
     z_clamped = 0.0 * 0.5 - w_l * -0.5  # 0.05
 
-    args = (policy_w, policy_l, ref_w, ref_l, guide_w, guide_l, mask, mask)
-    free = tgdpo_loss(*args, beta=beta, alpha=alpha, clamp_weights=False)
-    clamped = tgdpo_loss(*args, beta=beta, alpha=alpha, clamp_weights=True)
+    batch = PairBatch(policy_w, policy_l, mask, mask, ref_chosen_logps=ref_w, ref_rejected_logps=ref_l,
+                      guidance_chosen_logps=guide_w, guidance_rejected_logps=guide_l)
+    free = TGDPOLoss(beta=beta, alpha=alpha, clamp_weights=False)(batch)
+    clamped = TGDPOLoss(beta=beta, alpha=alpha, clamp_weights=True)(batch)
 
     assert free.losses.item() == pytest.approx(log1p_exp_neg(z_free), rel=1e-6)
     assert clamped.losses.item() == pytest.approx(log1p_exp_neg(z_clamped), rel=1e-6)
@@ -268,42 +263,56 @@ def test_clamp_weights_changes_loss_but_not_negative_fraction():
     assert clamped.stats["chosen_weight_mean"].item() == 0.0
 
 
-# ---------------------------------------------------------------- compute_loss and metrics
+# ---------------------------------------------------------------- build_loss and metrics
 
 
-def test_compute_loss_rejects_unknown_type():
+def test_build_loss_rejects_unknown_type():
     with pytest.raises(ValueError, match="bogus") as info:
-        compute_loss("bogus", random_batch(0), beta=0.1, alpha=0.5, simpo_gamma=0.5, clamp_weights=False)
+        build_loss(LossSection.model_construct(type="bogus"))
     for name in LOSSES:
         assert name in str(info.value)
 
 
-def test_compute_loss_simpo_needs_no_reference():
+def test_build_loss_simpo_needs_no_reference():
     b = random_batch(0)
-    slim = {k: v for k, v in b.items() if not k.startswith(("ref_", "guidance_"))}
-    out = compute_loss("simpo", slim, beta=2.0, alpha=0.0, simpo_gamma=0.5, clamp_weights=False)
-    direct = simpo_loss(
-        b["policy_chosen_logps"], b["policy_rejected_logps"], b["chosen_mask"], b["rejected_mask"],
-        beta=2.0, gamma=0.5,
-    )
+    slim = PairBatch(b.policy_chosen_logps, b.policy_rejected_logps, b.chosen_mask, b.rejected_mask)
+    out = build_loss(LossSection(type="simpo", beta=2.0, alpha=0.0, simpo_gamma=0.5))(slim)
+    direct = SimPOLoss(beta=2.0, gamma=0.5)(slim)
     assert torch.equal(out.losses, direct.losses)
+
+
+def batch_means(out):
+    """Means over the pairs of one batch, plus every scalar stat: what the accumulated sums must come to."""
+    chosen = out.chosen_rewards.float()
+    rejected = out.rejected_rewards.float()
+    metrics = {
+        "loss": out.losses.detach().float().mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+        "reward_margin": (chosen - rejected).mean().item(),
+        "reward_accuracy": (chosen > rejected).float().mean().item(),
+    }
+    for key, value in out.stats.items():
+        if value.dim() == 0:
+            metrics[key] = value.item()
+    return metrics
 
 
 @pytest.mark.parametrize("loss_type", sorted(LOSSES))
 def test_metric_sums_over_micro_batches_match_full_batch(loss_type):
     # Large alpha so some tgdpo weights go negative and the fraction is non-trivial.
-    settings = dict(beta=0.5, alpha=3.0, simpo_gamma=0.3, clamp_weights=False)
+    loss = build_loss(LossSection(type=loss_type, beta=0.5, alpha=3.0, simpo_gamma=0.3, clamp_weights=False))
     full = random_batch(11, batch=5)
-    first = {k: v[:2] for k, v in full.items()}
-    second = {k: v[2:] for k, v in full.items()}
+    first = PairBatch(**{k: v[:2] for k, v in vars(full).items() if v is not None})
+    second = PairBatch(**{k: v[2:] for k, v in vars(full).items() if v is not None})
 
     sums = {}
     for micro in (first, second):
-        for key, value in metric_sums(compute_loss(loss_type, micro, **settings)).items():
+        for key, value in metric_sums(loss(micro)).items():
             sums[key] = sums.get(key, 0.0) + value
     accumulated = finalize_metrics(sums)
 
-    expected = loss_metrics(compute_loss(loss_type, full, **settings))
+    expected = batch_means(loss(full))
     assert sums["pairs"] == 5
     for key in ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"):
         assert accumulated[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key

@@ -13,17 +13,15 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tgdpo_ray.batches import collate_pairs
-from tgdpo_ray.losses import IGNORE_INDEX, token_logps
-from tgdpo_ray.packing import (
+from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
+from tgdpo_ray.logprobs import (
     check_plain_lm_head,
     lm_head_token_logps,
     model_attention_mask,
-    pack_pairs,
-    pack_rows,
     packed_token_logps,
-    pair_span,
+    token_logps,
 )
+from tgdpo_ray.packing import pack_pairs, pack_rows, pair_span
 
 ATOL = 1e-5
 
@@ -372,6 +370,7 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
     from transformers import AutoConfig
 
     from tgdpo_ray.config_loader import build_config
+    from tgdpo_ray.losses import build_loss
     from tgdpo_ray.models import load_causal_lm
     from tgdpo_ray.training import build_engine, micro_batch_loss
 
@@ -391,7 +390,8 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
         engine = build_engine(load_causal_lm(tiny_model, "fp32"), config, total_steps=1, world_size=1)
         if zero_stage == 3:  # the weights really are partitioned: only a module call can see them
             assert all(param.numel() == 0 for param in engine.module.parameters())
-        out, tokens = micro_batch_loss(engine, rows, config, pad_id=0, device=torch.device("cpu"))
+        out, tokens = micro_batch_loss(engine, rows, config, build_loss(config.loss), pad_id=0,
+                                       device=torch.device("cpu"))
         engine.backward(out.losses.sum())
         results[packing] = (out.losses.detach().clone(), tokens,
                             [safe_get_full_grad(param).clone() for param in engine.module.parameters()])

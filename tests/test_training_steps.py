@@ -72,6 +72,7 @@ def flat_update(weights: dict, start: dict) -> torch.Tensor:
 def step_in_this_process(config) -> tuple[float, float, torch.Tensor]:
     """(loss, gradient norm, weight update) of the first step, planned and dealt as rank 0 of one worker does."""
     from tgdpo_ray.steps import deal_step
+    from tgdpo_ray.losses import build_loss
     from tgdpo_ray.training import build_engine, load_policy, train_step
 
     pad_id, train, _ = prepare_data(config, log=lambda _: None)
@@ -79,7 +80,7 @@ def step_in_this_process(config) -> tuple[float, float, torch.Tensor]:
     plan = plan_steps(in_epoch_order(train.rows, config.run.seed, 0, shuffle=True), config.training, 1)
     share = deal_step(plan, rank=0, world_size=1)
     assert share.step_pairs == PAIRS and len(share.micro_batches) == config.training.gradient_accumulation_steps
-    result = train_step(engine, share, config, pad_id, torch.device("cpu"), world_size=1)
+    result = train_step(engine, share, config, build_loss(config.loss), pad_id, torch.device("cpu"), world_size=1)
     if config.policy.zero_stage == 3:  # partitioned weights: the loss and the gradient norm say it all
         return result.metrics["loss"], result.grad_norm, None
     start = load_file(str(Path(config.policy.model) / "model.safetensors"))
@@ -134,6 +135,7 @@ def test_every_pair_of_a_step_weighs_the_same_however_the_step_is_cut(one_proces
 def test_gradient_checkpointing_runs_from_the_first_step(one_process_group, tiny_model, demo_data, tmp_path):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from tgdpo_ray.losses import build_loss
     from tgdpo_ray.training import build_engine, load_policy, train_step
 
     config = build_config({"run": {"output_dir": str(tmp_path)}, "loss": {"type": "simpo"},
@@ -154,7 +156,8 @@ def test_gradient_checkpointing_runs_from_the_first_step(one_process_group, tiny
         layer._gradient_checkpointing_func = counted
     engine = build_engine(model, config, total_steps=1, world_size=1)
     ids = [row["pair_id"] for row in train.rows]
-    result = train_step(engine, StepShare([train.rows], len(ids), ids), config, pad_id, torch.device("cpu"), 1)
+    result = train_step(engine, StepShare([train.rows], len(ids), ids), config, build_loss(config.loss), pad_id,
+                        torch.device("cpu"), 1)
     assert len(checkpointed) == len(layers)  # every layer's forward went through the checkpoint
     assert model.training and result.metrics["pairs"] == 4
 

@@ -16,7 +16,10 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from tgdpo_ray.losses import IGNORE_INDEX
+from tgdpo_ray.losses import PairBatch
+
+# The label of a grid position that holds no answer token (torch's cross-entropy ignore_index).
+IGNORE_INDEX = -100
 
 
 def pair_length(row) -> int:
@@ -103,3 +106,27 @@ def grid_to_values(grid: torch.Tensor, rows: Sequence) -> tuple[list[np.ndarray]
     spans = answer_columns(rows)
     arrays = [grid[i, start: start + length].copy() for i, (start, length) in enumerate(spans)]
     return arrays[: len(rows)], arrays[len(rows):]
+
+
+def pair_batch(rows: Sequence, policy_logps: torch.Tensor, answer_mask: torch.Tensor, with_reference: bool,
+               guidance_kind: Optional[str]) -> PairBatch:
+    """The loss inputs of a micro-batch: the policy's log-probs and answer mask ([2n, W] on collate_pairs' label
+    grid of `rows`) split into chosen and rejected, with the values the rows carry from the scorers (or the data)
+    on the same grid and device: the reference log-probs, and TGDPO's guidance (JobConfig.guidance_kind): the
+    guidance model's log-probs (implicit), or the token rewards themselves (token_reward_model, column)."""
+    n, width, device = len(rows), answer_mask.shape[1], answer_mask.device
+
+    def by_side(prefix: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' columns {prefix}_chosen_{kind} and {prefix}_rejected_{kind}, as scoring names them."""
+        grid = values_to_grid(rows, f"{prefix}_chosen_{kind}", f"{prefix}_rejected_{kind}", width).to(device)
+        return grid[:n], grid[n:]
+
+    batch = PairBatch(policy_chosen_logps=policy_logps[:n], policy_rejected_logps=policy_logps[n:],
+                      chosen_mask=answer_mask[:n], rejected_mask=answer_mask[n:])
+    if with_reference:
+        batch.ref_chosen_logps, batch.ref_rejected_logps = by_side("ref", "logps")
+    if guidance_kind == "implicit":
+        batch.guidance_chosen_logps, batch.guidance_rejected_logps = by_side("guidance", "logps")
+    elif guidance_kind is not None:
+        batch.chosen_token_rewards, batch.rejected_token_rewards = by_side("guidance", "rewards")
+    return batch

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.model_files import weights_identity
 
 CACHE_FORMAT = 1  # bump when the meaning of the cached columns changes
@@ -39,7 +39,7 @@ def scorer_identity(config: JobConfig) -> dict:
     identity = {"format": CACHE_FORMAT}
     if config.needs_reference:
         identity["reference"] = [weights_identity(config.reference_model), config.scorer_precision(config.reference)]
-    if config.needs_guidance:
+    if config.guidance_kind in SCORED_GUIDANCE:
         identity["guidance"] = [weights_identity(config.guidance.model), config.scorer_precision(config.guidance),
                                 config.guidance.source]
     return identity

@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgdpo_ray.config import JobConfig, Placement
+from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, Placement
 from tgdpo_ray.errors import UserError
 
 
@@ -118,7 +118,7 @@ def training_groups(config: JobConfig, with_policy: bool = True) -> list[Process
         groups.append(process_group("policy", policy, (policy.workers, policy.workers), policy.cpus_per_worker,
                                     policy.gpus_per_worker))
     for name, section, needed in (("reference", config.reference, config.needs_reference),
-                                  ("guidance", config.guidance, config.needs_guidance)):
+                                  ("guidance", config.guidance, config.guidance_kind in SCORED_GUIDANCE)):
         if needed:
             groups.append(process_group(name, section, section.replica_range, section.cpus_per_replica,
                                         section.gpus_per_replica))

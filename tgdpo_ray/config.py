@@ -211,12 +211,15 @@ class RewardColumns(Section):
                                                                         "token rewards, one number per answer token")
 
 
+GuidanceSource = Literal["implicit", "token_reward_model", "column"]
+
+
 class GuidanceSection(ScorerSection):
     model: Optional[str] = Field(
         default=None, description="the guidance model, a hub name or a local path: required by tgdpo train and "
         "score jobs with source implicit or token_reward_model (e.g. the model folder of a dpo run); a pipeline "
         "trains its own, so leave it out there")
-    source: Literal["implicit", "token_reward_model", "column"] = Field(
+    source: GuidanceSource = Field(
         default="implicit", description="where the token rewards r̂ come from. implicit: r̂ = β (log π_g − log "
         "π_ref), the paper's form, from a causal LM (guidance.model); token_reward_model: guidance.model has a "
         "per-token scalar head (AutoModelForTokenClassification with one label), its output at each answer token "
@@ -224,6 +227,10 @@ class GuidanceSection(ScorerSection):
         "runs")
     reward_columns: RewardColumns = Field(default=RewardColumns(), description="source column: the data's columns "
                                                                                "holding the token rewards")
+
+
+# The guidance sources (JobConfig.guidance_kind) scored by a guidance model's pool; column needs none.
+SCORED_GUIDANCE = ("implicit", "token_reward_model")
 
 
 class ScoringSection(Section):
@@ -497,7 +504,7 @@ class JobConfig(Section):
     def _models_for_the_loss(self) -> "JobConfig":
         if self.kind == "eval":
             return self
-        if self.kind in ("train", "score") and self.needs_guidance and not self.guidance.model:
+        if self.kind in ("train", "score") and self.guidance_kind in SCORED_GUIDANCE and not self.guidance.model:
             raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run), "
                              "or guidance.source: column with per-token rewards in the data")
         if self.kind in ("pipeline", "demo") and (self.guidance.model or self.guidance.source != "implicit"):
@@ -527,15 +534,8 @@ class JobConfig(Section):
         return self.loss.type != "simpo"
 
     @property
-    def needs_guidance(self) -> bool:
-        """A guidance scorer pool runs: tgdpo with a guidance model (not rewards from the data)."""
-        return self.loss.type == "tgdpo" and self.guidance.source != "column"
+    def guidance_kind(self) -> Optional[GuidanceSource]:
+        """Where TGDPO's token rewards come from (guidance.source); None for a loss that takes no guidance. A
+        guidance scorer pool runs for the kinds in SCORED_GUIDANCE."""
+        return self.guidance.source if self.loss.type == "tgdpo" else None
 
-    @property
-    def rewards_from_data(self) -> bool:
-        return self.loss.type == "tgdpo" and self.guidance.source == "column"
-
-    @property
-    def uses_token_rewards(self) -> bool:
-        """The trainers read r_hat itself (from a token reward model or the data), not guidance log-probs."""
-        return self.loss.type == "tgdpo" and self.guidance.source != "implicit"

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import ValidationError
 
-from tgdpo_ray.config import PROMPT_SETS, QUESTION_SETS, ConfigError, JobConfig
+from tgdpo_ray.config import PROMPT_SETS, QUESTION_SETS, SCORED_GUIDANCE, ConfigError, JobConfig
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -97,7 +97,7 @@ def check_local_paths(config: JobConfig, source: str) -> None:
         candidates = {
             "policy.model": config.policy.model,
             "reference.model": config.reference.model,
-            "guidance.model": config.guidance.model if config.needs_guidance else None,
+            "guidance.model": config.guidance.model if config.guidance_kind in SCORED_GUIDANCE else None,
             "data.train.path": config.data.train.path,
             "data.eval.path": config.data.eval.path if config.data.eval else None,
         }

@@ -1,88 +1,36 @@
-"""Token log-probs and the DPO family of preference losses (DPO, IPO, SimPO, TGDPO).
+"""The DPO family of preference losses (DPO, IPO, SimPO, TGDPO) and their metrics.
 
-Every loss takes per-token log-probs [batch, seq] already gathered at the label ids,
-plus 0/1 (or bool) response masks [batch, seq]. Masked positions are removed with
-torch.where (not multiplication) so that whatever they hold cannot leak into the
-loss, the rewards or the gradients.
+A loss is built once from the config's loss section (build_loss) and called on the PairBatch of each micro-batch:
+per-token log-probs [n, W] already gathered at the answer tokens, plus 0/1 (or bool) answer masks [n, W]. Masked
+positions are removed with torch.where (not multiplication) so that whatever they hold cannot leak into the loss,
+the rewards or the gradients.
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
 # Token weights are histogrammed in units of beta (1 + alpha r_hat): 40 bins over [-1, 3], outliers in the edges.
 WEIGHT_BINS, WEIGHT_RANGE = 40, (-1.0, 3.0)
 
 
-# ---------------------------------------------------------------------------
-# Per-token log-probs, chunked so no full fp32 [tokens x vocab] tensor exists.
-# ---------------------------------------------------------------------------
+@dataclass
+class PairBatch:
+    """The loss inputs of n pairs, each [n, W]: one row per pair, the chosen or the rejected answer's tokens."""
 
-
-class _ChunkedTokenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, chunk_size):
-        vocab = logits.shape[-1]
-        flat_logits = logits.reshape(-1, vocab)
-        flat_labels = labels.reshape(-1)
-        valid = flat_labels != IGNORE_INDEX
-        # Masked rows gather index 0 (any valid index) and are zeroed afterwards.
-        safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
-
-        num_tokens = flat_logits.shape[0]
-        logsumexp = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
-        label_logits = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
-        for start in range(0, num_tokens, chunk_size):
-            end = min(start + chunk_size, num_tokens)
-            chunk = flat_logits[start:end].float()  # only this chunk is upcast
-            logsumexp[start:end] = torch.logsumexp(chunk, dim=-1)
-            label_logits[start:end] = chunk.gather(-1, safe_labels[start:end, None]).squeeze(-1)
-
-        logps = torch.where(valid, label_logits - logsumexp, torch.zeros_like(logsumexp))
-        ctx.save_for_backward(logits, labels, logsumexp)
-        ctx.chunk_size = chunk_size
-        return logps.view(labels.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        logits, labels, logsumexp = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        vocab = logits.shape[-1]
-        flat_logits = logits.reshape(-1, vocab)
-        flat_labels = labels.reshape(-1)
-        valid = flat_labels != IGNORE_INDEX
-        safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
-        # Zeroing g on masked rows makes their whole gradient row zero.
-        g = torch.where(valid, grad_output.reshape(-1).float(), torch.zeros_like(logsumexp))
-
-        grad_logits = torch.empty_like(flat_logits)
-        for start in range(0, flat_logits.shape[0], chunk_size):
-            end = min(start + chunk_size, flat_logits.shape[0])
-            g_chunk = g[start:end, None]
-            # d logp[label] / d logits = onehot(label) - softmax(logits)
-            probs = torch.exp(flat_logits[start:end].float() - logsumexp[start:end, None])
-            grad_chunk = -probs * g_chunk
-            grad_chunk.scatter_add_(-1, safe_labels[start:end, None], g_chunk)
-            grad_logits[start:end] = grad_chunk.to(logits.dtype)
-
-        return grad_logits.view(logits.shape), None, None
-
-
-def token_logps(logits, labels, chunk_size=1024):
-    """Log-prob of each label under `logits` ([..., vocab], [...]); float32, 0.0 where label == -100."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
-    return _ChunkedTokenLogps.apply(logits, labels, chunk_size)
-
-
-# ---------------------------------------------------------------------------
-# Preference losses.
-# ---------------------------------------------------------------------------
+    policy_chosen_logps: torch.Tensor  # the only inputs that carry gradient
+    policy_rejected_logps: torch.Tensor
+    chosen_mask: torch.Tensor  # True (or 1) on the answer tokens
+    rejected_mask: torch.Tensor
+    ref_chosen_logps: Optional[torch.Tensor] = None  # every loss but simpo
+    ref_rejected_logps: Optional[torch.Tensor] = None
+    # tgdpo: the guidance model's log-probs (implicit guidance), or the token rewards r_hat themselves.
+    guidance_chosen_logps: Optional[torch.Tensor] = None
+    guidance_rejected_logps: Optional[torch.Tensor] = None
+    chosen_token_rewards: Optional[torch.Tensor] = None
+    rejected_token_rewards: Optional[torch.Tensor] = None
 
 
 class LossOutput(NamedTuple):
@@ -96,227 +44,156 @@ def _masked(values, mask):
     return torch.where(mask.bool(), values, torch.zeros_like(values))
 
 
-def _masked_sum(values, mask):
-    return _masked(values, mask).sum(-1)
+def _token_count(mask):
+    # clamp avoids 0/0 for an (invalid) empty response; the sum is 0 there anyway.
+    return mask.bool().sum(-1).clamp(min=1)
 
 
 def _masked_mean(values, mask):
-    # clamp avoids 0/0 for an (invalid) empty response; the sum is 0 there anyway.
-    return _masked_sum(values, mask) / mask.bool().sum(-1).clamp(min=1)
+    return _masked(values, mask).sum(-1) / _token_count(mask)
 
 
-def dpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_mask,
-    rejected_mask,
-    beta=0.1,
-):
-    chosen_logratio = _masked_sum(policy_chosen_logps - ref_chosen_logps.detach(), chosen_mask)
-    rejected_logratio = _masked_sum(policy_rejected_logps - ref_rejected_logps.detach(), rejected_mask)
-    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
-    return LossOutput(
-        losses,
-        (beta * chosen_logratio).detach(),
-        (beta * rejected_logratio).detach(),
-        {},
-    )
+def token_logratios(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_theta - log pi_ref of every chosen and every rejected answer token, 0 off the answers. Only the policy
+    carries gradient: the reference is a constant."""
+    return (_masked(batch.policy_chosen_logps - batch.ref_chosen_logps.detach(), batch.chosen_mask),
+            _masked(batch.policy_rejected_logps - batch.ref_rejected_logps.detach(), batch.rejected_mask))
 
 
-def ipo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_mask,
-    rejected_mask,
-    beta=0.1,
-):
-    # IPO as in TRL: the log-ratios are averaged over response tokens.
-    chosen_mean = _masked_mean(policy_chosen_logps - ref_chosen_logps.detach(), chosen_mask)
-    rejected_mean = _masked_mean(policy_rejected_logps - ref_rejected_logps.detach(), rejected_mask)
-    losses = (chosen_mean - rejected_mean - 1.0 / (2.0 * beta)) ** 2
-
-    # Rewards stay the DPO-style summed implicit rewards, same as every other loss.
-    chosen_rewards = beta * _masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)
-    rejected_rewards = beta * _masked_sum(policy_rejected_logps - ref_rejected_logps, rejected_mask)
-    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), {})
+def summed_logratios(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the log-ratio summed over the chosen and over the rejected answer: beta times these are DPO's
+    implicit rewards, which every loss with a reference reports so that runs compare across losses."""
+    chosen, rejected = token_logratios(batch)
+    return chosen.sum(-1), rejected.sum(-1)
 
 
-def simpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    chosen_mask,
-    rejected_mask,
-    beta=2.0,
-    gamma=0.5,
-):
-    # Reference-free: the reward is the length-normalised policy log-prob.
-    chosen_rewards = beta * _masked_mean(policy_chosen_logps, chosen_mask)
-    rejected_rewards = beta * _masked_mean(policy_rejected_logps, rejected_mask)
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
-    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), {})
+@dataclass(frozen=True)
+class DPOLoss:
+    beta: float = 0.1
+
+    def __call__(self, batch: PairBatch) -> LossOutput:
+        chosen, rejected = summed_logratios(batch)
+        losses = -F.logsigmoid(self.beta * (chosen - rejected))
+        return LossOutput(losses, (self.beta * chosen).detach(), (self.beta * rejected).detach(), {})
 
 
-def implicit_token_rewards(guidance_logps, ref_logps, beta):
-    """Token-level guidance rewards r_hat = beta * (log pi_g - log pi_ref): the paper's implicit form, a constant."""
-    with torch.no_grad():
-        return beta * (guidance_logps - ref_logps)
+@dataclass(frozen=True)
+class IPOLoss:
+    beta: float = 0.1
+
+    def __call__(self, batch: PairBatch) -> LossOutput:
+        chosen, rejected = summed_logratios(batch)
+        # IPO as in TRL: the log-ratios are averaged over response tokens.
+        chosen_mean = chosen / _token_count(batch.chosen_mask)
+        rejected_mean = rejected / _token_count(batch.rejected_mask)
+        losses = (chosen_mean - rejected_mean - 1.0 / (2.0 * self.beta)) ** 2
+        # Rewards stay the DPO-style summed implicit rewards, same as every other loss.
+        return LossOutput(losses, (self.beta * chosen).detach(), (self.beta * rejected).detach(), {})
 
 
-def tgdpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    guidance_chosen_logps,
-    guidance_rejected_logps,
-    chosen_mask,
-    rejected_mask,
-    beta=0.1,
-    alpha=0.5,
-    clamp_weights=False,
-):
-    chosen_token_rewards = implicit_token_rewards(guidance_chosen_logps, ref_chosen_logps, beta)
-    rejected_token_rewards = implicit_token_rewards(guidance_rejected_logps, ref_rejected_logps, beta)
-    return tgdpo_loss_from_rewards(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        chosen_token_rewards, rejected_token_rewards, chosen_mask, rejected_mask, beta, alpha, clamp_weights,
-    )
+@dataclass(frozen=True)
+class SimPOLoss:
+    beta: float = 2.0
+    gamma: float = 0.5  # the target margin
+
+    def __call__(self, batch: PairBatch) -> LossOutput:
+        # Reference-free: the reward is the length-normalised policy log-prob.
+        chosen_rewards = self.beta * _masked_mean(batch.policy_chosen_logps, batch.chosen_mask)
+        rejected_rewards = self.beta * _masked_mean(batch.policy_rejected_logps, batch.rejected_mask)
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - self.gamma)
+        return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), {})
 
 
-def tgdpo_loss_from_rewards(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_token_rewards,
-    rejected_token_rewards,
-    chosen_mask,
-    rejected_mask,
-    beta=0.1,
-    alpha=0.5,
-    clamp_weights=False,
-):
-    """TGDPO with the token rewards r_hat given directly (a token reward model, or rewards from the data)."""
-    chosen_mask = chosen_mask.bool()
-    rejected_mask = rejected_mask.bool()
+@dataclass(frozen=True)
+class TGDPOLoss:
+    beta: float = 0.1
+    alpha: float = 0.5  # guidance strength; 0 gives DPO exactly
+    clamp_weights: bool = False  # clamp the token weights at 0 (the authors do not)
 
-    # Only the policy carries gradient; ref and the rewards are constants.
-    chosen_logratio = _masked(policy_chosen_logps - ref_chosen_logps.detach(), chosen_mask)
-    rejected_logratio = _masked(policy_rejected_logps - ref_rejected_logps.detach(), rejected_mask)
+    def token_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token rewards r_hat, constants: given (a token reward model, or the data), or the paper's implicit
+        form beta * (log pi_g - log pi_ref) from the guidance model's log-probs."""
+        if batch.chosen_token_rewards is not None:
+            return batch.chosen_token_rewards.detach(), batch.rejected_token_rewards.detach()
+        with torch.no_grad():
+            return (self.beta * (batch.guidance_chosen_logps - batch.ref_chosen_logps),
+                    self.beta * (batch.guidance_rejected_logps - batch.ref_rejected_logps))
 
-    with torch.no_grad():
-        chosen_token_reward = chosen_token_rewards.detach()
-        rejected_token_reward = rejected_token_rewards.detach()
-        # Masking the weights too keeps garbage at masked positions out of z and its gradient.
-        chosen_weights = _masked(beta * (1.0 + alpha * chosen_token_reward), chosen_mask)
-        rejected_weights = _masked(beta * (1.0 - alpha * rejected_token_reward), rejected_mask)
+    def __call__(self, batch: PairBatch) -> LossOutput:
+        beta, alpha = self.beta, self.alpha
+        chosen_mask = batch.chosen_mask.bool()
+        rejected_mask = batch.rejected_mask.bool()
+        chosen_logratio, rejected_logratio = token_logratios(batch)
 
-        # Counted before clamping, so the stat shows how often clamping matters.
-        negative_weights = (chosen_weights < 0).sum() + (rejected_weights < 0).sum()
-        if clamp_weights:
-            chosen_weights = chosen_weights.clamp(min=0.0)
-            rejected_weights = rejected_weights.clamp(min=0.0)
+        with torch.no_grad():
+            chosen_token_reward, rejected_token_reward = self.token_rewards(batch)
+            # Masking the weights too keeps garbage at masked positions out of z and its gradient.
+            chosen_weights = _masked(beta * (1.0 + alpha * chosen_token_reward), chosen_mask)
+            rejected_weights = _masked(beta * (1.0 - alpha * rejected_token_reward), rejected_mask)
 
-    z = (chosen_weights * chosen_logratio).sum(-1) - (rejected_weights * rejected_logratio).sum(-1)
-    losses = -F.logsigmoid(z)
+            # Counted before clamping, so the stat shows how often clamping matters.
+            negative_weights = (chosen_weights < 0).sum() + (rejected_weights < 0).sum()
+            if self.clamp_weights:
+                chosen_weights = chosen_weights.clamp(min=0.0)
+                rejected_weights = rejected_weights.clamp(min=0.0)
 
-    # Rewards are the usual DPO implicit rewards so runs are comparable across losses.
-    chosen_rewards = (beta * chosen_logratio.sum(-1)).detach()
-    rejected_rewards = (beta * rejected_logratio.sum(-1)).detach()
+        z = (chosen_weights * chosen_logratio).sum(-1) - (rejected_weights * rejected_logratio).sum(-1)
+        losses = -F.logsigmoid(z)
 
-    # Token-level sums let a trainer recombine the means exactly across micro-batches.
-    chosen_tokens = chosen_mask.sum().float()
-    rejected_tokens = rejected_mask.sum().float()
-    chosen_weight_sum = chosen_weights.sum().float()
-    rejected_weight_sum = rejected_weights.sum().float()
-    weighted_tokens = chosen_tokens + rejected_tokens
-    negative_weights = negative_weights.float()
-    def histogram(weights, mask):
-        relative = (weights[mask] / beta).float().clamp(*WEIGHT_RANGE)
-        return torch.histc(relative, bins=WEIGHT_BINS, min=WEIGHT_RANGE[0], max=WEIGHT_RANGE[1])
+        # Rewards are the usual DPO implicit rewards so runs are comparable across losses.
+        chosen_rewards = (beta * chosen_logratio.sum(-1)).detach()
+        rejected_rewards = (beta * rejected_logratio.sum(-1)).detach()
 
-    stats = {
-        # Distribution of the weights used, in units of beta: a list of counts per bin.
-        "chosen_weight_histogram": histogram(chosen_weights, chosen_mask),
-        "rejected_weight_histogram": histogram(rejected_weights, rejected_mask),
-        # Means are of the weights actually used (after clamping, if on).
-        "chosen_weight_mean": chosen_weight_sum / chosen_tokens.clamp(min=1),
-        "rejected_weight_mean": rejected_weight_sum / rejected_tokens.clamp(min=1),
-        "negative_weight_fraction": negative_weights / weighted_tokens.clamp(min=1),
-        "chosen_weight_sum": chosen_weight_sum,
-        "chosen_tokens": chosen_tokens,
-        "rejected_weight_sum": rejected_weight_sum,
-        "rejected_tokens": rejected_tokens,
-        "negative_weights": negative_weights,
-        "weighted_tokens": weighted_tokens,
-    }
-    return LossOutput(losses, chosen_rewards, rejected_rewards, stats)
+        # Token-level sums let a trainer recombine the means exactly across micro-batches.
+        chosen_tokens = chosen_mask.sum().float()
+        rejected_tokens = rejected_mask.sum().float()
+        chosen_weight_sum = chosen_weights.sum().float()
+        rejected_weight_sum = rejected_weights.sum().float()
+        weighted_tokens = chosen_tokens + rejected_tokens
+        negative_weights = negative_weights.float()
+
+        def histogram(weights, mask):
+            relative = (weights[mask] / beta).float().clamp(*WEIGHT_RANGE)
+            return torch.histc(relative, bins=WEIGHT_BINS, min=WEIGHT_RANGE[0], max=WEIGHT_RANGE[1])
+
+        stats = {
+            # Distribution of the weights used, in units of beta: a list of counts per bin.
+            "chosen_weight_histogram": histogram(chosen_weights, chosen_mask),
+            "rejected_weight_histogram": histogram(rejected_weights, rejected_mask),
+            # Means are of the weights actually used (after clamping, if on).
+            "chosen_weight_mean": chosen_weight_sum / chosen_tokens.clamp(min=1),
+            "rejected_weight_mean": rejected_weight_sum / rejected_tokens.clamp(min=1),
+            "negative_weight_fraction": negative_weights / weighted_tokens.clamp(min=1),
+            "chosen_weight_sum": chosen_weight_sum,
+            "chosen_tokens": chosen_tokens,
+            "rejected_weight_sum": rejected_weight_sum,
+            "rejected_tokens": rejected_tokens,
+            "negative_weights": negative_weights,
+            "weighted_tokens": weighted_tokens,
+        }
+        return LossOutput(losses, chosen_rewards, rejected_rewards, stats)
 
 
+Loss = Callable[[PairBatch], LossOutput]
+
+# Every loss type, built from the config's loss section (config.LossSection).
 LOSSES = {
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "simpo": simpo_loss,
-    "tgdpo": tgdpo_loss,
+    "dpo": lambda section: DPOLoss(section.beta),
+    "ipo": lambda section: IPOLoss(section.beta),
+    "simpo": lambda section: SimPOLoss(section.beta, section.simpo_gamma),
+    "tgdpo": lambda section: TGDPOLoss(section.beta, section.alpha, section.clamp_weights),
 }
 
 
-def compute_loss(loss_type, batch, beta, alpha, simpo_gamma, clamp_weights):
-    """Dispatch to one loss by name; `batch` holds the log-prob and mask tensors."""
-    if loss_type not in LOSSES:
-        raise ValueError(f"unknown loss type {loss_type!r}; valid loss types: {sorted(LOSSES)}")
-
-    def get(key):
-        # A clearer message than a bare KeyError when a needed input was not computed.
-        if key not in batch:
-            raise KeyError(f"loss type {loss_type!r} needs batch[{key!r}]")
-        return batch[key]
-
-    if loss_type == "simpo":
-        return simpo_loss(
-            get("policy_chosen_logps"),
-            get("policy_rejected_logps"),
-            get("chosen_mask"),
-            get("rejected_mask"),
-            beta=beta,
-            gamma=simpo_gamma,
-        )
-    if loss_type == "tgdpo":
-        chosen_rewards, rejected_rewards = batch.get("chosen_token_rewards"), batch.get("rejected_token_rewards")
-        if chosen_rewards is None:
-            chosen_rewards = implicit_token_rewards(get("guidance_chosen_logps"), get("ref_chosen_logps"), beta)
-            rejected_rewards = implicit_token_rewards(get("guidance_rejected_logps"), get("ref_rejected_logps"), beta)
-        return tgdpo_loss_from_rewards(
-            get("policy_chosen_logps"),
-            get("policy_rejected_logps"),
-            get("ref_chosen_logps"),
-            get("ref_rejected_logps"),
-            chosen_rewards,
-            rejected_rewards,
-            get("chosen_mask"),
-            get("rejected_mask"),
-            beta=beta,
-            alpha=alpha,
-            clamp_weights=clamp_weights,
-        )
-    # dpo and ipo share the same arguments.
-    return LOSSES[loss_type](
-        get("policy_chosen_logps"),
-        get("policy_rejected_logps"),
-        get("ref_chosen_logps"),
-        get("ref_rejected_logps"),
-        get("chosen_mask"),
-        get("rejected_mask"),
-        beta=beta,
-    )
+def build_loss(section) -> Loss:
+    """The loss of the config's loss section, built once; call it on each micro-batch's PairBatch."""
+    if section.type not in LOSSES:
+        raise ValueError(f"unknown loss type {section.type!r}; valid loss types: {sorted(LOSSES)}")
+    return LOSSES[section.type](section)
 
 
 # ---------------------------------------------------------------------------
-# Metrics: per-batch means, and sums that can be accumulated then finalised.
+# Metrics: sums that can be accumulated across micro-batches and workers, then finalised into means.
 # ---------------------------------------------------------------------------
 
 # tgdpo stats that are plain sums and can be added across micro-batches and workers.
@@ -328,23 +205,6 @@ TOKEN_SUM_KEYS = (
     "negative_weights",
     "weighted_tokens",
 )
-
-
-def loss_metrics(out):
-    """Means over the pairs of one batch, plus every scalar stat."""
-    chosen = out.chosen_rewards.float()
-    rejected = out.rejected_rewards.float()
-    metrics = {
-        "loss": out.losses.detach().float().mean().item(),
-        "chosen_reward": chosen.mean().item(),
-        "rejected_reward": rejected.mean().item(),
-        "reward_margin": (chosen - rejected).mean().item(),
-        "reward_accuracy": (chosen > rejected).float().mean().item(),
-    }
-    for key, value in out.stats.items():
-        if value.dim() == 0:
-            metrics[key] = value.item()
-    return metrics
 
 
 def metric_sums(out, dpo_rewards=False):

@@ -112,11 +112,13 @@ def check_models_agree(config: JobConfig) -> None:
     """Fails, before any Ray resource starts, when a reference or guidance model does not share the policy's
     tokenizer and vocabulary. The scorers compute log-probs of the policy tokenizer's ids: in another model a
     larger vocabulary gives wrong values silently and a smaller one an IndexError inside a scorer."""
+    from tgdpo_ray.config import SCORED_GUIDANCE
+
     policy = config.policy
     scorers = []
     if config.needs_reference:
         scorers.append(("reference.model", config.reference_model, config.reference.trust_remote_code))
-    if config.needs_guidance:  # a token reward model too: it reads the same ids
+    if config.guidance_kind in SCORED_GUIDANCE:  # a token reward model too: it reads the same ids
         scorers.append(("guidance.model", config.guidance.model, config.guidance.trust_remote_code))
     scorers = [scorer for scorer in scorers if scorer[1] != policy.model]  # the policy agrees with itself
     if not scorers:

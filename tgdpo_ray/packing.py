@@ -1,4 +1,4 @@
-"""Padding-free packing of preference pairs, and answer-token log-probs that never build a [tokens x vocab] tensor.
+"""Padding-free packing of preference pairs: the packed and shared_prompt layouts of training.packing.
 
 Today's layout (batches.collate_pairs) pads every prompt + answer row of a micro-batch to the longest one. Here the
 pairs are packed back to back into rows of at most `max_tokens` tokens instead, several documents per row, each
@@ -12,15 +12,16 @@ Two layouts of a pair:
   of the prompt as if chosen were not there: the result is the same as with two documents.
 
 The answer tokens are scored through explicit indices, not a shifted label grid: in the shared layout the first
-chosen token and the first rejected token are both predicted by the last prompt token. packed_token_logps puts the
-log-probs on exactly the [2n, W] grid that collate_pairs' labels use for the same pairs (row i: prompt + chosen of
-pair i, row n + i: prompt + rejected; answer token j at column len(prompt) - 1 + j), so losses, values_to_grid and
-grid_to_values work unchanged.
+chosen token and the first rejected token are both predicted by the last prompt token. A PackedBatch maps them onto
+exactly the [2n, W] grid that collate_pairs' labels use for the same pairs (row i: prompt + chosen of pair i, row
+n + i: prompt + rejected; answer token j at column len(prompt) - 1 + j), so the log-probs that
+logprobs.packed_token_logps puts there work unchanged with the losses, values_to_grid and grid_to_values.
 
 Attention masks (mask="4d"): a boolean [R, 1, L, L] mask, True where a query may attend to a key. transformers'
 masking_utils returns a 4D attention_mask unchanged (it neither adds the causal pattern nor looks at position_ids),
 so the mask must be complete: causal, per document, and the rejected-not-to-chosen rule. SDPA takes it as a boolean
-mask; eager attention adds the mask to the scores, so packed_token_logps turns it into an additive one there.
+mask; eager attention adds the mask to the scores, so logprobs.model_attention_mask turns it into an additive one
+there.
 mask="position_ids" (shared_prompt=False, one row per batch): no mask at all; transformers finds the documents where
 the position ids restart (flash_attention_2 then runs varlen kernels; sdpa and eager build the block mask).
 """
@@ -32,9 +33,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from tgdpo_ray.losses import IGNORE_INDEX, token_logps
+from tgdpo_ray.batches import IGNORE_INDEX
 
 MASK_MODES = ("4d", "position_ids")
 # Segments of a document, for the rule that rejected tokens never see chosen ones.
@@ -64,6 +64,14 @@ class PackedBatch:
         labels = torch.full(self.grid_shape, IGNORE_INDEX, dtype=torch.long, device=self.target_ids.device)
         labels[self.grid_rows, self.grid_cols] = self.target_ids
         return labels
+
+    def answer_grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid, mask): one value per answer token [N] placed on the grid (0 elsewhere), and True on the answers."""
+        index = (self.grid_rows.to(values.device), self.grid_cols.to(values.device))
+        grid = torch.zeros(self.grid_shape, dtype=values.dtype, device=values.device).index_put(index, values)
+        mask = torch.zeros(self.grid_shape, dtype=torch.bool, device=values.device).index_put(
+            index, torch.ones_like(values, dtype=torch.bool))
+        return grid, mask
 
 
 def pair_span(row, shared_prompt: bool) -> int:
@@ -207,141 +215,3 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
         rows=[pairs[i] for i in batch_pairs],
         real_tokens=sum(spans),
     )
-
-
-# ---------------------------------------------------------------------------
-# Log-probs of the answer tokens: decoder body, then the LM head on the answer-predicting hidden states only.
-# ---------------------------------------------------------------------------
-
-
-class _LMHeadTokenLogps(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T + bias)[target] per row, chunk by chunk. Only hidden, the weights and one fp32
-    logsumexp per row are saved; backward recomputes each chunk's logits, so at most [chunk_size x vocab] logits (and
-    their gradient) exist at a time."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        num = hidden.shape[0]
-        logsumexp = torch.empty(num, dtype=torch.float32, device=hidden.device)
-        target_logits = torch.empty(num, dtype=torch.float32, device=hidden.device)
-        for start in range(0, num, chunk_size):
-            end = min(start + chunk_size, num)
-            # Logits in the model's dtype (as the LM head gives them), then fp32 for the softmax, as token_logps.
-            logits = F.linear(hidden[start:end], weight, bias).float()
-            logsumexp[start:end] = torch.logsumexp(logits, dim=-1)
-            target_logits[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
-        ctx.chunk_size = chunk_size
-        return target_logits - logsumexp
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # fp32 accumulators: the weight gradient sums over every chunk, bf16 sums would lose the small ones.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            chunk = hidden[start:end]
-            g = grad_output[start:end, None].float()
-            # d logp[target] / d logits = onehot(target) - softmax(logits)
-            grad_logits = torch.exp(F.linear(chunk, weight, bias).float() - logsumexp[start:end, None])
-            grad_logits.mul_(-g).scatter_add_(-1, targets[start:end, None], g)
-            grad_logits = grad_logits.to(hidden.dtype)
-            if need_hidden:
-                grad_hidden[start:end] = grad_logits @ weight
-            if need_weight:
-                grad_weight.add_(grad_logits.t() @ chunk)
-            if need_bias:
-                grad_bias.add_(grad_logits.sum(0))
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def lm_head_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """fp32 log-prob of targets [N] under the logits hidden [N, H] @ weight [V, H].T (+ bias [V]); peak extra
-    memory O(chunk_size x V)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} must be [N, H] and targets {tuple(targets.shape)} [N]")
-    return _LMHeadTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
-
-
-def model_attention_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
-    """The [R, 1, L, L] boolean mask in the form the model's attention takes (masking_utils passes it on as is)."""
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation == "sdpa":
-        return allowed  # scaled_dot_product_attention: boolean, True = attend
-    if implementation == "eager":
-        # eager attention adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere.
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    raise ValueError(f"a 4d packing mask needs attn_implementation 'sdpa' or 'eager', not {implementation!r}; "
-                     "with flash_attention_2 pack with mask='position_ids' (shared_prompt=False)")
-
-
-def check_plain_lm_head(config) -> None:
-    """The fused head computes hidden @ W.T (+ b) only: refuse models that scale or cap the logits after it."""
-    for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
-        value = getattr(config, name, None)
-        if value is not None and value != neutral:
-            raise ValueError(f"{type(config).__name__}.{name}={value}: the model transforms its logits after the "
-                             "LM head, which packed_token_logps does not reproduce")
-
-
-def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
-                       zero3_engine=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, mask), both [2n, W] as collate_pairs' labels of batch.rows: fp32 log-prob of each answer token,
-    0.0 off the answers, and True on the answers. `model` is a Hugging Face causal LM (unwrapped: model.module of a
-    DeepSpeed engine or DDP). Only the answer-predicting hidden states go through the LM head.
-
-    zero3_engine: the DeepSpeed ZeRO-3 engine around `model`. Its partitioned weights are gathered only inside
-    module calls, and its gradient accumulation needs every forward to go through the engine (called around it,
-    only the last micro-batch of a step kept its gradient: the engine's forward resets ZeRO-3's per-forward
-    backward state). The engine computes logits for the columns that hold answer-predicting states
-    (logits_to_keep), then a chunked log-softmax; no fused head."""
-    check_plain_lm_head(model.config)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    device = head.weight.device
-    attention_mask = None
-    if batch.attention_mask is not None:
-        # ZeRO-3's partitioned weights are empty placeholders: the dtype comes from the model there.
-        attention_mask = model_attention_mask(batch.attention_mask.to(device), model.config, model.dtype)
-    # use_cache=False: with a cache, transformers would not look for packed documents in the position ids.
-    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
-              "attention_mask": attention_mask, "use_cache": False}
-    source = batch.source_index.to(device)
-    targets = batch.target_ids.to(device)
-    if zero3_engine is None:
-        hidden = decoder(**inputs).last_hidden_state
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
-        logps = lm_head_token_logps(selected, head.weight, head.bias, targets, chunk_size)
-    else:
-        rows, columns = source // batch.input_ids.shape[1], source % batch.input_ids.shape[1]
-        kept = torch.unique(columns)  # sorted
-        logits = zero3_engine(**inputs, logits_to_keep=kept).logits  # [rows, kept columns, vocab]
-        logps = token_logps(logits[rows, torch.searchsorted(kept, columns)].unsqueeze(0), targets.unsqueeze(0),
-                            chunk_size)[0]
-
-    index = (batch.grid_rows.to(device), batch.grid_cols.to(device))
-    grid = torch.zeros(batch.grid_shape, dtype=logps.dtype, device=device).index_put(index, logps)
-    mask = torch.zeros(batch.grid_shape, dtype=torch.bool, device=device).index_put(
-        index, torch.ones_like(logps, dtype=torch.bool))
-    return grid, mask
-
-
-def micro_batch_token_logps(model, rows: Sequence, shared_prompt: bool, row_tokens: int, chunk_size: int,
-                            zero3_engine=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The trainers' and scorers' entry point: one micro-batch of pairs packed into rows of about row_tokens
-    tokens (never less than its longest pair, so that it stays one batch and one backward), scored as
-    packed_token_logps. Returns (log-probs, mask, real tokens)."""
-    width = max([row_tokens] + [pair_span(row, shared_prompt) for row in rows])
-    (batch,) = pack_pairs(rows, width, shared_prompt, rows_per_batch=len(rows))
-    logps, mask = packed_token_logps(model, batch, chunk_size, zero3_engine)
-    return logps, mask, batch.real_tokens

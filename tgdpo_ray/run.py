@@ -11,7 +11,7 @@ from functools import partial
 import numpy as np
 
 from tgdpo_ray.cluster import check_fits, start_ray, torch_backend, training_groups
-from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.config_loader import dump_config
 from tgdpo_ray.data import PreparedData, prepare_pairs
 from tgdpo_ray.errors import UserError
@@ -27,7 +27,7 @@ def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, Prepa
     """Everything that can reject the input happens here, before any Ray resource starts."""
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code, config.data.chat_template)
     started = time.perf_counter()
-    rewards = config.guidance.reward_columns if config.rewards_from_data else None
+    rewards = config.guidance.reward_columns if config.guidance_kind == "column" else None
     train = prepare_pairs(config.data.train, config.data, tokenizer, log, rewards)
     held_out = prepare_pairs(config.data.eval, config.data, tokenizer, log, rewards) if config.data.eval else None
     log(f"[data] {len(train.rows)} training pairs" + (f", {len(held_out.rows)} held-out pairs" if held_out else "")
@@ -37,7 +37,7 @@ def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, Prepa
 
 def reads_cache(config: JobConfig) -> bool:
     """Cache mode, for a loss with a scorer (a loss without one has nothing to cache)."""
-    return config.scoring.mode == "cache" and (config.needs_reference or config.needs_guidance)
+    return config.scoring.mode == "cache" and (config.needs_reference or config.guidance_kind in SCORED_GUIDANCE)
 
 
 def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
@@ -91,7 +91,7 @@ def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, Prep
 
 def run_score(config: JobConfig, log=print) -> dict:
     """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
-    if not (config.needs_reference or config.needs_guidance):
+    if not (config.needs_reference or config.guidance_kind in SCORED_GUIDANCE):
         raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
     config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"mode": "cache"})})
     check_models_agree(config)

@@ -16,15 +16,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tgdpo_ray.batches import collate_pairs, grid_to_values, pack_by_token_budget
+from tgdpo_ray.batches import grid_to_values, pack_by_token_budget, packed_tokens
 from tgdpo_ray.cluster import pick_device, record_placement
-from tgdpo_ray.config import JobConfig, ScorerSection
-from tgdpo_ray.losses import token_logps
+from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, ScorerSection
+from tgdpo_ray.logprobs import answer_logps, padded_logits
 from tgdpo_ray.models import load_causal_lm, load_token_reward_model
-from tgdpo_ray.packing import micro_batch_token_logps
 
 
-# Scorer output columns are named as the loss functions name their inputs.
+# Scorer output columns: {prefix}_chosen_{kind} and {prefix}_rejected_{kind}, kind logps or rewards; read by
+# batches.pair_batch.
 COLUMN_PREFIX = {"reference": "ref", "guidance": "guidance"}
 
 
@@ -34,20 +34,15 @@ def answer_values(model, rows: list, pad_id: int, device: torch.device, chunk_si
     """Per answer token of the chosen and rejected answers of `rows` (lists of float32 arrays): the log-prob
     under a causal LM, or the output of a per-token reward head. Log-probs are computed in the trainers' layout
     (training.packing); a token reward head always reads padded rows."""
-    if packing != "padded" and not token_rewards:
-        logps, _, _ = micro_batch_token_logps(model, rows, packing == "shared_prompt", packed_row_tokens, chunk_size)
+    if not token_rewards:
+        logps, _ = answer_logps(model, rows, packing, packed_row_tokens, chunk_size, pad_id, device)
         return grid_to_values(logps, rows)
-    batch = collate_pairs(rows, pad_id)
-    outputs = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits
-    if token_rewards:
-        # The head's output at a token's own position is that token's reward; the label grid holds token i+1
-        # at column i, so shift left by one.
-        rewards = torch.zeros(outputs.shape[:2], dtype=torch.float32, device=outputs.device)
-        rewards[:, :-1] = outputs[:, 1:, 0].float()
-        return grid_to_values(rewards, rows)
-    return grid_to_values(token_logps(outputs, batch["labels"].to(device), chunk_size), rows)
+    outputs, _ = padded_logits(model, rows, pad_id, device)
+    # The head's output at a token's own position is that token's reward; the label grid holds token i+1 at
+    # column i, so shift left by one.
+    rewards = torch.zeros(outputs.shape[:2], dtype=torch.float32, device=outputs.device)
+    rewards[:, :-1] = outputs[:, 1:, 0].float()
+    return grid_to_values(rewards, rows)
 
 
 class FrozenScorer:
@@ -93,7 +88,7 @@ class FrozenScorer:
         batch[f"{prefix}_rejected_{kind}"] = ragged(rejected)
         # One line per batch: the pool's throughput over time, for `report` and for checking that training
         # started before scoring ended.
-        tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+        tokens = packed_tokens(rows, shared_prompt=False)
         with open(self.batch_log, "a") as handle:
             handle.write(json.dumps({"time": time.time(), "pairs": len(rows), "tokens": tokens,
                                      "seconds": time.perf_counter() - started}) + "\n")
@@ -157,7 +152,7 @@ def scored_dataset(rows: list, config: JobConfig, pad_id: int, blocks: Optional[
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     if config.needs_reference:
         dataset = add_scorer(dataset, "reference", config.reference, config.reference_model, config, pad_id)
-    if config.needs_guidance:
+    if config.guidance_kind in SCORED_GUIDANCE:
         dataset = add_scorer(dataset, "guidance", config.guidance, config.guidance.model, config, pad_id,
-                             token_rewards=config.uses_token_rewards)
+                             token_rewards=config.guidance_kind == "token_reward_model")
     return dataset

@@ -25,14 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tgdpo_ray.batches import collate_pairs, packed_tokens, values_to_grid
+from tgdpo_ray.batches import packed_tokens, pair_batch
 from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import JobConfig
-from tgdpo_ray.losses import (IGNORE_INDEX, TOKEN_SUM_KEYS, WEIGHT_BINS, compute_loss, finalize_metrics,
-                              metric_sums, token_logps)
+from tgdpo_ray.logprobs import answer_logps
+from tgdpo_ray.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, LossOutput, build_loss, finalize_metrics, metric_sums
 from tgdpo_ray.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
-from tgdpo_ray.packing import micro_batch_token_logps
 from tgdpo_ray.scoring import COLUMN_PREFIX
 from tgdpo_ray.steps import StepShare, deal_step, epoch_dataset, plan_steps
 from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
@@ -148,45 +147,17 @@ class Waited:
         return seconds
 
 
-def policy_token_logps(model, rows: list, config: JobConfig, pad_id: int, device):
-    """(log-probs, answer mask, tokens) on collate_pairs' [2n, W] label grid, in the configured layout. `model` is
-    the DeepSpeed engine (or a plain model). Tokens count prompt + chosen and prompt + rejected in every layout,
-    so that tokens/s compares across layouts."""
+def micro_batch_loss(model, rows: list, config: JobConfig, loss: Loss, pad_id: int, device) -> tuple[LossOutput, int]:
+    """The loss of one micro-batch under `model` (the DeepSpeed engine, or a plain model) in the configured layout,
+    and its tokens: prompt + chosen and prompt + rejected in every layout, so that tokens/s compares across
+    layouts."""
     training = config.training
-    if training.packing != "padded":
-        module = getattr(model, "module", model)
-        # Under ZeRO-3 the forward goes through the engine (no fused head: the weights are partitioned).
-        logps, mask, _ = micro_batch_token_logps(module, rows, training.packing == "shared_prompt",
-                                                 training.packed_row_tokens, training.logp_chunk_size,
-                                                 zero3_engine=model if config.policy.zero_stage == 3 else None)
-        return logps, mask, packed_tokens(rows, shared_prompt=False)
-    batch = collate_pairs(rows, pad_id)
-    labels = batch["labels"].to(device)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return token_logps(logits, labels, training.logp_chunk_size), labels != IGNORE_INDEX, \
-        int(batch["attention_mask"].sum())
-
-
-def micro_batch_loss(model, rows: list, config: JobConfig, pad_id: int, device):
-    logps, mask, tokens = policy_token_logps(model, rows, config, pad_id, device)
-    n = len(rows)
-    inputs = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
-              "chosen_mask": mask[:n], "rejected_mask": mask[n:]}
-    # (column in the rows, name of the loss input) per side; the loss inputs are named as tgdpo_loss names them.
-    wanted = []
-    if config.needs_reference:
-        wanted.append(("ref_{side}_logps", "ref_{side}_logps"))
-    if config.uses_token_rewards:
-        wanted.append(("guidance_{side}_rewards", "{side}_token_rewards"))
-    elif config.needs_guidance:
-        wanted.append(("guidance_{side}_logps", "guidance_{side}_logps"))
-    for column, name in wanted:
-        grid = values_to_grid(rows, column.format(side="chosen"), column.format(side="rejected"),
-                              mask.shape[1]).to(device)
-        inputs[name.format(side="chosen")], inputs[name.format(side="rejected")] = grid[:n], grid[n:]
-    loss = config.loss
-    out = compute_loss(loss.type, inputs, loss.beta, loss.alpha, loss.simpo_gamma, loss.clamp_weights)
-    return out, tokens
+    # Under ZeRO-3 the forward goes through the engine (no fused head: the weights are partitioned).
+    zero3_engine = model if config.policy.zero_stage == 3 else None
+    logps, mask = answer_logps(model, rows, training.packing, training.packed_row_tokens, training.logp_chunk_size,
+                               pad_id, device, zero3_engine)
+    out = loss(pair_batch(rows, logps, mask, config.needs_reference, config.guidance_kind))
+    return out, packed_tokens(rows, shared_prompt=False)
 
 
 class MetricSums:
@@ -236,7 +207,8 @@ def gradient_norm(engine) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
-def train_step(engine, share: StepShare, config: JobConfig, pad_id: int, device, world_size: int) -> StepResult:
+def train_step(engine, share: StepShare, config: JobConfig, loss: Loss, pad_id: int, device,
+               world_size: int) -> StepResult:
     """One optimizer step: its gradient is that of the mean loss over exactly the step's real pairs.
 
     DeepSpeed averages gradients over the workers, so each micro-batch contributes its summed loss times
@@ -256,7 +228,7 @@ def train_step(engine, share: StepShare, config: JobConfig, pad_id: int, device,
         if engine.is_gradient_accumulation_boundary() != last:
             raise RuntimeError(f"DeepSpeed's accumulation boundary is out of step with the loop at micro-batch "
                                f"{index + 1}/{accumulation}")
-        out, tokens = micro_batch_loss(engine, rows, config, pad_id, device)
+        out, tokens = micro_batch_loss(engine, rows, config, loss, pad_id, device)
         engine.backward(out.losses.sum() * (weight if real else 0.0), scale_wrt_gas=False)
         if real:
             meter.add(out, tokens)
@@ -268,7 +240,7 @@ def train_step(engine, share: StepShare, config: JobConfig, pad_id: int, device,
     return StepResult(meter.combined(device), lr, norm)
 
 
-def evaluate(engine, rows, config: JobConfig, pad_id: int, device, rank: int, world_size: int) -> dict:
+def evaluate(engine, rows, config: JobConfig, loss: Loss, pad_id: int, device, rank: int, world_size: int) -> dict:
     """Held-out metrics in eval mode. Rank 0 reads `rows` and deals micro-batches as in training; a worker
     without one runs a zero-weight filler (ZeRO-3 gathers weights collectively in every forward)."""
     meter = MetricSums(config)
@@ -277,7 +249,7 @@ def evaluate(engine, rows, config: JobConfig, pad_id: int, device, rank: int, wo
     with torch.no_grad():
         while (share := deal_step(plan, rank, world_size)) is not None:
             for batch in share.micro_batches or [[dummy_row(pad_id)]]:
-                out, tokens = micro_batch_loss(engine, batch, config, pad_id, device)
+                out, tokens = micro_batch_loss(engine, batch, config, loss, pad_id, device)
                 if share.micro_batches:
                     meter.add(out, tokens)
     return meter.combined(device)
@@ -365,6 +337,7 @@ def train_loop(loop_config: dict) -> None:
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     engine = build_engine(load_policy(config, device), config, total_steps, world_size)
+    loss = build_loss(config.loss)
     state = resume_state(engine, run_dir, rank, config.run.resume)
     log = MetricsLog(config, rank, resumed_step=state.step or None)
     scorer_throughput = ScorerThroughput(run_dir)
@@ -383,7 +356,7 @@ def train_loop(loop_config: dict) -> None:
         return list(ray.train.get_dataset_shard("eval").iter_rows()) if rank == 0 else None
 
     def held_out() -> dict:
-        metrics = evaluate(engine, held_out_rows(), config, pad_id, device, rank, world_size)
+        metrics = evaluate(engine, held_out_rows(), config, loss, pad_id, device, rank, world_size)
         log.write({"step": state.step, "epoch": state.epoch, "eval": metrics}, eval_line(state, metrics))
         return metrics
 
@@ -404,7 +377,7 @@ def train_loop(loop_config: dict) -> None:
             share = deal_step(plan, rank, world_size)
             if share is None:
                 break
-            result = train_step(engine, share, config, pad_id, device, world_size)
+            result = train_step(engine, share, config, loss, pad_id, device, world_size)
             step_seconds = time.perf_counter() - step_started
             state.step += 1
             state.tokens += result.metrics["tokens"]
