@@ -31,6 +31,9 @@ class RunSection(Section):
     output_dir: str = "outputs"  # the run writes to <output_dir>/<name>/
     seed: int = 0
     resume: bool = True  # a run whose folder holds a checkpoint continues from the latest one
+    checkpoint_storage: Optional[str] = Field(default=None, description=(
+        "Where the run's checkpoints go, as <checkpoint_storage>/<name>/: a folder every node shares (NFS) or an "
+        "s3:// / gs:// URI; null: the run folder (<run_dir>/checkpoints)"))
 
 
 class DataSource(Section):
@@ -563,6 +566,8 @@ def absolutize(config: JobConfig) -> JobConfig:
         return value
 
     config.run.output_dir = str(Path(config.run.output_dir).resolve())
+    if config.run.checkpoint_storage and "://" not in config.run.checkpoint_storage:
+        config.run.checkpoint_storage = str(Path(config.run.checkpoint_storage).expanduser().resolve())
     if config.eval is not None:
         evaluation = config.eval
         for model in evaluation.models:
