@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import trained_pair_ids
+from tgdpo_ray.checkpoints import checkpoint_storage
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.run import run_train
@@ -95,11 +96,15 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny
     })
     thread, outcome = start_run(config)
     metrics = config.run_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6)
+    # Ray Train writes its record of the run's checkpoints once every worker's copy of one is in storage.
+    registered = Path(*checkpoint_storage(config)) / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6 and registered.exists())
+    killed = time.time()
     os.kill(placement_pids(config.run_dir, "policy")[0], signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     assert len(placement_pids(config.run_dir, "policy")) == 2  # the worker group was started again
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(1, outcome["summary"]["steps"] + 1))  # resumed from a checkpoint, no step twice
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, outcome["summary"]["steps"] + 1))  # no step twice
+    assert any(r["time"] < killed for r in records)  # resumed from a checkpoint: the lines up to it were kept
     assert trained_pair_ids(config.run_dir) == {0: list(range(128)), 1: list(range(128))}

@@ -1,6 +1,6 @@
 """Checkpoints and resume, on two workers: a run stopped part-way and started again trains the same pairs in the
 same steps as a run that was never interrupted, ends with its weights, and trains every pair of every epoch
-exactly once."""
+exactly once. Checkpoints go through Ray Train's storage: the run folder by default, or run.checkpoint_storage."""
 
 import json
 import time
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tgdpo_ray.checkpoints import checkpoint_storage
 from tgdpo_ray.config_loader import build_config
+from tgdpo_ray.pipeline import stage_config
 from tgdpo_ray.run import run_train
 
 
@@ -46,6 +48,12 @@ def steps_pairs(run_dir: Path) -> list[list[int]]:
     return [record["pair_ids"] for record in train_records(run_dir)]
 
 
+def checkpoints_folder(config) -> Path:
+    """The run's folder in Ray Train's checkpoint storage (a local one in these tests)."""
+    storage, name = checkpoint_storage(config)
+    return Path(storage.removeprefix("file://")) / name
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, make_job):
     config = make_job("uninterrupted")
@@ -58,6 +66,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
     assert stopped["steps"] == 3 and stopped["complete"] is False
 
     config = make_job("resumed")
+    started = time.time()
     resumed = run_train(config)  # the same command again
     assert resumed["complete"] and resumed["steps"] == full["steps"]
     assert steps_pairs(config.run_dir) == steps_pairs(full_config.run_dir)  # the same pairs in the same steps
@@ -69,22 +78,29 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
 
     records = train_records(config.run_dir)
     assert [r["step"] for r in records] == list(range(1, full["steps"] + 1))  # no step logged twice
+    assert [r["step"] for r in records if r["time"] < started] == [1, 2, 3]  # resumed, not trained again
     for epoch in (0, 1):  # every pair once per epoch, by id
         assert sorted(i for r in records if r["epoch"] == epoch for i in r["pair_ids"]) == list(range(64))
-    # keep_checkpoints: only the newest two complete checkpoints remain.
-    assert len(list((config.run_dir / "checkpoints").glob("step-*"))) == 2
+    # keep_checkpoints: only the newest two checkpoints remain.
+    assert len(list(checkpoints_folder(config).glob("step-*"))) == 2
 
 
-def test_a_half_written_checkpoint_is_ignored(ray_cluster, make_job, uninterrupted):
-    config = make_job("half-written", "training.checkpoint_hf_export=true")
-    broken = config.run_dir / "checkpoints" / "step-00000004"
-    broken.mkdir(parents=True)  # a save that died before state.json
+def test_a_half_written_checkpoint_is_ignored(ray_cluster, make_job, uninterrupted, tmp_path):
+    # Checkpoints in a storage of their own, named by URI, as object storage would be.
+    config = make_job("half-written", "training.checkpoint_hf_export=true",
+                      f"run.checkpoint_storage=file://{tmp_path / 'storage'}")
+    # A save that died while the workers copied their files: rank 0's are there, state.json included, but Ray
+    # Train never registered the checkpoint, so it must not be loaded.
+    broken = checkpoints_folder(config) / "step-00000004-epoch-0"
+    broken.mkdir(parents=True)
     (broken / "rng-rank0.pt").write_bytes(b"partial")
+    (broken / "state.json").write_text(json.dumps({"step": 4, "epoch": 0, "epoch_pairs_done": list(range(32))}))
     summary = run_train(config)
     assert summary["complete"] and summary["steps"] == uninterrupted[1]["steps"]  # trained from the start
     assert train_records(config.run_dir)[0]["step"] == 1
+    assert not (config.run_dir / "checkpoints").exists()  # nothing in the run folder
     # Each kept checkpoint also holds the policy in Hugging Face format.
-    exports = sorted((config.run_dir / "checkpoints").glob("step-*/hf/model.safetensors"))
+    exports = sorted(checkpoints_folder(config).glob("step-*/hf/model.safetensors"))
     assert len(exports) == 2
 
 
@@ -119,3 +135,15 @@ def test_held_out_every_few_steps_and_a_finished_run_started_again_keeps_its_met
     again = run_train(config)  # resumes at the end: nothing left to train
     assert again["steps"] == first["steps"]
     assert again["eval"] == first["eval"] and again["eval_step"] == first["steps"]  # not nan, not missing
+
+
+def test_checkpoints_go_to_the_run_folder_or_to_the_configured_storage(make_job, tmp_path, monkeypatch):
+    default = make_job("stored")
+    assert checkpoint_storage(default) == (str(default.run_dir / "checkpoints"), "stored")
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_storage(make_job("stored", "run.checkpoint_storage=shared/ckpt")) == \
+        (str(tmp_path / "shared" / "ckpt"), "stored")  # a relative folder is the working directory's
+    remote = make_job("stored", "run.checkpoint_storage=s3://bucket/ckpt", "kind=pipeline")
+    assert checkpoint_storage(remote) == ("s3://bucket/ckpt", "stored")
+    # A pipeline's stages keep their checkpoints under its name, as their run folders are.
+    assert checkpoint_storage(stage_config(remote, "dpo")) == ("s3://bucket/ckpt/stored", "dpo")

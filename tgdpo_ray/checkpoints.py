@@ -1,52 +1,55 @@
-"""Training checkpoints: DeepSpeed state, RNG state and the position in the data, written so that a resume
-trains every pair of an epoch exactly once.
+"""Training checkpoints: DeepSpeed state, RNG state and the position in the data, saved so that a resume trains
+every pair of an epoch exactly once, and stored by Ray Train (local, NFS or object storage).
 
-Layout: <run_dir>/checkpoints/step-00000012/ holds DeepSpeed's files (model, optimizer, scheduler), one
-rng-rank<N>.pt per worker and, written last by rank 0, state.json: the step, the epoch, and the ids of the
-pairs of that epoch already trained. A folder without state.json is a checkpoint whose writer died: it is
-ignored with a warning, never loaded.
+A save is a collective call: every worker writes its part into a local temporary folder (DeepSpeed's files for
+its rank, rng-rank<N>.pt, and on rank 0 state.json: the step, the epoch, the ids of the pairs of that epoch
+already trained) and reports it with ray.train.report(checkpoint=...). Ray Train copies every worker's folder into
+one checkpoint folder in its storage (the file names differ from rank to rank, so nothing is overwritten) and
+registers the checkpoint only when every worker's copy has finished: a save that died half-way is never handed
+back. Ray keeps the newest `training.keep_checkpoints` and records them in the storage, so workers restarted after
+a failure and a new run of the same job (same storage, same run name) get the latest from ray.train.get_checkpoint.
+
+Layout: <run.checkpoint_storage or <run_dir>/checkpoints>/<run.name>/step-00000012-epoch-0/, beside Ray Train's
+record of the run's checkpoints (checkpoint_manager_snapshot.json).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from tgdpo_ray.config import JobConfig
 
 STATE_FILE = "state.json"
 
 
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def checkpoint_storage(config: JobConfig) -> tuple[str, str]:
+    """(storage_path, name) for Ray Train's RunConfig: the run's checkpoints go to <storage_path>/<name>/."""
+    return config.run.checkpoint_storage or str(config.run_dir / "checkpoints"), config.run.name
 
 
-def complete_checkpoints(run_dir: Path, warn=print) -> list[Path]:
-    """Complete checkpoint folders, oldest first; half-written ones are reported and skipped."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    complete = []
-    for folder in folders:
-        try:
-            json.loads((folder / STATE_FILE).read_text())
-            complete.append(folder)
-        except (OSError, ValueError):
-            warn(f"[checkpoint] ignoring {folder}: no readable {STATE_FILE} (a save that did not finish)")
-    return complete
+def delete_checkpoints(config: JobConfig) -> None:
+    """Deletes the run's checkpoints and Ray Train's record of them, so that the run starts afresh
+    (run.resume: false): Ray Train would otherwise hand the latest one to the new run's workers."""
+    import pyarrow.fs
+
+    storage, name = checkpoint_storage(config)
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
+    folder = f"{path.rstrip('/')}/{name}"
+    if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(folder)
 
 
-def latest_checkpoint(run_dir: Path, warn=print) -> Optional[tuple[Path, dict]]:
-    folders = complete_checkpoints(run_dir, warn)
-    if not folders:
-        return None
-    return folders[-1], json.loads((folders[-1] / STATE_FILE).read_text())
+def checkpoint_name(state: dict) -> str:
+    """The step and the epoch the run goes on in: a step that ends an epoch can be saved twice (checkpoint_every,
+    then the epoch's end, whose state has moved on to the next epoch), and each checkpoint needs its own folder."""
+    return f"step-{state['step']:08d}-epoch-{state['epoch']}"
 
 
 def rng_state() -> dict:
@@ -62,28 +65,38 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, run_dir: Path, state: dict, keep: int, rank: int) -> Path:
-    """A collective call: every worker saves its DeepSpeed shard and RNG; rank 0 seals it with state.json (the
-    state of the loop, with the ids of the pairs of its epoch already trained)."""
-    root = checkpoint_root(run_dir)
-    tag = f"step-{state['step']:08d}"
-    folder = root / tag
-    if rank == 0 and folder.exists():
-        shutil.rmtree(folder)  # a half-written save of this very step, from a run that died
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
-    dist.barrier()  # every shard is written before state.json seals the folder
-    if rank == 0:
-        (folder / STATE_FILE).write_text(json.dumps(state))
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return folder
+def save_checkpoint(engine, state: dict, rank: int, also_write: Optional[Callable[[Path], None]] = None) -> None:
+    """A collective call: every worker saves its DeepSpeed shard and RNG, rank 0 the state of the loop (with the
+    ids of the pairs of its epoch already trained), and `also_write(folder)` adds what else every checkpoint holds
+    (the Hugging Face export); then every worker reports its folder to Ray Train, which copies it to storage."""
+    import ray.train
+
+    name = checkpoint_name(state)
+    with tempfile.TemporaryDirectory(prefix="tgdpo-checkpoint-") as staging:
+        engine.save_checkpoint(staging, tag=name, save_latest=False)
+        folder = Path(staging) / name
+        torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
+        if rank == 0:
+            (folder / STATE_FILE).write_text(json.dumps(state))
+        if also_write is not None:
+            also_write(folder)
+        # Returns once this worker's files are in storage; the checkpoint counts when every worker's are.
+        ray.train.report({"step": state["step"], "epoch": state["epoch"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
 
 
-def load_checkpoint(engine, folder: Path, rank: int) -> None:
-    engine.load_checkpoint(str(folder.parent), tag=folder.name)
-    rng_file = folder / f"rng-rank{rank}.pt"
-    if rng_file.exists():  # absent when the worker count changed: the seeds then start afresh
-        restore_rng(torch.load(rng_file, weights_only=False))
+def load_checkpoint(engine, rank: int) -> Optional[tuple[str, dict]]:
+    """Loads the checkpoint Ray Train hands back (the latest complete one of this run) into `engine` and this
+    worker's RNG; returns (where it is, the state of the loop it saved), or None when there is none."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as local:  # object storage: downloaded once per node
+        folder = Path(local)
+        engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        rng_file = folder / f"rng-rank{rank}.pt"
+        if rng_file.exists():  # absent when the worker count changed: the seeds then start afresh
+            restore_rng(torch.load(rng_file, weights_only=False))
+        return checkpoint.path, json.loads((folder / STATE_FILE).read_text())

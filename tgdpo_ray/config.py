@@ -29,8 +29,11 @@ class RunSection(Section):
     output_dir: str = Field(default="outputs", description="the folder that holds run folders")
     seed: int = Field(default=0, description="seeds the epochs' pair orders, the trainers' random state and the "
                                              "evaluation's sampling and bootstrap")
-    resume: bool = Field(default=True, description="a run whose folder holds a checkpoint continues from the "
-                                                   "latest one; false: it starts over")
+    resume: bool = Field(default=True, description="a run whose checkpoints remain continues from the latest one; "
+                                                   "false: they are deleted and the run starts over")
+    checkpoint_storage: Optional[str] = Field(default=None, description=(
+        "where the run's checkpoints go, as <checkpoint_storage>/<name>/: a folder every node shares (NFS) or an "
+        "s3:// / gs:// URI; null: the run folder (<run_dir>/checkpoints)"))
 
 
 class DataSource(Section):

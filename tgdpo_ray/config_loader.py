@@ -129,8 +129,13 @@ def absolutize(config: JobConfig) -> JobConfig:
             return str(Path(os.path.expanduser(value)).resolve())
         return value
 
+    def fix_storage(value: Optional[str]) -> Optional[str]:
+        """A local folder made absolute; a URI (s3://, gs://, file://) as it is."""
+        return str(Path(value).expanduser().resolve()) if value and "://" not in value else value
+
     config = config.model_copy(deep=True)  # the caller's config stays as it was
     config.run.output_dir = str(Path(config.run.output_dir).resolve())
+    config.run.checkpoint_storage = fix_storage(config.run.checkpoint_storage)
     if config.eval is not None:
         evaluation = config.eval
         for model in evaluation.models:
@@ -144,8 +149,7 @@ def absolutize(config: JobConfig) -> JobConfig:
             evaluation.judge.model = fix(evaluation.judge.model)
     if config.kind == "eval":
         return config
-    if "://" not in config.scoring.cache_dir:
-        config.scoring.cache_dir = str(Path(config.scoring.cache_dir).expanduser().resolve())
+    config.scoring.cache_dir = fix_storage(config.scoring.cache_dir)
     for section in (config.policy, config.reference, config.guidance):
         section.model = fix(section.model)
     for source in (config.data.train, config.data.eval):

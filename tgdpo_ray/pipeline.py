@@ -22,6 +22,8 @@ def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None)
     raw["kind"] = "train"
     raw["loss"]["type"] = loss_type
     raw["run"].update(output_dir=str(config.run_dir), name=loss_type)
+    if config.run.checkpoint_storage:  # each stage's checkpoints under the pipeline's name, as its run folder is
+        raw["run"]["checkpoint_storage"] = f"{config.run.checkpoint_storage.rstrip('/')}/{config.run.name}"
     raw["guidance"]["model"] = guidance
     raw["eval"] = None  # the pipeline evaluates after both stages
     return JobConfig.model_validate(raw)

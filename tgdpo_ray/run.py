@@ -106,9 +106,10 @@ def run_score(config: JobConfig, log=print) -> dict:
 
 def run_train(config: JobConfig, log=print) -> dict:
     """One training run; returns the summary that the trainer wrote to <run_dir>/summary.json."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tgdpo_ray.checkpoints import checkpoint_storage, delete_checkpoints
     from tgdpo_ray.training import train_loop
 
     run_dir = config.run_dir
@@ -125,6 +126,9 @@ def run_train(config: JobConfig, log=print) -> dict:
     datasets = epoch_streams(train.rows, orders, config, pad_id, log)
     if held_out:
         datasets["eval"] = scored_pairs(held_out.rows, config, pad_id, "eval", log)
+    if not config.run.resume:
+        delete_checkpoints(config)
+    storage_path, name = checkpoint_storage(config)
     policy = config.policy
     trainer = TorchTrainer(
         train_loop,
@@ -142,7 +146,10 @@ def run_train(config: JobConfig, log=print) -> dict:
         # No dataset is split: rank 0 alone reads each one and deals every step's micro-batches to the workers
         # (steps.py), so which pairs train in which step depends on the seed and the data, never on timing.
         dataset_config=DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(name=config.run.name, storage_path=str(run_dir / "ray_train"),
+        # Ray Train stores the checkpoints, keeps the newest few and hands the latest to restarted workers and
+        # to a new run of the same job (checkpoints.py).
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=config.training.max_failures)),
     )
     log(f"[run] {config.loss.type} on {policy.workers} policy worker(s), ZeRO-{policy.zero_stage}, "

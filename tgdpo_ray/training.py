@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tgdpo_ray.batches import packed_tokens, pair_batch
-from tgdpo_ray.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from tgdpo_ray.checkpoints import load_checkpoint, save_checkpoint
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.logprobs import answer_logps
@@ -280,16 +280,16 @@ class TrainState:
     last_eval_step: Optional[int] = None
 
 
-def resume_state(engine, run_dir: Path, rank: int, enabled: bool) -> TrainState:
-    """The state to start from: the latest complete checkpoint's, or a fresh one."""
-    found = latest_checkpoint(run_dir, warn=print if rank == 0 else lambda _: None) if enabled else None
+def resume_state(engine, rank: int) -> TrainState:
+    """The state to start from: that of the checkpoint Ray Train hands back (the latest of this run, whether
+    these workers replace failed ones or the job was started again), or a fresh one."""
+    found = load_checkpoint(engine, rank)
     if found is None:
         return TrainState()
-    folder, saved = found
-    load_checkpoint(engine, folder, rank)
+    where, saved = found
     state = TrainState(**{key: saved[key] for key in TrainState.__dataclass_fields__ if key in saved})
     if rank == 0:
-        print(f"[checkpoint] resumed from {folder}: step {state.step}, epoch {state.epoch}, "
+        print(f"[checkpoint] resumed from {where}: step {state.step}, epoch {state.epoch}, "
               f"{len(state.epoch_pairs_done)} pairs of that epoch already trained", flush=True)
     return state
 
@@ -338,15 +338,16 @@ def train_loop(loop_config: dict) -> None:
     pad_id = tokenizer.pad_token_id
     engine = build_engine(load_policy(config, device), config, total_steps, world_size)
     loss = build_loss(config.loss)
-    state = resume_state(engine, run_dir, rank, config.run.resume)
+    state = resume_state(engine, rank)
     log = MetricsLog(config, rank, resumed_step=state.step or None)
     scorer_throughput = ScorerThroughput(run_dir)
     started = time.perf_counter()
 
     def checkpoint() -> int:
-        folder = save_checkpoint(engine, run_dir, asdict(state), training.keep_checkpoints, rank)
-        if training.checkpoint_hf_export:
+        def hf_export(folder: Path) -> None:
             save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
+
+        save_checkpoint(engine, asdict(state), rank, hf_export if training.checkpoint_hf_export else None)
         return state.step
 
     @functools.cache
@@ -418,4 +419,3 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.close()
-    ray.train.report({"steps": state.step, "tokens_per_second": summary["tokens_per_second"]})
