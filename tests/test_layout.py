@@ -78,4 +78,5 @@ def test_readme_lists_every_module_and_no_other():
         if name.endswith(".py"):
             listed.add(("eval/" if line.startswith("    ") else "") + name)
     actual = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
-    assert listed == actual, f"README lists {sorted(listed - actual)} that do not exist and misses {sorted(actual - listed)}"
+    assert listed == actual, f"README lists {sorted(listed - actual)}, which do not exist, and misses " \
+                             f"{sorted(actual - listed)}"

@@ -108,6 +108,18 @@ def grid_to_values(grid: torch.Tensor, rows: Sequence) -> tuple[list[np.ndarray]
     return arrays[: len(rows)], arrays[len(rows):]
 
 
+# The per-answer-token values a pair carries besides its token ids, each in a chosen and a rejected column: the
+# reference and guidance scorers' log-probs, and token rewards (a token reward model's, or the data's).
+SCORED_PREFIXES = ("ref", "guidance")
+SCORED_KINDS = ("logps", "rewards")
+
+
+def score_columns(prefix: str, kind: str) -> tuple[str, str]:
+    """The columns {prefix}_chosen_{kind} and {prefix}_rejected_{kind} (prefix in SCORED_PREFIXES, kind in
+    SCORED_KINDS): where the scorers write and pair_batch reads."""
+    return f"{prefix}_chosen_{kind}", f"{prefix}_rejected_{kind}"
+
+
 def pair_batch(rows: Sequence, policy_logps: torch.Tensor, answer_mask: torch.Tensor, with_reference: bool,
                guidance_kind: Optional[str]) -> PairBatch:
     """The loss inputs of a micro-batch: the policy's log-probs and answer mask ([2n, W] on collate_pairs' label
@@ -117,8 +129,7 @@ def pair_batch(rows: Sequence, policy_logps: torch.Tensor, answer_mask: torch.Te
     n, width, device = len(rows), answer_mask.shape[1], answer_mask.device
 
     def by_side(prefix: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows' columns {prefix}_chosen_{kind} and {prefix}_rejected_{kind}, as scoring names them."""
-        grid = values_to_grid(rows, f"{prefix}_chosen_{kind}", f"{prefix}_rejected_{kind}", width).to(device)
+        grid = values_to_grid(rows, *score_columns(prefix, kind), width).to(device)
         return grid[:n], grid[n:]
 
     batch = PairBatch(policy_chosen_logps=policy_logps[:n], policy_rejected_logps=policy_logps[n:],

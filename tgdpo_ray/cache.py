@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from tgdpo_ray.batches import score_columns
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.model_files import weights_identity
 
@@ -50,7 +51,7 @@ def fingerprint(rows: list, identity: dict) -> str:
     for row in rows:
         # Rewards that came with the data (guidance.source: column) are part of what a cached pair holds.
         fields = [row.get(key) for key in ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids",
-                                           "guidance_chosen_rewards", "guidance_rejected_rewards")]
+                                           *score_columns("guidance", "rewards"))]
         digest.update(json.dumps(fields).encode())
     return digest.hexdigest()[:24]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from tgdpo_ray.batches import score_columns
 from tgdpo_ray.config import Columns, DataSection, DataSource, RewardColumns
 from tgdpo_ray.config_loader import looks_local
 from tgdpo_ray.errors import UserError
@@ -260,8 +261,8 @@ def tokenize_pair(tokenizer, row: dict, data: DataSection,
         raise BadRow("identical_responses", "chosen and rejected are identical after truncation")
     tokens = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
     if rewards:
-        tokens["guidance_chosen_rewards"] = rewards[0][: len(chosen_ids)]
-        tokens["guidance_rejected_rewards"] = rewards[1][: len(rejected_ids)]
+        chosen_column, rejected_column = score_columns("guidance", "rewards")
+        tokens[chosen_column], tokens[rejected_column] = rewards[0][: len(chosen_ids)], rewards[1][: len(rejected_ids)]
     return tokens, truncated
 
 

@@ -16,15 +16,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tgdpo_ray.batches import grid_to_values, pack_by_token_budget, packed_tokens
+from tgdpo_ray.batches import grid_to_values, pack_by_token_budget, packed_tokens, score_columns
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, ScorerSection
 from tgdpo_ray.logprobs import answer_logps, padded_logits
 from tgdpo_ray.models import load_causal_lm, load_token_reward_model
 
 
-# Scorer output columns: {prefix}_chosen_{kind} and {prefix}_rejected_{kind}, kind logps or rewards; read by
-# batches.pair_batch.
+# The prefix of each scorer's output columns (batches.score_columns).
 COLUMN_PREFIX = {"reference": "ref", "guidance": "guidance"}
 
 
@@ -83,9 +82,9 @@ class FrozenScorer:
                                                          self.packed_row_tokens)
             chosen += micro_chosen
             rejected += micro_rejected
-        prefix, kind = COLUMN_PREFIX[self.role], "rewards" if self.token_rewards else "logps"
-        batch[f"{prefix}_chosen_{kind}"] = ragged(chosen)
-        batch[f"{prefix}_rejected_{kind}"] = ragged(rejected)
+        chosen_column, rejected_column = score_columns(COLUMN_PREFIX[self.role],
+                                                       "rewards" if self.token_rewards else "logps")
+        batch[chosen_column], batch[rejected_column] = ragged(chosen), ragged(rejected)
         # One line per batch: the pool's throughput over time, for `report` and for checking that training
         # started before scoring ended.
         tokens = packed_tokens(rows, shared_prompt=False)

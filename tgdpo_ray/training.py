@@ -25,14 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tgdpo_ray.batches import packed_tokens, pair_batch
+from tgdpo_ray.batches import SCORED_KINDS, SCORED_PREFIXES, packed_tokens, pair_batch, score_columns
 from tgdpo_ray.checkpoints import load_checkpoint, save_checkpoint
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.logprobs import answer_logps
 from tgdpo_ray.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, LossOutput, build_loss, finalize_metrics, metric_sums
 from tgdpo_ray.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
-from tgdpo_ray.scoring import COLUMN_PREFIX
 from tgdpo_ray.steps import StepShare, deal_step, epoch_dataset, plan_steps
 from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
 
@@ -119,8 +118,7 @@ def all_reduce(values: list[float], device, op=None) -> list[float]:
 
 def dummy_row(pad_id: int) -> dict:
     """A one-token pair for a worker with no micro-batch left in a step: it still joins every collective."""
-    values = [f"{prefix}_{side}_{kind}" for prefix in COLUMN_PREFIX.values() for side in ("chosen", "rejected")
-              for kind in ("logps", "rewards")]
+    values = [column for prefix in SCORED_PREFIXES for kind in SCORED_KINDS for column in score_columns(prefix, kind)]
     return {"pair_id": -1, "prompt_ids": [pad_id], "chosen_ids": [pad_id], "rejected_ids": [pad_id],
             **{key: [0.0] for key in values}}
 
