@@ -9,6 +9,10 @@ import pytest
 # Tests must never reach a hub: the models and data they use are built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Ray Train's controller checks its workers every 2 s by default, so each run spent about 3 s noticing that its
+# workers had finished (and more noticing they had started): a quarter second here saves over a minute of the
+# suite's two dozen runs. Processes Ray starts (controllers, the Ray Jobs head) inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from tgdpo_ray.losses import (
     DPOLoss,
     IPOLoss,
     PairBatch,
+    SFTLoss,
     SimPOLoss,
     TGDPOLoss,
     build_loss,
@@ -129,6 +130,19 @@ def test_simpo_hand_computed():
     assert out.losses.item() == pytest.approx(expected, rel=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(beta * mean_w, rel=1e-6)
     assert out.rejected_rewards.item() == pytest.approx(beta * mean_l, rel=1e-6)
+
+
+def test_sft_is_the_chosen_answers_mean_token_nll_and_never_trains_the_rejected():
+    chosen = POLICY_W.clone().requires_grad_(True)
+    rejected = POLICY_L.clone().requires_grad_(True)
+    out = SFTLoss()(PairBatch(chosen, rejected, MASK, MASK))
+    assert out.losses.item() == pytest.approx(-(-1.0 + -2.0) / 2, rel=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx((-1.0 + -2.0) / 2, rel=1e-6)
+    assert out.rejected_rewards.item() == pytest.approx((-3.0 + -1.0) / 2, rel=1e-6)
+    out.losses.sum().backward()
+    assert rejected.grad is None  # the rejected answer is not even in the graph
+    assert torch.allclose(chosen.grad, torch.where(MASK.bool(), -0.5, 0.0))  # -1 / answer tokens, 0 off them
+    assert build_loss(LossSection(type="sft")) == SFTLoss()
 
 
 def test_tgdpo_hand_computed():

@@ -52,12 +52,12 @@ def test_a_step_deals_its_micro_batches_round_robin_at_most_accumulation_each():
 BUDGET = 330  # padded tokens: cuts the 12 demo pairs into uneven micro-batches (5, 5, 2 today)
 
 
-def one_step_config(tiny_model, demo_data, root, workers=1, zero_stage=2, **training):
+def one_step_config(tiny_model, demo_data, root, workers=1, zero_stage=2, loss="simpo", **training):
     return build_config({
         "run": {"name": f"one-step-{workers}", "output_dir": str(root), "seed": 5},
         "data": {"train": {"path": str(demo_data["train"]), "limit": PAIRS}, "max_length": 64,
                  "max_prompt_length": 32},
-        "loss": {"type": "simpo"},
+        "loss": {"type": loss},
         # Clipping off, no warmup: the step applies the gradient it computed, at the full rate.
         "training": {"epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0, "max_grad_norm": 0.0, "max_steps": 1,
                      **training},
@@ -185,3 +185,41 @@ def test_dropout_is_off_in_the_policy_unless_asked_for(tiny_model, tmp_path):
     assert torch.equal(first, second)
     first, second = two_forwards(disable=False)
     assert not torch.allclose(first, second)  # the check can fail: dropout at 0.5 does change the logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT through the same step: the loss a plain transformers forward gives, going down.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def chosen_answer_nll(model_dir: str, rows: list) -> float:
+    """Each pair's chosen answer's negative log-likelihood per token under a plain forward of prompt + chosen, then
+    the mean over pairs: what loss.type sft is, computed without any of the trainer's code."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"]])
+            logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            answer = logps.gather(-1, ids[0, 1:, None])[len(row["prompt_ids"]) - 1:, 0]
+            losses.append(-answer.mean())
+    return float(torch.stack(losses).mean())
+
+
+def test_sft_trains_the_chosen_answers_likelihood(one_process_group, tiny_model, demo_data, tmp_path):
+    from tgdpo_ray.losses import build_loss
+    from tgdpo_ray.steps import deal_step
+    from tgdpo_ray.training import build_engine, load_policy, train_step
+
+    config = one_step_config(tiny_model, demo_data, tmp_path, loss="sft", max_tokens_per_batch=10**5)
+    assert not config.needs_reference and config.guidance_kind is None  # no scorer pool runs
+    pad_id, train, _ = prepare_data(config, log=lambda _: None)
+    engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=4, world_size=1)
+    share = deal_step(plan_steps(train.rows, config.training, 1), rank=0, world_size=1)
+    sft = build_loss(config.loss)
+    # The same pairs, four optimizer steps; each step's loss is computed before its update.
+    losses = [train_step(engine, share, config, sft, pad_id, torch.device("cpu"), 1).metrics["loss"] for _ in range(4)]
+    assert losses[0] == pytest.approx(chosen_answer_nll(tiny_model, train.rows), rel=1e-5)
+    assert losses[-1] < losses[0] - 0.1, losses

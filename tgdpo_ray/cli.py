@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, score, eval, pipeline or demo"))
-    add_config_args(commands.add_parser("train", help="one training run (dpo, ipo, simpo or tgdpo)"))
+    add_config_args(commands.add_parser("train", help="one training run (dpo, ipo, simpo, tgdpo or sft)"))
     add_config_args(commands.add_parser("score", help="score the data into the cache, train later"))
     add_config_args(commands.add_parser("eval", help="MT-Bench-style evaluation: vLLM answers, an LLM judge"))
     add_config_args(commands.add_parser("demo", help="tiny model + demo data, DPO then TGDPO guided by it"),

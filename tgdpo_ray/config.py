@@ -90,9 +90,10 @@ class DataSection(Section):
 
 
 class LossSection(Section):
-    type: Literal["dpo", "ipo", "simpo", "tgdpo"] = Field(
-        default="tgdpo", description="dpo (sigmoid), ipo (as in TRL), simpo (reference-free, length-normalised) "
-        "or tgdpo")
+    type: Literal["dpo", "ipo", "simpo", "tgdpo", "sft"] = Field(
+        default="tgdpo", description="dpo (sigmoid), ipo (as in TRL), simpo (reference-free, length-normalised), "
+        "tgdpo, or sft: the chosen answers' negative log-likelihood, per token and averaged per pair (no reference; "
+        "the usual first stage before a preference loss)")
     beta: float = Field(default=0.1, gt=0, description="β: the scale of the policy's log-ratios in the loss (and "
                                                        "of TGDPO's token rewards)")
     alpha: float = Field(default=0.5, ge=0, description="TGDPO guidance strength α; 0 gives DPO exactly")
@@ -534,7 +535,7 @@ class JobConfig(Section):
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss.type != "simpo"
+        return self.loss.type not in ("simpo", "sft")
 
     @property
     def guidance_kind(self) -> Optional[GuidanceSource]:

@@ -1,4 +1,4 @@
-"""The DPO family of preference losses (DPO, IPO, SimPO, TGDPO) and their metrics.
+"""The DPO family of preference losses (DPO, IPO, SimPO, TGDPO), supervised fine-tuning (SFT), and their metrics.
 
 A loss is built once from the config's loss section (build_loss) and called on the PairBatch of each micro-batch:
 per-token log-probs [n, W] already gathered at the answer tokens, plus 0/1 (or bool) answer masks [n, W]. Masked
@@ -105,6 +105,19 @@ class SimPOLoss:
 
 
 @dataclass(frozen=True)
+class SFTLoss:
+    """Supervised fine-tuning on the chosen answers, the first stage of the usual recipe: each pair's loss is the
+    negative log-likelihood of its chosen answer, averaged over the answer's tokens (so every pair weighs the same,
+    as in every loss here). The rejected answer takes no part in the loss; the rewards are each answer's mean token
+    log-prob, so reward accuracy says how often the policy finds the chosen answer likelier per token."""
+
+    def __call__(self, batch: PairBatch) -> LossOutput:
+        chosen = _masked_mean(batch.policy_chosen_logps, batch.chosen_mask)
+        rejected = _masked_mean(batch.policy_rejected_logps, batch.rejected_mask)
+        return LossOutput(-chosen, chosen.detach(), rejected.detach(), {})
+
+
+@dataclass(frozen=True)
 class TGDPOLoss:
     beta: float = 0.1
     alpha: float = 0.5  # guidance strength; 0 gives DPO exactly
@@ -181,6 +194,7 @@ LOSSES = {
     "dpo": lambda section: DPOLoss(section.beta),
     "ipo": lambda section: IPOLoss(section.beta),
     "simpo": lambda section: SimPOLoss(section.beta, section.simpo_gamma),
+    "sft": lambda section: SFTLoss(),
     "tgdpo": lambda section: TGDPOLoss(section.beta, section.alpha, section.clamp_weights),
 }
 
