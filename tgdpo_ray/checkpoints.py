@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from tgdpo_ray.cache import resolve_filesystem
 from tgdpo_ray.config import JobConfig
 
 STATE_FILE = "state.json"
@@ -40,7 +41,7 @@ def delete_checkpoints(config: JobConfig) -> None:
     import pyarrow.fs
 
     storage, name = checkpoint_storage(config)
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
+    filesystem, path = resolve_filesystem(storage)
     folder = f"{path.rstrip('/')}/{name}"
     if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
         filesystem.delete_dir(folder)

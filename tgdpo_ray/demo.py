@@ -9,12 +9,13 @@ rule judge). The tests use the same model and data.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from tgdpo_ray.jsonl import rewrite_records
 
 
 def ensure_demo_inputs(model_dir: Path, data_dir: Path, log=print) -> None:
@@ -72,7 +73,7 @@ def write_demo_data(out_dir: str, train_pairs: int = 512, test_pairs: int = 64, 
                  for number, pair in enumerate(pairs["test"], start=1)]
     paths = {name: out / f"{name}.jsonl" for name in ("train", "test", "questions")}
     for name, rows in (*pairs.items(), ("questions", questions)):
-        paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
+        rewrite_records(paths[name], rows)
     return paths
 
 

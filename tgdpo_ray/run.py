@@ -35,9 +35,13 @@ def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, Prepa
     return tokenizer.pad_token_id, train, held_out
 
 
+def uses_scorers(config: JobConfig) -> bool:
+    """A reference or guidance scorer pool runs (a loss without one has nothing to score or cache)."""
+    return config.needs_reference or config.guidance_kind in SCORED_GUIDANCE
+
+
 def reads_cache(config: JobConfig) -> bool:
-    """Cache mode, for a loss with a scorer (a loss without one has nothing to cache)."""
-    return config.scoring.mode == "cache" and (config.needs_reference or config.guidance_kind in SCORED_GUIDANCE)
+    return config.scoring.mode == "cache" and uses_scorers(config)
 
 
 def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
@@ -91,7 +95,7 @@ def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, Prep
 
 def run_score(config: JobConfig, log=print) -> dict:
     """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
-    if not (config.needs_reference or config.guidance_kind in SCORED_GUIDANCE):
+    if not uses_scorers(config):
         raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
     config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"mode": "cache"})})
     check_models_agree(config)

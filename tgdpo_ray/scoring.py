@@ -7,7 +7,6 @@ to the trainers with backpressure, so training starts while scoring is still run
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from tgdpo_ray.batches import grid_to_values, pack_by_token_budget, packed_tokens, score_columns
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, ScorerSection
+from tgdpo_ray.jsonl import append_records
 from tgdpo_ray.logprobs import answer_logps, padded_logits
 from tgdpo_ray.models import load_causal_lm, load_token_reward_model
 
@@ -88,9 +88,8 @@ class FrozenScorer:
         # One line per batch: the pool's throughput over time, for `report` and for checking that training
         # started before scoring ended.
         tokens = packed_tokens(rows, shared_prompt=False)
-        with open(self.batch_log, "a") as handle:
-            handle.write(json.dumps({"time": time.time(), "pairs": len(rows), "tokens": tokens,
-                                     "seconds": time.perf_counter() - started}) + "\n")
+        append_records(self.batch_log, [{"time": time.time(), "pairs": len(rows), "tokens": tokens,
+                                         "seconds": time.perf_counter() - started}])
         return batch
 
 
