@@ -30,7 +30,7 @@ from tgdpo_ray.config import JobConfig  # noqa: E402
 
 README = REPO / "README.md"
 TABLE = re.compile(r"(<!-- config-keys: (\w+) -->\n).*?(<!-- end config-keys -->)", re.DOTALL)
-SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean"}
+SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean", Any: "any value"}
 
 
 def section_of(annotation: Any) -> tuple[type[BaseModel] | None, str]:

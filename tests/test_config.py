@@ -187,7 +187,12 @@ def test_cli_prints_config_errors_without_a_traceback(raw, tmp_path, capsys):
 
 
 def test_every_shipped_job_spec_is_valid():
-    specs = sorted((REPO / "jobs").glob("*.yaml"))
+    from tgdpo_ray.reproduce import load_experiment
+
+    # The experiment spec of `tgdpo-ray reproduce` is not a job: it holds the job sections its runs share.
+    experiment = load_experiment(str(REPO / "jobs" / "reproduce.yaml"))
+    assert experiment.seeds >= 5 and experiment.job["loss"] == {"beta": 0.1, "alpha": 0.5}
+    specs = sorted(set((REPO / "jobs").glob("*.yaml")) - {REPO / "jobs" / "reproduce.yaml"})
     assert specs
     for spec in specs:
         # Schema only: the demo's model and data are built by `make demo`, so their paths may not exist yet.
@@ -201,6 +206,19 @@ def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
     assert "tracking.wandb_project: needs the wandb package" in error_of(raw, ["tracking.wandb_project=p"])
+
+
+def test_a_probe_names_an_importable_function_and_needs_whole_weights(raw):
+    probe = "training.probe={function: tgdpo_ray.credit_task:slot_probe, every: 4, arguments: {examples: x}}"
+    config = build_config(raw, overrides=["loss.type=dpo", probe])
+    assert config.training.probe.every == 4 and config.training.probe.arguments == {"examples": "x"}
+    assert "training.probe.function: expected module:function (e.g. tgdpo_ray.credit_task:slot_probe) (got " \
+           "'slot_probe')" in error_of(
+        raw, ["loss.type=dpo", "training.probe={function: slot_probe, every: 4}"])
+    assert "training.probe.function tgdpo_ray.nowhere:f: cannot import it (ModuleNotFoundError" in error_of(
+        raw, ["loss.type=dpo", "training.probe={function: 'tgdpo_ray.nowhere:f', every: 4}"])
+    assert "training.probe.every" in error_of(raw, ["loss.type=dpo", probe.replace("every: 4", "every: 0")])
+    assert "ZeRO-3 partitions" in error_of(raw, ["loss.type=dpo", "policy.zero_stage=3", probe])
 
 
 # ---------------------------------------------------------------- eval sections

@@ -9,15 +9,14 @@ import json
 import numpy as np
 import pytest
 
+from tgdpo_ray.bootstrap import bootstrap_ci, mean_interval, ratio
 from tgdpo_ray.eval.report import format_table, write_eval_report
 from tgdpo_ray.eval.stats import (
-    bootstrap_ci,
     combine_orders,
     length_difference,
     length_summary,
     pairwise_summary,
     pairwise_units,
-    ratio,
     single_summary,
 )
 
@@ -145,6 +144,15 @@ def test_bootstrap_known_intervals():
     # ends), so the 2.5% and 97.5% percentiles are exactly 0 and 1.
     assert bootstrap_ci([[0.0, 1], [1.0, 1]], ratio, samples=2000) == (0.5, 0.0, 1.0)
     assert bootstrap_ci([], ratio) == (None, None, None)
+
+
+def test_the_mean_of_plain_values_resamples_each_value_alone():
+    values = [3.0, 5.0, 10.0]
+    mean, low, high = mean_interval(values, samples=4000, seed=1)
+    assert mean == pytest.approx(6.0)
+    draws = np.random.default_rng(1).integers(0, 3, size=(4000, 3))
+    assert [low, high] == pytest.approx(list(np.percentile(np.asarray(values)[draws].mean(axis=1), [2.5, 97.5])))
+    assert mean_interval([]) == (None, None, None)
 
 
 def test_resampling_is_by_question_not_by_judgment():

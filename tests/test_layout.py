@@ -7,8 +7,9 @@ from pathlib import Path
 import tgdpo_ray
 
 PACKAGE = Path(tgdpo_ray.__file__).parent
-# Used by both subsystems: configuration, errors, processes on the cluster, JSON Lines, a model's file identity.
-SHARED = {"config", "config_loader", "errors", "cluster", "jsonl", "model_files"}
+# Used by both subsystems: configuration, errors, processes on the cluster, JSON Lines, a model's file identity,
+# the bootstrap.
+SHARED = {"config", "config_loader", "errors", "cluster", "jsonl", "model_files", "bootstrap"}
 # The doors: they start jobs of either kind.
 DOORS = {"cli", "pipeline", "jobs", "plan"}
 

@@ -23,6 +23,9 @@ from tgdpo_ray.model_files import weights_identity
 CACHE_FORMAT = 1  # bump when the meaning of the cached columns changes
 MARKER = "_COMPLETE.json"
 ROWS_PER_FILE = 20_000
+# A cache of at most this many bytes is read by the driver itself: each of Ray Data's read tasks costs a process
+# start, seconds that dwarf reading a few MB. Larger caches are read by Ray Data's tasks, never whole here.
+DRIVER_READ_BYTES = 64 * 2**20
 
 
 def resolve_filesystem(uri: str):
@@ -99,4 +102,15 @@ def cached_scored_dataset(rows: list, config: JobConfig, pad_id: int, split: str
                                           "scorers": identity, "seconds": time.perf_counter() - started})
         log(f"[cache] {split}: scored in {time.perf_counter() - started:.1f}s")
     # Read once into the object store (spilled to disk if large): later epochs start without read tasks.
+    return read_cache(filesystem, folder)
+
+
+def read_cache(filesystem, folder: str):
+    import pyarrow.parquet as pq
+    import ray
+    from pyarrow import fs
+
+    files = filesystem.get_file_info(fs.FileSelector(folder))
+    if sum(info.size for info in files if info.path.endswith(".parquet")) <= DRIVER_READ_BYTES:
+        return ray.data.from_arrow(pq.read_table(folder, filesystem=filesystem))  # skips the _COMPLETE.json marker
     return ray.data.read_parquet(folder, filesystem=filesystem).materialize()

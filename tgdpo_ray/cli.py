@@ -10,14 +10,17 @@
     tgdpo-ray submit JOB.yaml --address URL [--set ...] [--wait]
     tgdpo-ray status|logs|stop ID, tgdpo-ray list               Ray Jobs on a cluster
     tgdpo-ray report RUN_DIR                                    plots and a summary of a run
+    tgdpo-ray reproduce [--config jobs/reproduce.yaml] [--publish DIR]  the credit-assignment experiment
     tgdpo-ray make-tiny-model OUT, tgdpo-ray make-demo-data OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from pathlib import Path
 
 from tgdpo_ray.errors import UserError
 
@@ -47,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(commands.add_parser("eval", help="MT-Bench-style evaluation: vLLM answers, an LLM judge"))
     add_config_args(commands.add_parser("demo", help="tiny model + demo data, DPO then TGDPO guided by it"),
                     default="jobs/demo.yaml")
+    reproduce = commands.add_parser("reproduce", help="the credit-assignment experiment: DPO and TGDPO arms over "
+                                    "seeds, learning curves, a report")
+    add_config_args(reproduce, default="jobs/reproduce.yaml")
+    reproduce.add_argument("--publish", default=None, metavar="DIR",
+                           help="also copy reproduce.json and the plots into DIR (e.g. bench/results)")
     add_config_args(commands.add_parser("check-config", help="validate a job config, print it with defaults"))
     plan = commands.add_parser("plan", help="GPUs per group and the scorer replicas that keep training fed")
     add_config_args(plan)
@@ -106,6 +114,13 @@ def run_command(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, args.overrides)
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    elif args.command == "reproduce":
+        from tgdpo_ray.reproduce import PUBLISHED, load_experiment, publish, run_experiment
+
+        run_experiment(args.config, args.overrides, log=functools.partial(print, flush=True))
+        if args.publish:
+            out = load_experiment(args.config, args.overrides).out_dir
+            print("published: " + ", ".join(map(str, publish(Path(args.publish), out, PUBLISHED))))
     elif args.command == "plan":
         print(plan_command(args))
     elif args.command == "report":

@@ -25,7 +25,9 @@ class ClusterError(UserError, RuntimeError):
 RAY_CONNECT_TIMEOUT_S = 5.0
 
 
-def start_ray(config: JobConfig) -> None:
+def start_ray(config: JobConfig, log_to_driver: bool = True) -> None:
+    """Joins the configured cluster, or starts a local Ray. log_to_driver=False keeps the workers' lines out of
+    this process's output (they stay in Ray's log folder), for a driver that prints its own progress."""
     import ray
 
     # Ray Train's print patch echoes every worker line twice through the driver's log stream.
@@ -34,9 +36,9 @@ def start_ray(config: JobConfig) -> None:
         return
     if config.ray.address or os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job RAY_ADDRESS names the cluster; local-only settings do not apply there.
-        connect_to_cluster(config)
+        connect_to_cluster(config, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus)
+        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, log_to_driver=log_to_driver)
 
 
 def connect_to_cluster(config: JobConfig, **init_options) -> None:

@@ -101,6 +101,23 @@ class LossSection(Section):
     clamp_weights: bool = Field(default=False, description="clamp TGDPO token weights at 0 (the authors do not)")
 
 
+class ProbeSection(Section):
+    function: str = Field(description="module:function called on the training rank 0 as f(model, tokenizer, device, "
+                                      "**arguments) in eval mode without gradients, returning {name: number}; "
+                                      "e.g. tgdpo_ray.credit_task:slot_probe")
+    every: int = Field(gt=0, description="optimizer steps between probes; a fresh run also probes before its first "
+                                         "step, and every run after its last")
+    arguments: dict[str, Any] = Field(default={}, description="keyword arguments of the function (paths as "
+                                      "written: use absolute ones on a cluster)")
+
+    @field_validator("function")
+    @classmethod
+    def _module_and_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            raise ValueError("expected module:function (e.g. tgdpo_ray.credit_task:slot_probe)")
+        return value
+
+
 class TrainingSection(Section):
     epochs: int = Field(default=1, gt=0, description="passes over the training pairs")
     learning_rate: float = Field(default=5e-7, gt=0, description="AdamW's peak learning rate, reached after warmup")
@@ -150,6 +167,8 @@ class TrainingSection(Section):
                                                                      "every epoch")
     max_failures: int = Field(default=0, ge=-1, description="training-worker failures survived by restarting from "
                                                             "the last checkpoint (-1: any)")
+    probe: Optional[ProbeSection] = Field(default=None, description="a metric of the policy itself, recorded every "
+                                          "few steps in metrics.jsonl (records with a `probe` key); null: none")
 
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -514,6 +533,13 @@ class JobConfig(Section):
         if self.kind in ("pipeline", "demo") and (self.guidance.model or self.guidance.source != "implicit"):
             raise ValueError(f"kind {self.kind} trains its own guidance model (implicit source): "
                              "remove guidance.model and guidance.source")
+        return self
+
+    @model_validator(mode="after")
+    def _probe_sees_whole_weights(self) -> "JobConfig":
+        if self.training.probe and self.policy and self.policy.zero_stage == 3:
+            raise ValueError("training.probe runs the policy on rank 0 alone, which ZeRO-3 partitions across the "
+                             "workers: use policy.zero_stage 0, 1 or 2 with a probe")
         return self
 
     @property

@@ -7,6 +7,7 @@ into a new JobConfig.
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -122,6 +123,18 @@ def check_trackers(config: JobConfig, source: str) -> None:
                               f"(pip install {package})")
 
 
+def import_function(spec: str, key: str):
+    """The function a config names as module:function (`key` names the config key in errors)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{key} {spec}: cannot import it ({type(err).__name__}: {err})") from None
+    if not callable(function):
+        raise ConfigError(f"{key} {spec} is not a function")
+    return function
+
+
 def absolutize(config: JobConfig) -> JobConfig:
     """A copy of `config` with absolute local paths: Ray workers do not share the driver's working directory."""
     def fix(value: Optional[str]) -> Optional[str]:
@@ -166,6 +179,8 @@ def ready_to_run(config: JobConfig, source: str = "<config>") -> JobConfig:
     absolute paths."""
     check_local_paths(config, source)
     check_trackers(config, source)
+    if config.kind != "eval" and config.training.probe:
+        import_function(config.training.probe.function, "training.probe.function")
     return absolutize(config)
 
 

@@ -100,10 +100,11 @@ def tokenizer_corpus(seed: int, lines: int = 4000) -> list[str]:
 
 
 def make_tiny_model(out_dir: str, seed: int = 0, vocab_size: int = 512, hidden_size: int = 128, layers: int = 2,
-                    token_reward_head: bool = False):
+                    token_reward_head: bool = False, corpus: Optional[list[str]] = None):
     """A random-initialised Llama (head_dim 64, which vLLM's CPU attention needs) with a locally trained BPE
     tokenizer and a ChatML template, saved in Hugging Face format. token_reward_head: a per-token scalar head
-    (LlamaForTokenClassification, one label) instead of the LM head, for guidance.source: token_reward_model."""
+    (LlamaForTokenClassification, one label) instead of the LM head, for guidance.source: token_reward_model.
+    corpus: the text the tokenizer is trained on; None: the demo's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification, PreTrainedTokenizerFast
 
@@ -120,7 +121,7 @@ def make_tiny_model(out_dir: str, seed: int = 0, vocab_size: int = 512, hidden_s
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    bpe.train_from_iterator(corpus or tokenizer_corpus(seed), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>"
     )

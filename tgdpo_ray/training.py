@@ -9,13 +9,10 @@ and however its pairs fell on the workers (train_step).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +26,7 @@ from tgdpo_ray.batches import SCORED_KINDS, SCORED_PREFIXES, packed_tokens, pair
 from tgdpo_ray.checkpoints import load_checkpoint, save_checkpoint
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config_loader import import_function
 from tgdpo_ray.logprobs import answer_logps
 from tgdpo_ray.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, LossOutput, build_loss, finalize_metrics, metric_sums
 from tgdpo_ray.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
@@ -72,30 +70,21 @@ def deepspeed_config(config: JobConfig, world_size: int, bf16: bool) -> dict:
     }
 
 
-def extensions_dir() -> str:
-    """A torch extension cache of this Python environment's own. DeepSpeed compiles its CPU all-reduce op into
-    torch's extension cache, whose default folder every checkout on a machine shares while the build command names
-    the environment's paths: each checkout rebuilt the op (about a minute of both cores of a small machine)
-    whenever another one had built it last."""
-    environment = hashlib.sha256(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:16]
-    return str(Path.home() / ".cache" / "torch_extensions" / f"env-{environment}")
+def skip_inference_comm_op() -> None:
+    """DeepSpeed's TorchBackend builds its shared-memory all-reduce op at the first engine of every process: it
+    probes every op's compatibility (compiler subprocesses), then JIT-compiles the op into torch's extension cache
+    (about a minute of both cores of a small machine, once per environment) and loads it (seconds, every process).
+    The op serves only deepspeed.comm.inference_all_reduce, which training never calls: marked incompatible here,
+    it is neither probed nor built."""
+    import deepspeed.ops
 
-
-def prefer_environment_ninja() -> None:
-    """torch builds extensions with the first ninja on PATH. Processes that Ray starts see different PATHs: in one
-    suite run the op was built with the venv's ninja (1.13) in one process and the system's (1.11) in another,
-    each discarding the other's build log, so it was compiled twice. The environment's own ninja (DeepSpeed
-    depends on it) is always the one used."""
-    tools = str(Path(sys.executable).parent)
-    if (Path(tools) / "ninja").exists() and os.environ.get("PATH", "").split(os.pathsep)[0] != tools:
-        os.environ["PATH"] = tools + os.pathsep + os.environ.get("PATH", "")
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
 def build_engine(model, config: JobConfig, total_steps: int, world_size: int):
     import deepspeed
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
-    prefer_environment_ninja()
+    skip_inference_comm_op()
 
     bf16 = resolve_dtype(config.policy.precision) == torch.bfloat16
     optimizer = torch.optim.AdamW(
@@ -317,6 +306,12 @@ def eval_line(state: TrainState, metrics: dict) -> str:
             f"reward accuracy {metrics['reward_accuracy']:.3f} on {metrics['pairs']} pairs")
 
 
+def probe_line(state: TrainState, values: dict) -> str:
+    shown = " ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+                     for name, value in values.items())
+    return f"[probe] step {state.step} epoch {state.epoch} {shown}"
+
+
 def train_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker: one optimizer step per turn of the loop below."""
     import ray.train
@@ -359,6 +354,20 @@ def train_loop(loop_config: dict) -> None:
         log.write({"step": state.step, "epoch": state.epoch, "eval": metrics}, eval_line(state, metrics))
         return metrics
 
+    probe = import_function(training.probe.function, "training.probe.function") if training.probe else None
+    probed_step = state.step if state.step else None  # a resumed run recorded its step's probe before stopping
+
+    def run_probe() -> None:
+        """training.probe, on rank 0 alone (the other ranks go on to the next step's collectives and wait)."""
+        nonlocal probed_step
+        if rank == 0 and probe is not None and probed_step != state.step:
+            engine.eval()
+            with torch.no_grad():
+                values = probe(engine.module, tokenizer, device, **training.probe.arguments)
+            log.write({"step": state.step, "epoch": state.epoch, "probe": values}, probe_line(state, values))
+        probed_step = state.step
+
+    run_probe()
     stopped, saved_step = False, state.step  # a resumed run starts from a checkpoint of its step
     for epoch in range(state.epoch, training.epochs):
         state.epoch = epoch
@@ -395,6 +404,8 @@ def train_loop(loop_config: dict) -> None:
                 log.write(record, line)
             if has_eval and training.eval_every and state.step % training.eval_every == 0:
                 state.last_eval, state.last_eval_step = held_out(), state.step
+            if probe is not None and state.step % training.probe.every == 0:
+                run_probe()
             if training.checkpoint_every and state.step % training.checkpoint_every == 0:
                 saved_step = checkpoint()
         if stopped:
@@ -409,6 +420,7 @@ def train_loop(loop_config: dict) -> None:
         state.epoch, state.epoch_pairs_done = epoch + 1, []
         saved_step = checkpoint()
 
+    run_probe()
     train_seconds = time.perf_counter() - started
     save_hf_model(engine, tokenizer, run_dir / "model", config.policy.zero_stage, rank)
     summary = {"steps": state.step, "complete": not stopped, "train_seconds": train_seconds,

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from tgdpo_ray.config import ConfigError
+from tgdpo_ray.config_loader import import_function
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.eval.generation import call_engine
 from tgdpo_ray.eval.mt_bench import mt_bench_file
@@ -313,15 +315,10 @@ class RuleJudge:
     f(question, answer, reference) for each turn; a verifiable task (exact answers, unit tests) needs no LLM."""
 
     def __init__(self, function: str):
-        import importlib
-
-        module_name, _, name = function.partition(":")
         try:
-            self.function = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError) as err:
-            raise JudgeError(f"judge.function {function}: cannot import it ({type(err).__name__}: {err})") from None
-        if not callable(self.function):
-            raise JudgeError(f"judge.function {function} is not a function")
+            self.function = import_function(function, "judge.function")
+        except ConfigError as err:
+            raise JudgeError(str(err)) from None
         self.name = function
 
     def scores(self, task: dict) -> list[float]:

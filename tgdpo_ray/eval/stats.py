@@ -76,40 +76,11 @@ decides which question each bootstrap draw index points at).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
-# --- bootstrap core -------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(groups: Sequence[Sequence[float]], statistic: Callable[[np.ndarray], np.ndarray],
-                 samples: int = 1000, seed: int = 0, level: float = 0.95
-                 ) -> tuple[float | None, float | None, float | None]:
-    """Point value and percentile bootstrap interval of a statistic of per-question totals.
-
-    groups: one row per question, the question's totals (shape [n_questions, k]).
-    statistic: maps totals summed over a set of questions, an array [..., k], to values [...].
-    The draws are `np.random.default_rng(seed).integers(0, n_questions, size=(samples, n_questions))`: row s
-    of that matrix picks the questions of bootstrap sample s, and everything a question holds moves with it.
-    Returns (value, low, high) as floats, or (None, None, None) when there is no question.
-    """
-    totals = np.asarray(groups, dtype=float)
-    if totals.size == 0:
-        return None, None, None
-    n_questions = totals.shape[0]
-    value = statistic(totals.sum(axis=0))
-    index = np.random.default_rng(seed).integers(0, n_questions, size=(samples, n_questions))
-    resampled = statistic(totals[index].sum(axis=1))  # [samples, n_questions, k] -> [samples, k] -> [samples]
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(resampled, [tail, 100 - tail])
-    return float(value), float(low), float(high)
-
-
-def ratio(totals: np.ndarray) -> np.ndarray:
-    """Column 0 over column 1: a sum of values over a count of values, i.e. their mean."""
-    return totals[..., 0] / totals[..., 1]
-
+from tgdpo_ray.bootstrap import bootstrap_ci, ratio
 
 def _interval(low: float | None, high: float | None) -> list[float] | None:
     return None if low is None else [low, high]

@@ -1,0 +1,99 @@
+"""`tgdpo-ray reproduce`: the statistics on curves worked by hand, the spec's errors, and the whole experiment at
+toy size through the real trainer (Ray Train + DeepSpeed, scorer pools, the score cache)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tgdpo_ray.config import ConfigError
+from tgdpo_ray.reproduce import GUIDANCE_RUN, arms, load_experiment, run_experiment
+from tgdpo_ray.reproduce_report import GUIDED, headline_ratio, steps_to
+
+SPEC = str(Path(__file__).resolve().parent.parent / "jobs" / "reproduce.yaml")
+
+
+def curve(*accuracies, every=8):
+    return [{"step": index * every, "slot_accuracy": value, "slot_probability": value / 2, "filler_kl": 0.1 * index}
+            for index, value in enumerate(accuracies)]
+
+
+def test_steps_to_an_accuracy_is_the_first_probe_at_or_above_it():
+    points = curve(0.1, 0.5, 0.95, 0.8, 0.97)
+    assert steps_to(points, 0.9) == 16 and steps_to(points, 0.96) == 32 and steps_to(points, 0.99) is None
+    assert steps_to(points, 0.1) == 0
+
+
+def test_the_headline_ratio_is_per_seed_then_averaged_and_says_why_a_seed_has_none():
+    runs = {
+        "dpo": {1: curve(0.1, 0.3, 0.6, 0.8), 2: curve(0.1, 0.5, 0.7, 0.7), 3: curve(0.2, 0.2, 0.2, 0.1),
+                4: curve(0.1, 0.2, 0.4, 0.9)},
+        GUIDED: {1: curve(0.1, 0.9, 0.9, 0.9), 2: curve(0.1, 0.2, 0.7, 0.9), 3: curve(0.2, 0.9, 0.9, 0.9),
+                 4: curve(0.1, 0.2, 0.3, 0.5)},
+    }
+    ratio = headline_ratio(runs, samples=500)
+    # Seed 1: DPO reached its final 0.8 at step 24, the guided arm at 8; seed 2: 0.7 at 16 against 16.
+    assert ratio["per_seed"] == [pytest.approx(8 / 24), 1.0, None, None]
+    assert ratio["mean"] == pytest.approx((1 / 3 + 1) / 2) and ratio["n"] == 2 and ratio["of"] == 4
+    assert ratio["interval"][0] <= ratio["mean"] <= ratio["interval"][1]
+    assert ratio["notes"] == ["seed 3: DPO ended no higher than it started (slot accuracy 0.10); no ratio",
+                              f"seed 4: {GUIDED} never reached DPO's final slot accuracy 0.90 (DPO took 24 steps)"]
+
+
+def test_the_arms_follow_the_spec_and_its_errors_name_the_key(tmp_path):
+    spec = load_experiment(SPEC, ["arms.lr_multipliers=[1, 3]"])
+    assert [arm.name for arm in arms(spec)] == ["dpo", "dpo-lr3", "tgdpo-oracle", GUIDED, f"{GUIDED}-clamped",
+                                                "tgdpo-shuffled"]
+    assert [arm.clamp for arm in arms(spec)] == [False, False, False, False, True, False]
+    with pytest.raises(ConfigError, match=r"arms.lr_multipliers: lr_multipliers must .* including 1 \(got \[2, 4\]\)"):
+        load_experiment(SPEC, ["arms.lr_multipliers=[2, 4]"])
+    with pytest.raises(ConfigError, match="task.keyz: unknown key"):
+        load_experiment(SPEC, ["task.keyz=3"])
+
+
+TOY = ["seeds=2", "task.train_pairs=32", "task.probe_answers_per_key=2", "warm_start.pairs=32",
+       "warm_start.epochs=1", "guidance.epochs=1", "arms.lr_multipliers=[1, 2]", "probe_every=1",
+       "concurrent_runs=2", "bootstrap_samples=200", "job.training.max_pairs_per_batch=8",
+       "arms.clamped_guidance=false"]
+
+
+def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster, tmp_path):
+    printed = []
+    results = run_experiment(SPEC, TOY + [f"output_dir={tmp_path}"], log=printed.append)
+    out = tmp_path / "reproduce"
+    names = [GUIDANCE_RUN, "dpo", "dpo-lr2", "tgdpo-oracle", GUIDED, "tgdpo-shuffled"]
+    assert results["seeds"] == {name: [1, 2] for name in names}
+    records = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    for name in names:
+        for seed in (1, 2):
+            steps = [r["step"] for r in records if r["run"] == name and r["seed"] == seed]
+            assert steps == [0, 1, 2, 3, 4], (name, seed)  # a probe before the first step, then after every one
+    # Every arm of a seed starts from the same warm start on the same held-out answers.
+    starts = {(r["seed"], r["slot_probability"]) for r in records if r["step"] == 0}
+    assert len(starts) == 2
+    ratio = results["tgdpo_steps_to_dpo_final_ratio"]
+    assert set(ratio) >= {"mean", "interval", "per_seed", "n", "of"} and ratio["of"] == 2
+    for name in ("reproduce.json", "report.md", "curves.png", "accuracy_vs_kl.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "reproduce.json").read_text())["seeds"] == results["seeds"]
+    assert results["headline"] in printed[-2]  # the table, then the headline
+
+    seed_one = out / "seed-1"
+    # The oracle's rewards came with the data: no guidance pool ran. The dpo arms read the reference scores
+    # the guidance run cached: no scorer ran at all.
+    oracle = yaml.safe_load((seed_one / "tgdpo-oracle" / "config.yaml").read_text())
+    assert oracle["guidance"]["source"] == "column"
+    assert oracle["guidance"]["reward_columns"]["chosen"] == "oracle_chosen"
+    assert not list((seed_one / "tgdpo-oracle" / "scoring").glob("guidance-*"))
+    assert not (seed_one / "dpo" / "scoring").exists() or not list((seed_one / "dpo" / "scoring").iterdir())
+    guided = yaml.safe_load((seed_one / GUIDED / "config.yaml").read_text())
+    assert guided["guidance"]["model"] == str(seed_one / GUIDANCE_RUN / "model")
+    assert yaml.safe_load((seed_one / "dpo-lr2" / "config.yaml").read_text())["training"]["learning_rate"] == \
+        2 * yaml.safe_load((seed_one / "dpo" / "config.yaml").read_text())["training"]["learning_rate"]
+
+    # Started again, the experiment trains nothing and reports the same numbers.
+    again = []
+    assert run_experiment(SPEC, TOY + [f"output_dir={tmp_path}"], log=again.append)["runs"] == results["runs"]
+    assert sum("already finished" in line for line in again) == 1 + 2 * len(names)
