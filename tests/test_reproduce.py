@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from tgdpo_ray.config import ConfigError
-from tgdpo_ray.reproduce import GUIDANCE_RUN, arms, load_experiment, run_experiment
-from tgdpo_ray.reproduce_report import GUIDED, headline_ratio, steps_to
+from tgdpo_ray.reproduce import (GUIDANCE_RUN, GUIDED, ExperimentError, Run, Scheduler, arms, load_experiment,
+                                 run_experiment)
+from tgdpo_ray.reproduce_report import headline_ratio, steps_to
 
 SPEC = str(Path(__file__).resolve().parent.parent / "jobs" / "reproduce.yaml")
 
@@ -50,6 +51,22 @@ def test_the_arms_follow_the_spec_and_its_errors_name_the_key(tmp_path):
         load_experiment(SPEC, ["arms.lr_multipliers=[2, 4]"])
     with pytest.raises(ConfigError, match="task.keyz: unknown key"):
         load_experiment(SPEC, ["task.keyz=3"])
+
+
+def test_the_scheduler_keeps_the_order_runs_need_and_stops_at_the_first_failure():
+    ran = []
+
+    def execute(run):
+        if run.name == "bad":
+            raise ValueError("boom")
+        ran.append(run.name)
+
+    scheduler = Scheduler(2, execute)
+    for name, after in (("first", []), ("bad", ["first"]), ("second", ["first"]), ("needs-bad", ["bad"])):
+        scheduler.submit(Run(name, config=None, made_from=after))
+    with pytest.raises(ExperimentError, match="run bad failed: boom"):
+        scheduler.wait()
+    assert ran[0] == "first" and "needs-bad" not in ran
 
 
 TOY = ["seeds=2", "task.train_pairs=32", "task.probe_answers_per_key=2", "warm_start.pairs=32",

@@ -150,8 +150,9 @@ def tokenizer_corpus(task: Task, seed: int, lines: int = 2000) -> list[str]:
 
 
 def make_task_model(out_dir: Path, task: Task, seed: int = 0, hidden_size: int = 128, layers: int = 2) -> Path:
-    """The tiny random Llama of the demo, with a tokenizer trained on the task's text; checks that every key and
-    filler word is one token wherever it stands in an answer."""
+    """The tiny random Llama of the demo, with a tokenizer trained on the task's text; checks that every key, filler
+    word and the arrow is one token after a space (as the slot line's tokens are, which the probe and the oracle
+    rewards find by their ids)."""
     from tgdpo_ray.demo import make_tiny_model
     from tgdpo_ray.models import load_tokenizer
 

@@ -37,6 +37,7 @@ from tgdpo_ray.config import ConfigError, DataSection, JobConfig, Section
 from tgdpo_ray.config_loader import (apply_overrides, build_config, describe_validation_error, read_raw_config,
                                      ready_to_run)
 from tgdpo_ray.credit_task import make_task, make_task_model, write_task_data, write_warm_start_data
+from tgdpo_ray.errors import UserError
 from tgdpo_ray.jsonl import read_records
 from tgdpo_ray.models import load_tokenizer
 
@@ -125,12 +126,13 @@ class Arm:
 
 
 GUIDANCE_RUN = "guidance-dpo"
+GUIDED = "tgdpo-dpo-guided"  # the paper's recipe: the arm of the headline
 
 
 def arms(spec: ExperimentSpec) -> list[Arm]:
     dpo = [Arm("dpo" if m == 1 else f"dpo-lr{m:g}", "dpo", m) for m in spec.arms.lr_multipliers]
-    clamped = [Arm("tgdpo-dpo-guided-clamped", "tgdpo", guided=True, clamp=True)] if spec.arms.clamped_guidance else []
-    return dpo + [Arm("tgdpo-oracle", "tgdpo", rewards="oracle"), Arm("tgdpo-dpo-guided", "tgdpo", guided=True),
+    clamped = [Arm(f"{GUIDED}-clamped", "tgdpo", guided=True, clamp=True)] if spec.arms.clamped_guidance else []
+    return dpo + [Arm("tgdpo-oracle", "tgdpo", rewards="oracle"), Arm(GUIDED, "tgdpo", guided=True),
                   *clamped, Arm("tgdpo-shuffled", "tgdpo", rewards="shuffled")]
 
 
@@ -251,6 +253,14 @@ def probe_curve(run_dir: Path) -> list[dict]:
             if "probe" in record]
 
 
+class ExperimentError(UserError, RuntimeError):
+    """A run of the experiment failed; the message names it and carries its error."""
+
+
+class Skipped(Exception):
+    """A run not started because an earlier one failed."""
+
+
 class Scheduler:
     """Runs each run in a thread of its own once the runs it waits for are done, `slots` at a time; the first
     failure stops every run that has not started and is raised by wait()."""
@@ -270,7 +280,7 @@ class Scheduler:
                 future.result()
             with self.slots:
                 if self.failed.is_set():
-                    raise RuntimeError("skipped: an earlier run failed")
+                    raise Skipped(run.name)
                 try:
                     self.execute(run)
                 except BaseException:
@@ -280,15 +290,12 @@ class Scheduler:
         self.futures[run.name] = self.pool.submit(body)
 
     def wait(self) -> None:
-        errors = []
-        for name, future in self.futures.items():
-            error = future.exception()
-            if error is not None and not str(error).startswith("skipped"):
-                errors.append((name, error))
+        errors = [(name, future.exception()) for name, future in self.futures.items()]
+        errors = [(name, error) for name, error in errors if error is not None and not isinstance(error, Skipped)]
         self.pool.shutdown()
         if errors:
             name, error = errors[0]
-            raise RuntimeError(f"run {name} failed: {error}") from error
+            raise ExperimentError(f"run {name} failed: {error}") from error
 
 
 def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=print) -> dict:

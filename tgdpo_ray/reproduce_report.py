@@ -15,11 +15,10 @@ import numpy as np
 
 from tgdpo_ray.bootstrap import mean_interval
 from tgdpo_ray.jsonl import rewrite_records
-from tgdpo_ray.reproduce import GUIDANCE_RUN, ExperimentSpec, arms
+from tgdpo_ray.reproduce import GUIDANCE_RUN, GUIDED, ExperimentSpec, arms
 
 METRICS = ("slot_accuracy", "slot_probability", "filler_kl")
 TARGET_ACCURACY = 0.9
-GUIDED = "tgdpo-dpo-guided"
 # Stated before the first run (issue #14): the guided arm reaches DPO's final slot accuracy in at most half of
 # DPO's steps.
 GOAL_RATIO = 0.5
@@ -100,7 +99,7 @@ def headline_table(table: dict[str, dict]) -> str:
 
 def ratio_line(ratio: dict) -> str:
     if ratio["mean"] is None:
-        return f"{GUIDED} vs dpo: no seed gives a ratio (see the notes)"
+        return f"{GUIDED} vs dpo: no seed gives a ratio (see the notes), so the goal (<= {GOAL_RATIO}) is not met"
     verdict = "met" if ratio["interval"][1] <= GOAL_RATIO else (
         "not met" if ratio["interval"][0] > GOAL_RATIO else "undecided (the interval spans it)")
     return (f"{GUIDED} reached DPO's final slot accuracy in {ratio['mean']:.2f}x DPO's steps (95% interval "
