@@ -5,8 +5,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-
 from conftest import planned_step_ids, trained_pair_ids
 from tgdpo_ray.cache import MARKER, fingerprint, scorer_identity
 from tgdpo_ray.config_loader import build_config
@@ -154,3 +152,24 @@ def test_weights_identity_hashes_whole_files(tmp_path, monkeypatch):
     monkeypatch.setattr("tgdpo_ray.cache.open", lambda *args: opened.append(args) or open(*args), raising=False)
     assert weights_identity(str(tmp_path / "model")) == retrained
     assert opened == []
+
+
+def test_a_small_cache_is_read_by_the_driver_and_a_large_one_by_ray_data(ray_cluster, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tgdpo_ray import cache
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    table = pa.table({"pair_id": list(range(10)), "ref_chosen_logps": [[0.5 * i] for i in range(10)]})
+    pq.write_table(table.slice(0, 6), folder / "a.parquet")
+    pq.write_table(table.slice(6), folder / "b.parquet")
+    (folder / MARKER).write_text("{}")  # not data: neither reader may take it for a file of pairs
+    filesystem, root = cache.resolve_filesystem(str(folder))
+    small = cache.read_cache(filesystem, root)
+    monkeypatch.setattr(cache, "DRIVER_READ_BYTES", 0)
+    large = cache.read_cache(filesystem, root)
+    rows = [sorted(dataset.take_all(), key=lambda row: row["pair_id"]) for dataset in (small, large)]
+    assert rows[0] == rows[1] and [row["pair_id"] for row in rows[0]] == list(range(10))
+    assert list(rows[0][3]["ref_chosen_logps"]) == [1.5]

@@ -80,8 +80,6 @@ def write_marker(filesystem, folder: str, record: dict) -> None:
 
 def cached_scored_dataset(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
     """The scored pairs of `rows`, read from the cache; scored and written first when missing."""
-    import ray
-
     from tgdpo_ray.scoring import scored_dataset
 
     identity = scorer_identity(config)
