@@ -93,15 +93,6 @@ def run(tiny_model, root, name, train, guidance):
     return summary, records, roles
 
 
-def test_rewards_from_the_data_need_no_guidance_pool(ray_cluster, tiny_model, rewarded_data, tmp_path):
-    summary, records, roles = run(tiny_model, tmp_path, "column", rewarded_data, {"source": "column"})
-    assert roles == {"policy", "reference"}
-    # weights: beta * (1 + alpha * 0.5) on chosen tokens, beta * (1 - alpha * -0.5) on rejected ones.
-    for record in records:
-        assert record["chosen_weight_mean"] == pytest.approx(0.125) == record["rejected_weight_mean"]
-    assert summary["steps"] >= 1
-
-
 def test_a_token_reward_model_guides_through_its_pool(ray_cluster, tiny_model, reward_model, demo_data, tmp_path):
     summary, records, roles = run(tiny_model, tmp_path, "reward-model", demo_data["train"],
                                   {"source": "token_reward_model", "model": reward_model})

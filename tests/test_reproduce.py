@@ -69,7 +69,7 @@ def test_the_scheduler_keeps_the_order_runs_need_and_stops_at_the_first_failure(
     assert ran[0] == "first" and "needs-bad" not in ran
 
 
-TOY = ["seeds=2", "task.train_pairs=32", "task.probe_answers_per_key=2", "warm_start.pairs=32",
+TOY = ["seeds=2", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
        "warm_start.epochs=1", "guidance.epochs=1", "arms.lr_multipliers=[1, 2]", "probe_every=1",
        "concurrent_runs=2", "bootstrap_samples=200", "job.training.max_pairs_per_batch=8",
        "arms.clamped_guidance=false"]
@@ -85,7 +85,7 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     for name in names:
         for seed in (1, 2):
             steps = [r["step"] for r in records if r["run"] == name and r["seed"] == seed]
-            assert steps == [0, 1, 2, 3, 4], (name, seed)  # a probe before the first step, then after every one
+            assert steps == [0, 1, 2], (name, seed)  # a probe before the first step, then after every one
     # Every arm of a seed starts from the same warm start on the same held-out answers.
     starts = {(r["seed"], r["slot_probability"]) for r in records if r["step"] == 0}
     assert len(starts) == 2
@@ -104,6 +104,16 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     assert oracle["guidance"]["source"] == "column"
     assert oracle["guidance"]["reward_columns"]["chosen"] == "oracle_chosen"
     assert not list((seed_one / "tgdpo-oracle" / "scoring").glob("guidance-*"))
+    assert {json.loads(path.read_text())["role"] for path in (seed_one / "tgdpo-oracle" / "placement").glob("*")} \
+        == {"policy", "reference"}
+    # Every answer has the same tokens and one reward of +-c, so each token's weight is beta (1 + alpha r) and
+    # a step's mean weight is beta (1 + alpha c / tokens) on both sides.
+    pair = json.loads((seed_one / "data" / "train.jsonl").read_text().splitlines()[0])
+    beta, alpha = oracle["loss"]["beta"], oracle["loss"]["alpha"]
+    expected = beta * (1 + alpha * max(pair["oracle_chosen"]) / len(pair["oracle_chosen"]))
+    steps = [json.loads(line) for line in (seed_one / "tgdpo-oracle" / "metrics.jsonl").read_text().splitlines()]
+    for step in (record for record in steps if "loss" in record):
+        assert step["chosen_weight_mean"] == pytest.approx(expected) == step["rejected_weight_mean"]
     assert not (seed_one / "dpo" / "scoring").exists() or not list((seed_one / "dpo" / "scoring").iterdir())
     guided = yaml.safe_load((seed_one / GUIDED / "config.yaml").read_text())
     assert guided["guidance"]["model"] == str(seed_one / GUIDANCE_RUN / "model")
