@@ -1,9 +1,10 @@
 """tgdpo-ray: one entry point for every job.
 
-    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, score, eval, pipeline, demo)
+    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, score, eval, pairs, pipeline, demo)
     tgdpo-ray train --config JOB.yaml [--set ...]              one training run
     tgdpo-ray score --config JOB.yaml [--set ...]              scoring alone, into the cache
     tgdpo-ray eval --config JOB.yaml [--set ...]               vLLM answers, an LLM judge, a report
+    tgdpo-ray pairs --config JOB.yaml [--set ...]              on-policy pairs: vLLM samples, ranked
     tgdpo-ray demo [--config jobs/demo.yaml] [--set ...]       the demo pipeline on a local Ray
     tgdpo-ray check-config --config JOB.yaml [--set ...]       validate and print with defaults
     tgdpo-ray plan --config JOB.yaml [--cluster gpus=N,cpus=N]  GPUs per group, scorer replicas needed
@@ -45,10 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgdpo-ray", description="TGDPO preference training on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, score, eval, pipeline or demo"))
+    add_config_args(commands.add_parser("run", help="run a job spec by its kind: train, score, eval, pairs, pipeline "
+                                        "or demo"))
     add_config_args(commands.add_parser("train", help="one training run (dpo, ipo, simpo, tgdpo or sft)"))
     add_config_args(commands.add_parser("score", help="score the data into the cache, train later"))
     add_config_args(commands.add_parser("eval", help="MT-Bench-style evaluation: vLLM answers, an LLM judge"))
+    add_config_args(commands.add_parser("pairs", help="on-policy preference pairs: answers sampled by vLLM, ranked "
+                                        "by a rule, a judge or a reward model"))
     add_config_args(commands.add_parser("demo", help="tiny model + demo data, DPO then TGDPO guided by it"),
                     default="jobs/demo.yaml")
     reproduce = commands.add_parser("reproduce", help="the credit-assignment experiment: DPO and TGDPO arms over "
@@ -108,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("run", "train", "score", "eval", "demo"):
+    if args.command in ("run", "train", "score", "eval", "pairs", "demo"):
         from tgdpo_ray.pipeline import run_job
 
-        forced_kind = args.command if args.command in ("train", "score", "eval") else None
+        forced_kind = args.command if args.command in ("train", "score", "eval", "pairs") else None
         result = run_job(args.config, args.overrides, kind=forced_kind)
         if forced_kind in ("train", "score"):
             print(json.dumps(result, indent=2))
@@ -167,6 +171,9 @@ def plan_command(args: argparse.Namespace) -> str:
     if config.kind == "eval":
         raise UserError("plan sizes training jobs; an eval job holds one vLLM engine per model being answered "
                         "(generation.concurrent_models at once), then one for the judge")
+    if config.kind == "pairs":
+        raise UserError("plan sizes training jobs; a pairs job holds pairs.engines vLLM engines while it samples, "
+                        "then its ranker (a judge engine, or the reward model's pool)")
     if args.cluster:
         cluster = parse_cluster(args.cluster)
     elif config.ray.address or os.environ.get("RAY_ADDRESS"):

@@ -46,6 +46,11 @@ class DataSource(Section):
                                                                  "null: all")
 
 
+def path_shorthand(value: Any) -> Any:
+    """`train: data/train.jsonl` is shorthand for `train: {path: data/train.jsonl}`."""
+    return {"path": value} if isinstance(value, str) else value
+
+
 class Columns(Section):
     prompt: str = Field(default="prompt", description="the column holding the prompt: a string or chat messages")
     chosen: str = Field(default="chosen", description="the column holding the preferred answer: a string or chat "
@@ -55,7 +60,9 @@ class Columns(Section):
 
 
 class DataSection(Section):
-    train: DataSource = Field(description="the training pairs; a path alone is shorthand for {path: ...}")
+    train: Optional[DataSource] = Field(default=None, description="the training pairs; a path alone is shorthand "
+                                        "for {path: ...}. Required, except in a pipeline with a pairs section, "
+                                        "which trains on the pairs it generates")
     eval: Optional[DataSource] = Field(default=None, description="held-out pairs: loss, DPO loss and reward "
                                        "accuracy after every epoch (and every training.eval_every steps); a path "
                                        "alone is shorthand for {path: ...}; null: none")
@@ -76,8 +83,7 @@ class DataSection(Section):
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _path_shorthand(cls, value: Any) -> Any:
-        # `train: data/train.jsonl` is shorthand for `train: {path: data/train.jsonl}`.
-        return {"path": value} if isinstance(value, str) else value
+        return path_shorthand(value)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "DataSection":
@@ -476,18 +482,96 @@ class EvalSection(Section):
             raise ValueError(f"judge.mode pairwise with models {names}: set judge.baseline or judge.pairs")
 
 
+class RewardModelSection(ScorerSection):
+    model: str = Field(description="a sequence-classification reward model with one label (e.g. Skywork-Reward, "
+                                   "ArmoRM), a hub name or a local path; it scores prompt + answer in its own chat "
+                                   "template")
+    max_length: int = Field(default=4096, gt=1, description="tokens of prompt + answer the reward model reads; "
+                                                            "longer conversations lose tokens from the left")
+
+
+class RankerSection(Section):
+    type: Literal["rule", "judge", "reward_model"] = Field(
+        description="rule: ranker.function scores each answer; judge: an LLM judge grades each answer 1-10 "
+        "(ranker.judge: the evaluation's judge keys, single mode); reward_model: a sequence-classification model "
+        "in a Ray Data actor pool (ranker.reward_model)")
+    function: Optional[str] = Field(default=None, description="rule: module:function called as f(prompt, answer, "
+                                    "reference) returning a number, higher is better (e.g. "
+                                    "tgdpo_ray.verifiable:instruction_score)")
+    judge: Optional[JudgeSection] = Field(default=None, description="judge: the judge backend (vllm or openai) and "
+                                          "its engine keys, as eval.judge; it sees the prompt's last user message "
+                                          "and one answer")
+    reward_model: Optional[RewardModelSection] = Field(default=None, description="reward_model: the model and its "
+                                                       "pool (the keys of reference)")
+
+    @model_validator(mode="after")
+    def _ranker_needs(self) -> "RankerSection":
+        needed = {"rule": "function", "judge": "judge", "reward_model": "reward_model"}[self.type]
+        if getattr(self, needed) is None:
+            raise ValueError(f"ranker.type {self.type} needs ranker.{needed}")
+        if self.type == "rule" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
+            raise ValueError("ranker.function: expected module:function (e.g. tgdpo_ray.verifiable:instruction_score)")
+        if self.type == "judge" and (self.judge.backend == "rule" or self.judge.mode != "single"):
+            raise ValueError("ranker.judge: use backend vllm or openai in single mode (for a rule, ranker.type rule)")
+        return self
+
+    @property
+    def identity(self) -> str:
+        """Names the ranker in the pairs' provenance; scores are reused only from the same ranker."""
+        if self.type == "rule":
+            return f"rule:{self.function}"
+        if self.type == "judge":
+            return f"judge:{self.judge.identity}"
+        return f"reward_model:{self.reward_model.model}"
+
+
+class PairsSection(Section):
+    prompts: DataSource = Field(description="the prompts: a .jsonl / .json / .parquet file, a dataset folder or a "
+                                            "Hugging Face dataset name; a path alone is shorthand for {path: ...}")
+    prompt_column: str = Field(default="prompt", description="the column holding the prompt: a string or chat "
+                                                             "messages")
+    reference_column: str = Field(default="reference", description="a column handed to a rule ranker as its "
+                                  "reference (e.g. the constraints to check); rows without it pass null")
+    bad_rows: Literal["error", "skip"] = Field(default="error", description="a prompt that is missing, empty or "
+                                               "not text: stop naming its file and line (error), or count it "
+                                               "(skip)")
+    model: Optional[str] = Field(default=None, description="the model that samples the answers, a hub name or a "
+                                                           "local path; null: policy.model (on-policy)")
+    trust_remote_code: bool = Field(default=False, description="let transformers and vLLM run the model's own code")
+    num_samples: int = Field(default=5, ge=2, description="answers sampled per prompt; the best and the worst "
+                                                          "become chosen and rejected")
+    temperature: float = Field(default=0.8, ge=0, description="the sampling temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling's probability mass")
+    max_new_tokens: int = Field(default=512, gt=0, description="tokens per answer at most")
+    prompts_per_batch: int = Field(default=32, gt=0, description="prompts sampled (all their answers) per round "
+                                   "trip; each batch is on disk, with a progress line, before the next, so a "
+                                   "stopped job resumes without sampling finished prompts again")
+    engines: int = Field(default=1, gt=0, description="vLLM engines sampling at once, each on its own GPUs, each "
+                                                      "taking the next batch of prompts")
+    generation: EngineSection = Field(default=EngineSection(), description="the sampling engines: the engine keys "
+                                      "of eval.generation (on_gpus, tensor_parallel_size, kv_cache_memory_bytes, "
+                                      "...)")
+    ranker: RankerSection = Field(description="who scores the answers")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value: Any) -> Any:
+        return path_shorthand(value)
+
+
 # The pipeline evaluates its two trained policies under these names.
 PIPELINE_MODELS = ("tgdpo", "dpo")
 
 
 class JobConfig(Section):
-    kind: Literal["train", "score", "pipeline", "demo", "eval"] = Field(
+    kind: Literal["train", "score", "pipeline", "demo", "eval", "pairs"] = Field(
         default="train", description="train: one training run with loss.type; score: scoring alone, the reference "
         "(and guidance) log-probs into the cache, for a later run; pipeline: the paper's experiment, a dpo run "
         "whose policy guides a tgdpo run from the same start (each in <output_dir>/<name>/<loss>/), then their "
         "evaluation if eval is set; demo: the pipeline, after building the tiny model and demo data its paths "
         "point at (when missing); eval: MT-Bench-style evaluation alone, vLLM answers for eval.models, an LLM "
-        "judge, a report (needs only run, eval and ray)")
+        "judge, a report (needs only run, eval and ray); pairs: on-policy preference pairs, answers sampled by vLLM "
+        "and ranked, into <run_dir>/pairs.jsonl (needs run, pairs and ray; policy.model is the default sampler)")
     run: RunSection = Field(default=RunSection(), description="the run's name, folder and seed")
     data: Optional[DataSection] = Field(default=None, description="the preference pairs and their tokenization; "
                                                                   "every kind but eval")
@@ -505,9 +589,22 @@ class JobConfig(Section):
     ray: RaySection = Field(default=RaySection(), description="the Ray cluster the job runs on")
     eval: Optional[EvalSection] = Field(default=None, description="kind eval; pipeline and demo: evaluate both "
                                         "policies at the end (see Evaluation)")
+    pairs: Optional[PairsSection] = Field(default=None, description="kind pairs; pipeline: a first stage that "
+                                          "generates the training pairs (then data.train is left out)")
 
     @model_validator(mode="after")
     def _sections_for_the_kind(self) -> "JobConfig":
+        if self.kind == "pairs":
+            if self.pairs is None:
+                raise ValueError("kind pairs needs the pairs section (prompts, ranker)")
+            if self.pairs.model is None and self.policy is None:
+                raise ValueError("kind pairs needs pairs.model (or policy.model): the model that samples answers")
+            if self.eval is not None:
+                raise ValueError("kind pairs does not evaluate: remove the eval section")
+            return self
+        if self.pairs is not None and self.kind != "pipeline":
+            raise ValueError(f"kind {self.kind} does not generate pairs: the pairs section belongs to kind pairs "
+                             "or pipeline")
         if self.kind == "eval":
             if self.eval is None or not self.eval.models:
                 raise ValueError("kind eval needs eval.models (a name and a path each) and eval.judge")
@@ -516,6 +613,10 @@ class JobConfig(Section):
         missing = [name for name in ("data", "policy") if getattr(self, name) is None]
         if missing:
             raise ValueError(f"kind {self.kind} needs the section(s) {', '.join(missing)}")
+        if self.data.train is None and self.pairs is None:
+            raise ValueError(f"kind {self.kind} needs data.train (the training pairs)")
+        if self.data.train is not None and self.pairs is not None:
+            raise ValueError("a pipeline with a pairs section trains on the pairs it generates: remove data.train")
         if self.eval is not None and self.kind in ("train", "score"):
             raise ValueError(f"kind {self.kind} does not evaluate: the eval section belongs to kind eval, "
                              "pipeline or demo")
@@ -525,7 +626,7 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _models_for_the_loss(self) -> "JobConfig":
-        if self.kind == "eval":
+        if self.kind in ("eval", "pairs"):
             return self
         if self.kind in ("train", "score") and self.guidance_kind in SCORED_GUIDANCE and not self.guidance.model:
             raise ValueError("loss.type tgdpo needs guidance.model (for example the output of a dpo run), "

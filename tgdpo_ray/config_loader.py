@@ -94,14 +94,23 @@ def looks_local(name: str) -> bool:
 def check_local_paths(config: JobConfig, source: str) -> None:
     """A path that should be on disk and is not fails here, naming its key, before anything starts."""
     candidates = {}
-    if config.kind != "eval":
+    if config.policy is not None:
         candidates = {
             "policy.model": config.policy.model,
             "reference.model": config.reference.model,
             "guidance.model": config.guidance.model if config.guidance_kind in SCORED_GUIDANCE else None,
-            "data.train.path": config.data.train.path,
-            "data.eval.path": config.data.eval.path if config.data.eval else None,
         }
+    if config.data is not None:
+        candidates.update({"data.train.path": config.data.train.path if config.data.train else None,
+                           "data.eval.path": config.data.eval.path if config.data.eval else None})
+    if config.pairs is not None:
+        pairs, ranker = config.pairs, config.pairs.ranker
+        candidates.update({
+            "pairs.prompts.path": pairs.prompts.path,
+            "pairs.model": pairs.model,
+            "pairs.ranker.reward_model.model": ranker.reward_model.model if ranker.reward_model else None,
+            "pairs.ranker.judge.model": ranker.judge.model if ranker.judge and ranker.judge.backend == "vllm" else None,
+        })
     if config.eval is not None:
         evaluation = config.eval
         candidates.update({
@@ -160,7 +169,14 @@ def absolutize(config: JobConfig) -> JobConfig:
             evaluation.questions.path = fix(evaluation.questions.path)
         if evaluation.judge.backend == "vllm":
             evaluation.judge.model = fix(evaluation.judge.model)
-    if config.kind == "eval":
+    if config.pairs is not None:
+        pairs, ranker = config.pairs, config.pairs.ranker
+        pairs.prompts.path, pairs.model = fix(pairs.prompts.path), fix(pairs.model)
+        if ranker.reward_model is not None:
+            ranker.reward_model.model = fix(ranker.reward_model.model)
+        if ranker.judge is not None and ranker.judge.backend == "vllm":
+            ranker.judge.model = fix(ranker.judge.model)
+    if config.kind == "eval" or config.policy is None:
         return config
     config.scoring.cache_dir = fix_storage(config.scoring.cache_dir)
     for section in (config.policy, config.reference, config.guidance):
@@ -181,6 +197,8 @@ def ready_to_run(config: JobConfig, source: str = "<config>") -> JobConfig:
     check_trackers(config, source)
     if config.kind != "eval" and config.training.probe:
         import_function(config.training.probe.function, "training.probe.function")
+    if config.pairs is not None and config.pairs.ranker.type == "rule":
+        import_function(config.pairs.ranker.function, "pairs.ranker.function")
     return absolutize(config)
 
 

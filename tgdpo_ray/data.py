@@ -160,7 +160,7 @@ def _iter_hf_dataset(source: DataSource) -> Iterator[tuple[str, int, dict | BadR
 # ---------------------------------------------------------------- validation
 
 
-def _messages(value: Any, field_name: str, default_role: str) -> list[dict]:
+def to_messages(value: Any, field_name: str, default_role: str) -> list[dict]:
     """A plain string becomes one message; a list must hold {role, content} messages with string content."""
     if value is None:
         raise BadRow("missing_field", f"{field_name} is null")
@@ -190,9 +190,9 @@ def normalize_pair(row: dict, columns: Columns) -> tuple[list[dict], list[dict],
     for name in (columns.prompt, columns.chosen, columns.rejected):
         if name not in row:
             raise BadRow("missing_field", f"no {name!r} field (fields: {sorted(row)})")
-    prompt = _messages(row[columns.prompt], columns.prompt, "user")
-    chosen = _strip_prompt(_messages(row[columns.chosen], columns.chosen, "assistant"), prompt)
-    rejected = _strip_prompt(_messages(row[columns.rejected], columns.rejected, "assistant"), prompt)
+    prompt = to_messages(row[columns.prompt], columns.prompt, "user")
+    chosen = _strip_prompt(to_messages(row[columns.chosen], columns.chosen, "assistant"), prompt)
+    rejected = _strip_prompt(to_messages(row[columns.rejected], columns.rejected, "assistant"), prompt)
     if not chosen or not rejected:
         raise BadRow("empty_field", "an answer holds only the prompt messages")
     if chosen == rejected:

@@ -69,8 +69,12 @@ def read_records(path: Path, log=None) -> list[dict]:
 
 
 def append_records(path: Path, records: list[dict]) -> None:
-    with path.open("a") as out:
-        out.write("".join(json.dumps(record) + "\n" for record in records))
+    # A line cut short by a process that died must not swallow the next record: start on a line of its own.
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    with path.open("a+b") as out:
+        if out.tell() and (out.seek(-1, 2), out.read(1))[1] != b"\n":
+            text = "\n" + text
+        out.write(text.encode())
 
 
 def rewrite_records(path: Path, records: list[dict]) -> None:

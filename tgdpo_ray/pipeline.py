@@ -1,6 +1,6 @@
-"""Running a job spec by its kind: one training run, or the paper's experiment as one job.
+"""Running a job spec by its kind: one training run, pairs generation, or the paper's experiment as one job.
 
-The pipeline trains the guidance model with DPO, then TGDPO from the same starting model guided by it, each
+The pipeline (after a pairs stage that generates its training pairs, when it has one) trains the guidance model with DPO, then TGDPO from the same starting model guided by it, each
 stage in its own folder under <output_dir>/<name>/, and ends with a table comparing the two; with an `eval`
 section it then evaluates both policies (vLLM answers, an LLM judge) into <output_dir>/<name>/eval/.
 """
@@ -13,11 +13,14 @@ from pathlib import Path
 from tgdpo_ray.config import PIPELINE_MODELS, JobConfig
 from tgdpo_ray.config_loader import load_config, ready_to_run
 from tgdpo_ray.jsonl import read_records
+from tgdpo_ray.pairs import run_pairs
 from tgdpo_ray.run import run_score, run_train
 
 
-def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None) -> JobConfig:
-    """One stage of the pipeline: a train job in <pipeline run dir>/<loss_type>/."""
+def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None,
+                 pairs_file: str | None = None) -> JobConfig:
+    """One stage of the pipeline: a train job in <pipeline run dir>/<loss_type>/, on the pairs its pairs stage
+    wrote when it has one (pairs_file)."""
     raw = config.model_dump(mode="json")
     raw["kind"] = "train"
     raw["loss"]["type"] = loss_type
@@ -26,6 +29,17 @@ def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None)
         raw["run"]["checkpoint_storage"] = f"{config.run.checkpoint_storage.rstrip('/')}/{config.run.name}"
     raw["guidance"]["model"] = guidance
     raw["eval"] = None  # the pipeline evaluates after both stages
+    if pairs_file is not None:
+        raw["pairs"], raw["data"]["train"] = None, {"path": pairs_file}
+    return JobConfig.model_validate(raw)
+
+
+def pairs_stage_config(config: JobConfig) -> JobConfig:
+    """The pipeline's first stage, when it has a pairs section: a pairs job in <pipeline run dir>/pairs/, sampling
+    from the policy's starting model unless pairs.model says otherwise."""
+    raw = config.model_dump(mode="json")
+    raw.update(kind="pairs", eval=None, data=None)
+    raw["run"].update(output_dir=str(config.run_dir), name="pairs")
     return JobConfig.model_validate(raw)
 
 
@@ -50,9 +64,13 @@ def summary_table(runs: dict[str, dict]) -> str:
 
 def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
     runs = {}
-    guidance = None
+    guidance, pairs_file = None, None
+    if config.pairs is not None:
+        stage = pairs_stage_config(config)
+        log(f"[pipeline] stage pairs: {stage.run_dir}")
+        pairs_file = run_pairs(stage, log)["pairs_file"]
     for loss_type in ("dpo", "tgdpo"):
-        stage = stage_config(config, loss_type, guidance)
+        stage = stage_config(config, loss_type, guidance, pairs_file)
         log(f"[pipeline] stage {loss_type}: {stage.run_dir}")
         runs[loss_type] = run_train(stage, log)
         runs[loss_type]["final_train_loss"] = last_train_loss(stage.run_dir)
@@ -95,4 +113,6 @@ def run_job(config_path: str, overrides: list[str], kind: str | None = None, log
         from tgdpo_ray.eval.flow import run_eval
 
         return run_eval(config, log=log)
+    if config.kind == "pairs":
+        return run_pairs(config, log)
     return run_pipeline(config, log)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.cluster import check_fits, start_ray
-from tgdpo_ray.config import EvalModel, EvalSection, JobConfig
+from tgdpo_ray.config import EvalModel, EvalSection, JobConfig, JudgeSection
 from tgdpo_ray.eval.generation import answer_questions, engine_group, start_engine, wait_started
 from tgdpo_ray.eval.judge import (OpenAIJudge, RuleJudge, VLLMJudge, check_references, load_prompts, parse_choice,
                                   parse_rating, render)
@@ -66,7 +66,7 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
     def answer(model: EvalModel, engine) -> None:
         missing = [q for q in questions if (model.name, q.question_id) not in done]
         wait_started(engine, model.path, generation, "eval.generation")
-        progress = Progress(f"{model.name}: answered", sum(len(q.turns) for q in missing), "turns", log)
+        progress = Progress(f"{model.name}: answered", sum(len(q.turns) for q in missing), "turns", eval_log(log))
         for start in range(0, len(missing), generation.questions_per_batch):
             batch = missing[start:start + generation.questions_per_batch]
             records = answer_questions(engine, model.name, batch, generation, config.run.seed)
@@ -96,7 +96,8 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
 
 
 class Progress:
-    """One line per step of long work: done of total, tokens per second, and the time left at that pace."""
+    """One line per step of long work: done of total, tokens per second, and the time left at that pace (`log`
+    adds the job's prefix)."""
 
     def __init__(self, what: str, total: int, unit: str, log=print):
         self.what, self.total, self.unit, self.log = what, total, unit, log
@@ -107,7 +108,7 @@ class Progress:
         elapsed = max(time.monotonic() - self.began, 1e-9)
         left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         rate = f", {self.tokens / elapsed:.1f} tokens/s" if self.tokens else ""
-        self.log(f"[eval] {self.what} {self.done}/{self.total} {self.unit}{rate}, {elapsed:.1f} s so far, "
+        self.log(f"{self.what} {self.done}/{self.total} {self.unit}{rate}, {elapsed:.1f} s so far, "
                  f"about {left:.1f} s left")
 
 
@@ -183,7 +184,7 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
     if len(tasks) > len(todo):
         log(f"[eval] judgments: {len(tasks) - len(todo)} of {len(tasks)} already on disk, reused")
     backend = start_backend() if todo else None
-    progress = Progress("judged", len(todo), "judgments", log)
+    progress = Progress("judged", len(todo), "judgments", eval_log(log))
     unparseable = 0
     for start in range(0, len(todo), JUDGE_BATCH):
         batch, finished = todo[start:start + JUDGE_BATCH], []
@@ -195,7 +196,7 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
         if evaluation.judge.backend == "rule":
             finished += [rule_judgment(backend, task) for task in asking]
         else:
-            finished += ask_llm_judge(backend, evaluation, asking)
+            finished += ask_llm_judge(backend, evaluation.judge, asking)
         append_records(path, finished)
         for record in finished:
             done[record["digest"]] = record
@@ -208,9 +209,9 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
     return judgments
 
 
-def ask_llm_judge(backend, evaluation: EvalSection, asking: list[dict]) -> list[dict]:
+def ask_llm_judge(backend, judge: JudgeSection, asking: list[dict]) -> list[dict]:
     """Judgment records for tasks, asking again (sampling) while a verdict cannot be parsed."""
-    judge, finished = evaluation.judge, []
+    finished = []
     earlier: dict[str, list[str]] = {task["digest"]: [] for task in asking}
     for attempt in range(1, judge.parse_retries + 2):
         temperature = judge.temperature if attempt == 1 else judge.retry_temperature
@@ -252,17 +253,17 @@ def judgment_record(task: dict, text: str, fields: dict, attempts: int, error: O
     return record
 
 
-def start_judge(config: JobConfig, engines: list, log=print):
-    """The judge backend; a vLLM engine it starts is added to `engines`, for the caller to release."""
-    judge = config.eval.judge
+def start_judge(judge: JudgeSection, seed: int, engines: list, log=print, key: str = "eval.judge"):
+    """The judge backend; a vLLM engine it starts is added to `engines`, for the caller to release. `key` names
+    the judge's config section in errors."""
     if judge.backend == "rule":
         return RuleJudge(judge.function)
     if judge.backend == "openai":
         return OpenAIJudge(judge.base_url, judge.model, judge.api_key_env, judge.max_tokens, judge.request_retries,
                            judge.timeout_s, judge.requests_per_second, judge.concurrency)
-    log(f"[eval] judge: starting a vLLM engine for {judge.model}")
-    engines.append(start_engine(judge.model, judge, config.run.seed))
-    wait_started(engines[-1], judge.model, judge, "eval.judge")
+    log(f"judge: starting a vLLM engine for {judge.model}")
+    engines.append(start_engine(judge.model, judge, seed))
+    wait_started(engines[-1], judge.model, judge, key)
     return VLLMJudge(engines[-1], judge.model, judge.max_tokens)
 
 
@@ -306,8 +307,8 @@ def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=pr
     tasks = judgment_tasks(evaluation, questions, answers, names, prompts)
     judge_engines: list = []
     try:
-        judgments = judge_all(lambda: start_judge(config, judge_engines, log), evaluation, tasks,
-                              eval_dir / "judgments.jsonl", log)
+        judgments = judge_all(lambda: start_judge(judge, config.run.seed, judge_engines, eval_log(log)), evaluation,
+                              tasks, eval_dir / "judgments.jsonl", log)
     finally:
         release(judge_engines)
 

@@ -92,7 +92,8 @@ class VLLMEngine:
         return f"{root_cause(self.log, err)} (vLLM's log: {self.log} on {platform.node()})"
 
     def chat(self, conversations: list[list[dict]], sampling: list[dict]) -> list[dict]:
-        """One reply per conversation, each with its own sampling settings ({temperature, max_tokens, seed}).
+        """One reply per conversation, each with its own sampling settings ({temperature, max_tokens, seed, and
+        optionally top_p}).
 
         A conversation that leaves no room to answer within max_model_len gets an `error` instead of a text, so
         one long prompt never fails the whole batch."""
@@ -110,7 +111,7 @@ class VLLMEngine:
                 continue
             prompts.append({"prompt_token_ids": ids})
             params.append(SamplingParams(temperature=settings["temperature"], seed=settings.get("seed"),
-                                         max_tokens=min(settings["max_tokens"], room)))
+                                         top_p=settings.get("top_p", 1.0), max_tokens=min(settings["max_tokens"], room)))
             slots.append(slot)
         if prompts:
             try:
