@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: setup demo test bench reproduce config-docs clean
+.PHONY: setup demo demo-real test bench reproduce config-docs clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ endif
 
 demo: setup
 	$(VENV)/bin/tgdpo-ray demo
+
+# The small real pipeline: SmolLM2-135M-Instruct, on-policy pairs, DPO, TGDPO, evaluation (README "A real model").
+demo-real: setup
+	$(VENV)/bin/tgdpo-ray demo-real
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests

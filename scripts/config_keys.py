@@ -5,7 +5,7 @@
     python scripts/config_keys.py --write    rewrite README's tables in place
 
 README holds each table between `<!-- config-keys: NAME -->` and `<!-- end config-keys -->`: NAME `eval` is
-every key under eval., NAME `job` every other key. tests/test_config.py fails when a table is stale or a key
+every key under eval., NAME `pairs` every key under pairs., NAME `job` every other key. tests/test_config.py fails when a table is stale or a key
 has no description.
 """
 
@@ -102,11 +102,19 @@ def prose(text: str) -> str:
     return cell(text).replace("<", "\\<")  # `<name>` outside a code span would be read as an HTML tag
 
 
+SECTION_TABLES = ("eval", "pairs")  # the sections with a table of their own; `job` holds every other key
+
+
+def table_of(key: str) -> str:
+    section = key.split(".")[0]
+    return section if section in SECTION_TABLES and "." in key else "job"
+
+
 def table(name: str) -> str:
-    """The markdown table `name` (job: every key outside eval; eval: the keys under eval)."""
+    """The markdown table `name` (job: every key outside eval and pairs; eval, pairs: the keys under them)."""
     lines = ["| key | type | default | what it does |", "|---|---|---|---|"]
     for key, field in keys(JobConfig):
-        if key.startswith("eval.") == (name == "eval"):
+        if table_of(key) == name:
             lines.append(f"| `{key}` | {cell(type_name(field.annotation))} | {cell(default_text(field))} | "
                          f"{prose(field.description or '')} |")
     return "\n".join(lines) + "\n"
@@ -140,7 +148,7 @@ def main() -> int:
                   file=sys.stderr)
             return 1
     else:
-        print(table("job") + "\n" + table("eval"), end="")
+        print("\n".join(table(name) for name in ("job",) + SECTION_TABLES), end="")
     return 0
 
 

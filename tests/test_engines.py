@@ -38,7 +38,8 @@ def test_cpu_engines_compute_with_the_threads_of_the_cpus_they_hold():
     cpu = actor_options(GenerationSection(on_gpus=False, cpus_per_engine=3))
     # Ray would set OMP_NUM_THREADS=1 for a 1-CPU actor, and vLLM would pin every engine to the same cores.
     assert cpu["num_cpus"] == 3 and cpu["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "3",
-                                                                       "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+                                                                       "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                                                                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     gpu = actor_options(GenerationSection(tensor_parallel_size=2))
     assert gpu["num_gpus"] == 2 and gpu["runtime_env"]["env_vars"] == {}
     args = engine_args("m", GenerationSection(on_gpus=False), seed=1, trust_remote_code=False)

