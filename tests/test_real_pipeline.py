@@ -12,7 +12,8 @@ from tgdpo_ray.verifiable import write_verifiable_data
 
 def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, smollm2, tmp_path):
     data = write_verifiable_data(str(tmp_path / "data"), train_prompts=8, heldout_prompts=2, seed=0)
-    overrides = [f"run.output_dir={tmp_path}", f"policy.model={smollm2}", f"pairs.prompts.path={data['prompts']}",
+    overrides = [f"run.output_dir={tmp_path}", f"scoring.cache_dir={tmp_path / 'cache'}", f"policy.model={smollm2}",
+                 f"pairs.prompts={data['prompts']}",
                  "pairs.max_new_tokens=32", "pairs.generation.enforce_eager=true", "training.epochs=1",
                  "training.max_steps=1", f"eval.questions.path={data['questions']}",
                  f"eval.models.0.path={smollm2}", "eval.generation.max_new_tokens=16",
