@@ -5,8 +5,8 @@
     python scripts/config_keys.py --write    rewrite README's tables in place
 
 README holds each table between `<!-- config-keys: NAME -->` and `<!-- end config-keys -->`: NAME `eval` is
-every key under eval., NAME `pairs` every key under pairs., NAME `job` every other key. tests/test_config.py fails when a table is stale or a key
-has no description.
+every key under eval., NAME `pairs` every key under pairs., NAME `job` every other key. tests/test_config.py
+fails when a table is stale or a key has no description.
 """
 
 from __future__ import annotations

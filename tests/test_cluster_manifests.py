@@ -107,6 +107,12 @@ def test_cluster_offers_what_each_job_asks_for(groups, spec):
         key = tuple(sorted(section.node_labels.items()))
         scorer_gpus[key] = scorer_gpus.get(key, 0) + low * section.gpus_per_replica
         needs.append((name, section.node_labels, None))
+    if config.pairs is not None:  # its engines and its reward model run before the trainers, on the scorer nodes
+        reward_model = config.pairs.ranker.reward_model
+        needs.append(("pairs.generation", config.pairs.generation.node_labels,
+                      config.pairs.engines * config.pairs.generation.tensor_parallel_size))
+        needs.append(("pairs.ranker.reward_model", reward_model.node_labels,
+                      reward_model.replica_range[0] * reward_model.gpus_per_replica))
     for name, labels, _ in needs:
         assert labels, f"{spec.name}: {name} is not pinned to a node group"
     # Every labelled group exists, and its nodes hold at least the GPUs the group needs at its minimum size.
@@ -118,9 +124,13 @@ def test_cluster_offers_what_each_job_asks_for(groups, spec):
         assert capacity >= wanted, f"{spec.name}: {name} needs {wanted} GPUs, nodes labelled {labels} hold {capacity}"
 
 
-# The cluster specs with an evaluation (the demo's runs on a laptop, on CPU).
-EVAL_JOBS = [p for p in sorted((REPO / "jobs").glob("*.yaml")) if p.name != "demo.yaml"
-             and (yaml.safe_load(p.read_text()) or {}).get("eval") and "eval-demo" not in p.name]
+def evaluates_on_gpus(spec: Path) -> bool:
+    evaluation = (yaml.safe_load(spec.read_text()) or {}).get("eval")
+    return bool(evaluation) and evaluation.get("generation", {}).get("on_gpus", True)
+
+
+# The cluster specs with an evaluation (the laptop ones, whose engines run on CPU, are left out).
+EVAL_JOBS = [p for p in sorted((REPO / "jobs").glob("*.yaml")) if evaluates_on_gpus(p)]
 
 
 @pytest.mark.parametrize("groups", [kuberay_groups, launcher_groups], ids=["kuberay", "launcher"])

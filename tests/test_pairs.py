@@ -40,8 +40,9 @@ def prompts_file(demo_data, tmp_path_factory) -> Path:
     rows = jsonl(demo_data["train"])[:PROMPTS]
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     # Text prompts and chat-message prompts alike; a reference column reaches a rule as its third argument.
-    path.write_text("".join(json.dumps({"prompt": row["prompt"] if i % 2 else [{"role": "user", "content": row["prompt"]}],
-                                        "reference": f"ref-{i}"}) + "\n" for i, row in enumerate(rows)))
+    prompts = [row["prompt"] if i % 2 else [{"role": "user", "content": row["prompt"]}] for i, row in enumerate(rows)]
+    path.write_text("".join(json.dumps({"prompt": prompt, "reference": f"ref-{i}"}) + "\n"
+                            for i, prompt in enumerate(prompts)))
     return path
 
 
@@ -95,7 +96,8 @@ def test_a_stopped_job_resumes_without_sampling_finished_prompts_again(by_rule, 
     assert "[pairs] sampled 4/4 prompts" in " ".join(lines)
     # Every answer has its own seed: the resumed job wrote the same samples and pairs as the uninterrupted one.
     assert len((resumed / "samples.jsonl").read_text().splitlines()) == PROMPTS + 1  # the cut line stays, alone
-    assert sorted(map(json.dumps, jsonl(resumed / "samples.jsonl"))) == sorted(map(json.dumps, jsonl(first / "samples.jsonl")))
+    same = [sorted(map(json.dumps, jsonl(run / "samples.jsonl"))) for run in (resumed, first)]
+    assert same[0] == same[1]
     assert jsonl(resumed / "pairs.jsonl") == jsonl(first / "pairs.jsonl")
     # Run again with everything on disk: no engine starts, nothing is ranked again.
     lines.clear()
@@ -144,7 +146,8 @@ def test_a_reward_model_in_a_ray_data_pool_ranks_the_answers(by_rule, tiny_model
     prompts, _ = load_prompts(config.pairs)
     for prompt in prompts[:2]:
         for sample in [s for s, error in enumerate(samples[prompt.index]["errors"]) if error is None][:2]:
-            conversation = prompt.messages + [{"role": "assistant", "content": samples[prompt.index]["answers"][sample]}]
+            answer = samples[prompt.index]["answers"][sample]
+            conversation = prompt.messages + [{"role": "assistant", "content": answer}]
             ids = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False,
                             return_tensors="pt")
             with torch.no_grad():
@@ -174,7 +177,8 @@ def test_an_llm_judge_grades_every_answer_and_unparseable_verdicts_are_counted(b
     assert len(records) == PROMPTS
     for record in records:
         assert record["scores"] == [None] * SAMPLES
-        for text, error, sampled in zip(record["judge_texts"], record["errors"], samples[record["prompt_index"]]["errors"]):
+        sampled_errors = samples[record["prompt_index"]]["errors"]
+        for text, error, sampled in zip(record["judge_texts"], record["errors"], sampled_errors):
             if sampled:  # an empty answer is never sent to the judge
                 assert (text, error) == (None, "empty answer")
             else:

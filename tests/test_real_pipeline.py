@@ -12,7 +12,8 @@ from tgdpo_ray.verifiable import write_verifiable_data
 
 def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, smollm2, tmp_path):
     data = write_verifiable_data(str(tmp_path / "data"), train_prompts=8, heldout_prompts=2, seed=0)
-    overrides = [f"run.output_dir={tmp_path}", f"scoring.cache_dir={tmp_path / 'cache'}", f"policy.model={smollm2}",
+    # One epoch of one step: the reference is scored while the trainer starts (stream) rather than ahead (cache).
+    overrides = [f"run.output_dir={tmp_path}", "scoring.mode=stream", f"policy.model={smollm2}",
                  f"pairs.prompts={data['prompts']}",
                  "pairs.max_new_tokens=32", "pairs.generation.enforce_eager=true", "training.epochs=1",
                  "training.max_steps=1", f"eval.questions.path={data['questions']}",
@@ -39,7 +40,8 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
         assert report["train"]["rows_read"] == len(pairs), report
     placements = [json.loads(p.read_text()) for p in (run_dir / "tgdpo" / "placement").glob("guidance-*.json")]
     assert placements, "the tgdpo stage ran a guidance pool"
-    assert json.loads((run_dir / "pipeline.json").read_text())["runs"]["dpo"]["model_dir"] == str(run_dir / "dpo" / "model")
+    pipeline = json.loads((run_dir / "pipeline.json").read_text())
+    assert pipeline["runs"]["dpo"]["model_dir"] == str(run_dir / "dpo" / "model")
 
     # The held-out rates of the three models, with intervals, and the table that says them.
     rates = summary["constraint_following"]
@@ -49,6 +51,7 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
 
     # MT-Bench: one real question, both turns answered by all three models, graded by the vLLM judge.
     answers = read_records(run_dir / "mtbench" / "answers.jsonl")
-    assert sorted(a["model"] for a in answers) == ["dpo", "start", "tgdpo"] and all(len(a["turns"]) == 2 for a in answers)
+    assert sorted(a["model"] for a in answers) == ["dpo", "start", "tgdpo"]
+    assert all(len(a["turns"]) == 2 for a in answers)
     mt_bench = summary["mt_bench"]
     assert mt_bench["judge"] == f"vllm:{smollm2}" and mt_bench["judgments"] == 3 * 2

@@ -72,20 +72,25 @@ def test_the_scheduler_keeps_the_order_runs_need_and_stops_at_the_first_failure(
 TOY = ["seeds=2", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
        "warm_start.epochs=1", "guidance.epochs=1", "arms.lr_multipliers=[1]", "probe_every=1",
        "concurrent_runs=2", "bootstrap_samples=200", "job.training.max_pairs_per_batch=8",
-       "arms.clamped_guidance=false"]
+       "arms.clamped_guidance=false", "arms.shuffled_control=false"]
 
 
 def test_every_arm_of_a_seed_is_a_run_of_its_own_config(tmp_path):
-    """The arms the toy experiment below leaves out to save time: dpo at other learning rates, the clamped arm."""
+    """The arms the toy experiment below leaves out to save time: dpo at other learning rates, the clamped arm, the
+    shuffled control (its rewards: tests/test_credit_task.py)."""
     experiment = Experiment(load_experiment(SPEC, TOY + [f"output_dir={tmp_path}", "arms.lr_multipliers=[1, 2]",
-                                                         "arms.clamped_guidance=true"]), SPEC)
+                                                         "arms.clamped_guidance=true", "arms.shuffled_control=true"]),
+                            SPEC)
     experiment.prepare(log=lambda _: None)
     runs = {run.name.split("/")[1]: run for run in experiment.seed_runs(1)}
     assert set(runs) == {GUIDANCE_RUN, "dpo", "dpo-lr2", "tgdpo-oracle", GUIDED, f"{GUIDED}-clamped",
                          "tgdpo-shuffled"}
     learning_rate = runs["dpo"].config.training.learning_rate
     assert runs["dpo-lr2"].config.training.learning_rate == 2 * learning_rate
-    assert runs["dpo-lr2"].config.loss.type == "dpo" and runs["dpo-lr2"].after == ["warm-start", f"seed-1/{GUIDANCE_RUN}"]
+    assert runs["dpo-lr2"].config.loss.type == "dpo"
+    assert runs["dpo-lr2"].after == ["warm-start", f"seed-1/{GUIDANCE_RUN}"]
+    shuffled = runs["tgdpo-shuffled"].config.guidance
+    assert shuffled.source == "column" and shuffled.reward_columns.chosen == "shuffled_chosen"
     clamped = runs[f"{GUIDED}-clamped"].config
     assert clamped.loss.clamp_weights and clamped.guidance.model == runs[GUIDED].config.guidance.model
     assert runs[GUIDED].made_from == ["warm-start", f"seed-1/{GUIDANCE_RUN}"]
@@ -95,7 +100,7 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     printed = []
     results = run_experiment(SPEC, TOY + [f"output_dir={tmp_path}"], log=printed.append)
     out = tmp_path / "reproduce"
-    names = [GUIDANCE_RUN, "dpo", "tgdpo-oracle", GUIDED, "tgdpo-shuffled"]
+    names = [GUIDANCE_RUN, "dpo", "tgdpo-oracle", GUIDED]
     assert results["seeds"] == {name: [1, 2] for name in names}
     records = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
     for name in names:

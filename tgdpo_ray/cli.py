@@ -1,6 +1,7 @@
 """tgdpo-ray: one entry point for every job.
 
-    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, score, eval, pairs, pipeline, demo)
+    tgdpo-ray run --config JOB.yaml [--set key=value ...]      run a job spec by its kind (train, score, eval,
+                                                                pairs, pipeline, demo)
     tgdpo-ray train --config JOB.yaml [--set ...]              one training run
     tgdpo-ray score --config JOB.yaml [--set ...]              scoring alone, into the cache
     tgdpo-ray eval --config JOB.yaml [--set ...]               vLLM answers, an LLM judge, a report

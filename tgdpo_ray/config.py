@@ -568,7 +568,8 @@ class JobConfig(Section):
         default="train", description="train: one training run with loss.type; score: scoring alone, the reference "
         "(and guidance) log-probs into the cache, for a later run; pipeline: the paper's experiment, a dpo run "
         "whose policy guides a tgdpo run from the same start (each in <output_dir>/<name>/<loss>/), then their "
-        "evaluation if eval is set, after a pairs stage that makes their training pairs if pairs is set; demo: the pipeline, after building the tiny model and demo data its paths "
+        "evaluation if eval is set, after a pairs stage that makes their training pairs if pairs is set; demo: "
+        "the pipeline, after building the tiny model and demo data its paths "
         "point at (when missing); eval: MT-Bench-style evaluation alone, vLLM answers for eval.models, an LLM "
         "judge, a report (needs only run, eval and ray); pairs: on-policy preference pairs, answers sampled by vLLM "
         "and ranked, into <run_dir>/pairs.jsonl (needs run, pairs and ray; policy.model is the default sampler)")

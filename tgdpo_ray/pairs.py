@@ -132,7 +132,8 @@ def sample_answers(config: JobConfig, prompts: list[Prompt], log=print) -> dict[
         log(f"[pairs] samples: {len(done)} of {len(prompts)} prompts already on disk, reused")
     if not todo:
         return done
-    batches = [todo[start:start + section.prompts_per_batch] for start in range(0, len(todo), section.prompts_per_batch)]
+    size = section.prompts_per_batch
+    batches = [todo[start:start + size] for start in range(0, len(todo), size)]
     progress = Progress("sampled", len(todo), "prompts", pairs_log(log))
     lock = threading.Lock()
 

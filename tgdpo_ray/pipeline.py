@@ -1,8 +1,9 @@
 """Running a job spec by its kind: one training run, pairs generation, or the paper's experiment as one job.
 
-The pipeline (after a pairs stage that generates its training pairs, when it has one) trains the guidance model with DPO, then TGDPO from the same starting model guided by it, each
-stage in its own folder under <output_dir>/<name>/, and ends with a table comparing the two; with an `eval`
-section it then evaluates both policies (vLLM answers, an LLM judge) into <output_dir>/<name>/eval/.
+The pipeline (after a pairs stage that generates its training pairs, when it has one) trains the guidance
+model with DPO, then TGDPO from the same starting model guided by it, each stage in its own folder under
+<output_dir>/<name>/, and ends with a table comparing the two; with an `eval` section it then evaluates both
+policies (vLLM answers, an LLM judge) into <output_dir>/<name>/eval/.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def pairs_stage(config: JobConfig) -> Optional[str]:
     text = f"pairs stage first: {section.engines} sampling engine(s) of {gpus:g} GPU(s), then "
     if ranker.type == "reward_model":
         low, high = ranker.reward_model.replica_range
-        return text + f"the reward model's pool of {low}-{high} replica(s) of {ranker.reward_model.gpus_per_replica:g} GPU"
+        each = ranker.reward_model.gpus_per_replica
+        return text + f"the reward model's pool of {low}-{high} replica(s) of {each:g} GPU"
     if ranker.type == "judge" and ranker.judge.backend == "vllm":
         judge_gpus = ranker.judge.tensor_parallel_size if ranker.judge.on_gpus else 0
         return text + f"one judge engine of {judge_gpus:g} GPU(s)"

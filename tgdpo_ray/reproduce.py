@@ -72,6 +72,8 @@ class ArmsSpec(Stage):
                                         "of these (1 is the dpo arm itself)")
     clamped_guidance: bool = Field(default=True, description="also run tgdpo-dpo-guided-clamped: the guided arm with "
                                    "loss.clamp_weights (token weights clamped at 0)")
+    shuffled_control: bool = Field(default=True, description="also run tgdpo-shuffled: the oracle's token rewards "
+                                   "shuffled within each answer, the control that says whether their place matters")
 
     @field_validator("lr_multipliers")
     @classmethod
@@ -132,8 +134,9 @@ GUIDED = "tgdpo-dpo-guided"  # the paper's recipe: the arm of the headline
 def arms(spec: ExperimentSpec) -> list[Arm]:
     dpo = [Arm("dpo" if m == 1 else f"dpo-lr{m:g}", "dpo", m) for m in spec.arms.lr_multipliers]
     clamped = [Arm(f"{GUIDED}-clamped", "tgdpo", guided=True, clamp=True)] if spec.arms.clamped_guidance else []
-    return dpo + [Arm("tgdpo-oracle", "tgdpo", rewards="oracle"), Arm(GUIDED, "tgdpo", guided=True),
-                  *clamped, Arm("tgdpo-shuffled", "tgdpo", rewards="shuffled")]
+    shuffled = [Arm("tgdpo-shuffled", "tgdpo", rewards="shuffled")] if spec.arms.shuffled_control else []
+    return dpo + [Arm("tgdpo-oracle", "tgdpo", rewards="oracle"), Arm(GUIDED, "tgdpo", guided=True), *clamped,
+                  *shuffled]
 
 
 def merged(base: dict, update: dict) -> dict:

@@ -111,7 +111,8 @@ class VLLMEngine:
                 continue
             prompts.append({"prompt_token_ids": ids})
             params.append(SamplingParams(temperature=settings["temperature"], seed=settings.get("seed"),
-                                         top_p=settings.get("top_p", 1.0), max_tokens=min(settings["max_tokens"], room)))
+                                         top_p=settings.get("top_p", 1.0),
+                                         max_tokens=min(settings["max_tokens"], room)))
             slots.append(slot)
         if prompts:
             try:
