@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config import ConfigError, JobConfig
+from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config_base import ConfigError
 from tgdpo_ray.config_loader import absolutize, apply_overrides, build_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent

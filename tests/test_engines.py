@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tgdpo_ray.config import GenerationSection
+from tgdpo_ray.config_eval import GenerationSection
 from tgdpo_ray.config_loader import build_config, read_raw_config
 from tgdpo_ray.demo import rule_score
 from tgdpo_ray.eval.flow import run_eval

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tgdpo_ray.config import EvalSection
+from tgdpo_ray.config_eval import EvalSection
 from tgdpo_ray.eval.flow import judge_all, judgment_tasks
 from tgdpo_ray.eval.judge import (JudgeError, OpenAIJudge, RuleJudge, check_references, load_prompts, parse_choice,
                                   parse_rating, render)

@@ -9,7 +9,8 @@ import tgdpo_ray
 PACKAGE = Path(tgdpo_ray.__file__).parent
 # Used by both subsystems: configuration, errors, processes on the cluster, JSON Lines, a model's file identity,
 # the bootstrap.
-SHARED = {"config", "config_loader", "errors", "cluster", "jsonl", "model_files", "bootstrap"}
+SHARED = {"config", "config_base", "config_eval", "config_loader", "errors", "cluster", "jsonl", "model_files",
+          "bootstrap"}
 # The doors: they start jobs of either kind.
 DOORS = {"cli", "pipeline", "jobs", "plan", "demo_real"}
 # Makes training data with evaluation's parts: the pairs job samples with eval's engines, ranks with its judges and

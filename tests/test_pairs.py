@@ -210,7 +210,7 @@ def test_a_bad_prompt_names_its_file_and_line_or_is_counted(tmp_path, tiny_model
 
 
 def test_the_pairs_section_is_checked_before_anything_starts(tmp_path, tiny_model, prompts_file):
-    from tgdpo_ray.config import ConfigError
+    from tgdpo_ray.config_base import ConfigError
 
     with pytest.raises(ConfigError, match="ranker.type judge needs ranker.judge"):
         pairs_config(tmp_path, "x", tiny_model, prompts_file, {"type": "judge"})

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config import ConfigError
+from tgdpo_ray.config_base import ConfigError
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.demo import make_tiny_model
 from tgdpo_ray.plan import format_plan, make_plan, parameter_count, parse_cluster

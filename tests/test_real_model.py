@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config import DataSection, GenerationSection
+from tgdpo_ray.config import DataSection
+from tgdpo_ray.config_eval import GenerationSection
 from tgdpo_ray.data import tokenize_pair
 from tgdpo_ray.eval.generation import call_engine, start_engine, wait_started
 from tgdpo_ray.gguf_import import GGUFImportError, find_gguf

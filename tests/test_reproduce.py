@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tgdpo_ray.config import ConfigError
+from tgdpo_ray.config_base import ConfigError
 from tgdpo_ray.reproduce import (GUIDANCE_RUN, GUIDED, Experiment, ExperimentError, Run, Scheduler, arms,
                                  load_experiment, run_experiment)
 from tgdpo_ray.reproduce_report import headline_ratio, steps_to

@@ -10,7 +10,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, Placement
+from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
+from tgdpo_ray.config_base import Placement
 from tgdpo_ray.errors import UserError
 
 

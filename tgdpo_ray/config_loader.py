@@ -16,7 +16,9 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import ValidationError
 
-from tgdpo_ray.config import PROMPT_SETS, QUESTION_SETS, SCORED_GUIDANCE, ConfigError, JobConfig
+from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
+from tgdpo_ray.config_base import ConfigError
+from tgdpo_ray.config_eval import PROMPT_SETS, QUESTION_SETS
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -13,7 +13,8 @@ import math
 from typing import Optional
 
 from tgdpo_ray.cluster import training_groups
-from tgdpo_ray.config import ConfigError, JobConfig
+from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config_base import ConfigError
 from tgdpo_ray.model_files import model_files
 
 FORWARD_SHARE_OF_STEP = 1 / 3

@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from tgdpo_ray.config import ConfigError, DataSection, JobConfig, Section
+from tgdpo_ray.config import DataSection, JobConfig
+from tgdpo_ray.config_base import ConfigError, Section
 from tgdpo_ray.config_loader import (apply_overrides, build_config, describe_validation_error, read_raw_config,
                                      ready_to_run)
 from tgdpo_ray.credit_task import make_task, make_task_model, write_task_data, write_warm_start_data

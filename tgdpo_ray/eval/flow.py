@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.cluster import check_fits, start_ray
-from tgdpo_ray.config import EvalModel, EvalSection, JobConfig, JudgeSection
+from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config_eval import EvalModel, EvalSection, JudgeSection
 from tgdpo_ray.eval.generation import answer_questions, engine_group, start_engine, wait_started
 from tgdpo_ray.eval.judge import (OpenAIJudge, RuleJudge, VLLMJudge, check_references, load_prompts, parse_choice,
                                   parse_rating, render)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.config import ConfigError
+from tgdpo_ray.config_base import ConfigError
 from tgdpo_ray.config_loader import import_function
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.eval.generation import call_engine
