@@ -69,20 +69,25 @@ def test_the_scheduler_keeps_the_order_runs_need_and_stops_at_the_first_failure(
     assert ran[0] == "first" and "needs-bad" not in ran
 
 
-TOY = ["seeds=2", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
+TOY = ["seeds=1", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
        "warm_start.epochs=1", "guidance.epochs=1", "arms.lr_multipliers=[1]", "probe_every=1",
        "concurrent_runs=2", "bootstrap_samples=200", "job.training.max_pairs_per_batch=8",
        "arms.clamped_guidance=false", "arms.shuffled_control=false"]
 
 
-def test_every_arm_of_a_seed_is_a_run_of_its_own_config(tmp_path):
-    """The arms the toy experiment below leaves out to save time: dpo at other learning rates, the clamped arm, the
-    shuffled control (its rewards: tests/test_credit_task.py)."""
-    experiment = Experiment(load_experiment(SPEC, TOY + [f"output_dir={tmp_path}", "arms.lr_multipliers=[1, 2]",
-                                                         "arms.clamped_guidance=true", "arms.shuffled_control=true"]),
-                            SPEC)
+def test_every_arm_of_every_seed_is_a_run_of_its_own_config(tmp_path):
+    """What the toy experiment below leaves out to save time: a second seed, dpo at other learning rates, the
+    clamped arm, the shuffled control (its rewards: tests/test_credit_task.py)."""
+    every_arm = ["seeds=2", "arms.lr_multipliers=[1, 2]", "arms.clamped_guidance=true", "arms.shuffled_control=true"]
+    experiment = Experiment(load_experiment(SPEC, TOY + [f"output_dir={tmp_path}"] + every_arm), SPEC)
     experiment.prepare(log=lambda _: None)
     runs = {run.name.split("/")[1]: run for run in experiment.seed_runs(1)}
+    second = {run.name.split("/")[1]: run for run in experiment.seed_runs(2)}
+    # Each seed has its own folder, data (its own f) and guidance model, and the same arms.
+    assert set(second) == set(runs)
+    assert second[GUIDED].config.guidance.model == str(tmp_path / "reproduce" / "seed-2" / GUIDANCE_RUN / "model")
+    paths = [Path(seed["dpo"].config.data.train.path) for seed in (runs, second)]
+    assert paths[0] != paths[1] and paths[0].read_text() != paths[1].read_text()
     assert set(runs) == {GUIDANCE_RUN, "dpo", "dpo-lr2", "tgdpo-oracle", GUIDED, f"{GUIDED}-clamped",
                          "tgdpo-shuffled"}
     learning_rate = runs["dpo"].config.training.learning_rate
@@ -101,17 +106,16 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     results = run_experiment(SPEC, TOY + [f"output_dir={tmp_path}"], log=printed.append)
     out = tmp_path / "reproduce"
     names = [GUIDANCE_RUN, "dpo", "tgdpo-oracle", GUIDED]
-    assert results["seeds"] == {name: [1, 2] for name in names}
+    assert results["seeds"] == {name: [1] for name in names}
     records = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
     for name in names:
-        for seed in (1, 2):
-            steps = [r["step"] for r in records if r["run"] == name and r["seed"] == seed]
-            assert steps == [0, 1, 2], (name, seed)  # a probe before the first step, then after every one
+        steps = [r["step"] for r in records if r["run"] == name and r["seed"] == 1]
+        assert steps == [0, 1, 2], name  # a probe before the first step, then after every one
     # Every arm of a seed starts from the same warm start on the same held-out answers.
     starts = {(r["seed"], r["slot_probability"]) for r in records if r["step"] == 0}
-    assert len(starts) == 2
+    assert len(starts) == 1
     ratio = results["tgdpo_steps_to_dpo_final_ratio"]
-    assert set(ratio) >= {"mean", "interval", "per_seed", "n", "of"} and ratio["of"] == 2
+    assert set(ratio) >= {"mean", "interval", "per_seed", "n", "of"} and ratio["of"] == 1
     for name in ("reproduce.json", "report.md", "curves.png", "accuracy_vs_kl.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -142,4 +146,4 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     # Started again, the experiment trains nothing and reports the same numbers.
     again = []
     assert run_experiment(SPEC, TOY + [f"output_dir={tmp_path}"], log=again.append)["runs"] == results["runs"]
-    assert sum("already finished" in line for line in again) == 1 + 2 * len(names)
+    assert sum("already finished" in line for line in again) == 1 + len(names)
