@@ -300,3 +300,16 @@ def test_pairs_cap_fixes_the_micro_batch_size():
     rows = [{"prompt_ids": [1] * 3, "chosen_ids": [2] * 2, "rejected_ids": [3] * 2} for _ in range(7)]
     batches = list(pack_by_token_budget(rows, max_tokens=10_000, max_pairs=2))
     assert [len(batch) for batch in batches] == [2, 2, 2, 1]
+
+
+def test_an_append_after_a_line_cut_short_starts_a_line_of_its_own(tmp_path):
+    """A process that dies while appending leaves its last line without a newline: the next record must not be
+    written onto it (and be lost with it when the broken line is skipped)."""
+    from tgdpo_ray.jsonl import append_records, read_records
+
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"a": 1}\n{"b": ')
+    append_records(path, [{"c": 2}])
+    append_records(path, [{"d": 3}])
+    assert path.read_text() == '{"a": 1}\n{"b": \n{"c": 2}\n{"d": 3}\n'
+    assert read_records(path) == [{"a": 1}, {"c": 2}, {"d": 3}]

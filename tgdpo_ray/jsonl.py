@@ -9,6 +9,7 @@ line may have been cut short by a process that died while writing it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -71,9 +72,11 @@ def read_records(path: Path, log=None) -> list[dict]:
 def append_records(path: Path, records: list[dict]) -> None:
     # A line cut short by a process that died must not swallow the next record: start on a line of its own.
     text = "".join(json.dumps(record) + "\n" for record in records)
-    with path.open("a+b") as out:
-        if out.tell() and (out.seek(-1, 2), out.read(1))[1] != b"\n":
-            text = "\n" + text
+    with path.open("a+b") as out:  # opened at its end; writes always append
+        if out.tell():
+            out.seek(-1, os.SEEK_END)
+            if out.read(1) != b"\n":
+                text = "\n" + text
         out.write(text.encode())
 
 
