@@ -5,6 +5,8 @@ by all three and graded by a vLLM judge."""
 
 import json
 
+import yaml
+
 from tgdpo_ray.demo_real import run_demo_real
 from tgdpo_ray.jsonl import read_records
 from tgdpo_ray.verifiable import write_verifiable_data
@@ -14,16 +16,13 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
     data = write_verifiable_data(str(tmp_path / "data"), train_prompts=8, heldout_prompts=2, seed=0)
     # One epoch of one step: the reference is scored while the trainer starts (stream) rather than ahead (cache).
     overrides = [f"run.output_dir={tmp_path}", "scoring.mode=stream", f"policy.model={smollm2}",
-                 f"pairs.prompts={data['prompts']}",
-                 "pairs.max_new_tokens=32", "pairs.generation.enforce_eager=true", "training.epochs=1",
-                 "training.max_steps=1", f"eval.questions.path={data['questions']}",
-                 f"eval.models.0.path={smollm2}", "eval.generation.max_new_tokens=16",
-                 "eval.generation.enforce_eager=true"]
+                 f"pairs.prompts={data['prompts']}", "pairs.max_new_tokens=32", "training.epochs=1",
+                 "training.max_steps=1", f"eval.questions.path={data['questions']}", f"eval.models.0.path={smollm2}",
+                 "eval.generation.max_new_tokens=16"]
     lines: list[str] = []
     summary = run_demo_real(overrides=overrides, log=lines.append,
                             mtbench_overrides=["eval.questions.limit=1", "eval.generation.max_new_tokens=8",
-                                               "eval.generation.enforce_eager=true", "eval.judge.max_tokens=8",
-                                               "eval.judge.enforce_eager=true", "eval.judge.parse_retries=0"])
+                                               "eval.judge.max_tokens=8", "eval.judge.parse_retries=0"])
     run_dir = tmp_path / "smollm2"
     assert json.loads((run_dir / "demo_real.json").read_text()) == summary
 
@@ -40,6 +39,8 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
         assert report["train"]["rows_read"] == len(pairs), report
     placements = [json.loads(p.read_text()) for p in (run_dir / "tgdpo" / "placement").glob("guidance-*.json")]
     assert placements, "the tgdpo stage ran a guidance pool"
+    assert yaml.safe_load((run_dir / "tgdpo" / "config.yaml").read_text())["guidance"]["model"] == \
+        str(run_dir / "dpo" / "model")
     pipeline = json.loads((run_dir / "pipeline.json").read_text())
     assert pipeline["runs"]["dpo"]["model_dir"] == str(run_dir / "dpo" / "model")
 
