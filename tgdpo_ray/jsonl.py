@@ -8,6 +8,7 @@ line may have been cut short by a process that died while writing it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ def parse_line(line: str) -> Union[dict, BadLine]:
     if not isinstance(row, dict):
         return BadLine("not_an_object", f"a JSON {type(row).__name__}, expected an object")
     return row
+
+
+def json_digest(value) -> str:
+    """A short digest of a JSON value (keys sorted): what a record on disk was computed from, to know when to reuse
+    it (eval answers and judgments, pairs samples and scores)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_records(path: Path, log=None) -> list[dict]:

@@ -14,7 +14,6 @@ scored again. Every answer of a prompt gets its own seed, so its text is the sam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -28,7 +27,7 @@ from tgdpo_ray.config import JobConfig, PairsSection, RewardModelSection
 from tgdpo_ray.config_loader import import_function
 from tgdpo_ray.data import BadRow, DataError, iter_raw_rows, to_messages
 from tgdpo_ray.errors import UserError
-from tgdpo_ray.jsonl import append_records, read_records, rewrite_records
+from tgdpo_ray.jsonl import append_records, json_digest, read_records, rewrite_records
 from tgdpo_ray.model_files import weights_identity
 
 
@@ -51,11 +50,7 @@ class Prompt:
 
     @property
     def digest(self) -> str:
-        return digest([self.messages, self.reference])
-
-
-def digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest([self.messages, self.reference])
 
 
 def pairs_log(log):
@@ -103,7 +98,7 @@ def load_prompts(section: PairsSection, log=print) -> tuple[list[Prompt], dict]:
 def sampler_identity(config: JobConfig) -> str:
     """Everything a prompt's answers depend on, besides the prompt: a sample is reused only while it is equal."""
     section = config.pairs
-    return digest([weights_identity(sampler_model(config)), section.num_samples, section.temperature,
+    return json_digest([weights_identity(sampler_model(config)), section.num_samples, section.temperature,
                    section.top_p, section.max_new_tokens, section.generation.max_model_len, config.run.seed])
 
 
@@ -186,7 +181,7 @@ def rank_answers(config: JobConfig, prompts: list[Prompt], samples: dict[int, di
     """prompt index -> its scores record ({scores, errors, ...}), scoring the prompts not already on disk. A
     failed answer (vLLM's error, or an unparseable judgment) is not scored: its score is None."""
     ranker, path = config.pairs.ranker, config.run_dir / "scores.jsonl"
-    keys = {prompt.index: digest([prompt.digest, samples[prompt.index]["identity"], ranker.identity])
+    keys = {prompt.index: json_digest([prompt.digest, samples[prompt.index]["identity"], ranker.identity])
             for prompt in prompts}
     done = {r["prompt_index"]: r for r in read_records(path, pairs_log(log)) if keys.get(r["prompt_index"]) == r["key"]}
     todo = [prompt for prompt in prompts if prompt.index not in done]
@@ -261,7 +256,7 @@ def rank_by_judge(config: JobConfig, prompts: list[Prompt], samples: dict[int, d
                     if error is None:
                         _, messages = render(templates, "single", question, 1, [[answer]])
                         tasks.append({"mode": "single", "prompt_index": prompt.index, "sample": sample,
-                                      "digest": digest([prompt.digest, sample, answer]), "messages": messages})
+                                      "digest": json_digest([prompt.digest, sample, answer]), "messages": messages})
             judged = {(r["prompt_index"], r["sample"]): r for r in ask_llm_judge(backend, judge, tasks)}
             records = []
             for prompt in batch:
@@ -318,10 +313,8 @@ def rank_by_reward_model(config: JobConfig, prompts: list[Prompt], samples: dict
     """Every answer through the reward model's Ray Data actor pool, streamed: a prompt's record is written as soon
     as all of its answers are scored (Ray Data keeps the order)."""
     import ray
-    from ray.data import ActorPoolStrategy
-
     from tgdpo_ray.eval.flow import Progress
-    from tgdpo_ray.scoring import configure_ray_data
+    from tgdpo_ray.scoring import configure_ray_data, pool_options
 
     section = config.pairs.ranker.reward_model
     items = [{"prompt_index": prompt.index, "sample": sample,
@@ -352,10 +345,7 @@ def rank_by_reward_model(config: JobConfig, prompts: list[Prompt], samples: dict
             RewardScorer, fn_constructor_kwargs=dict(model=section.model, precision=section.precision or "auto",
                                                      trust_remote_code=section.trust_remote_code,
                                                      max_length=section.max_length),
-            batch_size=section.batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=section.replica_range[0], max_size=section.replica_range[1]),
-            num_cpus=section.cpus_per_replica, num_gpus=section.gpus_per_replica,
-            resources=section.resources or None, label_selector=section.node_labels or None)
+            **pool_options(section))
         for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
             for index, sample, score in zip(batch["prompt_index"], batch["sample"], batch["score"]):
                 scores[int(index)][int(sample)] = float(score)

@@ -100,11 +100,20 @@ def ragged(arrays: list) -> np.ndarray:
     return out
 
 
-def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: JobConfig, pad_id: int,
-               token_rewards: bool = False):
+def pool_options(section: ScorerSection) -> dict:
+    """map_batches' options for an actor pool sized and placed by a scorer section (the scorer pools, and the
+    pairs job's reward model)."""
     from ray.data import ActorPoolStrategy
 
     low, high = section.replica_range
+    return dict(batch_size=section.batch_size, batch_format="numpy",
+                compute=ActorPoolStrategy(min_size=low, max_size=high), num_cpus=section.cpus_per_replica,
+                num_gpus=section.gpus_per_replica, resources=section.resources or None,
+                label_selector=section.node_labels or None)
+
+
+def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: JobConfig, pad_id: int,
+               token_rewards: bool = False):
     return dataset.map_batches(
         FrozenScorer,
         fn_constructor_kwargs=dict(
@@ -120,13 +129,7 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
             packing=config.training.packing,
             packed_row_tokens=config.training.packed_row_tokens,
         ),
-        batch_size=section.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=low, max_size=high),
-        num_cpus=section.cpus_per_replica,
-        num_gpus=section.gpus_per_replica,
-        resources=section.resources or None,
-        label_selector=section.node_labels or None,
+        **pool_options(section),
     )
 
 

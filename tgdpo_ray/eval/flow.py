@@ -11,7 +11,6 @@ identity and the generation settings, a judgment a digest of the exact messages 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -29,7 +28,7 @@ from tgdpo_ray.eval.judge import (OpenAIJudge, RuleJudge, VLLMJudge, check_refer
 from tgdpo_ray.eval.questions import Question, load_questions
 from tgdpo_ray.eval.report import format_table, write_eval_report
 from tgdpo_ray.eval.stats import length_summary, pairwise_summary, single_summary
-from tgdpo_ray.jsonl import append_records, read_records, rewrite_records
+from tgdpo_ray.jsonl import append_records, json_digest, read_records, rewrite_records
 from tgdpo_ray.model_files import weights_identity
 
 JUDGE_BATCH = 32  # judgments asked per round trip; each batch is on disk, with a progress line, before the next
@@ -39,13 +38,9 @@ def eval_log(log):
     return lambda message: log(f"[eval] {message}")
 
 
-def digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def answer_identity(model: EvalModel, evaluation: EvalSection, seed: int) -> str:
     generation = evaluation.generation
-    return digest([weights_identity(model.path), generation.max_new_tokens, generation.temperatures, seed,
+    return json_digest([weights_identity(model.path), generation.max_new_tokens, generation.temperatures, seed,
                    generation.max_model_len])
 
 
@@ -151,7 +146,7 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
                 where = [mode, fields, question.question_id, turn]
                 tasks.append({
                     "mode": mode, **fields, "question_id": question.question_id, "category": question.category,
-                    "turn": turn, "prompt": prompt, "judge": judge_id, "digest": digest([where, messages, judge_id]),
+                    "turn": turn, "prompt": prompt, "judge": judge_id, "digest": json_digest([where, messages, judge_id]),
                     # An answer that could not be generated is not sent to the judge (see judge_all).
                     "answer_errors": [r["errors"][turn - 1] for r in records if r["errors"][turn - 1]],
                     "messages": messages,
