@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/scaling.py
 	$(PY) bench/packing.py
 	$(PY) bench/trl_compare.py
+	$(PY) bench/data_path.py
 
 # The credit-assignment experiment (README "Does TGDPO learn faster than DPO?"): about 25 minutes on 2 cores.
 # Its small results (numbers and plots) are copied to bench/results/, which is committed.

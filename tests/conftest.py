@@ -105,13 +105,26 @@ def trained_pair_ids(run_dir) -> dict[int, list[int]]:
     return {epoch: sorted(ids) for epoch, ids in trained.items()}
 
 
+def local_pairs(config):
+    """(pad id, training pairs, held-out pairs or None) of a job, tokenized in this process by data.prepare_pairs:
+    the rows a run's tokenization pass must give."""
+    from tgdpo_ray.data import prepare_pairs
+    from tgdpo_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code, config.data.chat_template)
+    rewards = config.guidance.reward_columns if config.guidance_kind == "column" else None
+    quiet = lambda _: None  # noqa: E731
+    train = prepare_pairs(config.data.train, config.data, tokenizer, quiet, rewards)
+    held_out = prepare_pairs(config.data.eval, config.data, tokenizer, quiet, rewards) if config.data.eval else None
+    return tokenizer.pad_token_id, train, held_out
+
+
 def planned_step_ids(config, epoch: int) -> list[list[int]]:
     """The pair ids of each optimizer step of `epoch` as the driver plans them from the seed and the data (what
     rank 0 must deal, whatever the timing)."""
-    from tgdpo_ray.run import prepare_data
     from tgdpo_ray.steps import in_epoch_order, plan_steps, step_pair_ids
 
-    _, train, _ = prepare_data(config, log=lambda _: None)
+    _, train, _ = local_pairs(config)
     ordered = in_epoch_order(train.rows, config.run.seed, epoch, config.training.shuffle)
     return [step_pair_ids(step) for step in plan_steps(ordered, config.training, config.policy.workers)]
 

@@ -27,7 +27,10 @@ def job(tiny_model, demo_data, root: Path, name: str, *overrides: str):
 
 
 def roles(run_dir: Path) -> set:
-    return {json.loads(p.read_text())["role"] for p in (run_dir / "placement").glob("*.json")}
+    """The roles of the processes a run started besides the tokenization pass's CPU tasks (which every run has)."""
+    found = {json.loads(p.read_text())["role"] for p in (run_dir / "placement").glob("*.json")}
+    assert "tokenize" in found
+    return found - {"tokenize"}
 
 
 def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp_path):
@@ -65,21 +68,24 @@ def test_a_half_written_cache_is_never_read(ray_cluster, tiny_model, demo_data, 
     assert roles(tmp_path / "runs" / "again") == {"reference", "guidance"}
 
 
-def test_the_fingerprint_covers_everything_the_scores_depend_on(tiny_model, demo_data, tmp_path):
+def test_the_fingerprint_covers_everything_the_scores_depend_on(ray_cluster, tiny_model, demo_data, tmp_path):
     """Each change below changes the scored values; drop any of them from the fingerprint and this fails."""
+    from tgdpo_ray.data import tokenize_pair
+    from tgdpo_ray.data_pass import tokenize_split
     from tgdpo_ray.demo import CHATML_TEMPLATE, make_tiny_model
-    from tgdpo_ray.run import prepare_data
+    from tgdpo_ray.models import load_tokenizer
 
     other = str(make_tiny_model(str(tmp_path / "other"), seed=7))
     copy = shutil.copytree(tiny_model, tmp_path / "copy")
 
-    def key(*overrides: str, rows=None) -> str:
+    def key(*overrides: str) -> str:
         config = job(tiny_model, demo_data, tmp_path, "x", *overrides)
-        rows = prepare_data(config, log=lambda line: None)[1].rows if rows is None else rows
-        return fingerprint(rows, scorer_identity(config))
+        split = tokenize_split("train", config.data.train, config, log=lambda line: None)
+        return fingerprint(split.digest, scorer_identity(config))
 
     base = key()
     assert key("run.name=y") == base  # where a run writes is not what it scores
+    assert key("data.tokenize.shard_mib=0.002") == base  # nor how many workers tokenize it
     template_file = tmp_path / "template.jinja"
     template_file.write_text(CHATML_TEMPLATE)  # the tiny model's own
     assert key(f"data.chat_template={template_file}") == base
@@ -90,6 +96,21 @@ def test_the_fingerprint_covers_everything_the_scores_depend_on(tiny_model, demo
     pair["chosen"] += " indeed"
     edited = tmp_path / "edited.jsonl"
     edited.write_text("\n".join(lines[:3] + [json.dumps(pair)] + lines[4:]) + "\n")
+    # Rewards that come with the data (guidance.source: column) are part of what a cached pair holds.
+    config = job(tiny_model, demo_data, tmp_path, "x")
+    tokenizer = load_tokenizer(tiny_model)
+    rewarded = []
+    for line in lines[:64]:
+        row = json.loads(line)
+        tokens, _ = tokenize_pair(tokenizer, row, config.data)
+        rewarded.append(dict(row, chosen_token_rewards=[0.5] * len(tokens["chosen_ids"]),
+                             rejected_token_rewards=[-0.5] * len(tokens["rejected_ids"])))
+    with_rewards = tmp_path / "rewarded.jsonl"
+    with_rewards.write_text("".join(json.dumps(row) + "\n" for row in rewarded))
+    rewarded[5]["chosen_token_rewards"][0] = 0.25
+    other_rewards = tmp_path / "rewarded-other.jsonl"
+    other_rewards.write_text("".join(json.dumps(row) + "\n" for row in rewarded))
+    rewarded_base = key(f"data.train.path={with_rewards}", "guidance.source=column")
     changes = {
         "data content": key(f"data.train.path={edited}"),
         "tokenizer": key(f"policy.model={other}", f"reference.model={tiny_model}"),
@@ -105,16 +126,9 @@ def test_the_fingerprint_covers_everything_the_scores_depend_on(tiny_model, demo
         "policy precision (the scorers' default)": key("policy.precision=bf16"),
         "guidance source": key("guidance.source=token_reward_model"),
         "dpo scores the reference alone": key("loss.type=dpo"),
+        "token rewards from the data": key(f"data.train.path={other_rewards}", "guidance.source=column"),
     }
-    # Rewards that come with the data (guidance.source: column) are part of what a cached pair holds.
-    rows = prepare_data(job(tiny_model, demo_data, tmp_path, "x"), log=lambda line: None)[1].rows
-    rewarded = [dict(row, guidance_chosen_rewards=[0.5] * len(row["chosen_ids"]), guidance_rejected_rewards=[])
-                for row in rows]
-    with_rewards = key(rows=rewarded)
-    rewarded[0] = dict(rewarded[0], guidance_chosen_rewards=[0.25] * len(rows[0]["chosen_ids"]))
-    changes["token rewards from the data"] = key(rows=rewarded)
-    assert with_rewards != base
-    unchanged = [what for what, changed in changes.items() if changed in (base, with_rewards)]
+    unchanged = [what for what, changed in changes.items() if changed in (base, rewarded_base)]
     assert not unchanged, f"the fingerprint ignores: {unchanged}"
     assert len(set(changes.values())) == len(changes)
 

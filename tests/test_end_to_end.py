@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import planned_step_ids, trained_pair_ids
+from conftest import local_pairs, planned_step_ids, trained_pair_ids
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.run import run_train
 
@@ -109,6 +109,8 @@ def train_records(run_dir: Path) -> list[dict]:
 def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
     config, _ = runs["tgdpo"]
     records = placements(config.run_dir)
+    assert all(not r["gpu_ids"] for r in records if r["role"] == "tokenize")  # the tokenization pass: CPU tasks
+    records = [r for r in records if r["role"] != "tokenize"]
     roles = {record["role"] for record in records}
     assert roles == {"policy", "reference", "guidance"}
     assert sorted(r["rank"] for r in records if r["role"] == "policy") == [0, 1]
@@ -141,8 +143,6 @@ def test_every_pair_is_trained_exactly_once_per_epoch_in_the_planned_steps(runs,
 
 
 def test_loss_goes_down_and_held_out_metrics_are_those_of_the_saved_policy(runs, demo_data):
-    from tgdpo_ray.run import prepare_data
-
     for name in ("dpo", "tgdpo"):
         config, summary = runs[name]
         records = train_records(config.run_dir)
@@ -155,7 +155,7 @@ def test_loss_goes_down_and_held_out_metrics_are_those_of_the_saved_policy(runs,
         assert held_out["pairs"] == 32 and summary["eval_step"] == summary["steps"]
         # Recomputed here from the saved policy and the reference, outside Ray and DeepSpeed: the reported
         # held-out DPO loss and reward accuracy are those of the model the run wrote.
-        _, _, pairs = prepare_data(config, log=lambda _: None)
+        _, _, pairs = local_pairs(config)
         margins = dpo_margins(summary["model_dir"], config.policy.model, pairs.rows, config.loss.beta)
         undecided = (margins.abs() < 1e-4).float().mean().item()  # a sign float noise could flip
         assert abs(held_out["reward_accuracy"] - (margins > 0).float().mean().item()) <= undecided
@@ -198,7 +198,7 @@ def test_tgdpo_weights_come_from_the_guidance_model(runs):
 
 def test_simpo_runs_without_any_scorer(runs):
     config, summary = runs["simpo"]
-    assert {record["role"] for record in placements(config.run_dir)} == {"policy"}
+    assert {record["role"] for record in placements(config.run_dir)} == {"policy", "tokenize"}
     assert summary["steps"] > 0
 
 

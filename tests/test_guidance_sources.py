@@ -96,5 +96,5 @@ def run(tiny_model, root, name, train, guidance):
 def test_a_token_reward_model_guides_through_its_pool(ray_cluster, tiny_model, reward_model, demo_data, tmp_path):
     summary, records, roles = run(tiny_model, tmp_path, "reward-model", demo_data["train"],
                                   {"source": "token_reward_model", "model": reward_model})
-    assert roles == {"policy", "reference", "guidance"}
+    assert roles == {"policy", "reference", "guidance", "tokenize"}
     assert any(abs(r["chosen_weight_mean"] - 0.1) > 1e-5 for r in records)  # the head's rewards move the weights

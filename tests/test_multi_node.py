@@ -1,5 +1,6 @@
-"""Several Ray nodes on one machine (ray.cluster_utils.Cluster): groups land on the nodes their labels name,
-and a scorer node that disappears mid-run costs nothing but time."""
+"""Several Ray nodes on one machine (ray.cluster_utils.Cluster): groups land on the nodes their labels name (the
+tokenization pass on nodes other than the driver's), and a scorer node that disappears mid-run costs nothing but
+time."""
 
 import json
 import threading
@@ -41,7 +42,9 @@ def test_groups_follow_their_labels_and_survive_a_lost_scorer_node(cluster, tiny
     slow_reference = str(make_tiny_model(str(tmp_path / "slow-ref"), hidden_size=512, layers=8))
     config = build_config({
         "run": {"name": "labelled", "output_dir": str(tmp_path)},
-        "data": {"train": {"path": str(demo_data["train"]), "limit": 128}, "max_length": 64, "max_prompt_length": 32},
+        "data": {"train": {"path": str(demo_data["train"]), "limit": 128}, "max_length": 64, "max_prompt_length": 32,
+                 # Tokenized on the scorer nodes, never the driver's (the head), in several shards.
+                 "tokenize": {"node_labels": {"tgdpo-group": "scorer"}, "shard_mib": 0.01}},
         "loss": {"type": "dpo"},
         "training": {"epochs": 1, "learning_rate": 1e-4, "max_tokens_per_batch": 512},
         "policy": {"model": tiny_model, "workers": 2, "gpus_per_worker": 1,
@@ -63,6 +66,8 @@ def test_groups_follow_their_labels_and_survive_a_lost_scorer_node(cluster, tiny
     assert "summary" in outcome, "the run did not finish"
 
     records = placements(config.run_dir)
+    assert {r["node_id"] for r in records if r["role"] == "tokenize"} <= {node_ids["scorer-a"], node_ids["scorer-b"]}
+    assert any(r["role"] == "tokenize" for r in records)
     assert {r["node_id"] for r in records if r["role"] == "policy"} == {node_ids["policy"]}
     scorer_nodes = {r["node_id"] for r in records if r["role"] == "reference"}
     assert scorer_nodes == {node_ids["scorer-a"], node_ids["scorer-b"]}  # moved to the other scorer node

@@ -8,7 +8,7 @@ from tgdpo_ray.cli import main
 from tgdpo_ray.config_base import ConfigError
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.demo import make_tiny_model
-from tgdpo_ray.plan import format_plan, make_plan, parameter_count, parse_cluster
+from tgdpo_ray.plan import format_plan, make_plan, measure_data, parameter_count, parse_cluster
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,20 @@ def test_a_pipeline_with_a_pairs_stage_says_what_that_stage_holds(capsys):
     assert main(["plan", "--config", str(spec), "--cluster", "gpus=16,cpus=160"]) == 0
     out = capsys.readouterr().out
     assert "pairs stage first: 8 sampling engine(s) of 1 GPU(s), then the reward model's pool of 1-8 replica(s)" in out
+
+
+def test_measure_adds_the_tokenized_data_and_each_layout(ray_cluster, tiny_model, demo_data, big_guidance, tmp_path,
+                                                         capsys):
+    import yaml
+
+    spec = tmp_path / "job.yaml"
+    config = job(tiny_model, demo_data, big_guidance, "training.packing=packed", f"run.output_dir={tmp_path}")
+    spec.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert main(["plan", "--config", str(spec), "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "data: 384 pairs (0 skipped)" in out and "packed" in out and "<- training.packing" in out
+    data = measure_data(config, log=lambda _: None)
+    layouts = data["layouts"]
+    # Padding costs tokens; a shared prompt is counted once.
+    assert layouts["padded"]["tokens"] > layouts["packed"]["tokens"] > layouts["shared_prompt"]["tokens"]
+    assert layouts["packed"]["tokens"] == data["tokens"]["chosen"] + data["tokens"]["rejected"] + 2 * data["tokens"]["prompt"]

@@ -130,7 +130,7 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     assert oracle["guidance"]["reward_columns"]["chosen"] == "oracle_chosen"
     assert not list((seed_one / "tgdpo-oracle" / "scoring").glob("guidance-*"))
     assert {json.loads(path.read_text())["role"] for path in (seed_one / "tgdpo-oracle" / "placement").glob("*")} \
-        == {"policy", "reference"}
+        == {"policy", "reference", "tokenize"}
     # Every answer has the same tokens and one reward of +-c, so each token's weight is beta (1 + alpha r) and
     # a step's mean weight is beta (1 + alpha c / tokens) on both sides.
     pair = json.loads((seed_one / "data" / "train.jsonl").read_text().splitlines()[0])

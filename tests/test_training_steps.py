@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import local_pairs
 from safetensors.torch import load_file
 
 from tgdpo_ray.batches import pack_by_token_budget
 from tgdpo_ray.config import TrainingSection
 from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.run import prepare_data, run_train
-from tgdpo_ray.steps import StepShare, epoch_positions, in_epoch_order, plan_steps
+from tgdpo_ray.run import run_train
+from tgdpo_ray.steps import StepShare, epoch_order, in_epoch_order, plan_steps
 
 PAIRS = 12
 
@@ -25,11 +26,10 @@ def rows_of_lengths(lengths: list[int]) -> list[dict]:
 
 def test_each_epoch_has_its_own_seeded_order_and_file_order_without_shuffle():
     ids = list(range(100))
-    orders = {(seed, epoch): sorted(ids, key=epoch_positions(ids, seed, epoch, True).get)
-              for seed in (0, 1) for epoch in (0, 1)}
+    orders = {(seed, epoch): epoch_order(len(ids), seed, epoch, True).tolist() for seed in (0, 1) for epoch in (0, 1)}
     assert all(sorted(order) == ids for order in orders.values())  # permutations: every pair once
     assert len({tuple(order) for order in orders.values()}) == 4  # another seed or epoch: another order
-    assert orders[(0, 1)] == sorted(ids, key=epoch_positions(ids, 0, 1, True).get)  # the same on every call
+    assert orders[(0, 1)] == epoch_order(len(ids), 0, 1, True).tolist()  # the same on every call
     assert orders[(0, 0)] != ids
     rows = rows_of_lengths([5] * 10)
     assert [row["pair_id"] for row in in_epoch_order(rows[::-1], 0, 3, shuffle=False)] == list(range(10))
@@ -75,7 +75,7 @@ def step_in_this_process(config) -> tuple[float, float, torch.Tensor]:
     from tgdpo_ray.losses import build_loss
     from tgdpo_ray.training import build_engine, load_policy, train_step
 
-    pad_id, train, _ = prepare_data(config, log=lambda _: None)
+    pad_id, train, _ = local_pairs(config)
     engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=1, world_size=1)
     plan = plan_steps(in_epoch_order(train.rows, config.run.seed, 0, shuffle=True), config.training, 1)
     share = deal_step(plan, rank=0, world_size=1)
@@ -93,7 +93,7 @@ def test_every_pair_of_a_step_weighs_the_same_however_the_step_is_cut(one_proces
 
     config = one_step_config(tiny_model, demo_data, tmp_path, max_tokens_per_batch=BUDGET,
                              gradient_accumulation_steps=3)
-    _, train, _ = prepare_data(config, log=lambda _: None)
+    _, train, _ = local_pairs(config)
     sizes = [len(batch) for batch in pack_by_token_budget(in_epoch_order(train.rows, 5, 0, True), BUDGET)]
     assert len(set(sizes)) > 1 and len(sizes) == 3, sizes
     variants = {"one worker, three uneven micro-batches": step_in_this_process(config)}
@@ -143,7 +143,7 @@ def test_gradient_checkpointing_runs_from_the_first_step(one_process_group, tiny
                                     "max_prompt_length": 32},
                            "training": {"gradient_checkpointing": True},
                            "policy": {"model": tiny_model, "zero_stage": 0}})
-    pad_id, train, _ = prepare_data(config, log=lambda _: None)
+    pad_id, train, _ = local_pairs(config)
     model = load_policy(config, torch.device("cpu"))
     assert not model.training  # from_pretrained's mode: checkpointing (and dropout) would be off in it
     checkpointed = []
@@ -215,7 +215,7 @@ def test_sft_trains_the_chosen_answers_likelihood(one_process_group, tiny_model,
 
     config = one_step_config(tiny_model, demo_data, tmp_path, loss="sft", max_tokens_per_batch=10**5)
     assert not config.needs_reference and config.guidance_kind is None  # no scorer pool runs
-    pad_id, train, _ = prepare_data(config, log=lambda _: None)
+    pad_id, train, _ = local_pairs(config)
     engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=4, world_size=1)
     share = deal_step(plan_steps(train.rows, config.training, 1), rank=0, world_size=1)
     sft = build_loss(config.loss)

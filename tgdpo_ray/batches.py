@@ -11,7 +11,7 @@ column P - 1 + j. Keeping the logits' shape avoids slicing them, which would cop
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,42 +22,77 @@ from tgdpo_ray.losses import PairBatch
 IGNORE_INDEX = -100
 
 
-def pair_length(row) -> int:
-    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+def pair_lengths(row) -> tuple[int, int, int]:
+    return len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])
 
 
-def padded_tokens(rows: Sequence) -> int:
-    """Tokens a micro-batch costs once chosen and rejected rows are padded to the longest."""
-    return 2 * len(rows) * max(pair_length(row) for row in rows)
+class MicroBatchSize:
+    """A micro-batch's size in a layout (training.packing), pairs joining one at a time: padded counts chosen
+    and rejected rows padded to the longest pair; packed counts each pair's prompt twice, shared_prompt once."""
 
+    def __init__(self, packing: str = "padded"):
+        self.packing = packing
+        self.pairs = self.prompts = self.answers = self.longest = 0
 
-def packed_tokens(rows: Sequence, shared_prompt: bool) -> int:
-    """Tokens a micro-batch costs without padding: each pair's prompt twice, or once when shared."""
-    prompts = sum(len(row["prompt_ids"]) for row in rows)
-    answers = sum(len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in rows)
-    return answers + (prompts if shared_prompt else 2 * prompts)
+    def _tokens(self, pairs: int, prompts: int, answers: int, longest: int) -> int:
+        if self.packing == "padded":
+            return 2 * pairs * longest
+        return answers + (prompts if self.packing == "shared_prompt" else 2 * prompts)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens(self.pairs, self.prompts, self.answers, self.longest)
+
+    def with_pair(self, prompt: int, chosen: int, rejected: int) -> int:
+        """The size once a pair of these lengths joins."""
+        return self._tokens(self.pairs + 1, self.prompts + prompt, self.answers + chosen + rejected,
+                            max(self.longest, prompt + max(chosen, rejected)))
+
+    def add(self, prompt: int, chosen: int, rejected: int) -> "MicroBatchSize":
+        self.pairs += 1
+        self.prompts += prompt
+        self.answers += chosen + rejected
+        self.longest = max(self.longest, prompt + max(chosen, rejected))
+        return self
 
 
 def micro_batch_tokens(rows: Sequence, packing: str = "padded") -> int:
     """What a micro-batch costs in the given layout (training.packing): padded, packed or shared_prompt."""
-    if packing == "padded":
-        return padded_tokens(rows)
-    return packed_tokens(rows, shared_prompt=packing == "shared_prompt")
+    size = MicroBatchSize(packing)
+    for row in rows:
+        size.add(*pair_lengths(row))
+    return size.tokens
+
+
+def padded_tokens(rows: Sequence) -> int:
+    return micro_batch_tokens(rows, "padded")
+
+
+def packed_tokens(rows: Sequence, shared_prompt: bool) -> int:
+    return micro_batch_tokens(rows, "shared_prompt" if shared_prompt else "packed")
+
+
+def cut_by_token_budget(items: Iterable[tuple[Any, tuple[int, int, int]]], max_tokens: int,
+                        max_pairs: Optional[int] = None, packing: str = "padded") -> Iterator[list]:
+    """Greedy, order-preserving, over (item, (prompt, chosen, rejected) lengths): a micro-batch grows while its
+    size in the layout `packing` stays within max_tokens (and it holds at most max_pairs pairs). A pair larger
+    than the budget on its own still forms a micro-batch of one: it is never dropped."""
+    batch: list = []
+    size = MicroBatchSize(packing)
+    for item, lengths in items:
+        if batch and (size.with_pair(*lengths) > max_tokens or len(batch) == max_pairs):
+            yield batch
+            batch, size = [], MicroBatchSize(packing)
+        batch.append(item)
+        size.add(*lengths)
+    if batch:
+        yield batch
 
 
 def pack_by_token_budget(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None,
                          packing: str = "padded") -> Iterator[list]:
-    """Greedy, order-preserving: a micro-batch grows while its size in the layout `packing` stays within
-    max_tokens (and it holds at most max_pairs pairs). A pair larger than the budget on its own still forms a
-    micro-batch of one: it is never dropped."""
-    batch: list = []
-    for row in rows:
-        if batch and (micro_batch_tokens(batch + [row], packing) > max_tokens or len(batch) == max_pairs):
-            yield batch
-            batch = []
-        batch.append(row)
-    if batch:
-        yield batch
+    """The rows cut into micro-batches (cut_by_token_budget)."""
+    return cut_by_token_budget(((row, pair_lengths(row)) for row in rows), max_tokens, max_pairs, packing)
 
 
 def collate_pairs(rows: Sequence, pad_id: int) -> dict[str, torch.Tensor]:

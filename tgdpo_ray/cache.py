@@ -2,7 +2,8 @@
 
 The reference and guidance log-probs of a pair are a pure function of the pair's token ids (which already
 encode the dataset content, the tokenizer, the chat template and the length limits) and of the frozen models'
-weights (whole files) and precision. Their hash is the fingerprint; scored pairs live in Parquet under
+weights (whole files) and precision. The tokenization pass digests every kept pair's ids and tokens as it goes
+(the driver never holds them); that digest and the scorers' identity make the fingerprint; scored pairs live in Parquet under
 `<cache_dir>/<fingerprint>/`, on any filesystem pyarrow knows (a local path, s3://, gs://, ...).
 
 A cache folder counts only once its `_COMPLETE.json` marker exists, written last: a run that died while
@@ -16,11 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from tgdpo_ray.batches import score_columns
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.model_files import weights_identity
 
-CACHE_FORMAT = 1  # bump when the meaning of the cached columns changes
+CACHE_FORMAT = 2  # bump when the meaning of the cached columns changes
 MARKER = "_COMPLETE.json"
 ROWS_PER_FILE = 20_000
 # A cache of at most this many bytes is read by the driver itself: each of Ray Data's read tasks costs a process
@@ -49,13 +49,11 @@ def scorer_identity(config: JobConfig) -> dict:
     return identity
 
 
-def fingerprint(rows: list, identity: dict) -> str:
+def fingerprint(data_digest: str, identity: dict) -> str:
+    """The cache key: the tokenized pairs' digest (data_pass.TokenizedSplit.digest: ids, tokens and any rewards
+    that came with the data) and the scorers' identity."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
-    for row in rows:
-        # Rewards that came with the data (guidance.source: column) are part of what a cached pair holds.
-        fields = [row.get(key) for key in ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids",
-                                           *score_columns("guidance", "rewards"))]
-        digest.update(json.dumps(fields).encode())
+    digest.update(data_digest.encode())
     return digest.hexdigest()[:24]
 
 
@@ -78,27 +76,28 @@ def write_marker(filesystem, folder: str, record: dict) -> None:
         handle.write(json.dumps(record, indent=2).encode())
 
 
-def cached_scored_dataset(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
-    """The scored pairs of `rows`, read from the cache; scored and written first when missing."""
+def cached_scored_dataset(split, config: JobConfig, pad_id: int, log=print):
+    """The scored pairs of a tokenized split (data_pass.TokenizedSplit), read from the cache; scored and written
+    first when missing."""
     from tgdpo_ray.scoring import scored_dataset
 
     identity = scorer_identity(config)
-    key = fingerprint(rows, identity)
+    key = fingerprint(split.digest, identity)
     filesystem, root = resolve_filesystem(config.scoring.cache_dir)
     folder = f"{root}/{key}"
     where = f"{config.scoring.cache_dir}/{key}"
     if is_complete(filesystem, folder):
-        log(f"[cache] {split}: {len(rows)} scored pairs from {where} (no scorer starts)")
+        log(f"[cache] {split.name}: {len(split)} scored pairs from {where} (no scorer starts)")
     else:
         clear_partial(filesystem, folder, log)
-        log(f"[cache] {split}: scoring {len(rows)} pairs into {where}")
+        log(f"[cache] {split.name}: scoring {len(split)} pairs into {where}")
         started = time.perf_counter()
         # Few large files: every read task costs a process start, which dwarfs reading a small file.
-        scored_dataset(rows, config, pad_id).write_parquet(folder, filesystem=filesystem,
-                                                           min_rows_per_file=ROWS_PER_FILE)
-        write_marker(filesystem, folder, {"pairs": len(rows), "split": split, "fingerprint": key,
+        scored_dataset(split.pairs, config, pad_id).write_parquet(folder, filesystem=filesystem,
+                                                                  min_rows_per_file=ROWS_PER_FILE)
+        write_marker(filesystem, folder, {"pairs": len(split), "split": split.name, "fingerprint": key,
                                           "scorers": identity, "seconds": time.perf_counter() - started})
-        log(f"[cache] {split}: scored in {time.perf_counter() - started:.1f}s")
+        log(f"[cache] {split.name}: scored in {time.perf_counter() - started:.1f}s")
     # Read once into the object store (spilled to disk if large): later epochs start without read tasks.
     return read_cache(filesystem, folder)
 

@@ -9,7 +9,7 @@
     tgdpo-ray demo [--config jobs/demo.yaml] [--set ...]       the demo pipeline on a local Ray
     tgdpo-ray demo-real [--config jobs/smollm2-pipeline.yaml]   the small real pipeline: SmolLM2, pairs, DPO, TGDPO
     tgdpo-ray check-config --config JOB.yaml [--set ...]       validate and print with defaults
-    tgdpo-ray plan --config JOB.yaml [--cluster gpus=N,cpus=N]  GPUs per group, scorer replicas needed
+    tgdpo-ray plan --config JOB.yaml [--cluster gpus=N,cpus=N] [--measure]  GPUs per group, scorer replicas, data
     tgdpo-ray submit JOB.yaml --address URL [--set ...] [--wait]
     tgdpo-ray status|logs|stop ID, tgdpo-ray list               Ray Jobs on a cluster
     tgdpo-ray report RUN_DIR                                    plots and a summary of a run
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(plan)
     plan.add_argument("--cluster", default=None, metavar="gpus=N,cpus=N",
                       help="plan for this cluster instead of the one at ray.address / RAY_ADDRESS")
+    plan.add_argument("--measure", action="store_true",
+                      help="tokenize the training data (on the cluster's CPUs, or a local Ray) and add its pairs, "
+                           "tokens, and each layout's tokens and steps per epoch")
 
     submit = commands.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs)")
     submit.add_argument("spec", help="job spec (YAML) inside the working directory")
@@ -176,7 +179,7 @@ def plan_command(args: argparse.Namespace) -> str:
     import os
 
     from tgdpo_ray.config_loader import load_config
-    from tgdpo_ray.plan import format_plan, make_plan, parse_cluster
+    from tgdpo_ray.plan import format_plan, make_plan, measure_data, parse_cluster
 
     config = load_config(args.config, args.overrides, check_paths=False)
     if config.kind == "eval":
@@ -196,7 +199,16 @@ def plan_command(args: argparse.Namespace) -> str:
         cluster = ray.cluster_resources()
     else:
         cluster = None
-    return format_plan(make_plan(config, cluster))
+    plan = make_plan(config, cluster)
+    if args.measure:
+        from tgdpo_ray.cluster import start_ray
+
+        if config.data.train is None:
+            raise UserError("plan --measure measures data.train; this pipeline's pairs stage makes its training "
+                            "data, so there is none to measure yet")
+        start_ray(config, log_to_driver=False)
+        plan["data"] = measure_data(config)
+    return format_plan(plan)
 
 
 def run_jobs_command(args: argparse.Namespace) -> int:

@@ -52,6 +52,16 @@ class Columns(Section):
                                                           "as chosen")
 
 
+class TokenizeSection(Placement):
+    workers: Optional[int] = Field(default=None, gt=0, description="Ray Data tasks that read, validate and "
+                                   "tokenize at once, each loading the tokenizer once per worker process; null: as "
+                                   "many as there are shards and free CPUs")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs each tokenizing task holds")
+    shard_mib: float = Field(default=16, gt=0, description="what one task reads: a byte range of a .jsonl file, "
+                             "runs of a Parquet file's row groups, or a slice of a .json list or a dataset, of "
+                             "about this many MiB")
+
+
 class DataSection(Section):
     train: Optional[DataSource] = Field(default=None, description="the training pairs; a path alone is shorthand "
                                         "for {path: ...}. Required, except in a pipeline with a pairs section, "
@@ -72,6 +82,8 @@ class DataSection(Section):
     chat_template: Optional[str] = Field(
         default=None, description="a Jinja template, or the path of a file holding one, replacing the tokenizer's "
         "chat template; null: the tokenizer's own")
+    tokenize: TokenizeSection = Field(default=TokenizeSection(), description="the tokenization pass: where and "
+                                      "how wide Ray Data reads, validates and tokenizes the pairs")
 
     @field_validator("train", "eval", mode="before")
     @classmethod

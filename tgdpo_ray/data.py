@@ -19,7 +19,7 @@ from tgdpo_ray.batches import score_columns
 from tgdpo_ray.config import Columns, DataSection, DataSource, RewardColumns
 from tgdpo_ray.config_loader import looks_local
 from tgdpo_ray.errors import UserError
-from tgdpo_ray.jsonl import BadLine, numbered_lines
+from tgdpo_ray.jsonl import BadLine, parse_line, text_lines
 
 BAD_ROW_REASONS = {
     "missing_field": "a prompt, chosen or rejected field is missing or null",
@@ -51,22 +51,59 @@ class BadRow(Exception):
 
 
 @dataclass
-class PreparedData:
-    rows: list[dict]  # {"pair_id", "prompt_ids", "chosen_ids", "rejected_ids"}
-    total: int
+class RowTally:
+    """What one source's rows came to, whoever read them (this process, or the tokenization pass's workers):
+    read, kept, skipped per reason with the first examples, truncated. Under data.bad_rows: error the first bad
+    row stops the run, named by its file and its line or row."""
+
+    path: str
+    bad_rows: str  # error | skip
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
     bad_counts: Counter = field(default_factory=Counter)
     bad_examples: list[dict] = field(default_factory=list)  # the first few skipped: line or row, reason
-    truncated: int = 0
+
+    def bad(self, unit: str, number: int, reason: str, detail: str) -> None:
+        if self.bad_rows == "error":
+            raise DataError(f"{self.path}: {unit} {number}: {reason}: {detail}"
+                            " (set data.bad_rows: skip to drop such rows and count them)")
+        self.bad_counts[reason] += 1
+        if len(self.bad_examples) < 20:
+            self.bad_examples.append({unit: number, "reason": reason, "detail": detail})
+
+    def finish(self, log=print) -> None:
+        if not self.kept:
+            raise DataError(f"{self.path}: no usable pairs ({self.total} rows read, {dict(self.bad_counts)})")
+        if self.bad_counts:
+            counts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.bad_counts.items()))
+            log(f"[data] {self.path}: skipped {sum(self.bad_counts.values())} of {self.total} rows ({counts})")
 
     def report(self) -> dict:
         return {
             "rows_read": self.total,
-            "rows_kept": len(self.rows),
+            "rows_kept": self.kept,
             "rows_skipped": sum(self.bad_counts.values()),
             "skipped_by_reason": dict(self.bad_counts),
             "pairs_truncated": self.truncated,
             "skipped_examples": self.bad_examples,
         }
+
+
+@dataclass
+class PreparedData:
+    """A source validated and tokenized in this process (small data, tests and tools; a job's driver uses the
+    tokenization pass of data_pass.py instead)."""
+
+    rows: list[dict]  # {"pair_id", "prompt_ids", "chosen_ids", "rejected_ids"}
+    tally: RowTally
+
+    @property
+    def bad_counts(self) -> Counter:
+        return self.tally.bad_counts
+
+    def report(self) -> dict:
+        return self.tally.report()
 
 
 # ---------------------------------------------------------------- loading
@@ -78,25 +115,29 @@ def iter_raw_rows(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]
     as a BadRow, so that data.bad_rows treats it as it treats any other bad row."""
     path = os.path.expanduser(source.path)
     if path.endswith(".jsonl"):
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path)
     elif path.endswith(".json"):
-        yield from _iter_json(path)
+        yield from iter_json_items(read_json_list(path))
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        yield from _iter_arrow(pq.read_table(path).to_batches())
+        yield from iter_arrow(pq.read_table(path).to_batches())
     else:
-        yield from _iter_hf_dataset(source)
+        yield from iter_arrow(load_hf_dataset(source).with_format("arrow").iter(batch_size=1000))
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[str, int, dict | BadRow]]:
-    for line_number, row in numbered_lines(path):
-        yield "line", line_number, BadRow(row.reason, row.detail) if isinstance(row, BadLine) else row
+def iter_jsonl(path: str, start: int = 0, end: Optional[int] = None,
+               first_line: int = 1) -> Iterator[tuple[str, int, dict | BadRow]]:
+    """The non-blank lines of a .jsonl file, or of its bytes [start, end) whose first line is `first_line`."""
+    for line_number, line in enumerate(text_lines(path, start, end), start=first_line):
+        if line.strip():
+            row = parse_line(line)
+            yield "line", line_number, BadRow(row.reason, row.detail) if isinstance(row, BadLine) else row
 
 
-def _iter_json(path: str) -> Iterator[tuple[str, int, dict | BadRow]]:
-    # One document: bytes that are not UTF-8 or JSON that does not parse spoil the whole file, so they stop the
-    # run whatever data.bad_rows says; the message names the line.
+def read_json_list(path: str) -> list:
+    """The items of a .json file's list. One document: bytes that are not UTF-8 or JSON that does not parse spoil
+    the whole file, so they stop the run whatever data.bad_rows says; the message names the line."""
     raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)  # as utf-8-sig reads it
     try:
         text = raw.decode("utf-8")
@@ -111,16 +152,20 @@ def _iter_json(path: str) -> Iterator[tuple[str, int, dict | BadRow]]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
-    for number, row in enumerate(data, start=1):
+    return data
+
+
+def iter_json_items(items: list, number: int = 0) -> Iterator[tuple[str, int, dict | BadRow]]:
+    """Items of a JSON list, numbered from number + 1."""
+    for number, row in enumerate(items, start=number + 1):
         if not isinstance(row, dict):
             row = BadRow("not_an_object", f"a JSON {type(row).__name__}, expected an object")
         yield "row", number, row
 
 
-def _iter_arrow(batches) -> Iterator[tuple[str, int, dict | BadRow]]:
-    """Rows of Arrow record batches or tables (Parquet, datasets). Arrow does not check that strings read from a
-    file are UTF-8: Python decodes them here, so a bad string spoils its row only."""
-    number = 0
+def iter_arrow(batches, number: int = 0) -> Iterator[tuple[str, int, dict | BadRow]]:
+    """Rows of Arrow record batches or tables (Parquet, datasets), numbered from number + 1. Arrow does not check
+    that strings read from a file are UTF-8: Python decodes them here, so a bad string spoils its row only."""
     for batch in batches:
         try:
             rows = batch.to_pylist()
@@ -138,7 +183,8 @@ def _arrow_row(one_row) -> dict | BadRow:
         return BadRow("invalid_utf8", f"a string holds byte 0x{err.object[err.start]:02x}, which is not UTF-8")
 
 
-def _iter_hf_dataset(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]]:
+def load_hf_dataset(source: DataSource):
+    """A local dataset folder (Dataset.save_to_disk) or a hub dataset, as a datasets.Dataset (memory-mapped)."""
     import datasets
 
     if looks_local(source.path) and not os.path.exists(os.path.expanduser(source.path)):
@@ -148,13 +194,12 @@ def _iter_hf_dataset(source: DataSource) -> Iterator[tuple[str, int, dict | BadR
             dataset = datasets.load_from_disk(source.path)  # written by Dataset.save_to_disk
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = dataset[source.split]
-        else:
-            dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+            return dataset
+        return datasets.load_dataset(source.path, source.subset, split=source.split)
     except KeyError:
         raise DataError(f"dataset {source.path!r} has no split {source.split!r}") from None
     except Exception as err:  # datasets raises many types; the user needs the name and the reason
         raise DataError(f"cannot load dataset {source.path!r} (split {source.split!r}): {err}") from None
-    yield from _iter_arrow(dataset.with_format("arrow").iter(batch_size=1000))
 
 
 # ---------------------------------------------------------------- validation
@@ -266,33 +311,36 @@ def tokenize_pair(tokenizer, row: dict, data: DataSection,
     return tokens, truncated
 
 
+def unit_of(source: DataSource) -> str:
+    """How a row of the source is named in messages: a line of a .jsonl file, a row of anything else."""
+    return "line" if source.path.endswith(".jsonl") else "row"
+
+
+def prepare_row(tokenizer, row: dict | BadRow, data: DataSection,
+                reward_columns: Optional[RewardColumns] = None) -> tuple[dict, bool]:
+    """tokenize_pair of a row as read: a record that could not be read is a BadRow already."""
+    if isinstance(row, BadRow):
+        raise row
+    return tokenize_pair(tokenizer, row, data, reward_columns)
+
+
 def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print,
                   reward_columns: Optional[RewardColumns] = None) -> PreparedData:
-    """Validates and tokenizes every row of one source; bad rows stop the run or are counted, per data.bad_rows."""
-    prepared = PreparedData(rows=[], total=0)
+    """Validates and tokenizes every row of one source here; bad rows stop the run or are counted, per
+    data.bad_rows."""
+    prepared = PreparedData(rows=[], tally=RowTally(source.path, data.bad_rows))
+    tally = prepared.tally
     for index, (unit, number, row) in enumerate(iter_raw_rows(source)):
         if source.limit is not None and index >= source.limit:
             break
-        prepared.total += 1
+        tally.total += 1
         try:
-            if isinstance(row, BadRow):  # the record itself could not be read
-                raise row
-            tokens, truncated = tokenize_pair(tokenizer, row, data, reward_columns)
+            tokens, truncated = prepare_row(tokenizer, row, data, reward_columns)
         except BadRow as bad:
-            if data.bad_rows == "error":
-                raise DataError(
-                    f"{source.path}: {unit} {number}: {bad.reason}: {bad.detail}"
-                    " (set data.bad_rows: skip to drop such rows and count them)"
-                ) from None
-            prepared.bad_counts[bad.reason] += 1
-            if len(prepared.bad_examples) < 20:
-                prepared.bad_examples.append({unit: number, "reason": bad.reason, "detail": bad.detail})
+            tally.bad(unit, number, bad.reason, bad.detail)
             continue
-        prepared.truncated += truncated
+        tally.kept += 1
+        tally.truncated += truncated
         prepared.rows.append({"pair_id": index, **tokens})
-    if not prepared.rows:
-        raise DataError(f"{source.path}: no usable pairs ({prepared.total} rows read, {dict(prepared.bad_counts)})")
-    if prepared.bad_counts:
-        counts = ", ".join(f"{reason}={count}" for reason, count in sorted(prepared.bad_counts.items()))
-        log(f"[data] {source.path}: skipped {sum(prepared.bad_counts.values())} of {prepared.total} rows ({counts})")
+    tally.finish(log)
     return prepared

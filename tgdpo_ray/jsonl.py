@@ -9,11 +9,12 @@ line may have been cut short by a process that died while writing it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,39 @@ class BadLine:
 
 def numbered_lines(path: Union[str, Path]) -> Iterator[tuple[int, Union[dict, BadLine]]]:
     """(1-based line number, the line's JSON object or a BadLine) for every non-blank line of a user's file."""
-    # utf-8-sig drops a byte-order mark; surrogateescape keeps bytes that are not UTF-8 (as lone surrogates), so
-    # that only the line holding them is bad and the lines after it are still read.
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield line_number, parse_line(line)
+    for line_number, line in enumerate(text_lines(path), start=1):
+        if line.strip():
+            yield line_number, parse_line(line)
+
+
+def text_lines(path: Union[str, Path], start: int = 0, end: Optional[int] = None) -> Iterator[str]:
+    """The lines of a user's text file, or of its bytes [start, end) when a range starts a line: a file read in
+    parts (data_pass.py) gives exactly the lines of the whole file read at once."""
+    # utf-8-sig drops a byte-order mark (at the file's start only); surrogateescape keeps bytes that are not
+    # UTF-8 (as lone surrogates), so that only the line holding them is bad and the lines after it are still read.
+    encoding = "utf-8-sig" if start == 0 else "utf-8"
+    if start == 0 and end is None:
+        with open(path, encoding=encoding, errors="surrogateescape") as handle:
+            yield from handle
+        return
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        chunk = handle.read() if end is None else handle.read(end - start)
+    yield from io.TextIOWrapper(io.BytesIO(chunk), encoding=encoding, errors="surrogateescape")
+
+
+def line_starts(path: Union[str, Path], every: int) -> list[int]:
+    """Byte offsets that cut a file into ranges of about `every` bytes, each starting a line (0 first)."""
+    starts = [0]
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        while starts[-1] + every < size:
+            handle.seek(starts[-1] + every)
+            handle.readline()  # to the end of the line the cut fell in: a cut after "\n" splits neither "\r\n"
+            if handle.tell() >= size:  # nor a UTF-8 character
+                break
+            starts.append(handle.tell())
+    return starts
 
 
 def parse_line(line: str) -> Union[dict, BadLine]:

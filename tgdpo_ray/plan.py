@@ -100,6 +100,35 @@ def pairs_stage(config: JobConfig) -> Optional[str]:
     return text + f"the {ranker.type} ranker (no GPU)"
 
 
+def measure_data(config: JobConfig, log=print) -> dict:
+    """The training data as the tokenization pass measures it (Ray started): pairs, tokens, and what an epoch
+    costs in each layout with the job's token budget, in its first epoch's order."""
+    from tgdpo_ray.data_pass import tokenize_split
+    from tgdpo_ray.steps import epoch_order, epoch_shape
+
+    split = tokenize_split("train", config.data.train, config, log)
+    order = epoch_order(len(split), config.run.seed, 0, config.training.shuffle)
+    layouts = {}
+    for packing in ("padded", "packed", "shared_prompt"):
+        training = config.training.model_copy(update={"packing": packing})
+        shape = epoch_shape(split.lengths, order, training, config.policy.workers)
+        layouts[packing] = {"steps": shape.steps, "micro_batches": shape.micro_batches, "tokens": shape.tokens}
+    return {"pairs": len(split), "skipped": split.report()["rows_skipped"], "tokens": split.report()["tokens"],
+            "epochs": config.training.epochs, "packing": config.training.packing, "layouts": layouts}
+
+
+def format_data(data: dict) -> list[str]:
+    tokens = data["tokens"]
+    lines = [f"data: {data['pairs']} pairs ({data['skipped']} skipped); tokens: prompts {tokens['prompt']}, chosen "
+             f"{tokens['chosen']}, rejected {tokens['rejected']}; longest pair {tokens['longest_pair']}"]
+    padded = data["layouts"]["padded"]["tokens"]
+    for packing, layout in data["layouts"].items():
+        mark = " <- training.packing" if packing == data["packing"] else ""
+        lines.append(f"  {packing:<13} {layout['tokens']:>12} tokens/epoch ({layout['tokens'] / padded:.0%} of padded),"
+                     f" {layout['steps']} steps/epoch x {data['epochs']} epoch(s){mark}")
+    return lines
+
+
 def format_plan(plan: dict) -> str:
     span = lambda pair: f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}-{pair[1]:g}"  # noqa: E731
     lines = [f"{'group':<10} {'processes':>9} {'GPUs each':>9} {'GPUs':>7}  labels"]
@@ -118,5 +147,7 @@ def format_plan(plan: dict) -> str:
         lines.append("(model sizes unknown here: scorer models assumed as large as the policy)")
     if plan["pairs_stage"]:
         lines.append(plan["pairs_stage"])
+    if plan.get("data"):
+        lines += format_data(plan["data"])
     lines += [f"warning: {warning}" for warning in plan["warnings"]]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""The job driver: validate and tokenize on the driver, start Ray, stream pairs through the scorer pools into
-the Ray Train workers, and collect the run's summary."""
+"""The job driver: start Ray, validate and tokenize on Ray Data's CPU workers (data_pass.py), stream pairs
+through the scorer pools into the Ray Train workers, and collect the run's summary. The driver holds counts and
+token lengths, never tokens."""
 
 from __future__ import annotations
 
@@ -13,26 +14,23 @@ import numpy as np
 from tgdpo_ray.cluster import check_fits, start_ray, torch_backend, training_groups
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.config_loader import dump_config
-from tgdpo_ray.data import PreparedData, prepare_pairs
+from tgdpo_ray.data_pass import TokenizedSplit, tokenize_split
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import check_models_agree, load_tokenizer
-from tgdpo_ray.steps import epoch_dataset, in_epoch_order, plan_steps
+from tgdpo_ray.steps import epoch_dataset, epoch_order, epoch_shape
 
 
 class RunError(UserError, RuntimeError):
     """A run that failed inside Ray; the message carries the worker's own error."""
 
 
-def prepare_data(config: JobConfig, log=print) -> tuple[int, PreparedData, PreparedData | None]:
-    """Everything that can reject the input happens here, before any Ray resource starts."""
-    tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code, config.data.chat_template)
-    started = time.perf_counter()
-    rewards = config.guidance.reward_columns if config.guidance_kind == "column" else None
-    train = prepare_pairs(config.data.train, config.data, tokenizer, log, rewards)
-    held_out = prepare_pairs(config.data.eval, config.data, tokenizer, log, rewards) if config.data.eval else None
-    log(f"[data] {len(train.rows)} training pairs" + (f", {len(held_out.rows)} held-out pairs" if held_out else "")
-        + f" tokenized in {time.perf_counter() - started:.1f}s")
-    return tokenizer.pad_token_id, train, held_out
+def prepare_data(config: JobConfig, log=print) -> tuple[int, TokenizedSplit, TokenizedSplit | None]:
+    """The tokenization pass over the training and held-out sources (Ray started, no scorer or trainer yet):
+    everything that can reject the input happens here, before any GPU is held."""
+    pad_id = load_tokenizer(config.policy.model, config.policy.trust_remote_code).pad_token_id
+    train = tokenize_split("train", config.data.train, config, log)
+    held_out = tokenize_split("eval", config.data.eval, config, log) if config.data.eval else None
+    return pad_id, train, held_out
 
 
 def uses_scorers(config: JobConfig) -> bool:
@@ -44,48 +42,68 @@ def reads_cache(config: JobConfig) -> bool:
     return config.scoring.mode == "cache" and uses_scorers(config)
 
 
-def scored_pairs(rows: list, config: JobConfig, pad_id: int, split: str, log=print):
-    """The stream the trainers read: scored on the fly, or from the cache (scored into it first if missing)."""
+def scored_pairs(split: TokenizedSplit, config: JobConfig, pad_id: int, log=print):
+    """A split's pairs as the trainers read them, by pair id: scored on the fly, or from the cache (scored into
+    it first if missing)."""
     from tgdpo_ray.cache import cached_scored_dataset
     from tgdpo_ray.scoring import configure_ray_data, scored_dataset
 
     configure_ray_data()
     if reads_cache(config):
-        return cached_scored_dataset(rows, config, pad_id, split, log)
-    return scored_dataset(rows, config, pad_id)
+        return cached_scored_dataset(split, config, pad_id, log)
+    return scored_dataset(split.pairs, config, pad_id)
 
 
-def epoch_streams(rows: list, orders: list[list], config: JobConfig, pad_id: int, log=print) -> dict:
-    """One scored dataset per epoch, each in its epoch's order (`orders`, steps.in_epoch_order): streamed pairs
-    enter the scorers in that order; cached pairs are sorted into it."""
-    if not reads_cache(config):
-        return {epoch_dataset(epoch): scored_pairs(ordered, config, pad_id, "train", log)
-                for epoch, ordered in enumerate(orders)}
-    cached = scored_pairs(rows, config, pad_id, "train", log)
+def epoch_orders(split: TokenizedSplit, config: JobConfig) -> list[np.ndarray]:
+    """Each epoch's order of the training pairs (steps.epoch_order: indexes into split.pair_ids)."""
+    return [epoch_order(len(split), config.run.seed, epoch, config.training.shuffle)
+            for epoch in range(config.training.epochs)]
+
+
+def epoch_streams(split: TokenizedSplit, orders: list[np.ndarray], config: JobConfig, pad_id: int,
+                  log=print) -> dict:
+    """One scored dataset per epoch, each in its epoch's order: streamed pairs enter the scorers in that order;
+    cached pairs are scored once and sorted into it."""
+    from tgdpo_ray.scoring import scored_dataset
+
+    cached = scored_pairs(split, config, pad_id, log) if reads_cache(config) else None
     streams = {}
-    for epoch, ordered in enumerate(orders):
-        ids = np.array([row["pair_id"] for row in ordered])
-        places = np.argsort(ids)  # the place in `ordered` of each id, ids sorted
-        streams[epoch_dataset(epoch)] = cached.map_batches(
-            partial(with_places, ids=ids[places], places=places), batch_format="pyarrow").sort("place")
+    for epoch, order in enumerate(orders):
+        if cached is None:
+            streams[epoch_dataset(epoch)] = scored_dataset(in_order(split.pairs, split, order), config, pad_id)
+        else:
+            streams[epoch_dataset(epoch)] = in_order(cached, split, order, by_id=False)
     return streams
 
 
+def in_order(dataset, split: TokenizedSplit, order: np.ndarray, by_id: bool = True):
+    """`dataset` (pairs of `split`) in the order `order`. A dataset already by pair id needs no sort in file
+    order; otherwise a `place` column is added and Ray Data sorts by it (an all-to-all over the cluster)."""
+    if by_id and np.array_equal(order, np.arange(len(order))):
+        return dataset
+    places = np.empty(len(order), dtype=np.int64)
+    places[order] = np.arange(len(order))  # the place of the pair at each index of split.pair_ids
+    return dataset.map_batches(partial(with_places, ids=split.pair_ids, places=places),
+                               batch_format="pyarrow").sort("place")
+
+
 def with_places(table, ids: np.ndarray, places: np.ndarray):
-    """Adds each pair's place in the epoch's order (a `place` column) to a block of scored pairs; `ids` sorted."""
+    """Adds each pair's place in the epoch's order (a `place` column) to a block of pairs; `ids` sorted."""
     import pyarrow as pa
 
     index = np.searchsorted(ids, table["pair_id"].to_numpy())
     return table.append_column("place", pa.array(places[index]))
 
 
-def start_run_dir(config: JobConfig, log=print) -> tuple[int, PreparedData, PreparedData | None]:
-    """Creates the run folder with the config and the data report; returns the prepared data."""
+def start_run_dir(config: JobConfig, log=print) -> tuple[int, TokenizedSplit, TokenizedSplit | None]:
+    """Creates the run folder with the config, starts Ray and runs the tokenization pass; writes the data
+    report and returns the tokenized splits."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     for per_run in ("placement", "scoring"):  # records of this run's processes only
         shutil.rmtree(run_dir / per_run, ignore_errors=True)
     dump_config(config, run_dir / "config.yaml")
+    start_ray(config)
     pad_id, train, held_out = prepare_data(config, log)
     (run_dir / "data_report.json").write_text(
         json.dumps({"train": train.report(), "eval": held_out.report() if held_out else None}, indent=2)
@@ -100,10 +118,8 @@ def run_score(config: JobConfig, log=print) -> dict:
     config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"mode": "cache"})})
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
-    start_ray(config)
     check_fits(training_groups(config, with_policy=False))
-    splits = {"train": train} | ({"eval": held_out} if held_out else {})
-    counts = {split: scored_pairs(data.rows, config, pad_id, split, log).count() for split, data in splits.items()}
+    counts = {split.name: scored_pairs(split, config, pad_id, log).count() for split in (train, held_out) if split}
     log(f"[score] cached {counts} in {config.scoring.cache_dir}")
     return {"pairs": counts, "cache_dir": config.scoring.cache_dir}
 
@@ -121,15 +137,14 @@ def run_train(config: JobConfig, log=print) -> dict:
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
     training = config.training
-    orders = [in_epoch_order(train.rows, config.run.seed, epoch, training.shuffle) for epoch in range(training.epochs)]
-    # The schedule's length, whatever max_steps stops at: every epoch's plan counted here.
-    total_steps = sum(sum(1 for _ in plan_steps(ordered, training, config.policy.workers)) for ordered in orders)
+    orders = epoch_orders(train, config)
+    # The schedule's length, whatever max_steps stops at: every epoch's plan counted from the token counts.
+    total_steps = sum(epoch_shape(train.lengths, order, training, config.policy.workers).steps for order in orders)
 
-    start_ray(config)
     check_fits(training_groups(config))
-    datasets = epoch_streams(train.rows, orders, config, pad_id, log)
+    datasets = epoch_streams(train, orders, config, pad_id, log)
     if held_out:
-        datasets["eval"] = scored_pairs(held_out.rows, config, pad_id, "eval", log)
+        datasets["eval"] = scored_pairs(held_out, config, pad_id, log)
     if not config.run.resume:
         delete_checkpoints(config)
     storage_path, name = checkpoint_storage(config)

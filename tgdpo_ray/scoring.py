@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -143,14 +141,12 @@ def configure_ray_data() -> None:
     context.execution_options.preserve_order = True
 
 
-def scored_dataset(rows: list, config: JobConfig, pad_id: int, blocks: Optional[int] = None):
-    """tokenized pairs -> reference pool -> guidance pool: the stream the trainers consume."""
-    import ray
-
+def scored_dataset(pairs, config: JobConfig, pad_id: int):
+    """tokenized pairs (a Ray dataset) -> reference pool -> guidance pool: the stream the trainers consume."""
     configure_ray_data()
-    # Several blocks per scorer batch keep the pools busy and let training start on the first blocks.
-    blocks = blocks or max(1, min(len(rows), len(rows) // max(config.reference.batch_size, 1)))
-    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+    # Blocks of about a scorer batch keep every replica busy and let training start on the first blocks
+    # (a streaming repartition: it keeps the order and waits for nothing).
+    dataset = pairs.repartition(target_num_rows_per_block=config.reference.batch_size)
     if config.needs_reference:
         dataset = add_scorer(dataset, "reference", config.reference, config.reference_model, config, pad_id)
     if config.guidance_kind in SCORED_GUIDANCE:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch.distributed as dist
 
-from tgdpo_ray.batches import pack_by_token_budget
+from tgdpo_ray.batches import MicroBatchSize, cut_by_token_budget, pack_by_token_budget
 from tgdpo_ray.config import TrainingSection
 
 
@@ -27,18 +27,42 @@ def epoch_dataset(epoch: int) -> str:
     return f"train-epoch-{epoch}"
 
 
-def epoch_positions(pair_ids: Iterable[int], seed: int, epoch: int, shuffle: bool) -> dict[int, int]:
-    """pair id -> its place in the epoch's order: a permutation drawn from (seed, epoch), or file order."""
-    ids = sorted(pair_ids)
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's order of `count` pairs sorted by pair id: the index of the pair at each place, a permutation
+    drawn from (seed, epoch), or file order. A function of these four numbers alone, so the order does not
+    depend on how many workers read or tokenized the data."""
     if not shuffle:
-        return {pair_id: place for place, pair_id in enumerate(ids)}
-    order = np.random.default_rng([seed, epoch]).permutation(len(ids))
-    return {ids[index]: place for place, index in enumerate(order.tolist())}
+        return np.arange(count)
+    return np.random.default_rng([seed, epoch]).permutation(count)
 
 
 def in_epoch_order(rows: list[dict], seed: int, epoch: int, shuffle: bool) -> list[dict]:
-    places = epoch_positions((row["pair_id"] for row in rows), seed, epoch, shuffle)
-    return sorted(rows, key=lambda row: places[row["pair_id"]])
+    by_id = sorted(rows, key=lambda row: row["pair_id"])
+    return [by_id[index] for index in epoch_order(len(by_id), seed, epoch, shuffle).tolist()]
+
+
+@dataclass
+class EpochShape:
+    steps: int
+    micro_batches: int
+    tokens: int  # what the micro-batches cost in the layout (training.packing), padding included
+
+
+def epoch_shape(lengths: np.ndarray, order: np.ndarray, training: TrainingSection, world_size: int) -> EpochShape:
+    """An epoch's optimizer steps, micro-batches and tokens, from the pairs' (prompt, chosen, rejected) token
+    counts alone (rows of `lengths`, by pair id) taken in the epoch's order: what plan_steps yields, without
+    the tokens themselves."""
+    in_order = ((pair, pair) for pair in lengths[order].tolist())
+    micro_batches = tokens = 0
+    for batch in cut_by_token_budget(in_order, training.max_tokens_per_batch, training.max_pairs_per_batch,
+                                     training.packing):
+        micro_batches += 1
+        size = MicroBatchSize(training.packing)
+        for pair in batch:
+            size.add(*pair)
+        tokens += size.tokens
+    steps = -(-micro_batches // (world_size * training.gradient_accumulation_steps))
+    return EpochShape(steps, micro_batches, tokens)
 
 
 @dataclass
