@@ -28,7 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "data_path"
 RESULTS = HERE / "results" / "data_path.json"
-ROWS_PER_GROUP = 20_000
+ROWS_PER_GROUP = 5_000
 
 
 def words(count: int, seed: int = 0) -> np.ndarray:
@@ -67,7 +67,7 @@ def job(model: str, data: Path, name: str, limit: int, workers: int | None = Non
     return build_config({
         "run": {"name": name, "output_dir": str(WORK / "runs"), "resume": False},
         "data": {"train": {"path": str(data), "limit": limit}, "max_length": 2048, "max_prompt_length": 1024,
-                 "tokenize": {"workers": workers}},
+                 "tokenize": {"workers": workers, "shard_mib": 4}},  # a row group (about 8 MiB) a shard
         "loss": {"type": "dpo"},
         "training": {"epochs": 1, "learning_rate": 1e-4, "max_tokens_per_batch": 4096, "max_steps": 3,
                      "log_every": 1},

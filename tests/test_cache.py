@@ -71,17 +71,21 @@ def test_a_half_written_cache_is_never_read(ray_cluster, tiny_model, demo_data, 
 def test_the_fingerprint_covers_everything_the_scores_depend_on(ray_cluster, tiny_model, demo_data, tmp_path):
     """Each change below changes the scored values; drop any of them from the fingerprint and this fails."""
     from tgdpo_ray.data import tokenize_pair
-    from tgdpo_ray.data_pass import tokenize_split
+    from tgdpo_ray.data_pass import tokenize_split, tokenizer_args
     from tgdpo_ray.demo import CHATML_TEMPLATE, make_tiny_model
     from tgdpo_ray.models import load_tokenizer
 
     other = str(make_tiny_model(str(tmp_path / "other"), seed=7))
     copy = shutil.copytree(tiny_model, tmp_path / "copy")
 
+    digests = {}  # one tokenization pass per distinct data, tokenizer and template
+
     def key(*overrides: str) -> str:
         config = job(tiny_model, demo_data, tmp_path, "x", *overrides)
-        split = tokenize_split("train", config.data.train, config, log=lambda line: None)
-        return fingerprint(split.digest, scorer_identity(config))
+        data = json.dumps([config.data.model_dump(mode="json"), tokenizer_args(config), config.guidance_kind])
+        if data not in digests:
+            digests[data] = tokenize_split("train", config.data.train, config, log=lambda line: None).digest
+        return fingerprint(digests[data], scorer_identity(config))
 
     base = key()
     assert key("run.name=y") == base  # where a run writes is not what it scores

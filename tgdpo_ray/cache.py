@@ -93,8 +93,8 @@ def cached_scored_dataset(split, config: JobConfig, pad_id: int, log=print):
         log(f"[cache] {split.name}: scoring {len(split)} pairs into {where}")
         started = time.perf_counter()
         # Few large files: every read task costs a process start, which dwarfs reading a small file.
-        scored_dataset(split.pairs, config, pad_id).write_parquet(folder, filesystem=filesystem,
-                                                                  min_rows_per_file=ROWS_PER_FILE)
+        scored_dataset(split.pairs, len(split), config, pad_id).write_parquet(folder, filesystem=filesystem,
+                                                                              min_rows_per_file=ROWS_PER_FILE)
         write_marker(filesystem, folder, {"pairs": len(split), "split": split.name, "fingerprint": key,
                                           "scorers": identity, "seconds": time.perf_counter() - started})
         log(f"[cache] {split.name}: scored in {time.perf_counter() - started:.1f}s")

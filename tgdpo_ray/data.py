@@ -67,7 +67,7 @@ class RowTally:
     def bad(self, unit: str, number: int, reason: str, detail: str) -> None:
         if self.bad_rows == "error":
             raise DataError(f"{self.path}: {unit} {number}: {reason}: {detail}"
-                            " (set data.bad_rows: skip to drop such rows and count them)")
+                            " (set data.bad_rows: skip to drop such rows and count them)") from None
         self.bad_counts[reason] += 1
         if len(self.bad_examples) < 20:
             self.bad_examples.append({unit: number, "reason": reason, "detail": detail})

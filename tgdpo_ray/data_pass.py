@@ -338,4 +338,4 @@ def read_notes(passed, tally: RowTally, unit: str) -> tuple[np.ndarray, np.ndarr
         sums += np.array([notes["digest_high"][kept].sum(), notes["digest_low"][kept].sum()], dtype=np.uint64)
     pair_ids = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, dtype=np.int64)
     digest = hashlib.sha256(pair_ids.size.to_bytes(8, "little") + sums.tobytes()).hexdigest()[:24]
-    return pair_ids, np.concatenate(lengths).astype(np.int64) if lengths else np.zeros((0, 3), np.int64), digest
+    return pair_ids, np.concatenate(lengths).astype(np.int32) if lengths else np.zeros((0, 3), np.int32), digest

@@ -51,7 +51,7 @@ def scored_pairs(split: TokenizedSplit, config: JobConfig, pad_id: int, log=prin
     configure_ray_data()
     if reads_cache(config):
         return cached_scored_dataset(split, config, pad_id, log)
-    return scored_dataset(split.pairs, config, pad_id)
+    return scored_dataset(split.pairs, len(split), config, pad_id)
 
 
 def epoch_orders(split: TokenizedSplit, config: JobConfig) -> list[np.ndarray]:
@@ -70,7 +70,8 @@ def epoch_streams(split: TokenizedSplit, orders: list[np.ndarray], config: JobCo
     streams = {}
     for epoch, order in enumerate(orders):
         if cached is None:
-            streams[epoch_dataset(epoch)] = scored_dataset(in_order(split.pairs, split, order), config, pad_id)
+            ordered = in_order(split.pairs, split, order)
+            streams[epoch_dataset(epoch)] = scored_dataset(ordered, len(split), config, pad_id)
         else:
             streams[epoch_dataset(epoch)] = in_order(cached, split, order, by_id=False)
     return streams

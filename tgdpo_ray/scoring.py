@@ -141,12 +141,21 @@ def configure_ray_data() -> None:
     context.execution_options.preserve_order = True
 
 
-def scored_dataset(pairs, config: JobConfig, pad_id: int):
-    """tokenized pairs (a Ray dataset) -> reference pool -> guidance pool: the stream the trainers consume."""
+# A process that runs a Ray dataset keeps about half a MB of bookkeeping per block (measured: bench/data_path.py),
+# so a stream has at most this many blocks, however many pairs it carries.
+STREAM_BLOCKS = 256
+
+
+def scored_dataset(pairs, count: int, config: JobConfig, pad_id: int):
+    """`count` tokenized pairs (a Ray dataset) -> reference pool -> guidance pool: the stream the trainers consume.
+
+    The pairs are computed here, before any scorer or trainer holds a CPU (their order included: a sort runs
+    now), in blocks of about a scorer batch (more when there are many pairs): each replica gets work and
+    training starts on the first blocks. While the stream runs only the scorer pools compute in it, so a
+    cluster whose CPUs the trainers and scorers hold entirely still moves."""
     configure_ray_data()
-    # Blocks of about a scorer batch keep every replica busy and let training start on the first blocks
-    # (a streaming repartition: it keeps the order and waits for nothing).
-    dataset = pairs.repartition(target_num_rows_per_block=config.reference.batch_size)
+    block_rows = max(config.reference.batch_size, -(-count // STREAM_BLOCKS))
+    dataset = pairs.repartition(target_num_rows_per_block=block_rows).materialize()
     if config.needs_reference:
         dataset = add_scorer(dataset, "reference", config.reference, config.reference_model, config, pad_id)
     if config.guidance_kind in SCORED_GUIDANCE:

@@ -41,6 +41,14 @@ def in_epoch_order(rows: list[dict], seed: int, epoch: int, shuffle: bool) -> li
     return [by_id[index] for index in epoch_order(len(by_id), seed, epoch, shuffle).tolist()]
 
 
+def lengths_in_order(lengths: np.ndarray, order: np.ndarray, chunk: int = 65536) -> Iterator[tuple[list, list]]:
+    """(lengths, lengths) of each pair in the order, as cut_by_token_budget takes them; made a chunk at a time,
+    since a list of a million small lists would weigh more than the arrays themselves."""
+    for start in range(0, len(order), chunk):
+        for pair in lengths[order[start: start + chunk]].tolist():
+            yield pair, pair
+
+
 @dataclass
 class EpochShape:
     steps: int
@@ -52,10 +60,9 @@ def epoch_shape(lengths: np.ndarray, order: np.ndarray, training: TrainingSectio
     """An epoch's optimizer steps, micro-batches and tokens, from the pairs' (prompt, chosen, rejected) token
     counts alone (rows of `lengths`, by pair id) taken in the epoch's order: what plan_steps yields, without
     the tokens themselves."""
-    in_order = ((pair, pair) for pair in lengths[order].tolist())
     micro_batches = tokens = 0
-    for batch in cut_by_token_budget(in_order, training.max_tokens_per_batch, training.max_pairs_per_batch,
-                                     training.packing):
+    for batch in cut_by_token_budget(lengths_in_order(lengths, order), training.max_tokens_per_batch,
+                                     training.max_pairs_per_batch, training.packing):
         micro_batches += 1
         size = MicroBatchSize(training.packing)
         for pair in batch:
