@@ -63,7 +63,8 @@ def adversarial_lines() -> bytes:
     lines = [
         "\ufeff" + good(0), good(1), "", "   ", good(2) + "\r", good(3), "{not json", "[1, 2]",
         json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}), json.dumps({"prompt": "x"}),
-        json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}), json.dumps({"prompt": 3, "chosen": "a", "rejected": "b"}),
+        json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}),
+        json.dumps({"prompt": 3, "chosen": "a", "rejected": "b"}),
     ]
     text = "\n".join(lines).encode("utf-8") + b"\n" + good(4).encode()[:20] + b"\xff\xfe" + b"\n"
     text += ("\r".join([good(5), good(6)]) + "\r\n" + good(7) + "\n\n" + good(8)).encode()

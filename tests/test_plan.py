@@ -85,4 +85,5 @@ def test_measure_adds_the_tokenized_data_and_each_layout(ray_cluster, tiny_model
     layouts = data["layouts"]
     # Padding costs tokens; a shared prompt is counted once.
     assert layouts["padded"]["tokens"] > layouts["packed"]["tokens"] > layouts["shared_prompt"]["tokens"]
-    assert layouts["packed"]["tokens"] == data["tokens"]["chosen"] + data["tokens"]["rejected"] + 2 * data["tokens"]["prompt"]
+    tokens = data["tokens"]
+    assert layouts["packed"]["tokens"] == tokens["chosen"] + tokens["rejected"] + 2 * tokens["prompt"]

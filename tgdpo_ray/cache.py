@@ -3,8 +3,8 @@
 The reference and guidance log-probs of a pair are a pure function of the pair's token ids (which already
 encode the dataset content, the tokenizer, the chat template and the length limits) and of the frozen models'
 weights (whole files) and precision. The tokenization pass digests every kept pair's ids and tokens as it goes
-(the driver never holds them); that digest and the scorers' identity make the fingerprint; scored pairs live in Parquet under
-`<cache_dir>/<fingerprint>/`, on any filesystem pyarrow knows (a local path, s3://, gs://, ...).
+(the driver never holds them); that digest and the scorers' identity make the fingerprint. Scored pairs live in
+Parquet under `<cache_dir>/<fingerprint>/`, on any filesystem pyarrow knows (a local path, s3://, gs://, ...).
 
 A cache folder counts only once its `_COMPLETE.json` marker exists, written last: a run that died while
 writing leaves a folder that is never read as complete, and the next run replaces it.
