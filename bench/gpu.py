@@ -1,19 +1,23 @@
 """GPU throughput, MFU and peak memory of the trainer's micro-batch loss (TGDPO on cached reference and guidance
 log-probs) in every layout, on a random ~0.5B Llama in bf16.
 
-Layouts, all on the same pairs, split into micro-batches by the same token budget (pack_by_token_budget):
+Layouts, all on the same pairs, split into micro-batches by the same token budget (pack_by_token_budget), each
+run through the trainer's own code (logprobs.answer_logps, the loss built as the trainers build it):
 - padded: prompt + chosen and prompt + rejected rows padded to the longest, SDPA with a 2D padding mask;
-- packed, shared_prompt: the repo's packed rows with a dense [R, 1, L, L] boolean mask, SDPA;
-- shared_prompt_flex, packed_flex: the same packed rows with FlexAttention and a BlockMask built from document and
-  segment ids (per-document causal; in a shared-prompt document the rejected answer never sees the chosen one).
+- packed, shared_prompt: packed rows with the dense [R, 1, L, L] boolean mask, SDPA (training.attention dense);
+- shared_prompt_flex, packed_flex: the same rows with FlexAttention and a BlockMask built from document and segment
+  ids (training.attention flex, tgdpo_ray/flex.py);
+- padded_compiled, shared_prompt_flex_compiled: the same with every decoder layer torch.compile'd (training.compile;
+  GPU only).
 
-Plain torch + transformers: it imports tgdpo_ray.packing, .batches, .logprobs and .losses only (no ray, deepspeed,
-vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a smoke test: it checks that
-every layout gives the padded layout's losses and that FlexAttention gives the dense mask's log-probs, and
-measures nothing. Writes a JSON (--out) and prints a table.
+Plain torch + transformers: it imports tgdpo_ray.packing, .flex, .batches, .logprobs, .losses and .models only
+(no ray, deepspeed, vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
+smoke test: it checks that every layout gives the padded layout's losses and that FlexAttention gives the dense
+mask's log-probs, and measures nothing. On a GPU it also compares FlexAttention's gradients with the dense mask's.
+Writes a JSON (--out) and prints a table.
 
     python3 bench/gpu.py [--out bench/results/gpu.json] [--pairs 128] [--max-tokens 16384] [--row-tokens 2048]
-                         [--budget-s 150] [--toy]
+                         [--budget-s 300] [--layouts padded,...] [--toy]
 """
 
 from __future__ import annotations
@@ -33,14 +37,18 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parent.parent
 GPU_RESULTS = REPO / "bench" / "results" / "gpu.json"
 
-# name: (training.packing, attention implementation). The flex layouts run last: if their compile runs past the
-# time budget, the SDPA figures are already written.
+# name: (training.packing, attention, decoder layers compiled). attention: sdpa (the padding mask, or the dense
+# packed mask: training.attention dense) or flex (training.attention flex). The flex layouts come after the SDPA
+# ones, and the compiled ones last (GPU only: inductor's CPU build takes minutes): if their compiles run past the
+# time budget, the others are already written.
 LAYOUTS = {
-    "padded": ("padded", "sdpa"),
-    "packed": ("packed", "sdpa"),
-    "shared_prompt": ("shared_prompt", "sdpa"),
-    "shared_prompt_flex": ("shared_prompt", "flex_attention"),
-    "packed_flex": ("packed", "flex_attention"),
+    "padded": ("padded", "sdpa", False),
+    "packed": ("packed", "sdpa", False),
+    "shared_prompt": ("shared_prompt", "sdpa", False),
+    "shared_prompt_flex": ("shared_prompt", "flex", False),
+    "packed_flex": ("packed", "flex", False),
+    "padded_compiled": ("padded", "sdpa", True),
+    "shared_prompt_flex_compiled": ("shared_prompt", "flex", True),
 }
 
 
@@ -53,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget of a micro-batch (16384; toy 384)")
     parser.add_argument("--row-tokens", type=int, default=None, help="packed row length (2048; toy 128)")
     parser.add_argument("--timed-passes", type=int, default=None, help="timed passes over the pairs per layout (1)")
-    parser.add_argument("--budget-s", type=float, default=150.0,
+    parser.add_argument("--budget-s", type=float, default=300.0,
                         help="start no further layout after this many seconds (the SDPA layouts come first)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
+    parser.add_argument("--profile", default=None, metavar="LAYOUT",
+                        help="after the layouts, one more pass of this (measured) layout under torch.profiler: the "
+                             "ops that take the most GPU time, into the JSON's `profile`")
     parser.add_argument("--toy", action="store_true", help="the CPU smoke run even where a GPU is present")
     return parser
 
@@ -69,12 +80,13 @@ import torch  # noqa: E402
 # Run as `python3 bench/gpu.py` from a checkout that is not pip-installed (the GPU image): find tgdpo_ray beside us.
 sys.path.insert(0, str(REPO))
 
+from tgdpo_ray import flex  # noqa: E402
 from tgdpo_ray.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
                                pair_batch)
 from tgdpo_ray.logprobs import answer_logps, lm_head_token_logps, token_logps  # noqa: E402
 from tgdpo_ray.losses import build_loss  # noqa: E402
-from tgdpo_ray.packing import (CHOSEN, PROMPT, REJECTED, build_packed_batch, pack_pairs, pack_rows,  # noqa: E402
-                               pair_span)
+from tgdpo_ray.models import compile_decoder_layers  # noqa: E402
+from tgdpo_ray.packing import pack_pairs, pair_span  # noqa: E402
 from packing import make_pairs  # noqa: E402  (bench/packing.py, imported from its folder, as trl_compare does)
 
 # Two sizes. gpu: a Llama-3-shaped ~0.5B model (GQA, 128k vocabulary, tied embeddings) on long-tailed pairs of up
@@ -162,94 +174,30 @@ def non_embedding_params(model) -> int:
 
 
 # ---------------------------------------------------------------------------
-# FlexAttention: the repo's packed rows, with a BlockMask instead of the dense mask.
-# ---------------------------------------------------------------------------
-
-
-def document_segments(rows: list, row_indices: list[list[int]], shared_prompt: bool,
-                      length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Document and segment (PROMPT, CHOSEN, REJECTED) id of every position, in the order build_packed_batch
-    places the pairs: row r holds rows[i] for i in row_indices[r] back to back, and the padding after them is a
-    document of its own (as there: a query with nothing to attend to would give NaNs)."""
-    document = torch.zeros((len(row_indices), length), dtype=torch.long)
-    segment = torch.full((len(row_indices), length), PROMPT, dtype=torch.long)
-    for r, row in enumerate(row_indices):
-        offset, doc = 0, 0
-        for i in row:
-            p, c, j = (len(rows[i][key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
-            if shared_prompt:
-                documents = [[(p, PROMPT), (c, CHOSEN), (j, REJECTED)]]
-            else:
-                documents = [[(p, PROMPT), (c, CHOSEN)], [(p, PROMPT), (j, REJECTED)]]
-            for parts in documents:
-                for tokens, part in parts:
-                    document[r, offset:offset + tokens] = doc
-                    segment[r, offset:offset + tokens] = part
-                    offset += tokens
-                doc += 1
-        document[r, offset:] = doc
-    return document, segment
-
-
-def make_mask_mod(document: torch.Tensor, segment: torch.Tensor):
-    """build_packed_batch's rule as a FlexAttention mask_mod: causal, within a document, never rejected -> chosen."""
-    def mask_mod(b, h, q, kv):
-        rejected_to_chosen = (segment[b, q] == REJECTED) & (segment[b, kv] == CHOSEN)
-        return (q >= kv) & (document[b, q] == document[b, kv]) & ~rejected_to_chosen
-    return mask_mod
-
-
-def flex_host_inputs(rows: list, shared_prompt: bool, row_tokens: int, pad_id: int):
-    """What answer_logps packs (same rows, same order; pack_pairs with rows_per_batch=len(rows) is one
-    pack_rows call and one build_packed_batch), without the dense mask, plus document and segment ids."""
-    spans = [pair_span(row, shared_prompt) for row in rows]
-    width = max([row_tokens] + spans)
-    row_indices = pack_rows(spans, width)
-    batch = build_packed_batch(rows, row_indices, shared_prompt, with_mask=False, pad_id=pad_id)
-    document, segment = document_segments(rows, row_indices, shared_prompt, batch.input_ids.shape[1])
-    return batch, document, segment
-
-
-def flex_packed_batch(rows: list, shared_prompt: bool, row_tokens: int, pad_id: int, device):
-    """The packed batch, its BlockMask and the mask_mod behind it."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    batch, document, segment = flex_host_inputs(rows, shared_prompt, row_tokens, pad_id)
-    count, length = batch.input_ids.shape
-    mask_mod = make_mask_mod(document.to(device), segment.to(device))
-    # Not compiled: it evaluates mask_mod on the [R, L, L] grid once per micro-batch (milliseconds on a GPU) and
-    # saves a compile; the attention kernel itself is compiled by transformers.
-    block_mask = create_block_mask(mask_mod, B=count, H=None, Q_LEN=length, KV_LEN=length, device=device)
-    return batch, block_mask, mask_mod
-
-
-def flex_token_logps(model, rows: list, shared_prompt: bool, row_tokens: int, pad_id: int, device):
-    """packed_token_logps with the BlockMask: decoder body, fused LM head on the answer-predicting states, grid."""
-    batch, block_mask, _ = flex_packed_batch(rows, shared_prompt, row_tokens, pad_id, device)
-    head = model.get_output_embeddings()
-    # transformers' masking_utils passes a 4D mask (a BlockMask has shape [R, 1, L, L]) on unchanged.
-    hidden = model.get_decoder()(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                                 attention_mask=block_mask, use_cache=False).last_hidden_state
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index.to(device))
-    logps = lm_head_token_logps(selected, head.weight, head.bias, batch.target_ids.to(device), LOGP_CHUNK)
-    return batch.answer_grid(logps)
-
-
-# ---------------------------------------------------------------------------
 # The trainer's micro-batch loss: training.micro_batch_loss on the same helpers, plus FlexAttention
 # (tgdpo_ray.training itself imports pydantic, ray and deepspeed through its neighbours).
 # ---------------------------------------------------------------------------
 
 
-def policy_token_logps(model, rows: list, packing: str, attention: str, row_tokens: int, device):
-    pad_id = model.config.pad_token_id
-    if attention == "flex_attention":
-        return flex_token_logps(model, rows, packing == "shared_prompt", row_tokens, pad_id, device)
-    return answer_logps(model, rows, packing, row_tokens, LOGP_CHUNK, pad_id, device)
+def set_attention(model, attention: str) -> None:
+    """sdpa: the dense mask (packed) or the padding mask (padded); flex: the trainer's FlexAttention (flex.py)."""
+    if attention == "flex":
+        flex.enable(model)
+    else:
+        model.set_attn_implementation("sdpa")
 
 
-def micro_batch_loss(model, rows: list, packing: str, attention: str, row_tokens: int, device):
-    logps, mask = policy_token_logps(model, rows, packing, attention, row_tokens, device)
+def set_compiled(model, compiled: bool) -> None:
+    """training.compile: each decoder layer compiled (one graph, reused by all layers), or none."""
+    if compiled:
+        compile_decoder_layers(model)
+        return
+    for layer in model.get_decoder().layers:
+        layer._compiled_call_impl = None  # what nn.Module.compile set
+
+
+def micro_batch_loss(model, rows: list, packing: str, row_tokens: int, device):
+    logps, mask = answer_logps(model, rows, packing, row_tokens, LOGP_CHUNK, model.config.pad_token_id, device)
     # tgdpo with implicit guidance: reference and guidance log-probs both cached, from the scorer pools.
     return TRAINER_LOSS(pair_batch(rows, logps, mask, with_reference=True, guidance_kind="implicit"))
 
@@ -290,12 +238,12 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_pass(model, batches: list, packing: str, attention: str, row_tokens: int, device, backward: bool) -> dict:
+def run_pass(model, batches: list, packing: str, row_tokens: int, device, backward: bool) -> dict:
     """One optimizer step's micro-batches: the loss and, as the trainer, the backward of its mean per micro-batch.
     Returns pair_id -> [loss, chosen reward, rejected reward]."""
     per_pair = {}
     for rows in batches:
-        out = micro_batch_loss(model, rows, packing, attention, row_tokens, device)
+        out = micro_batch_loss(model, rows, packing, row_tokens, device)
         if backward:
             out.losses.mean().backward()
         values = torch.stack([out.losses.detach().float(), out.chosen_rewards.float(), out.rejected_rewards.float()], 1)
@@ -312,26 +260,26 @@ def host_packing_seconds(batches: list, packing: str, attention: str, row_tokens
     for rows in batches:
         if packing == "padded":
             collate_pairs(rows, pad_id)
-        elif attention == "sdpa":
-            width = max([row_tokens] + [pair_span(row, shared) for row in rows])
-            pack_pairs(rows, width, shared, rows_per_batch=len(rows))
         else:
-            flex_host_inputs(rows, shared, row_tokens, pad_id)
+            width = max([row_tokens] + [pair_span(row, shared) for row in rows])
+            pack_pairs(rows, width, shared, rows_per_batch=len(rows), mask="4d" if attention == "sdpa" else "flex",
+                       pad_id=pad_id)
     return time.perf_counter() - started
 
 
 def run_layout(model, pairs: list, name: str, size: dict, args, device, body_params: int) -> tuple[dict, dict]:
-    packing, attention = LAYOUTS[name]
-    model.set_attn_implementation(attention)
+    packing, attention, compiled = LAYOUTS[name]
+    set_attention(model, attention)
+    set_compiled(model, compiled)
     # FlexAttention has no CPU backward: the toy run checks its forward only.
-    backward = not (attention == "flex_attention" and device.type == "cpu")
+    backward = not (attention == "flex" and device.type == "cpu")
     batches = list(pack_by_token_budget(pairs, args.max_tokens, packing=packing))
     grad_mode = contextlib.nullcontext() if backward else torch.no_grad()
 
     with grad_mode:
         started = time.perf_counter()
         for _ in range(size["warmup_passes"]):  # compiles (flex), cuBLAS and allocator warm-up
-            run_pass(model, batches, packing, attention, args.row_tokens, device, backward)
+            run_pass(model, batches, packing, args.row_tokens, device, backward)
         sync(device)
         warmup_s = time.perf_counter() - started
         model.zero_grad(set_to_none=True)
@@ -340,19 +288,19 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
         sync(device)
         started = time.perf_counter()
         for _ in range(size["timed_passes"]):
-            per_pair = run_pass(model, batches, packing, attention, args.row_tokens, device, backward)
+            per_pair = run_pass(model, batches, packing, args.row_tokens, device, backward)
         sync(device)
         seconds = (time.perf_counter() - started) / size["timed_passes"]
     model.zero_grad(set_to_none=True)
+    set_compiled(model, False)
 
     work = layout_work(pairs, packing)
     flops = model_flops(work, model.config, body_params)
     trainer_tokens = packed_tokens(pairs, shared_prompt=False)  # as training counts tokens/s: same in all layouts
     losses = [per_pair[i][0] for i in sorted(per_pair)]
     result = {
-        "packing": packing, "attention": attention,
-        "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex_attention": "BlockMask"}[
-            attention],
+        "packing": packing, "attention": attention, "compiled_layers": compiled,
+        "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex": "BlockMask"}[attention],
         "backward": backward, "micro_batches": len(batches), "seconds": round(seconds, 4),
         "warmup_seconds": round(warmup_s, 2),
         "host_packing_seconds": round(host_packing_seconds(batches, packing, attention, args.row_tokens,
@@ -371,30 +319,87 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
 
 
 def flex_check(model, pairs: list, packing: str, args, device) -> dict:
-    """On the first micro-batch: the BlockMask's rule against pack_pairs' dense mask (element by element), and the
-    answer log-probs with FlexAttention against those with the dense mask (SDPA)."""
-    shared = packing == "shared_prompt"
+    """On the first micro-batch: the answer log-probs with FlexAttention against those with the dense mask (SDPA)
+    and, on a GPU, the gradients of their summed DPO-style margin (FlexAttention has no CPU backward)."""
     rows = next(iter(pack_by_token_budget(pairs, args.max_tokens, packing=packing)))
-    batch, _, mask_mod = flex_packed_batch(rows, shared, args.row_tokens, model.config.pad_token_id, device)
-    width = max([args.row_tokens] + [pair_span(row, shared) for row in rows])
-    (dense,) = pack_pairs(rows, width, shared, rows_per_batch=len(rows))
-    count, length = batch.input_ids.shape
-    index = [torch.arange(n, device=device) for n in (count, length, length)]
-    flex_mask = mask_mod(index[0][:, None, None], 0, index[1][None, :, None], index[2][None, None, :])
-    # On the CPU without grad (FlexAttention has no CPU backward); on the GPU with grad (no backward), so that the
-    # graphs compiled for training are reused instead of compiling no-grad ones.
-    grad_mode = torch.no_grad() if device.type == "cpu" else contextlib.nullcontext()
-    with grad_mode:  # detached at once: one graph at a time in memory
-        model.set_attn_implementation("sdpa")
-        dense_logps, dense_answers = (t.detach() for t in policy_token_logps(model, rows, packing, "sdpa",
-                                                                             args.row_tokens, device))
-        model.set_attn_implementation("flex_attention")
-        flex_logps, flex_answers = (t.detach() for t in policy_token_logps(model, rows, packing, "flex_attention",
-                                                                           args.row_tokens, device))
-    return {"mask_equals_dense": bool(torch.equal(flex_mask.cpu(), dense.attention_mask[:, 0])),
-            "answers_equal": bool(torch.equal(flex_answers, dense_answers)),
-            "max_abs_logp_diff": float((flex_logps - dense_logps).abs().max()),
-            "pairs": len(rows), "rows": count, "row_length": length}
+    with_grad = device.type == "cuda"
+    results = {}
+    for attention in ("sdpa", "flex"):
+        set_attention(model, attention)
+        model.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if with_grad else torch.no_grad():
+            logps, answers = answer_logps(model, rows, packing, args.row_tokens, LOGP_CHUNK,
+                                          model.config.pad_token_id, device)
+            if with_grad:
+                n = len(rows)
+                (logps[:n].sum() - logps[n:].sum()).backward()
+        grads = ({name: param.grad.float() for name, param in model.named_parameters() if param.grad is not None}
+                 if with_grad else {})
+        results[attention] = (logps.detach(), answers, grads)
+    model.zero_grad(set_to_none=True)
+    (dense_logps, dense_answers, dense_grads), (flex_logps, flex_answers, flex_grads) = results.values()
+    check = {"answers_equal": bool(torch.equal(flex_answers, dense_answers)),
+             "max_abs_logp_diff": float((flex_logps - dense_logps).abs().max()), "pairs": len(rows)}
+    if with_grad:
+        # Per parameter tensor: |flex - dense| / |dense| (norms), the largest over the model.
+        check["max_grad_rel_diff"] = max(float((flex_grads[name] - grad).norm() / grad.norm().clamp_min(1e-30))
+                                         for name, grad in dense_grads.items())
+        check["grad_tensors"] = len(dense_grads)
+    return check
+
+
+# Kernel name patterns -> what they compute, for the profile's breakdown (the first match wins).
+KERNEL_KINDS = (
+    ("flex attention", ("flex_attention",)),
+    ("attention (sdpa)", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
+    ("compiled fusion", ("triton_",)),
+    ("copy / cast", ("copy", "cast", "convert")),
+    ("reduction", ("reduce", "softmax", "norm", "sum", "max")),
+    ("elementwise", ("elementwise", "vectorized")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, patterns in KERNEL_KINDS if any(p in lowered for p in patterns)), "other")
+
+
+def profile_layout(model, pairs: list, name: str, args, device, top: int = 20) -> dict:
+    """One pass of a layout (already warmed up by its measurement) under torch.profiler: GPU kernel time by kind
+    (matmul, attention, fusions, elementwise...), the kernels with the most time, and how much of the pass's wall
+    time the GPU was busy. Kernels only: an op's time would count its kernels twice."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    packing, attention, compiled = LAYOUTS[name]
+    set_attention(model, attention)
+    set_compiled(model, compiled)
+    batches = list(pack_by_token_budget(pairs, args.max_tokens, packing=packing))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run_pass(model, batches, packing, args.row_tokens, device, backward=device.type == "cuda")
+        sync(device)
+    wall = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    set_compiled(model, False)
+
+    kernels = sorted((event for event in prof.key_averages() if event.device_type == DeviceType.CUDA),
+                     key=lambda event: event.self_device_time_total, reverse=True)
+    busy = sum(event.self_device_time_total for event in kernels) / 1e6
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = kernel_kind(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total / 1e6
+    return {"layout": name, "wall_seconds": round(wall, 3), "gpu_busy_seconds": round(busy, 3),
+            "note": "under the profiler, so slower than the measured pass",
+            "by_kind_seconds": {kind: round(seconds, 4) for kind, seconds in
+                                sorted(by_kind.items(), key=lambda item: -item[1])},
+            "top_kernels": [{"name": event.key[:120], "kind": kernel_kind(event.key), "calls": event.count,
+                             "gpu_seconds": round(event.self_device_time_total / 1e6, 4)}
+                            for event in kernels[:top]]}
 
 
 def logp_memory(device, hidden: int, vocab: int, tokens: int = 8192, chunk: int = LOGP_CHUNK) -> dict:
@@ -438,15 +443,15 @@ def write(results: dict, out) -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'layout':<20} {'mb':>4} {'s':>8} {'host s':>7} {'pairs/s':>9} {'tok/s':>10} {'TFLOP/s':>8} "
+    print(f"\n{'layout':<28} {'mb':>4} {'s':>8} {'host s':>7} {'pairs/s':>9} {'tok/s':>10} {'TFLOP/s':>8} "
           f"{'MFU':>6} {'peak GiB':>9} {'loss':>9}")
     for name, r in results["layouts"].items():
         if "seconds" not in r:
-            print(f"{name:<20} {r.get('error') or r.get('skipped')}")
+            print(f"{name:<28} {r.get('error') or r.get('skipped')}")
             continue
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        print(f"{name:<20} {r['micro_batches']:>4} {r['seconds']:>8.3f} {r['host_packing_seconds']:>7.3f} "
+        print(f"{name:<28} {r['micro_batches']:>4} {r['seconds']:>8.3f} {r['host_packing_seconds']:>7.3f} "
               f"{r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.0f} {r['achieved_tflops']:>8.2f} {mfu:>6} "
               f"{memory:>9} {r['loss_mean']:>9.4f}")
 
@@ -476,13 +481,6 @@ def main(argv=None) -> int:
     if toy:
         print("no GPU: toy-size smoke run, no GPU figure measured" if not torch.cuda.is_available()
               else "--toy: toy-size smoke run on the CPU, no GPU figure measured", flush=True)
-        # transformers wraps flex_attention in torch.compile, a C++ build of ~20 s per shape on a CPU; its eager
-        # form computes the same attention (the scores materialised, which is fine at toy size).
-        from torch.nn.attention.flex_attention import flex_attention
-        from transformers.integrations import flex_attention as hf_flex
-
-        hf_flex.compile_friendly_flex_attention = lambda q, k, v, training=False, **kwargs: flex_attention(
-            q, k, v, **kwargs)
     else:
         import torch._dynamo as dynamo
 
@@ -547,6 +545,10 @@ def main(argv=None) -> int:
         if time.perf_counter() - started > args.budget_s:
             results["layouts"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
             continue
+        if toy and LAYOUTS[name][2]:
+            results["layouts"][name] = {"skipped": "compiled layers run on a GPU only (inductor's CPU build of "
+                                                   "every shape takes minutes)"}
+            continue
         print(f"  {name} ...", flush=True)
         try:
             results["layouts"][name], per_pair[name] = run_layout(model, pairs, name, size, args, device,
@@ -594,6 +596,9 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 results["flex_check"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
 
+    if args.profile in measured:
+        results["profile"] = profile_layout(model, pairs, args.profile, args, device)
+
     results["losses_finite"] = all(r["losses_finite"] for r in measured.values())
     # The GPU image has none of these: the import chain must not need them.
     results["heavy_modules_loaded"] = sorted({name.split(".")[0] for name in sys.modules}
@@ -609,6 +614,12 @@ def main(argv=None) -> int:
               f"{results['shared_prompt_flex_vs_padded']}")
     for name, check in results["flex_check"].items():
         print(f"flex check {name}: {check}")
+    if "profile" in results:
+        report = results["profile"]
+        print(f"profile of {report['layout']}: wall {report['wall_seconds']} s, "
+              f"GPU busy {report['gpu_busy_seconds']} s; by kind: {report['by_kind_seconds']}")
+        for kernel in report["top_kernels"]:
+            print(f"  {kernel['gpu_seconds']:>8.4f} s {kernel['calls']:>6}  {kernel['kind']:<18} {kernel['name']}")
     print(f"total {results['seconds_total']} s; " + (f"written to {out}" if out else "no --out: JSON not written"))
     failed = [name for name, r in results["layouts"].items() if "error" in r]
     if not results["losses_finite"] or failed:

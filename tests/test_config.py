@@ -97,6 +97,22 @@ def test_prompt_limit_must_leave_room_for_answers(raw):
     assert "max_prompt_length (64) must be smaller than max_length (64)" in error_of(raw)
 
 
+def test_the_layout_follows_the_trainers_devices(raw):
+    """training.packing auto: shared_prompt where the policy trains on GPUs (the H100 measurement in README), padded
+    on CPUs; the resolved layout is what the saved config names. FlexAttention is for packed rows only."""
+    assert build_config(raw).training.packing == "padded"
+    on_gpus = build_config(raw, overrides=["policy.gpus_per_worker=1"])
+    assert on_gpus.training.packing == "shared_prompt" and on_gpus.training.attention == "auto"
+    assert build_config(raw, overrides=["policy.gpus_per_worker=1", "training.packing=padded"]).training.packing == (
+        "padded")
+    message = error_of(raw, ["training.attention=flex"])
+    assert "training.attention flex is for the packed layouts" in message and "JobConfig(" not in message
+    assert build_config(raw, overrides=["training.attention=flex", "training.packing=packed"]).training.attention == (
+        "flex")
+    assert "training.compile is not supported with policy.zero_stage 3" in error_of(
+        raw, ["training.compile=true", "policy.zero_stage=3"])
+
+
 def test_replicas_range(raw):
     ranged = build_config(raw, overrides=["reference.replicas=[1, 4]"]).reference
     assert ranged.replicas == (1, 4) and ranged.replica_range == (1, 4)

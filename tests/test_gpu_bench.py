@@ -68,9 +68,16 @@ def test_flex_matches_the_dense_mask(toy_run):
     results, _ = toy_run
     for name in ("shared_prompt_flex", "packed_flex"):
         check = results["flex_check"][name]
-        assert check["mask_equals_dense"] and check["answers_equal"], (name, check)
+        assert check["answers_equal"], (name, check)
         assert check["max_abs_logp_diff"] <= ATOL, (name, check)
-        assert check["rows"] > 1  # several rows, several documents a row: the document masking is exercised
+        assert check["pairs"] > 3  # several documents a row: the document masking is exercised
+        assert "max_grad_rel_diff" not in check  # FlexAttention has no CPU backward: no gradient figure
+
+
+def test_compiled_layouts_are_left_to_the_gpu(toy_run):
+    results, _ = toy_run
+    for name in ("padded_compiled", "shared_prompt_flex_compiled"):
+        assert "GPU only" in results["layouts"][name]["skipped"]
 
 
 def test_toy_run_never_overwrites_the_gpu_results():

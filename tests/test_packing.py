@@ -1,4 +1,5 @@
-"""Padding-free packing and the fused LM-head log-probs against today's padded computation (CPU, fp32)."""
+"""Padding-free packing and the fused LM-head log-probs against today's padded computation (CPU, fp32), with the
+packed rows' documents kept apart by the dense mask (sdpa, eager) and by FlexAttention's BlockMask (flex)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,32 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tgdpo_ray import flex
 from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
 from tgdpo_ray.logprobs import (
     check_plain_lm_head,
     lm_head_token_logps,
     model_attention_mask,
     packed_token_logps,
+    runs_flex,
     token_logps,
 )
-from tgdpo_ray.packing import pack_pairs, pack_rows, pair_span
+from tgdpo_ray.packing import PROMPT, pack_pairs, pack_rows, pair_span
 
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["sdpa", "eager", "flex"])
 def model(request, tiny_model):
+    """The tiny model under each attention: the dense packed mask with SDPA or eager attention, or FlexAttention
+    (flex.py: a BlockMask for packed rows, SDPA for padded ones; forward only on the CPU)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=request.param)
+    implementation = "sdpa" if request.param == "flex" else request.param
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=implementation)
+    if request.param == "flex":
+        flex.enable(model)
     # A wider init than the default 0.02: the model's outputs then depend strongly on what each token attends to,
     # so a leak across documents shows up far above the tolerances below.
     with torch.no_grad():
@@ -144,6 +152,13 @@ def test_mask_forms_and_refusals():
     moved = batch.to("cpu")
     assert torch.equal(moved.attention_mask, allowed) and moved.rows is batch.rows
 
+    # training.attention: auto is FlexAttention on CUDA only; flex cannot train on the CPU (no backward there).
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert flex.use_flex("auto", cuda, training=True) and not flex.use_flex("auto", cpu, training=False)
+    assert not flex.use_flex("dense", cuda, training=True) and flex.use_flex("flex", cpu, training=False)
+    with pytest.raises(flex.FlexUnavailableError, match="no backward on cpu.*training.attention"):
+        flex.use_flex("flex", cpu, training=True)
+
 
 def test_position_ids_mode_is_recognised_by_transformers():
     from transformers.masking_utils import find_packed_sequence_indices
@@ -169,15 +184,18 @@ def test_position_ids_mode_is_recognised_by_transformers():
 @pytest.mark.parametrize("shared_prompt,rows_per_batch", [(False, 1), (False, 3), (True, 1), (True, 3)])
 def test_packed_logps_equal_padded(model, shared_prompt, rows_per_batch):
     pairs = make_pairs(4, 24, model.config.vocab_size)
-    batches = pack_pairs(pairs, 180, shared_prompt=shared_prompt, rows_per_batch=rows_per_batch,
+    mask = "flex" if runs_flex(model) else "4d"  # as logprobs.answer_logps packs for this model
+    batches = pack_pairs(pairs, 180, shared_prompt=shared_prompt, rows_per_batch=rows_per_batch, mask=mask,
                          pad_id=model.config.pad_token_id)
     assert any(len(batch.rows) >= 3 for batch in batches)  # several pairs per batch
+    assert all((batch.attention_mask is None) == (mask == "flex") for batch in batches)  # no dense mask for flex
     with torch.no_grad():
         for batch in batches:
             packed, packed_mask = packed_token_logps(model, batch, chunk_size=37)
             padded, padded_mask = padded_logps(model, batch.rows)
             assert torch.equal(packed_mask, padded_mask)
-            torch.testing.assert_close(packed, padded, atol=ATOL, rtol=0)
+            # FlexAttention's CPU math sums in another order: up to 1.3e-6 relative (1.05e-5 on a log-prob of -8).
+            torch.testing.assert_close(packed, padded, atol=ATOL, rtol=1e-5 if mask == "flex" else 0)
             assert (packed[packed_mask] < 0).all()
 
 
@@ -192,6 +210,8 @@ def test_position_ids_mode_equals_padded(model):
 
 @pytest.mark.parametrize("shared_prompt", [False, True])
 def test_packed_gradients_equal_padded(model, shared_prompt):
+    if runs_flex(model):
+        pytest.skip("FlexAttention has no CPU backward: bench/gpu.py compares its gradients on a GPU")
     pairs = make_pairs(6, 16, model.config.vocab_size)
     batches = pack_pairs(pairs, 200, shared_prompt=shared_prompt, rows_per_batch=2, pad_id=model.config.pad_token_id)
 
@@ -222,10 +242,12 @@ def shifted(ids, model):
 
 
 def leaky(batch):
-    """The same batch with a plain causal mask over each whole row: what a missing document mask would do."""
+    """The same batch with a plain causal mask over each whole row: what a missing document mask would do. Dense:
+    the causal mask itself; FlexAttention: one document and one segment per row, which its rule makes causal."""
     length = batch.input_ids.shape[1]
     causal = torch.ones((length, length), dtype=torch.bool).tril().expand(batch.input_ids.shape[0], 1, -1, -1)
-    return dataclasses.replace(batch, attention_mask=causal)
+    return dataclasses.replace(batch, attention_mask=causal, document=torch.zeros_like(batch.document),
+                               segment=torch.full_like(batch.segment, PROMPT))
 
 
 @pytest.mark.parametrize("shared_prompt", [False, True])
@@ -364,15 +386,15 @@ def test_fused_head_memory_does_not_grow_with_tokens_times_vocab():
 @pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-3 goes through the unfused head (module call)
 def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process_group, tiny_model, zero_stage):
     """micro_batch_loss through a real DeepSpeed engine (ZeRO-2, and ZeRO-3 with its partitioned weights), TGDPO
-    with reference and guidance log-probs from the data: padded vs packed vs shared prompt."""
+    with reference and guidance log-probs from the data: padded vs packed vs shared prompt, with the dense mask,
+    (losses only) with FlexAttention, and with the decoder layers compiled (training.compile)."""
     import numpy as np
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoConfig
 
     from tgdpo_ray.config_loader import build_config
     from tgdpo_ray.losses import build_loss
-    from tgdpo_ray.models import load_causal_lm
-    from tgdpo_ray.training import build_engine, micro_batch_loss
+    from tgdpo_ray.training import build_engine, load_policy, micro_batch_loss
 
     rng = np.random.default_rng(0)
     rows = make_pairs(seed=5, count=6, vocab=AutoConfig.from_pretrained(tiny_model).vocab_size)
@@ -381,25 +403,42 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
             length = len(row[f"{side}_ids"])
             row[f"ref_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
             row[f"guidance_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
-    results = {}
-    for packing in ("padded", "packed", "shared_prompt"):
+    # (layout, decoder layers compiled): the trainer's compiled layers once, on ZeRO-2 (ZeRO-3 refuses them).
+    variants = [("padded", False), ("packed", False), ("shared_prompt", False)]
+    if zero_stage == 2:
+        variants.append(("shared_prompt", True))
+    results, flex_losses = {}, {}
+    for packing, compiled in variants:
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model, "zero_stage": zero_stage},
                                "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
-                               "training": {"packing": packing, "packed_row_tokens": 64}}, check_paths=False)
-        # A fresh engine per layout: the gradients read below are exactly this layout's.
-        engine = build_engine(load_causal_lm(tiny_model, "fp32"), config, total_steps=1, world_size=1)
+                               "training": {"packing": packing, "packed_row_tokens": 64, "compile": compiled}},
+                              check_paths=False)
+        # A fresh engine per variant, its model loaded as the trainers load it: the gradients read below are
+        # exactly this variant's.
+        engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=1, world_size=1)
         if zero_stage == 3:  # the weights really are partitioned: only a module call can see them
             assert all(param.numel() == 0 for param in engine.module.parameters())
+        assert runs_flex(engine) is False  # training.attention auto: the dense mask on the CPU
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in engine.module.model.layers)
         out, tokens = micro_batch_loss(engine, rows, config, build_loss(config.loss), pad_id=0,
                                        device=torch.device("cpu"))
         engine.backward(out.losses.sum())
-        results[packing] = (out.losses.detach().clone(), tokens,
-                            [safe_get_full_grad(param).clone() for param in engine.module.parameters()])
-    losses, padded_tokens, grads = results["padded"]
+        results[packing, compiled] = (out.losses.detach().clone(), tokens,
+                                      [safe_get_full_grad(param).clone() for param in engine.module.parameters()])
+        if packing != "padded" and not compiled:  # FlexAttention through the same engine, forward only (no CPU
+            flex.enable(engine.module)              # backward)
+            assert runs_flex(engine)
+            with torch.no_grad():
+                flex_losses[packing, compiled] = micro_batch_loss(engine, rows, config, build_loss(config.loss),
+                                                                  pad_id=0, device=torch.device("cpu"))[0].losses
+    losses, padded_tokens, grads = results["padded", False]
     assert any(grad.abs().max() > 0 for grad in grads)
-    for packing in ("packed", "shared_prompt"):
-        other_losses, tokens, other_grads = results[packing]
+    assert set(flex_losses) == {("packed", False), ("shared_prompt", False)}
+    for variant in variants[1:]:
+        other_losses, tokens, other_grads = results[variant]
         torch.testing.assert_close(other_losses, losses, atol=ATOL, rtol=1e-4)
+        if variant in flex_losses:
+            torch.testing.assert_close(flex_losses[variant], losses, atol=ATOL, rtol=1e-4)
         for a, b in zip(other_grads, grads):
             torch.testing.assert_close(a, b, atol=ATOL * max(1.0, b.abs().max().item()), rtol=1e-4)
         assert tokens == padded_tokens == sum(pair_span(row, False) for row in rows)  # the same measure

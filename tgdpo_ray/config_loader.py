@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.config_base import ConfigError
@@ -78,7 +78,7 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
             message = "unknown key (check the spelling; README lists every key)"
         elif problem["type"] == "missing":
             message = "required key is missing"
-        elif "input" in problem and not isinstance(problem["input"], dict):
+        elif "input" in problem and not isinstance(problem["input"], (dict, BaseModel)):  # a section: too long
             message += f" (got {problem['input']!r})"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from tgdpo_ray import flex
 from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
 from tgdpo_ray.packing import PackedBatch, pack_pairs, pair_span
 
@@ -161,6 +162,23 @@ def model_attention_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> t
                      "with flash_attention_2 pack with mask='position_ids' (shared_prompt=False)")
 
 
+def runs_flex(model) -> bool:
+    """Whether `model` (or the DeepSpeed engine around it) runs under flex.ATTENTION: its packed rows then take a
+    BlockMask, built from document ids, instead of the dense mask."""
+    return getattr(getattr(model, "module", model).config, "_attn_implementation", None) == flex.ATTENTION
+
+
+def packed_attention_mask(model, batch: PackedBatch, device):
+    """What the model's attention takes for a packed batch: a BlockMask under flex.ATTENTION, else the dense mask
+    in the implementation's form, or None for a batch packed with mask="position_ids"."""
+    if runs_flex(model):
+        return flex.block_mask(batch, device)
+    if batch.attention_mask is None:
+        return None
+    # ZeRO-3's partitioned weights are empty placeholders: the dtype comes from the model there.
+    return model_attention_mask(batch.attention_mask.to(device), model.config, model.dtype)
+
+
 def check_plain_lm_head(config) -> None:
     """The fused head computes hidden @ W.T (+ b) only: refuse models that scale or cap the logits after it."""
     for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
@@ -184,10 +202,7 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
     check_plain_lm_head(model.config)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
-    attention_mask = None
-    if batch.attention_mask is not None:
-        # ZeRO-3's partitioned weights are empty placeholders: the dtype comes from the model there.
-        attention_mask = model_attention_mask(batch.attention_mask.to(device), model.config, model.dtype)
+    attention_mask = packed_attention_mask(model, batch, device)
     # use_cache=False: with a cache, transformers would not look for packed documents in the position ids.
     inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
               "attention_mask": attention_mask, "use_cache": False}
@@ -211,11 +226,13 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
 # ---------------------------------------------------------------------------
 
 
-def padded_logits(model, rows: Sequence, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_logits(model, rows: Sequence, pad_id: int, device, **forward) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs, labels) of collate_pairs(rows): the model's output [2n, L, ...] on the right-padded rows (a causal
-    LM's logits, or a token reward head's values) and the shifted answer labels [2n, L]."""
+    LM's logits, or a token reward head's values) and the shifted answer labels [2n, L]. `forward`: more keyword
+    arguments of the model's forward."""
     batch = collate_pairs(rows, pad_id)
-    outputs = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    outputs = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    **forward).logits
     return outputs, batch["labels"].to(device)
 
 
@@ -227,11 +244,14 @@ def answer_logps(model, rows: Sequence, layout: str, packed_row_tokens: int, chu
     layout (training.packing): padded, packed or shared_prompt. In the packed layouts the micro-batch is packed
     into rows of about packed_row_tokens tokens, never less than its longest pair, so that it stays one batch and
     one backward. `model`: a Hugging Face causal LM, or the DeepSpeed engine around one (the packed layouts run the
-    module it wraps). zero3_engine: `model` again where it is a ZeRO-3 engine (see packed_token_logps)."""
+    module it wraps); one under flex.ATTENTION attends through a FlexAttention BlockMask, others through the dense
+    mask. zero3_engine: `model` again where it is a ZeRO-3 engine (see packed_token_logps)."""
     if layout == "padded":
-        logits, labels = padded_logits(model, rows, pad_id, device)
+        # No KV cache: nothing is generated, and under a compiled layer each cache layer's state recompiles it.
+        logits, labels = padded_logits(model, rows, pad_id, device, use_cache=False)
         return token_logps(logits, labels, chunk_size), labels != IGNORE_INDEX
     shared_prompt = layout == "shared_prompt"
     width = max([packed_row_tokens] + [pair_span(row, shared_prompt) for row in rows])
-    (batch,) = pack_pairs(rows, width, shared_prompt, rows_per_batch=len(rows), pad_id=pad_id)
+    mask = "flex" if runs_flex(model) else "4d"
+    (batch,) = pack_pairs(rows, width, shared_prompt, rows_per_batch=len(rows), mask=mask, pad_id=pad_id)
     return packed_token_logps(getattr(model, "module", model), batch, chunk_size, zero3_engine)

@@ -17,13 +17,15 @@ exactly the [2n, W] grid that collate_pairs' labels use for the same pairs (row 
 n + i: prompt + rejected; answer token j at column len(prompt) - 1 + j), so the log-probs that
 logprobs.packed_token_logps puts there work unchanged with the losses, values_to_grid and grid_to_values.
 
-Attention masks (mask="4d"): a boolean [R, 1, L, L] mask, True where a query may attend to a key. transformers'
-masking_utils returns a 4D attention_mask unchanged (it neither adds the causal pattern nor looks at position_ids),
-so the mask must be complete: causal, per document, and the rejected-not-to-chosen rule. SDPA takes it as a boolean
-mask; eager attention adds the mask to the scores, so logprobs.model_attention_mask turns it into an additive one
-there.
-mask="position_ids" (shared_prompt=False, one row per batch): no mask at all; transformers finds the documents where
-the position ids restart (flash_attention_2 then runs varlen kernels; sdpa and eager build the block mask).
+Attention masks, one rule (may_attend): causal, within a document, and never a rejected token to a chosen one.
+- mask="4d": a boolean [R, 1, L, L] mask, True where a query may attend to a key. transformers' masking_utils returns
+  a 4D attention_mask unchanged (it neither adds the causal pattern nor looks at position_ids), so the mask must be
+  complete. SDPA takes it as a boolean mask; eager attention adds the mask to the scores, so
+  logprobs.model_attention_mask turns it into an additive one there. Its cost grows with L^2 whatever the documents.
+- mask="flex": no dense mask; the batch carries each position's document and segment ids, from which flex.py builds
+  a FlexAttention BlockMask, whose kernel skips the blocks no query of a document may see.
+- mask="position_ids" (shared_prompt=False, one row per batch): no mask at all; transformers finds the documents where
+  the position ids restart (flash_attention_2 then runs varlen kernels; sdpa and eager build the block mask).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 from tgdpo_ray.batches import IGNORE_INDEX
 
-MASK_MODES = ("4d", "position_ids")
+MASK_MODES = ("4d", "flex", "position_ids")
 # Segments of a document, for the rule that rejected tokens never see chosen ones.
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
@@ -45,7 +47,9 @@ PROMPT, CHOSEN, REJECTED = 0, 1, 2
 class PackedBatch:
     input_ids: torch.Tensor  # [R, L] long; padding (pad_id) only at the end of a row shorter than L
     position_ids: torch.Tensor  # [R, L] long; restart at 0 for each document
-    attention_mask: Optional[torch.Tensor]  # [R, 1, L, L] bool, True = may attend; None for mask="position_ids"
+    attention_mask: Optional[torch.Tensor]  # [R, 1, L, L] bool, True = may attend; only for mask="4d"
+    document: torch.Tensor  # [R, L] long: the document of each position (the padding is one of its own)
+    segment: torch.Tensor  # [R, L] long: PROMPT, CHOSEN or REJECTED
     source_index: torch.Tensor  # [N] flat index (row * L + column) of the hidden state that predicts answer token k
     target_ids: torch.Tensor  # [N] the id of answer token k
     grid_rows: torch.Tensor  # [N] row of answer token k on collate_pairs' label grid of `rows`
@@ -72,6 +76,22 @@ class PackedBatch:
         mask = torch.zeros(self.grid_shape, dtype=torch.bool, device=values.device).index_put(
             index, torch.ones_like(values, dtype=torch.bool))
         return grid, mask
+
+
+def may_attend(document: torch.Tensor, segment: torch.Tensor, row, query, key) -> torch.Tensor:
+    """The packed layouts' one attention rule, on broadcastable index tensors: causal, within a document, and a
+    rejected token never sees a chosen one. The dense mask evaluates it on the whole [R, L, L] grid; FlexAttention
+    calls it as its mask_mod, block by block."""
+    rejected_to_chosen = (segment[row, query] == REJECTED) & (segment[row, key] == CHOSEN)
+    return (query >= key) & (document[row, query] == document[row, key]) & ~rejected_to_chosen
+
+
+def dense_mask(document: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """may_attend on every (row, query, key): the [R, 1, L, L] boolean mask of SDPA (True = may attend)."""
+    rows, length = document.shape
+    row = torch.arange(rows, device=document.device)[:, None, None]
+    position = torch.arange(length, device=document.device)
+    return may_attend(document, segment, row, position[None, :, None], position[None, None, :])[:, None]
 
 
 def pair_span(row, shared_prompt: bool) -> int:
@@ -106,9 +126,10 @@ def pack_pairs(pairs: Sequence, max_tokens: int, shared_prompt: bool = False, ro
     max_tokens tokens each (width L = the longest row of the batch). Every pair lands in exactly one batch; an
     oversize pair (pair_span > max_tokens) forms a batch of one row on its own, as wide as the pair.
 
-    mask="4d": a boolean [R, 1, L, L] mask (sdpa or eager attention). mask="position_ids": no mask, one row per
-    batch, documents found from the position ids (flash_attention_2 varlen on GPU); not for shared_prompt, whose
-    rejected position ids jump back to the end of the prompt and would be taken for a new document."""
+    mask="4d": a boolean [R, 1, L, L] mask (sdpa or eager attention). mask="flex": document and segment ids only,
+    for a FlexAttention BlockMask (flex.py). mask="position_ids": no mask, one row per batch, documents found from
+    the position ids (flash_attention_2 varlen on GPU); not for shared_prompt, whose rejected position ids jump
+    back to the end of the prompt and would be taken for a new document."""
     if max_tokens < 1 or rows_per_batch < 1:
         raise ValueError(f"max_tokens and rows_per_batch must be >= 1, got {max_tokens} and {rows_per_batch}")
     if mask not in MASK_MODES:
@@ -153,12 +174,13 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
     for r, row in enumerate(row_indices):
         offset, doc = 0, 0
 
-        def place(ids: list, positions: range, part: int) -> int:
-            """Write ids at the current offset of row r; returns the column of the first one."""
+        def place(ids: list, positions_from: int, part: int) -> int:
+            """Write ids at the current offset of row r, position ids counting from positions_from; returns the
+            column of the first one."""
             nonlocal offset
             start, end = offset, offset + len(ids)
             input_ids[r, start:end] = torch.tensor(ids, dtype=torch.long)
-            position_ids[r, start:end] = torch.tensor(positions, dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(positions_from, positions_from + len(ids))
             document[r, start:end] = doc
             segment[r, start:end] = part
             offset = end
@@ -167,50 +189,48 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
         def score(answer: list, first: int, last_prompt: int, grid_row: int, prompt_len: int) -> None:
             """Answer token j sits at column first + j; the hidden state one column earlier predicts it, except
             for j = 0, predicted by the last prompt token (in the shared layout not the column before)."""
-            for j, token in enumerate(answer):
-                source.append(r * length + (last_prompt if j == 0 else first + j - 1))
-                targets.append(token)
-                grid_rows.append(grid_row)
-                grid_cols.append(prompt_len - 1 + j)
+            if not answer:
+                return
+            columns = torch.arange(first - 1, first + len(answer) - 1)
+            columns[0] = last_prompt
+            source.append(r * length + columns)
+            targets.append(torch.tensor(answer, dtype=torch.long))
+            grid_rows.append(torch.full((len(answer),), grid_row, dtype=torch.long))
+            grid_cols.append(torch.arange(prompt_len - 1, prompt_len - 1 + len(answer)))
 
         for i in row:
             prompt, chosen, rejected = (list(pairs[i][key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
             p, k = len(prompt), grid_row_of[i]
             if shared_prompt:
-                start = place(prompt, range(p), PROMPT)
-                first = place(chosen, range(p, p + len(chosen)), CHOSEN)
+                start = place(prompt, 0, PROMPT)
+                first = place(chosen, p, CHOSEN)
                 score(chosen, first, start + p - 1, k, p)
                 # Positions as if chosen were absent: rejected continues right after the prompt.
-                first = place(rejected, range(p, p + len(rejected)), REJECTED)
+                first = place(rejected, p, REJECTED)
                 score(rejected, first, start + p - 1, n + k, p)
                 doc += 1
             else:
                 for answer, part, grid_row in ((chosen, CHOSEN, k), (rejected, REJECTED, n + k)):
-                    start = place(prompt, range(p), PROMPT)
-                    first = place(answer, range(p, p + len(answer)), part)
+                    start = place(prompt, 0, PROMPT)
+                    first = place(answer, p, part)
                     score(answer, first, start + p - 1, grid_row, p)
                     doc += 1
         # The padding is a document of its own: a query row with nothing to attend to would make NaNs in SDPA.
         position_ids[r, offset:] = torch.arange(length - offset)
         document[r, offset:] = doc
 
-    attention_mask = None
-    if with_mask:
-        causal = torch.ones((length, length), dtype=torch.bool).tril()
-        same_document = document[:, :, None] == document[:, None, :]
-        rejected_to_chosen = (segment[:, :, None] == REJECTED) & (segment[:, None, :] == CHOSEN)
-        attention_mask = (causal & same_document & ~rejected_to_chosen)[:, None]
-
     width = max(len(pairs[i]["prompt_ids"]) + max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]))
                 for i in batch_pairs)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=attention_mask,
-        source_index=torch.tensor(source, dtype=torch.long),
-        target_ids=torch.tensor(targets, dtype=torch.long),
-        grid_rows=torch.tensor(grid_rows, dtype=torch.long),
-        grid_cols=torch.tensor(grid_cols, dtype=torch.long),
+        attention_mask=dense_mask(document, segment) if with_mask else None,
+        document=document,
+        segment=segment,
+        source_index=torch.cat(source),
+        target_ids=torch.cat(targets),
+        grid_rows=torch.cat(grid_rows),
+        grid_cols=torch.cat(grid_cols),
         grid_shape=(2 * n, width),
         rows=[pairs[i] for i in batch_pairs],
         real_tokens=sum(spans),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tgdpo_ray import flex
 from tgdpo_ray.batches import grid_to_values, pack_by_token_budget, packed_tokens, score_columns
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, ScorerSection
@@ -48,7 +49,7 @@ class FrozenScorer:
 
     def __init__(self, role: str, model: str, precision: str, trust_remote_code: bool, pad_id: int,
                  max_tokens: int, chunk_size: int, run_dir: str, token_rewards: bool = False,
-                 packing: str = "padded", packed_row_tokens: int = 2048):
+                 packing: str = "padded", packed_row_tokens: int = 2048, attention: str = "auto"):
         self.role = role
         self.batch_log = Path(run_dir) / "scoring" / f"{role}-{os.getpid()}.jsonl"
         self.batch_log.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +64,8 @@ class FrozenScorer:
         started = time.perf_counter()
         load = load_token_reward_model if token_rewards else load_causal_lm
         self.model = load(model, precision, trust_remote_code).to(self.device).eval()
+        if self.packing != "padded" and flex.use_flex(attention, self.device, training=False):
+            flex.enable(self.model)
         record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2))
 
     def __call__(self, batch: dict) -> dict:
@@ -126,6 +129,7 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
             token_rewards=token_rewards,
             packing=config.training.packing,
             packed_row_tokens=config.training.packed_row_tokens,
+            attention=config.training.attention,
         ),
         **pool_options(section),
     )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tgdpo_ray import flex
 from tgdpo_ray.batches import SCORED_KINDS, SCORED_PREFIXES, packed_tokens, pair_batch, score_columns
 from tgdpo_ray.checkpoints import load_checkpoint, save_checkpoint
 from tgdpo_ray.cluster import pick_device, record_placement
@@ -29,7 +30,8 @@ from tgdpo_ray.config import JobConfig
 from tgdpo_ray.config_loader import import_function
 from tgdpo_ray.logprobs import answer_logps
 from tgdpo_ray.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, LossOutput, build_loss, finalize_metrics, metric_sums
-from tgdpo_ray.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
+from tgdpo_ray.models import (compile_decoder_layers, disable_dropout, load_causal_lm, load_tokenizer,
+                              resolve_dtype)
 from tgdpo_ray.steps import StepShare, deal_step, epoch_dataset, plan_steps
 from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
 
@@ -286,6 +288,10 @@ def load_policy(config: JobConfig, device):
     model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
     if config.policy.disable_dropout:
         disable_dropout(model)
+    if config.training.packing != "padded" and flex.use_flex(config.training.attention, device, training=True):
+        flex.enable(model)
+    if config.training.compile:
+        compile_decoder_layers(model)
     if config.training.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

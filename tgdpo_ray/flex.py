@@ -1,0 +1,106 @@
+"""FlexAttention for the packed layouts: attention that skips the blocks a packed row's documents never see.
+
+The dense [R, 1, L, L] mask of packing.py makes SDPA compute every (query, key) pair of a row and keeps it off its
+fast kernels. Here the same rule (packing.may_attend) becomes a FlexAttention BlockMask: the kernel visits only
+the 128 x 128 blocks where some query may attend to some key, so a row of many short documents costs about what
+its documents cost.
+
+The models run it through transformers' attention interface under our own name, ATTENTION. Our function sends a
+BlockMask to FlexAttention (compiled on CUDA, eager elsewhere) and any other mask to SDPA, so the same model still
+reads padded rows. FlexAttention has no backward on the CPU: there it serves forward passes (the scorers, tests)
+only, and training.attention auto picks it on CUDA devices alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from tgdpo_ray.errors import UserError
+from tgdpo_ray.packing import PackedBatch, may_attend
+
+try:  # torch 2.5 and later
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = create_block_mask = flex_attention = None
+
+ATTENTION = "tgdpo_flex"  # the attn_implementation name our models run under
+ATTENTION_CHOICES = ("auto", "dense", "flex")
+
+
+class FlexUnavailableError(UserError, RuntimeError):
+    """training.attention flex where FlexAttention cannot run; the message says why and what to set."""
+
+
+def use_flex(attention: str, device: torch.device, training: bool) -> bool:
+    """training.attention for a model on `device`: flex, dense, or auto (flex on CUDA where torch has it)."""
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    if attention == "dense":
+        return False
+    if attention == "auto":
+        return device.type == "cuda" and flex_attention is not None
+    if not flex_attention is not None:
+        raise FlexUnavailableError(f"training.attention flex: torch {torch.__version__} has no FlexAttention "
+                                   "(it needs torch 2.5 or later); set training.attention to auto or dense")
+    if training and device.type != "cuda":
+        raise FlexUnavailableError(f"training.attention flex: FlexAttention has no backward on {device.type} in "
+                                   f"torch {torch.__version__}, so a trainer there cannot use it; set "
+                                   "training.attention to auto (flex on CUDA, the dense mask elsewhere) or dense")
+    return True
+
+
+def enable(model) -> None:
+    """Run `model` (a Hugging Face model, before any DeepSpeed wrapping) under ATTENTION."""
+    register()
+    model.set_attn_implementation(ATTENTION)
+
+
+@functools.cache
+def register() -> None:
+    """Teach transformers the name: our attention function, and SDPA's mask for inputs that are not a BlockMask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process: uncompiled, it materialises every score (slow on a GPU)."""
+    return torch.compile(flex_attention)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention signature: query [B, H, L, D], key and value [B, H_kv, L, D]; returns the output as
+    [B, L, H, D] and no weights."""
+    if not isinstance(attention_mask, BlockMask):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout > 0:
+        raise ValueError("FlexAttention here runs without attention dropout: turn it off (policy.disable_dropout)")
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads & (heads - 1):  # FlexAttention's grouped-query path wants a power-of-two head count
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        value = value.repeat_interleave(heads // kv_heads, dim=1)
+    # Inside a compiled region (a compiled decoder layer) the enclosing compile takes FlexAttention in whole.
+    compile_here = query.device.type == "cuda" and not torch.compiler.is_compiling()
+    run = compiled_flex_attention() if compile_here else flex_attention
+    output = run(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def block_mask(batch: PackedBatch, device):
+    """The BlockMask of a batch packed with mask="flex": packing.may_attend on its document and segment ids."""
+    document, segment = batch.document.to(device), batch.segment.to(device)
+    rows, length = document.shape
+
+    def mask_mod(row, head, query, key):
+        return may_attend(document, segment, row, query, key)
+
+    # Evaluated on the [R, L, L] grid once per micro-batch: milliseconds on a GPU, and no compile of its own.
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
