@@ -174,8 +174,9 @@ def non_embedding_params(model) -> int:
 
 
 # ---------------------------------------------------------------------------
-# The trainer's micro-batch loss: training.micro_batch_loss on the same helpers, plus FlexAttention
-# (tgdpo_ray.training itself imports pydantic, ray and deepspeed through its neighbours).
+# The trainer's micro-batch loss: training.micro_batch_loss on the same helpers, with the attention and compiled
+# layers set as training.load_policy sets them (tgdpo_ray.training itself imports pydantic, ray and deepspeed
+# through its neighbours).
 # ---------------------------------------------------------------------------
 
 

@@ -123,6 +123,8 @@ def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
     pids = {role: {r["pid"] for r in records if r["role"] == role} for role in roles}
     assert not (pids["policy"] & pids["reference"]) and not (pids["policy"] & pids["guidance"])
     assert not (pids["reference"] & pids["guidance"])
+    # training.attention auto on logical GPUs that are CPUs: the packed rows' dense mask (SDPA), not FlexAttention.
+    assert {r["attention"] for r in records if r["role"] != "policy"} == {"sdpa"}
 
 
 @pytest.mark.parametrize("name", ["dpo", "tgdpo"])

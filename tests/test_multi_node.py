@@ -21,7 +21,12 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     with without_local_ray():
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
+        # The head takes a node for dead after a few failed health checks: by default 5 of them, 3 s apart, so the
+        # lost scorer node below went unnoticed for about 15 s. Checks every 0.5 s, 3 failures, here; each check
+        # still has 10 s to answer, so a busy node that is alive is not taken for dead.
+        health_checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 4, "num_gpus": 0, "_system_config": health_checks})
         nodes = {
             "policy": cluster.add_node(num_cpus=3, num_gpus=2, labels={"tgdpo-group": "policy"}),
             "scorer-a": cluster.add_node(num_cpus=2, num_gpus=1, labels={"tgdpo-group": "scorer"}),

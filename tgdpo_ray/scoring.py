@@ -66,7 +66,8 @@ class FrozenScorer:
         self.model = load(model, precision, trust_remote_code).to(self.device).eval()
         if self.packing != "padded" and flex.use_flex(attention, self.device, training=False):
             flex.enable(self.model)
-        record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2))
+        record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2),
+                         attention=getattr(self.model.config, "_attn_implementation", None))
 
     def __call__(self, batch: dict) -> dict:
         started = time.perf_counter()

@@ -336,6 +336,9 @@ def train_loop(loop_config: dict) -> None:
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     engine = build_engine(load_policy(config, device), config, total_steps, world_size)
+    if rank == 0:
+        print(f"[train] {training.packing} layout, attention {engine.module.config._attn_implementation}"
+              f"{', compiled decoder layers' if training.compile else ''}, on {device.type}", flush=True)
     loss = build_loss(config.loss)
     state = resume_state(engine, rank)
     log = MetricsLog(config, rank, resumed_step=state.step or None)
