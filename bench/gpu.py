@@ -485,8 +485,9 @@ def main(argv=None) -> int:
     else:
         import torch._dynamo as dynamo
 
-        # Every micro-batch has its own [R, L] shape: after the second, dynamo compiles flex_attention for dynamic
-        # shapes; a higher limit keeps a stray recompile from falling back to the (very slow) eager flex_attention.
+        # Every micro-batch has its own [R, L] shape (dynamic after the second), and this one process runs every
+        # layout through the same compiled frames, each layout a guard failure of the others' graphs: a trainer
+        # runs one layout. A higher limit keeps the later layouts from falling back to eager code.
         if hasattr(dynamo.config, "recompile_limit"):
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
 

@@ -411,7 +411,10 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
     for packing, compiled in variants:
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model, "zero_stage": zero_stage},
                                "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
-                               "training": {"packing": packing, "packed_row_tokens": 64, "compile": compiled}},
+                               "training": {"packing": packing, "packed_row_tokens": 64, "compile": compiled,
+                                            # Traced and run through AOTAutograd as with inductor, without its C++
+                                            # build (15 s here); bench/gpu.py runs inductor on a GPU.
+                                            "compile_backend": "aot_eager"}},
                               check_paths=False)
         # A fresh engine per variant, its model loaded as the trainers load it: the gradients read below are
         # exactly this variant's.

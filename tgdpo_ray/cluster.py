@@ -175,7 +175,10 @@ def record_placement(run_dir: str, role: str, **extra) -> dict:
     }
     folder = Path(run_dir) / "placement"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{role}-{record['pid']}.json").write_text(json.dumps(record))
+    # Written whole, then renamed: a reader polling the folder (a test, a monitor) never sees half a file.
+    partial = folder / f".{role}-{record['pid']}.json.partial"
+    partial.write_text(json.dumps(record))
+    os.replace(partial, folder / f"{role}-{record['pid']}.json")
     return record
 
 

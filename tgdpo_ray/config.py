@@ -174,6 +174,10 @@ class TrainingSection(Section):
                           "shared by all layers): on an H100 1.27x the pairs/s of shared_prompt with FlexAttention "
                           "and 1.35x padded's, after 35-42 s of compiling in the first steps (README). Not with "
                           "ZeRO-3")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        default="inductor", description="training.compile's torch.compile backend: inductor generates fused "
+        "kernels; aot_eager and eager only trace (to find where a compile goes wrong, and in the CPU tests, where "
+        "inductor's C++ build takes 15 s)")
     log_every: int = Field(default=1, gt=0, description="optimizer steps between console lines (every step goes "
                                                         "to metrics.jsonl)")
     checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps between checkpoints; 0: at epoch "

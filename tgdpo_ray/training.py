@@ -291,7 +291,7 @@ def load_policy(config: JobConfig, device):
     if config.training.packing != "padded" and flex.use_flex(config.training.attention, device, training=True):
         flex.enable(model)
     if config.training.compile:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, config.training.compile_backend)
     if config.training.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
