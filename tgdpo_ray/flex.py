@@ -41,7 +41,7 @@ def use_flex(attention: str, device: torch.device, training: bool) -> bool:
         return False
     if attention == "auto":
         return device.type == "cuda" and flex_attention is not None
-    if not flex_attention is not None:
+    if flex_attention is None:
         raise FlexUnavailableError(f"training.attention flex: torch {torch.__version__} has no FlexAttention "
                                    "(it needs torch 2.5 or later); set training.attention to auto or dense")
     if training and device.type != "cuda":
@@ -76,7 +76,7 @@ def compiled_flex_attention():
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention signature: query [B, H, L, D], key and value [B, H_kv, L, D]; returns the output as
     [B, L, H, D] and no weights."""
-    if not isinstance(attention_mask, BlockMask):
+    if BlockMask is None or not isinstance(attention_mask, BlockMask):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
