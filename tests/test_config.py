@@ -107,8 +107,10 @@ def test_the_layout_follows_the_trainers_devices(raw):
         "padded")
     message = error_of(raw, ["training.attention=flex"])
     assert "training.attention flex is for the packed layouts" in message and "JobConfig(" not in message
-    assert build_config(raw, overrides=["training.attention=flex", "training.packing=packed"]).training.attention == (
-        "flex")
+    flex_on_cpus = error_of(raw, ["training.attention=flex", "training.packing=packed"])
+    assert "FlexAttention has no backward on CPUs" in flex_on_cpus
+    assert build_config(raw, overrides=["training.attention=flex", "training.packing=packed",
+                                        "policy.gpus_per_worker=1"]).training.attention == "flex"
     assert "training.compile is not supported with policy.zero_stage 3" in error_of(
         raw, ["training.compile=true", "policy.zero_stage=3"])
 

@@ -468,6 +468,9 @@ class JobConfig(Section):
         if training.attention == "flex" and training.packing == "padded":
             raise ValueError("training.attention flex is for the packed layouts: set training.packing to packed or "
                              "shared_prompt (padded rows use SDPA with a padding mask)")
+        if training.attention == "flex" and self.policy is not None and self.policy.gpus_per_worker == 0:
+            raise ValueError("training.attention flex needs GPU trainers (policy.gpus_per_worker > 0): FlexAttention "
+                             "has no backward on CPUs; use auto (flex on CUDA, the dense mask elsewhere) or dense")
         return self
 
     @model_validator(mode="after")
