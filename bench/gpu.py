@@ -17,7 +17,7 @@ mask's log-probs, and measures nothing. On a GPU it also compares FlexAttention'
 Writes a JSON (--out) and prints a table.
 
     python3 bench/gpu.py [--out bench/results/gpu.json] [--pairs 128] [--max-tokens 16384] [--row-tokens 2048]
-                         [--budget-s 300] [--layouts padded,...] [--toy]
+                         [--budget-s 300] [--layouts padded,...] [--profile LAYOUT] [--toy]
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="start no further layout after this many seconds (the SDPA layouts come first)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
-    parser.add_argument("--profile", default=None, metavar="LAYOUT",
-                        help="after the layouts, one more pass of this (measured) layout under torch.profiler: the "
-                             "ops that take the most GPU time, into the JSON's `profile`")
+    parser.add_argument("--profile", default="shared_prompt_flex_compiled", metavar="LAYOUT",
+                        help="after the layouts, one more pass of this layout, if measured, under torch.profiler: "
+                             "GPU kernel time by kind and the top kernels, into the JSON's `profile` (default: "
+                             "shared_prompt_flex_compiled, the best so far; none: no profile)")
     parser.add_argument("--toy", action="store_true", help="the CPU smoke run even where a GPU is present")
     return parser
 
