@@ -158,6 +158,11 @@ def test_mask_forms_and_refusals():
     assert not flex.use_flex("dense", cuda, training=True) and flex.use_flex("flex", cpu, training=False)
     with pytest.raises(flex.FlexUnavailableError, match="no backward on cpu.*training.attention"):
         flex.use_flex("flex", cpu, training=True)
+    # A model that asks its attention for more than the mask (Gemma 2's soft cap) is refused, not silently served.
+    (flex_batch,) = pack_pairs(make_pairs(9, 3, 500), 1000, shared_prompt=True, mask="flex")
+    heads = torch.zeros(1, 2, flex_batch.input_ids.shape[1], 16)
+    with pytest.raises(ValueError, match="softcap.*training.packing padded"):
+        flex.attention_forward(torch.nn.Module(), heads, heads, heads, flex.block_mask(flex_batch, cpu), softcap=30.0)
 
 
 def test_position_ids_mode_is_recognised_by_transformers():
@@ -189,6 +194,10 @@ def test_packed_logps_equal_padded(model, shared_prompt, rows_per_batch):
                          pad_id=model.config.pad_token_id)
     assert any(len(batch.rows) >= 3 for batch in batches)  # several pairs per batch
     assert all((batch.attention_mask is None) == (mask == "flex") for batch in batches)  # no dense mask for flex
+    # FlexAttention rows are at least one 128-token block long (one kernel and one compiled graph for short ones).
+    assert mask != "flex" or all(batch.input_ids.shape[1] >= 128 for batch in batches)
+    if mask == "flex":  # and enable() let dynamo keep a graph per shape class (past its default 8: unfused calls)
+        assert torch._dynamo.config.recompile_limit >= flex.RECOMPILE_LIMIT
     with torch.no_grad():
         for batch in batches:
             packed, packed_mask = packed_token_logps(model, batch, chunk_size=37)

@@ -51,10 +51,19 @@ def use_flex(attention: str, device: torch.device, training: bool) -> bool:
     return True
 
 
+# Dynamo's limit of compiled graphs per function. Every micro-batch has its own [rows, length] shape (dynamic after
+# the second), and one row, no_grad evaluation and compiled layers each add graphs: past the default of 8, calls
+# fall back to FlexAttention's unfused form, which materialises every score. 64 is what bench/gpu.py measured with.
+RECOMPILE_LIMIT = 64
+
+
 def enable(model) -> None:
     """Run `model` (a Hugging Face model, before any DeepSpeed wrapping) under ATTENTION."""
+    import torch._dynamo as dynamo
+
     register()
     model.set_attn_implementation(ATTENTION)
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
 @functools.cache
@@ -83,6 +92,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                       **kwargs)
     if dropout > 0:
         raise ValueError("FlexAttention here runs without attention dropout: turn it off (policy.disable_dropout)")
+    # What some models ask of their attention beyond the mask: refused rather than silently left out.
+    asked = [name for name in ("softcap", "s_aux", "sliding_window") if kwargs.get(name) is not None]
+    if asked:
+        raise ValueError(f"{type(module).__name__} asks its attention for {', '.join(asked)}, which the packed rows' "
+                         "FlexAttention does not apply: use training.packing padded (the model's own masks)")
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads & (heads - 1):  # FlexAttention's grouped-query path wants a power-of-two head count
         key = key.repeat_interleave(heads // kv_heads, dim=1)

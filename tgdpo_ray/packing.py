@@ -39,6 +39,9 @@ import torch
 from tgdpo_ray.batches import IGNORE_INDEX
 
 MASK_MODES = ("4d", "flex", "position_ids")
+# mask="flex" rows are at least one FlexAttention block long: on CUDA a shorter query takes another kernel (flex
+# decoding), and each such shape is one more compiled graph (the trainers' one-pair filler rows are 4 tokens).
+FLEX_MIN_LENGTH = 128
 # Segments of a document, for the rule that rejected tokens never see chosen ones.
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
@@ -153,17 +156,19 @@ def pack_pairs(pairs: Sequence, max_tokens: int, shared_prompt: bool = False, ro
         current.append(row)
     if current:
         groups.append(current)
-    return [build_packed_batch(pairs, group, shared_prompt, mask == "4d", pad_id) for group in groups]
+    min_length = FLEX_MIN_LENGTH if mask == "flex" else 1
+    return [build_packed_batch(pairs, group, shared_prompt, mask == "4d", pad_id, min_length) for group in groups]
 
 
 def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_prompt: bool, with_mask: bool,
-                       pad_id: int) -> PackedBatch:
-    """One batch: row r holds the pairs pairs[i] for i in row_indices[r], back to back."""
+                       pad_id: int, min_length: int = 1) -> PackedBatch:
+    """One batch: row r holds the pairs pairs[i] for i in row_indices[r], back to back; rows padded to the longest,
+    and to at least min_length."""
     batch_pairs = sorted(i for row in row_indices for i in row)
     grid_row_of = {i: k for k, i in enumerate(batch_pairs)}  # pair i's chosen grid row; rejected is n + that
     n = len(batch_pairs)
     spans = [sum(pair_span(pairs[i], shared_prompt) for i in row) for row in row_indices]
-    length = max(spans)
+    length = max(spans + [min_length])
 
     input_ids = torch.full((len(row_indices), length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(row_indices), length), dtype=torch.long)
