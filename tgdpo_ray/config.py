@@ -474,17 +474,15 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _compile_without_zero3(self) -> "JobConfig":
-        if self.training.compile and self.policy and self.policy.zero_stage == 3:
-            raise ValueError("training.compile is not supported with policy.zero_stage 3 (ZeRO-3 gathers each "
-                             "layer's weights in hooks around its call): use stage 0, 1 or 2, or compile false")
-        return self
-
-    @model_validator(mode="after")
-    def _probe_sees_whole_weights(self) -> "JobConfig":
-        if self.training.probe and self.policy and self.policy.zero_stage == 3:
+    def _what_zero3_rules_out(self) -> "JobConfig":
+        if not (self.policy and self.policy.zero_stage == 3):
+            return self
+        if self.training.probe:
             raise ValueError("training.probe runs the policy on rank 0 alone, which ZeRO-3 partitions across the "
                              "workers: use policy.zero_stage 0, 1 or 2 with a probe")
+        if self.training.compile:
+            raise ValueError("training.compile is not supported with policy.zero_stage 3 (ZeRO-3 gathers each "
+                             "layer's weights in hooks around its call): use stage 0, 1 or 2, or compile false")
         return self
 
     @property
