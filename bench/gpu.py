@@ -49,7 +49,41 @@ LAYOUTS = {
     "packed_flex": ("packed", "flex", False),
     "padded_compiled": ("padded", "sdpa", True),
     "shared_prompt_flex_compiled": ("shared_prompt", "flex", True),
+    # The same with the FlexAttention kernel options that won the sweep below; skipped where the library's own
+    # (flex.MEASURED_KERNEL_OPTIONS) won.
+    "shared_prompt_flex_compiled_tuned": ("shared_prompt", "flex", True),
 }
+
+# FlexAttention kernel options tried on the trainer's own block masks, torch's defaults first. fwd_* go to the
+# forward kernel, bwd_* to the backward. fwd: (BLOCK_M, BLOCK_N, stages, warps); bwd: (BLOCK_M1, BLOCK_N1, BLOCK_M2,
+# BLOCK_N2, stages, warps); every block divides the BlockMask's 128.
+
+
+def kernel_options(fwd: tuple, bwd: tuple) -> dict:
+    options = dict(zip(("fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_stages", "fwd_num_warps"), fwd))
+    options.update(zip(("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2", "bwd_num_stages",
+                        "bwd_num_warps"), bwd))
+    return options
+
+
+FLEX_SWEEP = {
+    "default": {},
+    "library": None,  # flex.MEASURED_KERNEL_OPTIONS for this device: what the trainer runs
+    "f128x64_b64x64": kernel_options((128, 64, 3, 4), (64, 64, 64, 64, 3, 4)),
+    "f64x128_b32x64": kernel_options((64, 128, 3, 4), (32, 64, 64, 32, 3, 4)),
+    "f128x128w8_b64x128w4": kernel_options((128, 128, 2, 8), (64, 128, 128, 64, 3, 4)),
+    "f64x64_b32x128": kernel_options((64, 64, 3, 4), (32, 128, 128, 32, 3, 4)),
+    "tma": {"USE_TMA": True},
+    # ROWS_GUARANTEED_SAFE (true of our masks: every query sees itself) with 64 x 64 forward tiles was faster on
+    # the H100 but gave NaN losses in the trainer's step: left out until the two are told apart.
+    "f64x64_b32x64": kernel_options((64, 64, 3, 4), (32, 64, 64, 32, 3, 4)),
+}
+
+
+def sweep_options(name: str, device) -> dict:
+    if FLEX_SWEEP[name] is not None:
+        return FLEX_SWEEP[name]
+    return flex.MEASURED_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(device), {}) if device.type == "cuda" else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,10 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="start no further layout after this many seconds (the SDPA layouts come first)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
-    parser.add_argument("--profile", default="shared_prompt_flex_compiled", metavar="LAYOUT",
+    parser.add_argument("--profile", default="best", metavar="LAYOUT",
                         help="after the layouts, one more pass of this layout, if measured, under torch.profiler: "
                              "GPU kernel time by kind and the top kernels, into the JSON's `profile` (default: "
-                             "shared_prompt_flex_compiled, the best so far; none: no profile)")
+                             "best, the layout of the best MFU; none: no profile)")
+    parser.add_argument("--sweep", default=",".join(FLEX_SWEEP),
+                        help="FlexAttention kernel options to time on the shared-prompt block masks before the "
+                             "layouts (GPU only): comma-separated subset of " + ",".join(FLEX_SWEEP) + "; none: no sweep")
+    parser.add_argument("--autotune", action="store_true",
+                        help="the sweep also times torch.compile(mode='max-autotune-no-cudagraphs'), which prints "
+                             "the configs inductor chose (a minute or more of compiling)")
     parser.add_argument("--toy", action="store_true", help="the CPU smoke run even where a GPU is present")
     return parser
 
@@ -82,6 +122,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(REPO))
 
 from tgdpo_ray import flex  # noqa: E402
+from tgdpo_ray import logprobs as logprobs_module  # noqa: E402
 from tgdpo_ray.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
                                pair_batch)
 from tgdpo_ray.logprobs import answer_logps, lm_head_token_logps, token_logps  # noqa: E402
@@ -114,7 +155,7 @@ SIZES = {
 
 LOSS = {"type": "tgdpo", "beta": 0.1, "alpha": 0.5, "simpo_gamma": 0.5, "clamp_weights": False}  # config defaults
 TRAINER_LOSS = build_loss(SimpleNamespace(**LOSS))  # built once, as the trainers build theirs from config.loss
-LOGP_CHUNK = 512  # training.logp_chunk_size's default
+LOGP_CHUNK = 1024  # training.logp_chunk_size's default
 
 FLOPS_FORMULA = ("model FLOPs per pass = 6 * non_embedding_params * computed_tokens"
                  " + 12 * layers * heads * head_dim * attended_pairs"
@@ -243,15 +284,16 @@ def sync(device) -> None:
 def run_pass(model, batches: list, packing: str, row_tokens: int, device, backward: bool) -> dict:
     """One optimizer step's micro-batches: the loss and, as the trainer, the backward of its mean per micro-batch.
     Returns pair_id -> [loss, chosen reward, rejected reward]."""
-    per_pair = {}
+    kept = []
     for rows in batches:
         out = micro_batch_loss(model, rows, packing, row_tokens, device)
         if backward:
             out.losses.mean().backward()
-        values = torch.stack([out.losses.detach().float(), out.chosen_rewards.float(), out.rejected_rewards.float()], 1)
-        for row, value in zip(rows, values.cpu().tolist()):
-            per_pair[row["pair_id"]] = value
-    return per_pair
+        # Kept on the device and read after the pass, as the trainer reads its metrics once a step: reading them
+        # per micro-batch would make the host wait for the GPU between micro-batches.
+        kept.append((rows, torch.stack([out.losses.detach().float(), out.chosen_rewards.detach().float(),
+                                        out.rejected_rewards.detach().float()], 1)))
+    return {row["pair_id"]: value for rows, values in kept for row, value in zip(rows, values.cpu().tolist())}
 
 
 def host_packing_seconds(batches: list, packing: str, attention: str, row_tokens: int, pad_id: int) -> float:
@@ -303,6 +345,7 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
     result = {
         "packing": packing, "attention": attention, "compiled_layers": compiled,
         "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex": "BlockMask"}[attention],
+        "flex_kernel_options": dict(flex.KERNEL_OPTIONS) if attention == "flex" and device.type == "cuda" else None,
         "backward": backward, "micro_batches": len(batches), "seconds": round(seconds, 4),
         "warmup_seconds": round(warmup_s, 2),
         "host_packing_seconds": round(host_packing_seconds(batches, packing, attention, args.row_tokens,
@@ -430,9 +473,198 @@ def logp_memory(device, hidden: int, vocab: int, tokens: int = 8192, chunk: int 
     return result  # its tensors are freed with this frame; the caller empties the allocator's cache
 
 
+def timed(device, function, repeats: int) -> float:
+    """Mean seconds of function() over `repeats` calls after one warm-up call (compiles)."""
+    function()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    sync(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def lm_head_check(device, hidden: int, vocab: int, tokens: int, repeats: int = 3) -> dict:
+    """Forward + backward of the fused LM-head log-probs (logprobs.lm_head_token_logps) on `tokens` answer tokens:
+    the chunk math eager with the weight gradient summed outside the matmul (logprobs.FUSED_CHUNK_MATH off, as
+    before), against the compiled chunk math with the sum inside the matmul, at several chunk sizes. The gradients
+    of each against the eager ones: the largest relative difference (norms) of the hidden and weight gradients."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    weight = torch.empty(vocab, hidden, device=device, dtype=dtype).normal_(0, 0.02).requires_grad_()
+    states = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    upstream = torch.randn(tokens, device=device)
+    variants = (("eager_512", False, 512), ("fused_512", True, 512), ("fused_1024", True, 1024),
+                ("fused_2048", True, 2048))
+    result = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""),
+              "repeats": repeats}
+    reference = None
+    try:
+        for name, fused, chunk in variants:
+            logprobs_module.FUSED_CHUNK_MATH = fused
+
+            def step():
+                logps = lm_head_token_logps(states, weight, None, targets, chunk)
+                return torch.autograd.grad((logps * upstream).sum(), (states, weight))
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = timed(device, step, repeats)
+            grads = [grad.float() for grad in step()]
+            reference = reference or grads
+            result[name] = {
+                "seconds": round(seconds, 5),
+                "tflops": round(6 * hidden * vocab * tokens / seconds / 1e12, 1),
+                "peak_memory_gib": (round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                                    if device.type == "cuda" else None),
+                "max_grad_rel_diff_vs_eager": max(float((grad - ref).norm() / ref.norm())
+                                                  for grad, ref in zip(grads, reference)),
+            }
+    finally:
+        logprobs_module.FUSED_CHUNK_MATH = True
+    result["speedup_fused_512_vs_eager_512"] = round(result["eager_512"]["seconds"] / result["fused_512"]["seconds"], 3)
+    return result
+
+
+def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, deadline: float) -> dict:
+    """FlexAttention alone, forward and backward, on the block masks of the shared-prompt micro-batches of the most
+    common [rows, length] shape (random q, k, v of the model's shape): torch's default kernel options against the
+    alternatives in FLEX_SWEEP (and inductor's own autotuning with --autotune), next to two references on the same
+    shapes: FlexAttention with a plain causal mask, and SDPA's causal kernel. TFLOP/s count the attended (query,
+    key) pairs: 4 * heads * head_dim per pair forward, 2.5x that backward. On the CPU only the forward runs, eager,
+    with torch's defaults (a smoke test of this code)."""
+    from collections import Counter
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from tgdpo_ray.packing import dense_mask
+
+    cfg = model.config
+    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    on_gpu = device.type == "cuda"
+    packed = []
+    for rows in pack_by_token_budget(pairs, args.max_tokens, packing="shared_prompt"):
+        width = max([args.row_tokens] + [pair_span(row, True) for row in rows])
+        packed += pack_pairs(rows, width, True, rows_per_batch=len(rows), mask="flex", pad_id=0)
+    (shape, count), = Counter(tuple(batch.document.shape) for batch in packed).most_common(1)
+    chosen = [batch for batch in packed if tuple(batch.document.shape) == shape]
+    rows, length = shape
+    masks = [flex.block_mask(batch, device) for batch in chosen]
+    attended = sum(int(dense_mask(batch.document.to(device), batch.segment.to(device)).sum()) for batch in chosen)
+    blocks_total = sum(mask.kv_num_blocks.numel() * mask.kv_indices.shape[-1] for mask in masks)  # [B, H, q] x kv
+    partial = sum(int(mask.kv_num_blocks.sum()) for mask in masks)
+    full = sum(int(mask.full_kv_num_blocks.sum()) for mask in masks if mask.full_kv_num_blocks is not None)
+    block = masks[0].BLOCK_SIZE[0]
+    causal_pairs = rows * length * (length + 1) // 2 * len(chosen)
+
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    torch.manual_seed(0)
+    query = torch.randn(rows, heads, length, head_dim, device=device, dtype=dtype, requires_grad=on_gpu)
+    key, value = (torch.randn(rows, kv_heads, length, head_dim, device=device, dtype=dtype, requires_grad=on_gpu)
+                  for _ in range(2))
+    grad_out = torch.randn_like(query)
+    causal_mask = create_block_mask(lambda b, h, q, k: q >= k, B=None, H=None, Q_LEN=length, KV_LEN=length,
+                                    device=device)
+
+    def measure(attend, block_masks, pairs_count: int) -> dict:
+        """Forward and backward seconds per call, summed over the masks, after one warm-up round; TFLOP/s."""
+        events = []
+        for round_ in range(1 + (3 if on_gpu else 1)):
+            for mask in block_masks:
+                if on_gpu:
+                    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                    marks[0].record()
+                    out = attend(query, key, value, mask)
+                    marks[1].record()
+                    torch.autograd.grad(out, (query, key, value), grad_out)
+                    marks[2].record()
+                    if round_:
+                        events.append(marks)
+                else:
+                    started = time.perf_counter()
+                    attend(query, key, value, mask)
+                    if round_:
+                        events.append(time.perf_counter() - started)
+        sync(device)
+        finite = bool(torch.isfinite(out).all()) if on_gpu else None  # the last call's output
+        rounds = len(events) // len(block_masks)
+        if on_gpu:
+            forward = sum(marks[0].elapsed_time(marks[1]) for marks in events) / 1000 / rounds
+            backward = sum(marks[1].elapsed_time(marks[2]) for marks in events) / 1000 / rounds
+        else:
+            forward, backward = sum(events) / rounds, None
+        flop = 4 * heads * head_dim * pairs_count
+        return {"finite": finite, "forward_s": round(forward, 5), "backward_s": round(backward, 5) if backward else None,
+                "forward_tflops": round(flop / forward / 1e12, 1),
+                "backward_tflops": round(2.5 * flop / backward / 1e12, 1) if backward else None}
+
+    def flex_with(options, mode=None):
+        def attend(q, k, v, mask):
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=kv_heads != heads, kernel_options=options)
+        return torch.compile(attend, dynamic=False, mode=mode) if on_gpu else attend
+
+    result = {"rows": rows, "length": length, "micro_batches": len(chosen), "of_micro_batches": len(packed),
+              "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "attended_pairs": attended,
+              "block_size": block, "blocks_total": blocks_total, "blocks_partial": partial, "blocks_full": full,
+              "computed_pairs_over_attended": round((partial + full) * block * block / attended, 3),
+              "note": "seconds per pass over these micro-batches; TFLOP/s on attended pairs (references: on the "
+                      "causal pairs of the same shapes)",
+              "options": {}, "references": {}}
+    for name in (names if on_gpu else ["default"]):
+        if time.perf_counter() > deadline:
+            result["options"][name] = {"skipped": "time budget spent"}
+            continue
+        print(f"  flex sweep: {name}", flush=True)
+        try:
+            options = sweep_options(name, device)
+            result["options"][name] = {**measure(flex_with(options or None), masks, attended),
+                                       "kernel_options": options}
+        except Exception as error:  # noqa: BLE001 - an option this torch lacks must not end the sweep
+            if not on_gpu:
+                raise
+            result["options"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    references = {"flex_causal": (flex_with(None), [causal_mask] * len(chosen)),
+                  "sdpa_causal": (lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(
+                      q, k, v, is_causal=True, enable_gqa=kv_heads != heads), [None] * len(chosen))}
+    for name, (attend, block_masks) in references.items():
+        try:
+            result["references"][name] = measure(attend, block_masks, causal_pairs)
+        except Exception as error:  # noqa: BLE001
+            if not on_gpu:
+                raise
+            result["references"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    if autotune and on_gpu and time.perf_counter() < deadline:
+        print("  flex sweep: max-autotune (inductor prints the configs it chose)", flush=True)
+        try:
+            result["max_autotune"] = measure(flex_with(None, mode="max-autotune-no-cudagraphs"), masks, attended)
+        except Exception as error:  # noqa: BLE001
+            result["max_autotune"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    timed_options = {name: r for name, r in result["options"].items()
+                     if "forward_s" in r and r["backward_s"] and r["finite"]}
+    if timed_options:
+        best = min(timed_options, key=lambda name: timed_options[name]["forward_s"] + timed_options[name]["backward_s"])
+        result["best"] = best
+        result["best_kernel_options"] = timed_options[best]["kernel_options"]
+    return result
+
+
 # ---------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tuned_flex(name: str, options):
+    """The FlexAttention kernel options flex.enable picks for this device: the sweep's winner for a *_tuned layout,
+    the library's own (flex.MEASURED_KERNEL_OPTIONS) otherwise."""
+    library = dict(flex.MEASURED_KERNEL_OPTIONS)
+    if name.endswith("_tuned"):
+        flex.MEASURED_KERNEL_OPTIONS = {**library, torch.cuda.get_device_capability(): dict(options)}
+    try:
+        yield
+    finally:
+        flex.MEASURED_KERNEL_OPTIONS = library
 
 
 def write(results: dict, out) -> None:
@@ -512,12 +744,12 @@ def main(argv=None) -> int:
             "peak_memory_gib": "torch.cuda.max_memory_allocated over the timed pass (weights and gradients included)",
         },
     }
+    hidden, vocab = size["model"]["hidden_size"], size["model"]["vocab_size"]
     if not toy:
         print(f"device: {results['device']}", flush=True)
         results["peak_tflops_measured"] = round(matmul_tflops(device), 1)
         results["peak_tflops_how"] = "bf16 8192^3 torch.matmul, mean of 20 after 5 warm-ups, CUDA events"
         print(f"peak bf16 matmul: {results['peak_tflops_measured']} TFLOP/s", flush=True)
-        hidden, vocab = size["model"]["hidden_size"], size["model"]["vocab_size"]
         results["logp_memory"] = logp_memory(device, hidden, vocab)
         torch.cuda.empty_cache()
         print("log-prob peak memory, 8192 tokens x 128k vocab: " + ", ".join(
@@ -542,6 +774,28 @@ def main(argv=None) -> int:
           f"{size['model']['num_hidden_layers']} layers, vocab {size['model']['vocab_size']}), "
           f"{args.pairs} pairs, {args.max_tokens} tokens per micro-batch, rows of {args.row_tokens}", flush=True)
 
+    print("LM head, fused log-probs: eager vs compiled chunk math", flush=True)
+    results["lm_head"] = lm_head_check(device, hidden, vocab, tokens=256 if toy else args.max_tokens)
+    sweep_names = [] if args.sweep == "none" else [name.strip() for name in args.sweep.split(",") if name.strip()]
+    unknown = sorted(set(sweep_names) - set(FLEX_SWEEP))
+    if unknown:
+        parser.error(f"--sweep: unknown {unknown}")
+    if sweep_names:
+        print("FlexAttention kernel options on the shared-prompt block masks", flush=True)
+        try:
+            results["flex_sweep"] = flex_sweep(model, pairs, args, device, sweep_names, args.autotune,
+                                               deadline=started + 0.45 * args.budget_s)
+        except Exception as error:  # noqa: BLE001 - the layouts still run
+            if toy:
+                raise
+            traceback.print_exc()
+            results["flex_sweep"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    sweep = results.get("flex_sweep", {})
+    tuned_options = sweep.get("best_kernel_options")
+    if tuned_options == (sweep_options("library", device) if "best" in sweep else None):
+        tuned_options = None  # the library's own options won: nothing else to measure
+    write(results, out)
+
     results["layouts"], per_pair = {}, {}
     for name in layouts:
         if time.perf_counter() - started > args.budget_s:
@@ -551,10 +805,14 @@ def main(argv=None) -> int:
             results["layouts"][name] = {"skipped": "compiled layers run on a GPU only (inductor's CPU build of "
                                                    "every shape takes minutes)"}
             continue
+        if name.endswith("_tuned") and not tuned_options:
+            results["layouts"][name] = {"skipped": "no sweep, or the library's kernel options won it"}
+            continue
         print(f"  {name} ...", flush=True)
         try:
-            results["layouts"][name], per_pair[name] = run_layout(model, pairs, name, size, args, device,
-                                                                  body_params)
+            with tuned_flex(name, tuned_options):
+                results["layouts"][name], per_pair[name] = run_layout(model, pairs, name, size, args, device,
+                                                                      body_params)
         except Exception as error:  # noqa: BLE001 - on the GPU, one failing layout must not lose the others
             if toy:
                 raise
@@ -577,9 +835,10 @@ def main(argv=None) -> int:
             r["per_pair"] = {str(i): per_pair[name][i] for i in sorted(per_pair[name])}
         if results["peak_tflops_measured"]:
             r["mfu"] = round(r["achieved_tflops"] / results["peak_tflops_measured"], 4)
-    if not toy and measured:
-        best = max(measured, key=lambda name: measured[name].get("mfu") or 0)
-        results["mfu"], results["mfu_layout"] = measured[best].get("mfu"), best
+    finite = {name: r for name, r in measured.items() if r["losses_finite"]}  # a NaN loss is no result
+    if not toy and finite:
+        best = max(finite, key=lambda name: finite[name].get("mfu") or 0)
+        results["mfu"], results["mfu_layout"] = finite[best].get("mfu"), best
     if "padded" in measured:
         results["pairs_per_s_vs_padded"] = {name: round(r["pairs_per_s"] / measured["padded"]["pairs_per_s"], 3)
                                             for name, r in measured.items()}
@@ -598,8 +857,10 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 results["flex_check"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
 
-    if args.profile in measured:
-        results["profile"] = profile_layout(model, pairs, args.profile, args, device)
+    profiled = results["mfu_layout"] if args.profile == "best" else args.profile
+    if profiled in measured:
+        with tuned_flex(profiled, tuned_options):
+            results["profile"] = profile_layout(model, pairs, profiled, args, device)
 
     results["losses_finite"] = all(r["losses_finite"] for r in measured.values())
     # The GPU image has none of these: the import chain must not need them.
@@ -616,6 +877,18 @@ def main(argv=None) -> int:
               f"{results['shared_prompt_flex_vs_padded']}")
     for name, check in results["flex_check"].items():
         print(f"flex check {name}: {check}")
+    head = results["lm_head"]
+    print(f"LM head, {head['tokens']} tokens x {head['vocab']} vocab, forward + backward: " + ", ".join(
+        f"{name} {head[name]['seconds'] * 1000:.1f} ms (grad diff {head[name]['max_grad_rel_diff_vs_eager']:.1e})"
+        for name in head if isinstance(head[name], dict)))
+    if "rows" in sweep:
+        print(f"FlexAttention sweep, {sweep['micro_batches']} micro-batches of {sweep['rows']} x {sweep['length']}, "
+              f"{sweep['computed_pairs_over_attended']}x the attended pairs computed; best {sweep.get('best')}")
+        for name, r in {**sweep["options"], **sweep["references"],
+                        **({"max_autotune": sweep["max_autotune"]} if "max_autotune" in sweep else {})}.items():
+            print(f"  {name:<28} " + (f"fwd {r['forward_s'] * 1000:.1f} ms ({r['forward_tflops']} TFLOP/s), bwd "
+                                      f"{(r['backward_s'] or 0) * 1000:.1f} ms ({r['backward_tflops']} TFLOP/s)"
+                                      if "forward_s" in r else str(r)))
     if "profile" in results:
         report = results["profile"]
         print(f"profile of {report['layout']}: wall {report['wall_seconds']} s, "

@@ -34,7 +34,7 @@ def test_json_fields(toy_run):
     results, stdout = toy_run
     assert "toy-size smoke run" in stdout
     for key in ("device", "mfu", "shared_prompt_flex_vs_padded", "peak_tflops_measured", "timestamp", "versions",
-                "model", "data", "layouts", "flops_formula", "flex_check"):
+                "model", "data", "layouts", "flops_formula", "flex_check", "lm_head", "flex_sweep"):
         assert key in results, key
     assert results["device"] == "cpu" and results["mode"] == "toy" and results["complete"]
     # No GPU figure from a toy run.
@@ -76,8 +76,23 @@ def test_flex_matches_the_dense_mask(toy_run):
 
 def test_compiled_layouts_are_left_to_the_gpu(toy_run):
     results, _ = toy_run
-    for name in ("padded_compiled", "shared_prompt_flex_compiled"):
+    for name in ("padded_compiled", "shared_prompt_flex_compiled", "shared_prompt_flex_compiled_tuned"):
         assert "GPU only" in results["layouts"][name]["skipped"]
+
+
+def test_lm_head_and_flex_sweep_smoke(toy_run):
+    """The GPU run's component checks, at toy size: the eager and compiled chunk math give the same gradients (both
+    eager on the CPU), and the FlexAttention sweep times torch's defaults on real shared-prompt block masks."""
+    results, _ = toy_run
+    head = results["lm_head"]
+    for name in ("eager_512", "fused_512", "fused_1024", "fused_2048"):
+        assert head[name]["seconds"] > 0 and head[name]["max_grad_rel_diff_vs_eager"] < 1e-5, (name, head[name])
+    sweep = results["flex_sweep"]
+    assert sweep["micro_batches"] >= 1 and sweep["attended_pairs"] > 0
+    # The block mask skips blocks (several documents a row), so it computes fewer pairs than its whole grid.
+    assert sweep["blocks_partial"] + sweep["blocks_full"] <= sweep["blocks_total"]
+    assert sweep["options"]["default"]["forward_s"] > 0 and sweep["options"]["default"]["backward_s"] is None
+    assert set(sweep["references"]) == {"flex_causal", "sdpa_causal"}
 
 
 def test_toy_run_never_overwrites_the_gpu_results():

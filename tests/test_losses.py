@@ -14,6 +14,8 @@ from tgdpo_ray.losses import (
     SFTLoss,
     SimPOLoss,
     TGDPOLoss,
+    WEIGHT_BINS,
+    WEIGHT_RANGE,
     build_loss,
     finalize_metrics,
     metric_sums,
@@ -323,7 +325,7 @@ def test_metric_sums_over_micro_batches_match_full_batch(loss_type):
     sums = {}
     for micro in (first, second):
         for key, value in metric_sums(loss(micro)).items():
-            sums[key] = sums.get(key, 0.0) + value
+            sums[key] = sums.get(key, 0.0) + float(value)
     accumulated = finalize_metrics(sums)
 
     expected = batch_means(loss(full))
@@ -336,3 +338,18 @@ def test_metric_sums_over_micro_batches_match_full_batch(loss_type):
         assert 0.0 < expected["negative_weight_fraction"] < 1.0
     else:
         assert "negative_weight_fraction" not in accumulated
+
+
+def test_tgdpo_weight_histograms_are_histc_of_the_answer_tokens():
+    """The histograms count each answer token's weight (in units of beta) as torch.histc would on the masked weights,
+    the clamp to the range included; padding positions count nowhere."""
+    loss = build_loss(LossSection(type="tgdpo", beta=0.5, alpha=3.0, simpo_gamma=0.3, clamp_weights=False))
+    batch = random_batch(5, batch=6, seq=9)
+    out = loss(batch)
+    chosen_rewards, rejected_rewards = loss.token_rewards(batch)
+    for side, weights, mask in (("chosen", 0.5 * (1 + 3.0 * chosen_rewards), batch.chosen_mask.bool()),
+                                ("rejected", 0.5 * (1 - 3.0 * rejected_rewards), batch.rejected_mask.bool())):
+        expected = torch.histc((weights[mask] / 0.5).clamp(*WEIGHT_RANGE), bins=WEIGHT_BINS, min=WEIGHT_RANGE[0],
+                               max=WEIGHT_RANGE[1])
+        assert torch.equal(out.stats[f"{side}_weight_histogram"], expected), side
+        assert out.stats[f"{side}_weight_histogram"].sum() == mask.sum()

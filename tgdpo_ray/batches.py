@@ -123,6 +123,15 @@ def answer_columns(rows: Sequence) -> list[tuple[int, int]]:
     return spans
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`, without waiting for the GPU: a copy from pageable memory first waits for all the
+    work queued on the stream, so each input of a micro-batch would leave the GPU idle while the host prepares the
+    next; a copy from pinned memory is queued like a kernel (the pinned block is not reused before it is done)."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def values_to_grid(rows: Sequence, chosen_key: str, rejected_key: str, width: int) -> torch.Tensor:
     """Per-answer-token values (e.g. reference log-probs) placed on the [2n, width] label grid, 0 elsewhere."""
     grid = torch.zeros((2 * len(rows), width), dtype=torch.float32)
@@ -164,7 +173,7 @@ def pair_batch(rows: Sequence, policy_logps: torch.Tensor, answer_mask: torch.Te
     n, width, device = len(rows), answer_mask.shape[1], answer_mask.device
 
     def by_side(prefix: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = values_to_grid(rows, *score_columns(prefix, kind), width).to(device)
+        grid = to_device(values_to_grid(rows, *score_columns(prefix, kind), width), device)
         return grid[:n], grid[n:]
 
     batch = PairBatch(policy_chosen_logps=policy_logps[:n], policy_rejected_logps=policy_logps[n:],

@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from tgdpo_ray.batches import to_device
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.packing import PackedBatch, may_attend
 
@@ -57,13 +58,30 @@ def use_flex(attention: str, device: torch.device, training: bool) -> bool:
 RECOMPILE_LIMIT = 64
 
 
+# FlexAttention's kernel options (torch's FlexKernelOptions: tiles, stages and warps of the forward and backward
+# kernels) by CUDA compute capability, as bench/gpu.py's sweep measured them on the trainer's own shared-prompt
+# block masks (bf16, head_dim 64) and then in the whole trainer step; other devices run torch's defaults. On the
+# H100 (torch 2.11) the forward took 1.0 ms with 64 x 128 tiles against 2.2 to 3.8 with torch's default 128 x 128;
+# the backward's tiles mattered less (bench/results/gpu.json). 64 x 64 forward tiles were faster still alone (0.8
+# ms), but the one whole-step run with them (together with ROWS_GUARANTEED_SAFE) gave NaN losses: not used.
+MEASURED_KERNEL_OPTIONS = {
+    (9, 0): {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4,
+             "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_stages": 3,
+             "bwd_num_warps": 4},
+}
+KERNEL_OPTIONS: dict = {}  # what attention_forward passes on CUDA: set by enable() for the model's device
+
+
 def enable(model) -> None:
-    """Run `model` (a Hugging Face model, before any DeepSpeed wrapping) under ATTENTION."""
+    """Run `model` (a Hugging Face model on its device, before any DeepSpeed wrapping) under ATTENTION."""
     import torch._dynamo as dynamo
 
+    global KERNEL_OPTIONS
     register()
     model.set_attn_implementation(ATTENTION)
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if model.device.type == "cuda":
+        KERNEL_OPTIONS = dict(MEASURED_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(model.device), {}))
 
 
 @functools.cache
@@ -104,13 +122,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     # Inside a compiled region (a compiled decoder layer) the enclosing compile takes FlexAttention in whole.
     compile_here = query.device.type == "cuda" and not torch.compiler.is_compiling()
     run = compiled_flex_attention() if compile_here else flex_attention
-    output = run(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
+    options = KERNEL_OPTIONS if query.device.type == "cuda" and KERNEL_OPTIONS else None
+    output = run(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != heads,
+                 kernel_options=options)
     return output.transpose(1, 2).contiguous(), None
 
 
 def block_mask(batch: PackedBatch, device):
     """The BlockMask of a batch packed with mask="flex": packing.may_attend on its document and segment ids."""
-    document, segment = batch.document.to(device), batch.segment.to(device)
+    document, segment = to_device(batch.document, device), to_device(batch.segment, device)
     rows, length = document.shape
 
     def mask_mod(row, head, query, key):

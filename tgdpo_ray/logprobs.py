@@ -11,14 +11,78 @@ exactly where the trainer computes the policy log-prob of the same token.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tgdpo_ray import flex
-from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
+from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs, to_device
 from tgdpo_ray.packing import PackedBatch, pack_pairs, pair_span
+
+
+# ---------------------------------------------------------------------------
+# The chunk math of both paths: a chunk of logits [c, V] in the model's dtype in, fp32 statistics or the gradient
+# in the logits' dtype out. On CUDA it runs compiled: inductor reads each chunk once or twice, where eager code
+# writes and reads fp32 copies of it several times (the LM head's elementwise work was a large share of a GPU
+# step). Elsewhere it runs eager: inductor's CPU build costs seconds per shape.
+# ---------------------------------------------------------------------------
+
+
+def chunk_logsumexp_and_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (logsumexp, logit of the target) of each row of logits [c, V], targets [c]."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1), logits.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def chunk_logits_grad(logits: torch.Tensor, logsumexp: torch.Tensor, grad: torch.Tensor,
+                      targets: torch.Tensor) -> torch.Tensor:
+    """d (grad * log_softmax(logits)[target]) / d logits = grad * (onehot(target) - softmax(logits)), per row, in
+    the logits' dtype: -grad * p everywhere, then the target's entry grad * (1 - p) overwritten, computed whole in
+    fp32 (the sum of two rounded terms would lose it where p is near 1)."""
+    grad, logsumexp, targets = grad[:, None], logsumexp[:, None], targets[:, None]
+    result = (logits.float() - logsumexp).exp_().mul_(-grad).to(logits.dtype)  # in place: one fp32 temporary
+    target_probs = torch.exp(logits.gather(-1, targets).float() - logsumexp)
+    return result.scatter_(-1, targets, (grad * (1 - target_probs)).to(logits.dtype))
+
+
+# False: the chunk math eager and the weight gradient summed outside the matmul everywhere (bench/gpu.py measures
+# both ways on a GPU).
+FUSED_CHUNK_MATH = True
+
+
+@functools.cache
+def _compiled(function):
+    return torch.compile(function, dynamic=True)
+
+
+def chunk_op(function, device: torch.device):
+    """`function` compiled on CUDA (once per process), as is elsewhere."""
+    return _compiled(function) if FUSED_CHUNK_MATH and device.type == "cuda" else function
+
+
+@functools.cache
+def _fp32_accumulating_matmul(device_type: str) -> bool:
+    """Whether torch.addmm here takes bf16 factors into an fp32 sum (out_dtype; CUDA in recent torch)."""
+    if device_type != "cuda":
+        return False
+    total = torch.zeros(2, 2, device=device_type)
+    factor = torch.ones(2, 2, device=device_type, dtype=torch.bfloat16)
+    try:
+        torch.addmm(total, factor, factor, out_dtype=torch.float32, out=total)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return bool((total == 2).all())
+
+
+def add_matmul_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total (fp32) += a @ b (the model's dtype). Where cuBLAS can, it adds inside the matmul: no [V, H] product
+    in bf16 is written and read back, which cost more than the matmul itself for the LM head's weight gradient."""
+    if FUSED_CHUNK_MATH and _fp32_accumulating_matmul(total.device.type):
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    else:
+        total.add_(a @ b)
 
 
 # ---------------------------------------------------------------------------
@@ -35,15 +99,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         valid = flat_labels != IGNORE_INDEX
         # Masked rows gather index 0 (any valid index) and are zeroed afterwards.
         safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
+        logsumexp_and_target = chunk_op(chunk_logsumexp_and_target, logits.device)
 
         num_tokens = flat_logits.shape[0]
         logsumexp = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
         label_logits = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
-            chunk = flat_logits[start:end].float()  # only this chunk is upcast
-            logsumexp[start:end] = torch.logsumexp(chunk, dim=-1)
-            label_logits[start:end] = chunk.gather(-1, safe_labels[start:end, None]).squeeze(-1)
+            logsumexp[start:end], label_logits[start:end] = logsumexp_and_target(flat_logits[start:end],
+                                                                                 safe_labels[start:end])
 
         logps = torch.where(valid, label_logits - logsumexp, torch.zeros_like(logsumexp))
         ctx.save_for_backward(logits, labels, logsumexp)
@@ -62,16 +126,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
         # Zeroing g on masked rows makes their whole gradient row zero.
         g = torch.where(valid, grad_output.reshape(-1).float(), torch.zeros_like(logsumexp))
+        logits_grad = chunk_op(chunk_logits_grad, logits.device)
 
         grad_logits = torch.empty_like(flat_logits)
         for start in range(0, flat_logits.shape[0], chunk_size):
             end = min(start + chunk_size, flat_logits.shape[0])
-            g_chunk = g[start:end, None]
-            # d logp[label] / d logits = onehot(label) - softmax(logits)
-            probs = torch.exp(flat_logits[start:end].float() - logsumexp[start:end, None])
-            grad_chunk = -probs * g_chunk
-            grad_chunk.scatter_add_(-1, safe_labels[start:end, None], g_chunk)
-            grad_logits[start:end] = grad_chunk.to(logits.dtype)
+            grad_logits[start:end] = logits_grad(flat_logits[start:end], logsumexp[start:end], g[start:end],
+                                                 safe_labels[start:end])
 
         return grad_logits.view(logits.shape), None, None
 
@@ -98,14 +159,14 @@ class _LMHeadTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
         num = hidden.shape[0]
+        logsumexp_and_target = chunk_op(chunk_logsumexp_and_target, hidden.device)
         logsumexp = torch.empty(num, dtype=torch.float32, device=hidden.device)
         target_logits = torch.empty(num, dtype=torch.float32, device=hidden.device)
         for start in range(0, num, chunk_size):
             end = min(start + chunk_size, num)
-            # Logits in the model's dtype (as the LM head gives them), then fp32 for the softmax, as token_logps.
-            logits = F.linear(hidden[start:end], weight, bias).float()
-            logsumexp[start:end] = torch.logsumexp(logits, dim=-1)
-            target_logits[start:end] = logits.gather(-1, targets[start:end, None]).squeeze(-1)
+            # Logits in the model's dtype (as the LM head gives them); the softmax statistics in fp32.
+            logits = F.linear(hidden[start:end], weight, bias)
+            logsumexp[start:end], target_logits[start:end] = logsumexp_and_target(logits, targets[start:end])
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         ctx.chunk_size = chunk_size
         return target_logits - logsumexp
@@ -115,22 +176,21 @@ class _LMHeadTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_output):
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        logits_grad = chunk_op(chunk_logits_grad, hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # fp32 accumulators: the weight gradient sums over every chunk, bf16 sums would lose the small ones.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        g = grad_output.float()
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             chunk = hidden[start:end]
-            g = grad_output[start:end, None].float()
-            # d logp[target] / d logits = onehot(target) - softmax(logits)
-            grad_logits = torch.exp(F.linear(chunk, weight, bias).float() - logsumexp[start:end, None])
-            grad_logits.mul_(-g).scatter_add_(-1, targets[start:end, None], g)
-            grad_logits = grad_logits.to(hidden.dtype)
+            grad_logits = logits_grad(F.linear(chunk, weight, bias), logsumexp[start:end], g[start:end],
+                                      targets[start:end])
             if need_hidden:
                 grad_hidden[start:end] = grad_logits @ weight
             if need_weight:
-                grad_weight.add_(grad_logits.t() @ chunk)
+                add_matmul_(grad_weight, grad_logits.t(), chunk)
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0))
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
@@ -176,7 +236,7 @@ def packed_attention_mask(model, batch: PackedBatch, device):
     if batch.attention_mask is None:
         return None
     # ZeRO-3's partitioned weights are empty placeholders: the dtype comes from the model there.
-    return model_attention_mask(batch.attention_mask.to(device), model.config, model.dtype)
+    return model_attention_mask(to_device(batch.attention_mask, device), model.config, model.dtype)
 
 
 def check_plain_lm_head(config) -> None:
@@ -204,10 +264,10 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
     device = head.weight.device
     attention_mask = packed_attention_mask(model, batch, device)
     # use_cache=False: with a cache, transformers would not look for packed documents in the position ids.
-    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
+    inputs = {"input_ids": to_device(batch.input_ids, device), "position_ids": to_device(batch.position_ids, device),
               "attention_mask": attention_mask, "use_cache": False}
-    source = batch.source_index.to(device)
-    targets = batch.target_ids.to(device)
+    source = to_device(batch.source_index, device)
+    targets = to_device(batch.target_ids, device)
     if zero3_engine is None:
         hidden = decoder(**inputs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
@@ -231,9 +291,9 @@ def padded_logits(model, rows: Sequence, pad_id: int, device, **forward) -> tupl
     LM's logits, or a token reward head's values) and the shifted answer labels [2n, L]. `forward`: more keyword
     arguments of the model's forward."""
     batch = collate_pairs(rows, pad_id)
-    outputs = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    **forward).logits
-    return outputs, batch["labels"].to(device)
+    outputs = model(input_ids=to_device(batch["input_ids"], device),
+                    attention_mask=to_device(batch["attention_mask"], device), **forward).logits
+    return outputs, to_device(batch["labels"], device)
 
 
 def answer_logps(model, rows: Sequence, layout: str, packed_row_tokens: int, chunk_size: int, pad_id: int, device,

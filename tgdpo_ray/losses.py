@@ -166,8 +166,13 @@ class TGDPOLoss:
         negative_weights = negative_weights.float()
 
         def histogram(weights, mask):
-            relative = (weights[mask] / beta).float().clamp(*WEIGHT_RANGE)
-            return torch.histc(relative, bins=WEIGHT_BINS, min=WEIGHT_RANGE[0], max=WEIGHT_RANGE[1])
+            # histc's equal-width bins, counting the answer tokens only. A mask weight rather than weights[mask]:
+            # boolean indexing would make the host wait for the GPU in the middle of every micro-batch.
+            low, high = WEIGHT_RANGE
+            relative = (weights / beta).float().clamp(low, high)
+            bins = ((relative - low) / (high - low) * WEIGHT_BINS).long().clamp(max=WEIGHT_BINS - 1)
+            return torch.zeros(WEIGHT_BINS, device=weights.device).scatter_add_(0, bins.flatten(),
+                                                                                 mask.flatten().float())
 
         stats = {
             # Distribution of the weights used, in units of beta: a list of counts per bin.
@@ -222,23 +227,25 @@ TOKEN_SUM_KEYS = (
 
 
 def metric_sums(out, dpo_rewards=False):
-    """Sums over pairs (and tokens, for tgdpo) that add up across micro-batches. With dpo_rewards (the rewards
-    are DPO's implicit ones, beta * summed log-ratio), also plain DPO's loss, whatever loss trained."""
-    chosen = out.chosen_rewards.float()
-    rejected = out.rejected_rewards.float()
+    """Sums over pairs (and tokens, for tgdpo) that add up across micro-batches, as float64 scalars on the loss's
+    device (the trainer reads them once a step: reading each micro-batch's would stall the GPU's queue). With
+    dpo_rewards (the rewards are DPO's implicit ones, beta * summed log-ratio), also plain DPO's loss, whatever loss
+    trained."""
+    chosen = out.chosen_rewards.detach().double()
+    rejected = out.rejected_rewards.detach().double()
     sums = {
-        "loss_sum": out.losses.detach().float().sum().item(),
-        "chosen_reward_sum": chosen.sum().item(),
-        "rejected_reward_sum": rejected.sum().item(),
-        "margin_sum": (chosen - rejected).sum().item(),
-        "correct_sum": (chosen > rejected).float().sum().item(),
+        "loss_sum": out.losses.detach().double().sum(),
+        "chosen_reward_sum": chosen.sum(),
+        "rejected_reward_sum": rejected.sum(),
+        "margin_sum": (chosen - rejected).sum(),
+        "correct_sum": (chosen > rejected).double().sum(),
         "pairs": float(out.losses.shape[0]),
     }
     if dpo_rewards:
-        sums["dpo_loss_sum"] = -F.logsigmoid(chosen - rejected).sum().item()
+        sums["dpo_loss_sum"] = -F.logsigmoid(chosen - rejected).sum()
     for key in TOKEN_SUM_KEYS:
         if key in out.stats:
-            sums[key] = out.stats[key].item()
+            sums[key] = out.stats[key].detach().double()
     return sums
 
 

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tgdpo_ray.batches import IGNORE_INDEX
+from tgdpo_ray.batches import IGNORE_INDEX, to_device
 
 MASK_MODES = ("4d", "flex", "position_ids")
 # mask="flex" rows are at least one FlexAttention block long: on CUDA a shorter query takes another kernel (flex
@@ -74,7 +74,7 @@ class PackedBatch:
 
     def answer_grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grid, mask): one value per answer token [N] placed on the grid (0 elsewhere), and True on the answers."""
-        index = (self.grid_rows.to(values.device), self.grid_cols.to(values.device))
+        index = (to_device(self.grid_rows, values.device), to_device(self.grid_cols, values.device))
         grid = torch.zeros(self.grid_shape, dtype=values.dtype, device=values.device).index_put(index, values)
         mask = torch.zeros(self.grid_shape, dtype=torch.bool, device=values.device).index_put(
             index, torch.ones_like(values, dtype=torch.bool))

@@ -101,12 +101,6 @@ def build_engine(model, config: JobConfig, total_steps: int, world_size: int):
     return engine
 
 
-def all_reduce(values: list[float], device, op=None) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 def dummy_row(pad_id: int) -> dict:
     """A one-token pair for a worker with no micro-batch left in a step: it still joins every collective."""
     values = [column for prefix in SCORED_PREFIXES for kind in SCORED_KINDS for column in score_columns(prefix, kind)]
@@ -159,19 +153,24 @@ class MetricSums:
         self.keys = SUM_KEYS + (("dpo_loss_sum",) if self.dpo_rewards else ()) + (TOKEN_SUM_KEYS if tgdpo else ()) \
             + ("tokens",)
         self.histograms = ("chosen_weight_histogram", "rejected_weight_histogram") if tgdpo else ()
+        # Tensors on the device from the first micro-batch on: read once, in combined(), not per micro-batch.
         self.sums = dict.fromkeys(self.keys, 0.0)
-        self.counts = {key: [0.0] * WEIGHT_BINS for key in self.histograms}
+        self.counts = dict.fromkeys(self.histograms, 0.0)
 
     def add(self, out, tokens: int) -> None:
         for key, value in metric_sums(out, self.dpo_rewards).items():
-            self.sums[key] += value
+            self.sums[key] = self.sums[key] + value
         self.sums["tokens"] += tokens
         for key in self.histograms:
-            self.counts[key] = [a + b for a, b in zip(self.counts[key], out.stats[key].tolist())]
+            self.counts[key] = self.counts[key] + out.stats[key].double()
 
     def combined(self, device) -> dict:
-        flat = [self.sums[key] for key in self.keys] + [c for key in self.histograms for c in self.counts[key]]
-        reduced = all_reduce(flat, device)  # one collective for every number of the step
+        flat = torch.cat([torch.as_tensor(self.sums[key], dtype=torch.float64, device=device).reshape(1)
+                          for key in self.keys]
+                         + [torch.zeros(WEIGHT_BINS, dtype=torch.float64, device=device) + self.counts[key]
+                            for key in self.histograms])
+        dist.all_reduce(flat)  # one collective for every number of the step
+        reduced = flat.tolist()
         totals = dict(zip(self.keys, reduced))
         metrics = {**finalize_metrics(totals), "pairs": int(totals["pairs"]), "tokens": int(totals["tokens"])}
         if "weighted_tokens" in totals:
