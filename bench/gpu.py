@@ -10,6 +10,10 @@ run through the trainer's own code (logprobs.answer_logps, the loss built as the
 - padded_compiled, shared_prompt_flex_compiled: the same with every decoder layer torch.compile'd (training.compile;
   GPU only).
 
+Before the layouts, two components alone: the fused LM-head log-probs (lm_head_check: eager against compiled chunk
+math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks (flex_sweep: kernel options, next to
+a plain causal mask and SDPA's causal kernel); the sweep's finite winner runs as the *_tuned layout.
+
 Plain torch + transformers: it imports tgdpo_ray.packing, .flex, .batches, .logprobs, .losses and .models only
 (no ray, deepspeed, vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
 smoke test: it checks that every layout gives the padded layout's losses and that FlexAttention gives the dense
@@ -17,7 +21,8 @@ mask's log-probs, and measures nothing. On a GPU it also compares FlexAttention'
 Writes a JSON (--out) and prints a table.
 
     python3 bench/gpu.py [--out bench/results/gpu.json] [--pairs 128] [--max-tokens 16384] [--row-tokens 2048]
-                         [--budget-s 300] [--layouts padded,...] [--profile LAYOUT] [--toy]
+                         [--budget-s 300] [--layouts padded,...] [--profile LAYOUT] [--sweep NAMES] [--autotune]
+                         [--toy]
 """
 
 from __future__ import annotations
@@ -38,20 +43,20 @@ REPO = Path(__file__).resolve().parent.parent
 GPU_RESULTS = REPO / "bench" / "results" / "gpu.json"
 
 # name: (training.packing, attention, decoder layers compiled). attention: sdpa (the padding mask, or the dense
-# packed mask: training.attention dense) or flex (training.attention flex). The flex layouts come after the SDPA
-# ones, and the compiled ones last (GPU only: inductor's CPU build takes minutes): if their compiles run past the
-# time budget, the others are already written.
+# packed mask: training.attention dense) or flex (training.attention flex). Compiled layers run on a GPU only
+# (inductor's CPU build takes minutes). The headline layouts come first (padded, the reference; the GPU default;
+# the best): if the run reaches its time budget, what is left out is the comparisons.
 LAYOUTS = {
     "padded": ("padded", "sdpa", False),
-    "packed": ("packed", "sdpa", False),
-    "shared_prompt": ("shared_prompt", "sdpa", False),
     "shared_prompt_flex": ("shared_prompt", "flex", False),
-    "packed_flex": ("packed", "flex", False),
-    "padded_compiled": ("padded", "sdpa", True),
     "shared_prompt_flex_compiled": ("shared_prompt", "flex", True),
     # The same with the FlexAttention kernel options that won the sweep below; skipped where the library's own
     # (flex.MEASURED_KERNEL_OPTIONS) won.
     "shared_prompt_flex_compiled_tuned": ("shared_prompt", "flex", True),
+    "packed": ("packed", "sdpa", False),
+    "shared_prompt": ("shared_prompt", "sdpa", False),
+    "packed_flex": ("packed", "flex", False),
+    "padded_compiled": ("padded", "sdpa", True),
 }
 
 # FlexAttention kernel options tried on the trainer's own block masks, torch's defaults first. fwd_* go to the
@@ -80,6 +85,10 @@ FLEX_SWEEP = {
 }
 
 
+# The sweep of a default run: torch's defaults, the library's, and the candidate left open on the H100.
+SWEEP_DEFAULT = ("default", "library", "f64x64_b32x64")
+
+
 def sweep_options(name: str, device) -> dict:
     if FLEX_SWEEP[name] is not None:
         return FLEX_SWEEP[name]
@@ -102,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the layouts, one more pass of this layout, if measured, under torch.profiler: "
                              "GPU kernel time by kind and the top kernels, into the JSON's `profile` (default: "
                              "best, the layout of the best MFU; none: no profile)")
-    parser.add_argument("--sweep", default=",".join(FLEX_SWEEP),
+    parser.add_argument("--sweep", default=",".join(SWEEP_DEFAULT),
                         help="FlexAttention kernel options to time on the shared-prompt block masks before the "
-                             "layouts (GPU only): comma-separated subset of " + ",".join(FLEX_SWEEP) + "; none: no sweep")
+                             "layouts (GPU only), about 10 s each: comma-separated subset of " + ",".join(FLEX_SWEEP)
+                             + f" (default {','.join(SWEEP_DEFAULT)}); none: no sweep")
     parser.add_argument("--autotune", action="store_true",
                         help="the sweep also times torch.compile(mode='max-autotune-no-cudagraphs'), which prints "
                              "the configs inductor chose (a minute or more of compiling)")

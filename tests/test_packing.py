@@ -396,7 +396,7 @@ def test_fused_head_memory_does_not_grow_with_tokens_times_vocab():
 def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process_group, tiny_model, zero_stage):
     """micro_batch_loss through a real DeepSpeed engine (ZeRO-2, and ZeRO-3 with its partitioned weights), TGDPO
     with reference and guidance log-probs from the data: padded vs packed vs shared prompt, with the dense mask,
-    (losses only) with FlexAttention, and with the decoder layers compiled (training.compile)."""
+    (losses only) with FlexAttention, and with the decoder layers compiled (training.compile) and checkpointed."""
     import numpy as np
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoConfig
@@ -412,7 +412,8 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
             length = len(row[f"{side}_ids"])
             row[f"ref_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
             row[f"guidance_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
-    # (layout, decoder layers compiled): the trainer's compiled layers once, on ZeRO-2 (ZeRO-3 refuses them).
+    # (layout, decoder layers compiled): the trainer's compiled layers once, on ZeRO-2 (ZeRO-3 refuses them), with
+    # gradient checkpointing as well (the two together: each checkpointed layer's recompute runs the compiled one).
     variants = [("padded", False), ("packed", False), ("shared_prompt", False)]
     if zero_stage == 2:
         variants.append(("shared_prompt", True))
@@ -421,6 +422,7 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model, "zero_stage": zero_stage},
                                "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
                                "training": {"packing": packing, "packed_row_tokens": 64, "compile": compiled,
+                                            "gradient_checkpointing": compiled,
                                             # Traced and run through AOTAutograd as with inductor, without its C++
                                             # build (15 s here); bench/gpu.py runs inductor on a GPU.
                                             "compile_backend": "aot_eager"}},
@@ -432,6 +434,8 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
             assert all(param.numel() == 0 for param in engine.module.parameters())
         assert runs_flex(engine) is False  # training.attention auto: the dense mask on the CPU
         assert all((layer._compiled_call_impl is not None) == compiled for layer in engine.module.model.layers)
+        assert engine.module.is_gradient_checkpointing == compiled
+        engine.train()  # as train_step: checkpointed layers recompute in train mode only (dropout is off)
         out, tokens = micro_batch_loss(engine, rows, config, build_loss(config.loss), pad_id=0,
                                        device=torch.device("cpu"))
         engine.backward(out.losses.sum())
