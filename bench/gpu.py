@@ -89,10 +89,16 @@ FLEX_SWEEP = {
 SWEEP_DEFAULT = ("default", "library", "f64x64_b32x64")
 
 
-def sweep_options(name: str, device) -> dict:
-    if FLEX_SWEEP[name] is not None:
-        return FLEX_SWEEP[name]
-    return flex.MEASURED_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(device), {}) if device.type == "cuda" else {}
+def library_options(device, head_dim: int) -> dict:
+    """flex.MEASURED_KERNEL_OPTIONS for this device and the model's bf16 queries ({}: torch's defaults)."""
+    if device.type != "cuda":
+        return {}
+    by_query = flex.MEASURED_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(device), {})
+    return by_query.get((torch.bfloat16, head_dim), {})
+
+
+def sweep_options(name: str, device, head_dim: int) -> dict:
+    return FLEX_SWEEP[name] if FLEX_SWEEP[name] is not None else library_options(device, head_dim)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,7 +361,8 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
     result = {
         "packing": packing, "attention": attention, "compiled_layers": compiled,
         "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex": "BlockMask"}[attention],
-        "flex_kernel_options": dict(flex.KERNEL_OPTIONS) if attention == "flex" and device.type == "cuda" else None,
+        "flex_kernel_options": (flex.KERNEL_OPTIONS.get((model.dtype, model.config.head_dim), {})
+                                if attention == "flex" and device.type == "cuda" else None),
         "backward": backward, "micro_batches": len(batches), "seconds": round(seconds, 4),
         "warmup_seconds": round(warmup_s, 2),
         "host_packing_seconds": round(host_packing_seconds(batches, packing, attention, args.row_tokens,
@@ -521,10 +528,12 @@ def lm_head_check(device, hidden: int, vocab: int, tokens: int, repeats: int = 3
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             seconds = timed(device, step, repeats)
-            grads = [grad.float() for grad in step()]
+            # On the host: the eager gradients held on the device would add to the fused variants' peaks.
+            grads = [grad.float().cpu() for grad in step()]
             reference = reference or grads
             result[name] = {
                 "seconds": round(seconds, 5),
+                # The model FLOPs, 6 * hidden * vocab * tokens, as MFU counts them (not the recomputed logits).
                 "tflops": round(6 * hidden * vocab * tokens / seconds / 1e12, 1),
                 "peak_memory_gib": (round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
                                     if device.type == "cuda" else None),
@@ -587,7 +596,7 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
                     marks[0].record()
                     out = attend(query, key, value, mask)
                     marks[1].record()
-                    torch.autograd.grad(out, (query, key, value), grad_out)
+                    grads = torch.autograd.grad(out, (query, key, value), grad_out)
                     marks[2].record()
                     if round_:
                         events.append(marks)
@@ -597,7 +606,8 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
                     if round_:
                         events.append(time.perf_counter() - started)
         sync(device)
-        finite = bool(torch.isfinite(out).all()) if on_gpu else None  # the last call's output
+        # The last call's output and gradients: an option that breaks either is no candidate.
+        finite = all(bool(torch.isfinite(t).all()) for t in (out, *grads)) if on_gpu else None
         rounds = len(events) // len(block_masks)
         if on_gpu:
             forward = sum(marks[0].elapsed_time(marks[1]) for marks in events) / 1000 / rounds
@@ -627,7 +637,7 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
             continue
         print(f"  flex sweep: {name}", flush=True)
         try:
-            options = sweep_options(name, device)
+            options = sweep_options(name, device, head_dim)
             result["options"][name] = {**measure(flex_with(options or None), masks, attended),
                                        "kernel_options": options}
         except Exception as error:  # noqa: BLE001 - an option this torch lacks must not end the sweep
@@ -665,12 +675,14 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
 
 
 @contextlib.contextmanager
-def tuned_flex(name: str, options):
-    """The FlexAttention kernel options flex.enable picks for this device: the sweep's winner for a *_tuned layout,
-    the library's own (flex.MEASURED_KERNEL_OPTIONS) otherwise."""
+def tuned_flex(name: str, options, head_dim: int):
+    """The FlexAttention kernel options flex.enable picks for this device's bf16 queries: the sweep's winner for a
+    *_tuned layout, the library's own (flex.MEASURED_KERNEL_OPTIONS) otherwise."""
     library = dict(flex.MEASURED_KERNEL_OPTIONS)
     if name.endswith("_tuned"):
-        flex.MEASURED_KERNEL_OPTIONS = {**library, torch.cuda.get_device_capability(): dict(options)}
+        capability = torch.cuda.get_device_capability()
+        flex.MEASURED_KERNEL_OPTIONS = {**library, capability: {**library.get(capability, {}),
+                                                                (torch.bfloat16, head_dim): dict(options)}}
     try:
         yield
     finally:
@@ -716,6 +728,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown or "padded" not in layouts:
         parser.error(f"--layouts: unknown {unknown}; padded (the reference) is always needed")
+    sweep_names = [] if args.sweep == "none" else [name.strip() for name in args.sweep.split(",") if name.strip()]
+    if set(sweep_names) - set(FLEX_SWEEP):
+        parser.error(f"--sweep: unknown {sorted(set(sweep_names) - set(FLEX_SWEEP))}")
 
     import transformers
 
@@ -785,11 +800,13 @@ def main(argv=None) -> int:
           f"{args.pairs} pairs, {args.max_tokens} tokens per micro-batch, rows of {args.row_tokens}", flush=True)
 
     print("LM head, fused log-probs: eager vs compiled chunk math", flush=True)
-    results["lm_head"] = lm_head_check(device, hidden, vocab, tokens=256 if toy else args.max_tokens)
-    sweep_names = [] if args.sweep == "none" else [name.strip() for name in args.sweep.split(",") if name.strip()]
-    unknown = sorted(set(sweep_names) - set(FLEX_SWEEP))
-    if unknown:
-        parser.error(f"--sweep: unknown {unknown}")
+    try:
+        results["lm_head"] = lm_head_check(device, hidden, vocab, tokens=256 if toy else args.max_tokens)
+    except Exception as error:  # noqa: BLE001 - the layouts still run
+        if toy:
+            raise
+        traceback.print_exc()
+        results["lm_head"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     if sweep_names:
         print("FlexAttention kernel options on the shared-prompt block masks", flush=True)
         try:
@@ -801,8 +818,8 @@ def main(argv=None) -> int:
             traceback.print_exc()
             results["flex_sweep"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     sweep = results.get("flex_sweep", {})
-    tuned_options = sweep.get("best_kernel_options")
-    if tuned_options == (sweep_options("library", device) if "best" in sweep else None):
+    tuned_options = sweep.get("best_kernel_options")  # {}: torch's defaults won, worth a whole step too
+    if tuned_options == library_options(device, size["model"]["head_dim"]):
         tuned_options = None  # the library's own options won: nothing else to measure
     write(results, out)
 
@@ -815,12 +832,12 @@ def main(argv=None) -> int:
             results["layouts"][name] = {"skipped": "compiled layers run on a GPU only (inductor's CPU build of "
                                                    "every shape takes minutes)"}
             continue
-        if name.endswith("_tuned") and not tuned_options:
+        if name.endswith("_tuned") and tuned_options is None:
             results["layouts"][name] = {"skipped": "no sweep, or the library's kernel options won it"}
             continue
         print(f"  {name} ...", flush=True)
         try:
-            with tuned_flex(name, tuned_options):
+            with tuned_flex(name, tuned_options, size["model"]["head_dim"]):
                 results["layouts"][name], per_pair[name] = run_layout(model, pairs, name, size, args, device,
                                                                       body_params)
         except Exception as error:  # noqa: BLE001 - on the GPU, one failing layout must not lose the others
@@ -869,7 +886,7 @@ def main(argv=None) -> int:
 
     profiled = results["mfu_layout"] if args.profile == "best" else args.profile
     if profiled in measured:
-        with tuned_flex(profiled, tuned_options):
+        with tuned_flex(profiled, tuned_options, size["model"]["head_dim"]):
             results["profile"] = profile_layout(model, pairs, profiled, args, device)
 
     results["losses_finite"] = all(r["losses_finite"] for r in measured.values())
@@ -888,9 +905,10 @@ def main(argv=None) -> int:
     for name, check in results["flex_check"].items():
         print(f"flex check {name}: {check}")
     head = results["lm_head"]
-    print(f"LM head, {head['tokens']} tokens x {head['vocab']} vocab, forward + backward: " + ", ".join(
-        f"{name} {head[name]['seconds'] * 1000:.1f} ms (grad diff {head[name]['max_grad_rel_diff_vs_eager']:.1e})"
-        for name in head if isinstance(head[name], dict)))
+    print(f"LM head: {head['error']}" if "error" in head else
+          f"LM head, {head['tokens']} tokens x {head['vocab']} vocab, forward + backward: " + ", ".join(
+              f"{name} {head[name]['seconds'] * 1000:.1f} ms (grad diff {head[name]['max_grad_rel_diff_vs_eager']:.1e})"
+              for name in head if isinstance(head[name], dict)))
     if "rows" in sweep:
         print(f"FlexAttention sweep, {sweep['micro_batches']} micro-batches of {sweep['rows']} x {sweep['length']}, "
               f"{sweep['computed_pairs_over_attended']}x the attended pairs computed; best {sweep.get('best')}")

@@ -342,9 +342,11 @@ def test_metric_sums_over_micro_batches_match_full_batch(loss_type):
 
 def test_tgdpo_weight_histograms_are_histc_of_the_answer_tokens():
     """The histograms count each answer token's weight (in units of beta) as torch.histc would on the masked weights,
-    the clamp to the range included; padding positions count nowhere."""
+    the clamp to the range included; padding positions and NaN weights (-inf log-probs in both scorers) count
+    nowhere."""
     loss = build_loss(LossSection(type="tgdpo", beta=0.5, alpha=3.0, simpo_gamma=0.3, clamp_weights=False))
     batch = random_batch(5, batch=6, seq=9)
+    batch.guidance_chosen_logps[0, 0] = batch.ref_chosen_logps[0, 0] = -math.inf  # an answer token: NaN weight
     out = loss(batch)
     chosen_rewards, rejected_rewards = loss.token_rewards(batch)
     for side, weights, mask in (("chosen", 0.5 * (1 + 3.0 * chosen_rewards), batch.chosen_mask.bool()),
@@ -352,4 +354,4 @@ def test_tgdpo_weight_histograms_are_histc_of_the_answer_tokens():
         expected = torch.histc((weights[mask] / 0.5).clamp(*WEIGHT_RANGE), bins=WEIGHT_BINS, min=WEIGHT_RANGE[0],
                                max=WEIGHT_RANGE[1])
         assert torch.equal(out.stats[f"{side}_weight_histogram"], expected), side
-        assert out.stats[f"{side}_weight_histogram"].sum() == mask.sum()
+        assert out.stats[f"{side}_weight_histogram"].sum() == (mask & ~weights.isnan()).sum()

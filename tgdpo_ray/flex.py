@@ -59,17 +59,22 @@ RECOMPILE_LIMIT = 64
 
 
 # FlexAttention's kernel options (torch's FlexKernelOptions: tiles, stages and warps of the forward and backward
-# kernels) by CUDA compute capability, as bench/gpu.py's sweep measured them on the trainer's own shared-prompt
-# block masks (bf16, head_dim 64) and then in the whole trainer step; other devices run torch's defaults. On the
-# H100 (torch 2.11) the forward took 1.0 ms with 64 x 128 tiles against 2.2 to 3.8 with torch's default 128 x 128;
-# the backward's tiles mattered less (bench/results/gpu.json). 64 x 64 forward tiles were faster still alone (0.8
-# ms), but the one whole-step run with them (together with ROWS_GUARANTEED_SAFE) gave NaN losses: not used.
+# kernels) by CUDA compute capability, then by (dtype, head_dim): tiles that fit one head size and dtype may not fit
+# another's shared memory. Each entry was measured by bench/gpu.py's sweep on the trainer's own shared-prompt block
+# masks and then in the whole trainer step; anything else runs torch's defaults. On the H100 (torch 2.11, bf16,
+# head_dim 64) the forward took 1.0 ms with 64 x 128 tiles against 2.2 to 3.8 with torch's default 128 x 128; the
+# backward's tiles mattered less (bench/results/gpu.json). 64 x 64 forward tiles were faster still alone (0.8 ms),
+# but the one whole-step run with them (together with ROWS_GUARANTEED_SAFE) gave NaN losses: not used.
 MEASURED_KERNEL_OPTIONS = {
-    (9, 0): {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4,
-             "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_stages": 3,
-             "bwd_num_warps": 4},
+    (9, 0): {
+        (torch.bfloat16, 64): {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4,
+                               "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                               "bwd_num_stages": 3, "bwd_num_warps": 4},
+    },
 }
-KERNEL_OPTIONS: dict = {}  # what attention_forward passes on CUDA: set by enable() for the model's device
+# (dtype, head_dim) -> options for this process's CUDA device, set by enable(); attention_forward looks its
+# query up here (the policy is loaded in fp32 and cast to bf16 by DeepSpeed later, so the dtype is read per call).
+KERNEL_OPTIONS: dict = {}
 
 
 def enable(model) -> None:
@@ -122,7 +127,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     # Inside a compiled region (a compiled decoder layer) the enclosing compile takes FlexAttention in whole.
     compile_here = query.device.type == "cuda" and not torch.compiler.is_compiling()
     run = compiled_flex_attention() if compile_here else flex_attention
-    options = KERNEL_OPTIONS if query.device.type == "cuda" and KERNEL_OPTIONS else None
+    options = KERNEL_OPTIONS.get((query.dtype, query.shape[-1])) if query.device.type == "cuda" else None
     output = run(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != heads,
                  kernel_options=options)
     return output.transpose(1, 2).contiguous(), None

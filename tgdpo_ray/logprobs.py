@@ -67,13 +67,13 @@ def _fp32_accumulating_matmul(device_type: str) -> bool:
     """Whether torch.addmm here takes bf16 factors into an fp32 sum (out_dtype; CUDA in recent torch)."""
     if device_type != "cuda":
         return False
-    total = torch.zeros(2, 2, device=device_type)
+    total = torch.ones(2, 2, device=device_type)  # ones: an implementation that dropped the sum would give 2
     factor = torch.ones(2, 2, device=device_type, dtype=torch.bfloat16)
     try:
         torch.addmm(total, factor, factor, out_dtype=torch.float32, out=total)
     except (TypeError, RuntimeError, NotImplementedError):
         return False
-    return bool((total == 2).all())
+    return bool((total == 3).all())
 
 
 def add_matmul_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

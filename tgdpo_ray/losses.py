@@ -166,13 +166,15 @@ class TGDPOLoss:
         negative_weights = negative_weights.float()
 
         def histogram(weights, mask):
-            # histc's equal-width bins, counting the answer tokens only. A mask weight rather than weights[mask]:
-            # boolean indexing would make the host wait for the GPU in the middle of every micro-batch.
+            # histc's equal-width bins, counting the answer tokens only, NaN weights nowhere (as histc). A mask
+            # weight rather than weights[mask]: boolean indexing would make the host wait for the GPU in the middle
+            # of every micro-batch.
             low, high = WEIGHT_RANGE
             relative = (weights / beta).float().clamp(low, high)
-            bins = ((relative - low) / (high - low) * WEIGHT_BINS).long().clamp(max=WEIGHT_BINS - 1)
+            counted = mask & ~relative.isnan()
+            bins = ((relative.nan_to_num(low) - low) / (high - low) * WEIGHT_BINS).long().clamp(0, WEIGHT_BINS - 1)
             return torch.zeros(WEIGHT_BINS, device=weights.device).scatter_add_(0, bins.flatten(),
-                                                                                 mask.flatten().float())
+                                                                                 counted.flatten().float())
 
         stats = {
             # Distribution of the weights used, in units of beta: a list of counts per bin.
@@ -228,7 +230,8 @@ TOKEN_SUM_KEYS = (
 
 def metric_sums(out, dpo_rewards=False):
     """Sums over pairs (and tokens, for tgdpo) that add up across micro-batches, as float64 scalars on the loss's
-    device (the trainer reads them once a step: reading each micro-batch's would stall the GPU's queue). With
+    device (the trainer reads them once a step: reading each micro-batch's would stall the GPU's queue), and the
+    pair count as a plain float. With
     dpo_rewards (the rewards are DPO's implicit ones, beta * summed log-ratio), also plain DPO's loss, whatever loss
     trained."""
     chosen = out.chosen_rewards.detach().double()
