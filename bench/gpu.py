@@ -566,7 +566,7 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
     for rows in pack_by_token_budget(pairs, args.max_tokens, packing="shared_prompt"):
         width = max([args.row_tokens] + [pair_span(row, True) for row in rows])
         packed += pack_pairs(rows, width, True, rows_per_batch=len(rows), mask="flex", pad_id=0)
-    (shape, count), = Counter(tuple(batch.document.shape) for batch in packed).most_common(1)
+    (shape, _), = Counter(tuple(batch.document.shape) for batch in packed).most_common(1)
     chosen = [batch for batch in packed if tuple(batch.document.shape) == shape]
     rows, length = shape
     masks = [flex.block_mask(batch, device) for batch in chosen]
