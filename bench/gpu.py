@@ -615,7 +615,8 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
         else:
             forward, backward = sum(events) / rounds, None
         flop = 4 * heads * head_dim * pairs_count
-        return {"finite": finite, "forward_s": round(forward, 5), "backward_s": round(backward, 5) if backward else None,
+        return {"finite": finite, "forward_s": round(forward, 5),
+                "backward_s": round(backward, 5) if backward else None,
                 "forward_tflops": round(flop / forward / 1e12, 1),
                 "backward_tflops": round(2.5 * flop / backward / 1e12, 1) if backward else None}
 

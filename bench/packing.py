@@ -166,7 +166,8 @@ def main() -> None:
         # TGDPO step time over DPO step time, both from cached log-probs: the target is at most 1.05.
         "tgdpo_step_vs_dpo_cached": round(seconds["tgdpo_shared_prompt"] / seconds["shared_prompt"], 3),
         "tgdpo_vs_inprocess_speedup": round(seconds["tgdpo_in_process"] / seconds["tgdpo_shared_prompt"], 2),
-        "logp_peak_memory_reduction": round(memory["plain"] / memory["fused"], 2),  # at a chunk of 512 (training.logp_chunk_size is 1024)
+        # At a chunk of 512 (training.logp_chunk_size is 1024 since 2026-11-27).
+        "logp_peak_memory_reduction": round(memory["plain"] / memory["fused"], 2),
         "steps": {"model": {"params_millions": steps.pop("params_millions"), "hidden": 512, "layers": 4,
                             "vocab": args.vocab, "precision": "fp32"},
                   "data": {"pairs": args.pairs, "prompt_tokens": [16, 512], "answer_tokens": [8, 768]},
