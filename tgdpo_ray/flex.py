@@ -89,6 +89,13 @@ def enable(model) -> None:
         KERNEL_OPTIONS = dict(MEASURED_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(model.device), {}))
 
 
+def enable_for(model, packing: str, attention: str, device: torch.device, training: bool) -> None:
+    """Put `model` under ATTENTION where the run's layout and training.attention call for it: packed rows only
+    (padded rows keep their own padding mask), FlexAttention where use_flex says so."""
+    if packing != "padded" and use_flex(attention, device, training):
+        enable(model)
+
+
 @functools.cache
 def register() -> None:
     """Teach transformers the name: our attention function, and SDPA's mask for inputs that are not a BlockMask."""

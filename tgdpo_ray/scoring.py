@@ -64,8 +64,7 @@ class FrozenScorer:
         started = time.perf_counter()
         load = load_token_reward_model if token_rewards else load_causal_lm
         self.model = load(model, precision, trust_remote_code).to(self.device).eval()
-        if self.packing != "padded" and flex.use_flex(attention, self.device, training=False):
-            flex.enable(self.model)
+        flex.enable_for(self.model, self.packing, attention, self.device, training=False)
         record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2),
                          attention=getattr(self.model.config, "_attn_implementation", None))
 

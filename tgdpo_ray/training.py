@@ -287,8 +287,7 @@ def load_policy(config: JobConfig, device):
     model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
     if config.policy.disable_dropout:
         disable_dropout(model)
-    if config.training.packing != "padded" and flex.use_flex(config.training.attention, device, training=True):
-        flex.enable(model)
+    flex.enable_for(model, config.training.packing, config.training.attention, device, training=True)
     if config.training.compile:
         compile_decoder_layers(model, config.training.compile_backend)
     if config.training.gradient_checkpointing:
