@@ -11,8 +11,9 @@ run through the trainer's own code (logprobs.answer_logps, the loss built as the
   GPU only).
 
 Before the layouts, two components alone: the fused LM-head log-probs (lm_head_check: eager against compiled chunk
-math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks (flex_sweep: kernel options, next to
-a plain causal mask and SDPA's causal kernel); the sweep's finite winner runs as the *_tuned layout.
+math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks (flex_sweep: mask block sizes and
+kernel options, next to a plain causal mask and SDPA's causal kernel); the sweep's finite winner runs as the *_tuned
+layout.
 
 Plain torch + transformers: it imports tgdpo_ray.packing, .flex, .batches, .logprobs, .losses and .models only
 (no ray, deepspeed, vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
@@ -50,8 +51,8 @@ LAYOUTS = {
     "padded": ("padded", "sdpa", False),
     "shared_prompt_flex": ("shared_prompt", "flex", False),
     "shared_prompt_flex_compiled": ("shared_prompt", "flex", True),
-    # The same with the FlexAttention kernel options that won the sweep below; skipped where the library's own
-    # (flex.MEASURED_KERNEL_OPTIONS) won.
+    # The same with the FlexAttention setting that won the sweep below; skipped where the library's own
+    # (flex.MEASURED_SETTINGS) won.
     "shared_prompt_flex_compiled_tuned": ("shared_prompt", "flex", True),
     "packed": ("packed", "sdpa", False),
     "shared_prompt": ("shared_prompt", "sdpa", False),
@@ -59,46 +60,50 @@ LAYOUTS = {
     "padded_compiled": ("padded", "sdpa", True),
 }
 
-# FlexAttention kernel options tried on the trainer's own block masks, torch's defaults first. fwd_* go to the
-# forward kernel, bwd_* to the backward. fwd: (BLOCK_M, BLOCK_N, stages, warps); bwd: (BLOCK_M1, BLOCK_N1, BLOCK_M2,
-# BLOCK_N2, stages, warps); every block divides the BlockMask's 128.
+# FlexAttention settings (flex.py: the BlockMask's block, and the kernel options) tried on the trainer's own block
+# masks, torch's defaults first. fwd_* options go to the forward kernel, bwd_* to the backward. fwd: (BLOCK_M,
+# BLOCK_N, stages, warps); bwd: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps); every tile divides the
+# mask's block. None of them sets ROWS_GUARANTEED_SAFE, which packed rows break (flex.py).
 
 
-def kernel_options(fwd: tuple, bwd: tuple) -> dict:
-    options = dict(zip(("fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_stages", "fwd_num_warps"), fwd))
+def flex_setting(fwd: tuple = (), bwd: tuple = (), mask_block: int = 128, **options) -> dict:
+    options.update(zip(("fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_stages", "fwd_num_warps"), fwd))
     options.update(zip(("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2", "bwd_num_stages",
                         "bwd_num_warps"), bwd))
-    return options
+    return {"mask_block": mask_block, "kernel_options": options or None}
 
 
 FLEX_SWEEP = {
-    "default": {},
-    "library": None,  # flex.MEASURED_KERNEL_OPTIONS for this device: what the trainer runs
-    "f128x64_b64x64": kernel_options((128, 64, 3, 4), (64, 64, 64, 64, 3, 4)),
-    "f64x128_b32x64": kernel_options((64, 128, 3, 4), (32, 64, 64, 32, 3, 4)),
-    "f128x128w8_b64x128w4": kernel_options((128, 128, 2, 8), (64, 128, 128, 64, 3, 4)),
-    "f64x64_b32x128": kernel_options((64, 64, 3, 4), (32, 128, 128, 32, 3, 4)),
-    "tma": {"USE_TMA": True},
-    # ROWS_GUARANTEED_SAFE (true of our masks: every query sees itself) with 64 x 64 forward tiles was faster on
-    # the H100 but gave NaN losses in the trainer's step: left out until the two are told apart.
-    "f64x64_b32x64": kernel_options((64, 64, 3, 4), (32, 64, 64, 32, 3, 4)),
+    "default": flex_setting(),
+    "library": None,  # flex.MEASURED_SETTINGS for this device: what the trainer runs
+    "f128x64_b64x64": flex_setting((128, 64, 3, 4), (64, 64, 64, 64, 3, 4)),
+    "f64x128_b32x64": flex_setting((64, 128, 3, 4), (32, 64, 64, 32, 3, 4)),
+    "f128x128w8_b64x128w4": flex_setting((128, 128, 2, 8), (64, 128, 128, 64, 3, 4)),
+    "f64x64_b32x128": flex_setting((64, 64, 3, 4), (32, 128, 128, 32, 3, 4)),
+    "tma": flex_setting(USE_TMA=True),
+    # 64 x 64 forward tiles were the fastest forward on the H100, measured only together with ROWS_GUARANTEED_SAFE
+    "f64x64_b32x64": flex_setting((64, 64, 3, 4), (32, 64, 64, 32, 3, 4)),
+    # 64-token mask blocks. On the bench's shared-prompt rows the kernels then compute 1.18x the attended pairs
+    # instead of 1.35x, and the partial blocks (where the mask is evaluated per pair) hold 28% of that instead of 47%
+    "m64_f64x64_b32x64": flex_setting((64, 64, 3, 4), (32, 64, 64, 32, 3, 4), mask_block=64),
+    "m64_f64x64_b64x64": flex_setting((64, 64, 3, 4), (64, 64, 64, 64, 3, 4), mask_block=64),
 }
 
 
-# The sweep of a default run: torch's defaults, the library's, and the candidate left open on the H100.
-SWEEP_DEFAULT = ("default", "library", "f64x64_b32x64")
+# The sweep of a default run: torch's defaults, the library's, and the candidates not yet measured in a whole step.
+SWEEP_DEFAULT = ("default", "library", "f64x64_b32x64", "m64_f64x64_b32x64", "m64_f64x64_b64x64")
 
 
-def library_options(device, head_dim: int) -> dict:
-    """flex.MEASURED_KERNEL_OPTIONS for this device and the model's bf16 queries ({}: torch's defaults)."""
+def library_setting(device, head_dim: int) -> dict:
+    """flex.MEASURED_SETTINGS for this device and the model's bf16 queries (else flex.DEFAULT_SETTING)."""
     if device.type != "cuda":
-        return {}
-    by_query = flex.MEASURED_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(device), {})
-    return by_query.get((torch.bfloat16, head_dim), {})
+        return flex.DEFAULT_SETTING
+    by_query = flex.MEASURED_SETTINGS.get(torch.cuda.get_device_capability(device), {})
+    return by_query.get((torch.bfloat16, head_dim), flex.DEFAULT_SETTING)
 
 
-def sweep_options(name: str, device, head_dim: int) -> dict:
-    return FLEX_SWEEP[name] if FLEX_SWEEP[name] is not None else library_options(device, head_dim)
+def sweep_setting(name: str, device, head_dim: int) -> dict:
+    return FLEX_SWEEP[name] if FLEX_SWEEP[name] is not None else library_setting(device, head_dim)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "GPU kernel time by kind and the top kernels, into the JSON's `profile` (default: "
                              "best, the layout of the best MFU; none: no profile)")
     parser.add_argument("--sweep", default=",".join(SWEEP_DEFAULT),
-                        help="FlexAttention kernel options to time on the shared-prompt block masks before the "
-                             "layouts (GPU only), about 10 s each: comma-separated subset of " + ",".join(FLEX_SWEEP)
+                        help="FlexAttention settings (mask block, kernel options) to time on the shared-prompt "
+                             "block masks before the layouts (GPU only), about 10 s each: comma-separated subset of "
+                             + ",".join(FLEX_SWEEP)
                              + f" (default {','.join(SWEEP_DEFAULT)}); none: no sweep")
     parser.add_argument("--autotune", action="store_true",
                         help="the sweep also times torch.compile(mode='max-autotune-no-cudagraphs'), which prints "
@@ -361,8 +367,7 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
     result = {
         "packing": packing, "attention": attention, "compiled_layers": compiled,
         "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex": "BlockMask"}[attention],
-        "flex_kernel_options": (flex.KERNEL_OPTIONS.get((model.dtype, model.config.head_dim), {})
-                                if attention == "flex" and device.type == "cuda" else None),
+        "flex_setting": flex.model_setting(model) if attention == "flex" and device.type == "cuda" else None,
         "backward": backward, "micro_batches": len(batches), "seconds": round(seconds, 4),
         "warmup_seconds": round(warmup_s, 2),
         "host_packing_seconds": round(host_packing_seconds(batches, packing, attention, args.row_tokens,
@@ -546,9 +551,20 @@ def lm_head_check(device, hidden: int, vocab: int, tokens: int, repeats: int = 3
     return result
 
 
+def block_statistics(masks: list, attended: int) -> dict:
+    """How much of the [L x L] grids FlexAttention computes with these BlockMasks: blocks in all, partial ones (the
+    mask evaluated per pair) and full ones, and the pairs computed over those attended."""
+    block = masks[0].BLOCK_SIZE[0]
+    partial = sum(int(mask.kv_num_blocks.sum()) for mask in masks)
+    full = sum(int(mask.full_kv_num_blocks.sum()) for mask in masks if mask.full_kv_num_blocks is not None)
+    return {"blocks_total": sum(mask.kv_num_blocks.numel() * mask.kv_indices.shape[-1] for mask in masks),
+            "blocks_partial": partial, "blocks_full": full,
+            "computed_pairs_over_attended": round((partial + full) * block * block / attended, 3)}
+
+
 def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, deadline: float) -> dict:
     """FlexAttention alone, forward and backward, on the block masks of the shared-prompt micro-batches of the most
-    common [rows, length] shape (random q, k, v of the model's shape): torch's default kernel options against the
+    common [rows, length] shape (random q, k, v of the model's shape): torch's default setting against the
     alternatives in FLEX_SWEEP (and inductor's own autotuning with --autotune), next to two references on the same
     shapes: FlexAttention with a plain causal mask, and SDPA's causal kernel. TFLOP/s count the attended (query,
     key) pairs: 4 * heads * head_dim per pair forward, 2.5x that backward. On the CPU only the forward runs, eager,
@@ -569,12 +585,9 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
     (shape, _), = Counter(tuple(batch.document.shape) for batch in packed).most_common(1)
     chosen = [batch for batch in packed if tuple(batch.document.shape) == shape]
     rows, length = shape
-    masks = [flex.block_mask(batch, device) for batch in chosen]
     attended = sum(int(dense_mask(batch.document.to(device), batch.segment.to(device)).sum()) for batch in chosen)
-    blocks_total = sum(mask.kv_num_blocks.numel() * mask.kv_indices.shape[-1] for mask in masks)  # [B, H, q] x kv
-    partial = sum(int(mask.kv_num_blocks.sum()) for mask in masks)
-    full = sum(int(mask.full_kv_num_blocks.sum()) for mask in masks if mask.full_kv_num_blocks is not None)
-    block = masks[0].BLOCK_SIZE[0]
+    masks = {block: [flex.block_mask(batch, device, block) for batch in chosen]  # by the mask's block size
+             for block in sorted({sweep_setting(name, device, head_dim)["mask_block"] for name in names} | {128})}
     causal_pairs = rows * length * (length + 1) // 2 * len(chosen)
 
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -622,13 +635,14 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
 
     def flex_with(options, mode=None):
         def attend(q, k, v, mask):
-            return flex_attention(q, k, v, block_mask=mask, enable_gqa=kv_heads != heads, kernel_options=options)
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=kv_heads != heads,
+                                  kernel_options=options if on_gpu else None)
         return torch.compile(attend, dynamic=False, mode=mode) if on_gpu else attend
 
     result = {"rows": rows, "length": length, "micro_batches": len(chosen), "of_micro_batches": len(packed),
               "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "attended_pairs": attended,
-              "block_size": block, "blocks_total": blocks_total, "blocks_partial": partial, "blocks_full": full,
-              "computed_pairs_over_attended": round((partial + full) * block * block / attended, 3),
+              "mask_blocks": {str(block): block_statistics(block_masks, attended)
+                              for block, block_masks in masks.items()},
               "note": "seconds per pass over these micro-batches; TFLOP/s on attended pairs (references: on the "
                       "causal pairs of the same shapes)",
               "options": {}, "references": {}}
@@ -638,9 +652,10 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
             continue
         print(f"  flex sweep: {name}", flush=True)
         try:
-            options = sweep_options(name, device, head_dim)
-            result["options"][name] = {**measure(flex_with(options or None), masks, attended),
-                                       "kernel_options": options}
+            chosen_setting = sweep_setting(name, device, head_dim)
+            result["options"][name] = {**measure(flex_with(chosen_setting["kernel_options"]),
+                                                 masks[chosen_setting["mask_block"]], attended),
+                                       "setting": chosen_setting}
         except Exception as error:  # noqa: BLE001 - an option this torch lacks must not end the sweep
             if not on_gpu:
                 raise
@@ -658,7 +673,8 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
     if autotune and on_gpu and time.perf_counter() < deadline:
         print("  flex sweep: max-autotune (inductor prints the configs it chose)", flush=True)
         try:
-            result["max_autotune"] = measure(flex_with(None, mode="max-autotune-no-cudagraphs"), masks, attended)
+            result["max_autotune"] = measure(flex_with(None, mode="max-autotune-no-cudagraphs"), masks[128],
+                                             attended)
         except Exception as error:  # noqa: BLE001
             result["max_autotune"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     timed_options = {name: r for name, r in result["options"].items()
@@ -666,7 +682,7 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
     if timed_options:
         best = min(timed_options, key=lambda name: timed_options[name]["forward_s"] + timed_options[name]["backward_s"])
         result["best"] = best
-        result["best_kernel_options"] = timed_options[best]["kernel_options"]
+        result["best_setting"] = timed_options[best]["setting"]
     return result
 
 
@@ -676,18 +692,18 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
 
 
 @contextlib.contextmanager
-def tuned_flex(name: str, options, head_dim: int):
-    """The FlexAttention kernel options flex.enable picks for this device's bf16 queries: the sweep's winner for a
-    *_tuned layout, the library's own (flex.MEASURED_KERNEL_OPTIONS) otherwise."""
-    library = dict(flex.MEASURED_KERNEL_OPTIONS)
+def tuned_flex(name: str, setting, head_dim: int):
+    """The FlexAttention setting flex.enable picks for this device's bf16 queries: the sweep's winner for a *_tuned
+    layout, the library's own (flex.MEASURED_SETTINGS) otherwise."""
+    library = dict(flex.MEASURED_SETTINGS)
     if name.endswith("_tuned"):
         capability = torch.cuda.get_device_capability()
-        flex.MEASURED_KERNEL_OPTIONS = {**library, capability: {**library.get(capability, {}),
-                                                                (torch.bfloat16, head_dim): dict(options)}}
+        flex.MEASURED_SETTINGS = {**library, capability: {**library.get(capability, {}),
+                                                          (torch.bfloat16, head_dim): setting}}
     try:
         yield
     finally:
-        flex.MEASURED_KERNEL_OPTIONS = library
+        flex.MEASURED_SETTINGS = library
 
 
 def write(results: dict, out) -> None:
@@ -809,7 +825,7 @@ def main(argv=None) -> int:
         traceback.print_exc()
         results["lm_head"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     if sweep_names:
-        print("FlexAttention kernel options on the shared-prompt block masks", flush=True)
+        print("FlexAttention settings on the shared-prompt block masks", flush=True)
         try:
             results["flex_sweep"] = flex_sweep(model, pairs, args, device, sweep_names, args.autotune,
                                                deadline=started + 0.45 * args.budget_s)
@@ -819,9 +835,9 @@ def main(argv=None) -> int:
             traceback.print_exc()
             results["flex_sweep"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     sweep = results.get("flex_sweep", {})
-    tuned_options = sweep.get("best_kernel_options")  # {}: torch's defaults won, worth a whole step too
-    if tuned_options == library_options(device, size["model"]["head_dim"]):
-        tuned_options = None  # the library's own options won: nothing else to measure
+    tuned_setting = sweep.get("best_setting")  # torch's defaults may win: worth a whole step too
+    if tuned_setting == library_setting(device, size["model"]["head_dim"]):
+        tuned_setting = None  # the library's own setting won: nothing else to measure
     write(results, out)
 
     results["layouts"], per_pair = {}, {}
@@ -833,12 +849,12 @@ def main(argv=None) -> int:
             results["layouts"][name] = {"skipped": "compiled layers run on a GPU only (inductor's CPU build of "
                                                    "every shape takes minutes)"}
             continue
-        if name.endswith("_tuned") and tuned_options is None:
-            results["layouts"][name] = {"skipped": "no sweep, or the library's kernel options won it"}
+        if name.endswith("_tuned") and tuned_setting is None:
+            results["layouts"][name] = {"skipped": "no sweep, or the library's setting won it"}
             continue
         print(f"  {name} ...", flush=True)
         try:
-            with tuned_flex(name, tuned_options, size["model"]["head_dim"]):
+            with tuned_flex(name, tuned_setting, size["model"]["head_dim"]):
                 results["layouts"][name], per_pair[name] = run_layout(model, pairs, name, size, args, device,
                                                                       body_params)
         except Exception as error:  # noqa: BLE001 - on the GPU, one failing layout must not lose the others
@@ -887,7 +903,7 @@ def main(argv=None) -> int:
 
     profiled = results["mfu_layout"] if args.profile == "best" else args.profile
     if profiled in measured:
-        with tuned_flex(profiled, tuned_options, size["model"]["head_dim"]):
+        with tuned_flex(profiled, tuned_setting, size["model"]["head_dim"]):
             results["profile"] = profile_layout(model, pairs, profiled, args, device)
 
     results["losses_finite"] = all(r["losses_finite"] for r in measured.values())
@@ -911,8 +927,10 @@ def main(argv=None) -> int:
               f"{name} {head[name]['seconds'] * 1000:.1f} ms (grad diff {head[name]['max_grad_rel_diff_vs_eager']:.1e})"
               for name in head if isinstance(head[name], dict)))
     if "rows" in sweep:
-        print(f"FlexAttention sweep, {sweep['micro_batches']} micro-batches of {sweep['rows']} x {sweep['length']}, "
-              f"{sweep['computed_pairs_over_attended']}x the attended pairs computed; best {sweep.get('best')}")
+        print(f"FlexAttention sweep, {sweep['micro_batches']} micro-batches of {sweep['rows']} x {sweep['length']}; "
+              "attended pairs computed: " + ", ".join(f"{blocks['computed_pairs_over_attended']}x in blocks of "
+                                                      f"{block}" for block, blocks in sweep["mask_blocks"].items())
+              + f"; best {sweep.get('best')}")
         for name, r in {**sweep["options"], **sweep["references"],
                         **({"max_autotune": sweep["max_autotune"]} if "max_autotune" in sweep else {})}.items():
             print(f"  {name:<28} " + (f"fwd {r['forward_s'] * 1000:.1f} ms ({r['forward_tflops']} TFLOP/s), bwd "

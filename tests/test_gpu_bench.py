@@ -89,8 +89,15 @@ def test_lm_head_and_flex_sweep_smoke(toy_run):
         assert head[name]["seconds"] > 0 and head[name]["max_grad_rel_diff_vs_eager"] < 1e-5, (name, head[name])
     sweep = results["flex_sweep"]
     assert sweep["micro_batches"] >= 1 and sweep["attended_pairs"] > 0
-    # The block mask skips blocks (several documents a row), so it computes fewer pairs than its whole grid.
-    assert sweep["blocks_partial"] + sweep["blocks_full"] <= sweep["blocks_total"]
+    # The block masks compute every attended pair, and in blocks of 64 they skip some (the toy rows are one block
+    # of 128 long): smaller blocks fit the documents more closely.
+    blocks = sweep["mask_blocks"]
+    assert set(blocks) == {"64", "128"}
+    for stats in blocks.values():
+        assert stats["blocks_partial"] + stats["blocks_full"] <= stats["blocks_total"]
+        assert stats["computed_pairs_over_attended"] >= 1
+    assert blocks["64"]["blocks_partial"] + blocks["64"]["blocks_full"] < blocks["64"]["blocks_total"]
+    assert blocks["64"]["computed_pairs_over_attended"] < blocks["128"]["computed_pairs_over_attended"]
     assert sweep["options"]["default"]["forward_s"] > 0 and sweep["options"]["default"]["backward_s"] is None
     assert set(sweep["references"]) == {"flex_causal", "sdpa_causal"}
 

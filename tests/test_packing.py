@@ -136,6 +136,17 @@ def test_shared_layout_positions_and_mask():
     assert batch.target_ids.tolist() == [20, 21, 30, 31, 32]
 
 
+def test_padding_attends_to_itself_alone():
+    long = {"prompt_ids": [10, 11, 12], "chosen_ids": [20, 21], "rejected_ids": [30, 31, 32]}
+    short = {"prompt_ids": [13], "chosen_ids": [22], "rejected_ids": [33]}
+    (batch,) = pack_pairs([long, short], 8, shared_prompt=True, rows_per_batch=2)
+    assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 31, 32], [13, 22, 33, 0, 0, 0, 0, 0]]
+    allowed = batch.attention_mask[1, 0]
+    assert torch.equal(allowed[3:, 3:], torch.eye(5, dtype=torch.bool))  # each pad sees itself, no other pad
+    assert not allowed[3:, :3].any() and not allowed[:3, 3:].any()  # and the pair never sees the padding
+    assert allowed[2].tolist()[:3] == [True, False, True]  # (its rejected token sees the prompt and itself)
+
+
 def test_mask_forms_and_refusals():
     (batch,) = pack_pairs(make_pairs(9, 3, 500), 1000, shared_prompt=True)
     allowed = batch.attention_mask
@@ -237,6 +248,39 @@ def test_packed_gradients_equal_padded(model, shared_prompt):
         scale = grad.abs().max().item()
         assert scale > 0, name
         torch.testing.assert_close(packed[name], grad, atol=ATOL * scale, rtol=1e-4, msg=name)
+
+
+def test_flex_mask_blocks_of_64_equal_padded(tiny_model, monkeypatch):
+    """The mask block of flex.SETTINGS (on CUDA: the device's measured setting) reaches the BlockMask; a finer mask
+    gives the same log-probs (the blocks it skips hold no attended pair) and skips the padding but its diagonal."""
+    from transformers import AutoModelForCausalLM
+
+    from tgdpo_ray.logprobs import packed_attention_mask
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    flex.enable(model)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    monkeypatch.setattr(flex, "SETTINGS", {(torch.float32, head_dim): {"mask_block": 64, "kernel_options": None}})
+    pairs = make_pairs(4, 24, model.config.vocab_size)
+    with torch.no_grad():
+        for batch in pack_pairs(pairs, 180, shared_prompt=True, rows_per_batch=3, mask="flex",
+                                pad_id=model.config.pad_token_id):
+            assert packed_attention_mask(model, batch, "cpu").BLOCK_SIZE == (64, 64)
+            packed, packed_mask = packed_token_logps(model, batch, chunk_size=37)
+            padded, padded_mask = padded_logps(model, batch.rows)
+            assert torch.equal(packed_mask, padded_mask)
+            torch.testing.assert_close(packed, padded, atol=ATOL, rtol=1e-5)
+    # A row of 10 tokens padded to 250: each query block past the first visits its own diagonal block alone.
+    long = {"prompt_ids": [5] * 200, "chosen_ids": [6] * 25, "rejected_ids": [7] * 25}
+    short = {"prompt_ids": [5] * 4, "chosen_ids": [6] * 3, "rejected_ids": [7] * 3}
+    (wide,) = pack_pairs([long, short], 250, shared_prompt=True, rows_per_batch=2, mask="flex")
+    assert wide.input_ids.shape == (2, 250)
+    mask = flex.block_mask(wide, "cpu", 64)
+    assert (mask.kv_num_blocks[1, 0] + mask.full_kv_num_blocks[1, 0]).tolist() == [1, 1, 1, 1]
+    # A mask in other blocks than the setting's is refused: on CUDA its blocks must fit the kernel's tiles.
+    heads = torch.zeros(1, 2, wide.input_ids.shape[1], head_dim)
+    with pytest.raises(ValueError, match="blocks of 64"):
+        flex.attention_forward(torch.nn.Module(), heads, heads, heads, flex.block_mask(wide, "cpu"))
 
 
 # ---------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The dense [R, 1, L, L] mask of packing.py makes SDPA compute every (query, key) pair of a row and keeps it off its
 fast kernels. Here the same rule (packing.may_attend) becomes a FlexAttention BlockMask: the kernel visits only
-the 128 x 128 blocks where some query may attend to some key, so a row of many short documents costs about what
-its documents cost.
+the blocks (128 x 128 by default) where some query may attend to some key, so a row of many short documents costs
+about what its documents cost.
 
 The models run it through transformers' attention interface under our own name, ATTENTION. Our function sends a
 BlockMask to FlexAttention (compiled on CUDA, eager elsewhere) and any other mask to SDPA, so the same model still
@@ -58,35 +58,58 @@ def use_flex(attention: str, device: torch.device, training: bool) -> bool:
 RECOMPILE_LIMIT = 64
 
 
-# FlexAttention's kernel options (torch's FlexKernelOptions: tiles, stages and warps of the forward and backward
-# kernels) by CUDA compute capability, then by (dtype, head_dim): tiles that fit one head size and dtype may not fit
-# another's shared memory. Each entry was measured by bench/gpu.py's sweep on the trainer's own shared-prompt block
-# masks and then in the whole trainer step; anything else runs torch's defaults. On the H100 (torch 2.11, bf16,
-# head_dim 64) the forward took 1.0 ms with 64 x 128 tiles against 2.2 to 3.8 with torch's default 128 x 128; the
-# backward's tiles mattered less (bench/results/gpu.json). 64 x 64 forward tiles were faster still alone (0.8 ms),
-# but the one whole-step run with them (together with ROWS_GUARANTEED_SAFE) gave NaN losses: not used.
-MEASURED_KERNEL_OPTIONS = {
+# How FlexAttention runs on a CUDA device, by compute capability, then by (dtype, head_dim): tiles that fit one head
+# size and dtype may not fit another's shared memory. A setting is
+# - mask_block: the BlockMask's block size (queries and keys). The kernels skip whole blocks only; a smaller block
+#   wastes less on the masked corners of the blocks where documents meet. Every kernel tile must divide it.
+# - kernel_options: torch's FlexKernelOptions (tiles, stages and warps of the forward and backward kernels), or
+#   None for torch's defaults, whose tiles divide the default block of 128.
+# Each entry was measured by bench/gpu.py's sweep on the trainer's own shared-prompt block masks and then in the
+# whole trainer step; anything else runs DEFAULT_SETTING. On the H100 (torch 2.11, bf16, head_dim 64) the forward
+# took 1.0 ms with 64 x 128 tiles against 2.2 to 3.8 with torch's default 128 x 128; the backward's tiles mattered
+# less (bench/results/gpu.json). Never ROWS_GUARANTEED_SAFE: the kernel's running max starts at -inf, and the
+# option drops its guard for a query row that sees no key in the first block it visits; in a packed row, a block
+# of the previous document's keys, or of the chosen answer's for a rejected token, is such a block: the step's
+# losses came out NaN with it.
+DEFAULT_SETTING = {"mask_block": 128, "kernel_options": None}
+MEASURED_SETTINGS = {
     (9, 0): {
-        (torch.bfloat16, 64): {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4,
+        (torch.bfloat16, 64): {
+            "mask_block": 128,
+            "kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4,
                                "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
                                "bwd_num_stages": 3, "bwd_num_warps": 4},
+        },
     },
 }
-# (dtype, head_dim) -> options for this process's CUDA device, set by enable(); attention_forward looks its
-# query up here (the policy is loaded in fp32 and cast to bf16 by DeepSpeed later, so the dtype is read per call).
-KERNEL_OPTIONS: dict = {}
+# (dtype, head_dim) -> setting for this process's CUDA device, set by enable(). The mask's block is looked up with
+# the model's dtype when the mask is built, the kernel options with the query's at each call: the same dtype (the
+# policy is loaded in fp32 and cast to bf16 by DeepSpeed before its first forward).
+SETTINGS: dict = {}
+
+
+def setting(dtype: torch.dtype, head_dim: int) -> dict:
+    """The FlexAttention setting (mask_block, kernel_options) for queries of this dtype and head size here."""
+    return SETTINGS.get((dtype, head_dim), DEFAULT_SETTING)
+
+
+def model_setting(model) -> dict:
+    """setting() for a Hugging Face model's attention (its dtype, and its config's head size)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return setting(model.dtype, head_dim)
 
 
 def enable(model) -> None:
     """Run `model` (a Hugging Face model on its device, before any DeepSpeed wrapping) under ATTENTION."""
     import torch._dynamo as dynamo
 
-    global KERNEL_OPTIONS
+    global SETTINGS
     register()
     model.set_attn_implementation(ATTENTION)
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if model.device.type == "cuda":
-        KERNEL_OPTIONS = dict(MEASURED_KERNEL_OPTIONS.get(torch.cuda.get_device_capability(model.device), {}))
+        SETTINGS = dict(MEASURED_SETTINGS.get(torch.cuda.get_device_capability(model.device), {}))
 
 
 def enable_for(model, packing: str, attention: str, device: torch.device, training: bool) -> None:
@@ -134,14 +157,20 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     # Inside a compiled region (a compiled decoder layer) the enclosing compile takes FlexAttention in whole.
     compile_here = query.device.type == "cuda" and not torch.compiler.is_compiling()
     run = compiled_flex_attention() if compile_here else flex_attention
-    options = KERNEL_OPTIONS.get((query.dtype, query.shape[-1])) if query.device.type == "cuda" else None
+    chosen = setting(query.dtype, query.shape[-1])
+    if tuple(attention_mask.BLOCK_SIZE) != (chosen["mask_block"],) * 2:  # the kernel tiles must divide the blocks
+        raise ValueError(f"a BlockMask of {tuple(attention_mask.BLOCK_SIZE)} blocks, but {query.dtype} queries of "
+                         f"head size {query.shape[-1]} run with blocks of {chosen['mask_block']}: build the mask "
+                         "with block_mask(batch, device, model_setting(model)['mask_block'])")
+    options = chosen["kernel_options"] if query.device.type == "cuda" else None
     output = run(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != heads,
                  kernel_options=options)
     return output.transpose(1, 2).contiguous(), None
 
 
-def block_mask(batch: PackedBatch, device):
-    """The BlockMask of a batch packed with mask="flex": packing.may_attend on its document and segment ids."""
+def block_mask(batch: PackedBatch, device, block: int = DEFAULT_SETTING["mask_block"]):
+    """The BlockMask of a batch packed with mask="flex": packing.may_attend on its document and segment ids, in
+    blocks of `block` queries by `block` keys."""
     document, segment = to_device(batch.document, device), to_device(batch.segment, device)
     rows, length = document.shape
 
@@ -149,4 +178,5 @@ def block_mask(batch: PackedBatch, device):
         return may_attend(document, segment, row, query, key)
 
     # Evaluated on the [R, L, L] grid once per micro-batch: milliseconds on a GPU, and no compile of its own.
-    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device,
+                             BLOCK_SIZE=block)

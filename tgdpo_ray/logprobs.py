@@ -232,7 +232,7 @@ def packed_attention_mask(model, batch: PackedBatch, device):
     """What the model's attention takes for a packed batch: a BlockMask under flex.ATTENTION, else the dense mask
     in the implementation's form, or None for a batch packed with mask="position_ids"."""
     if runs_flex(model):
-        return flex.block_mask(batch, device)
+        return flex.block_mask(batch, device, flex.model_setting(model)["mask_block"])
     if batch.attention_mask is None:
         return None
     # ZeRO-3's partitioned weights are empty placeholders: the dtype comes from the model there.

@@ -51,7 +51,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # [R, L] long; padding (pad_id) only at the end of a row shorter than L
     position_ids: torch.Tensor  # [R, L] long; restart at 0 for each document
     attention_mask: Optional[torch.Tensor]  # [R, 1, L, L] bool, True = may attend; only for mask="4d"
-    document: torch.Tensor  # [R, L] long: the document of each position (the padding is one of its own)
+    document: torch.Tensor  # [R, L] long: the document of each position (each pad is one of its own)
     segment: torch.Tensor  # [R, L] long: PROMPT, CHOSEN or REJECTED
     source_index: torch.Tensor  # [N] flat index (row * L + column) of the hidden state that predicts answer token k
     target_ids: torch.Tensor  # [N] the id of answer token k
@@ -220,9 +220,10 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
                     first = place(answer, p, part)
                     score(answer, first, start + p - 1, grid_row, p)
                     doc += 1
-        # The padding is a document of its own: a query row with nothing to attend to would make NaNs in SDPA.
+        # Each padding position is a one-token document: it attends to itself alone (a query with nothing to attend
+        # to would make NaNs in SDPA), and FlexAttention computes no more of the padding than its diagonal blocks.
         position_ids[r, offset:] = torch.arange(length - offset)
-        document[r, offset:] = doc
+        document[r, offset:] = doc + torch.arange(length - offset)
 
     width = max(len(pairs[i]["prompt_ids"]) + max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]))
                 for i in batch_pairs)
