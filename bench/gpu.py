@@ -7,8 +7,10 @@ run through the trainer's own code (logprobs.answer_logps, the loss built as the
 - packed, shared_prompt: packed rows with the dense [R, 1, L, L] boolean mask, SDPA (training.attention dense);
 - shared_prompt_flex, packed_flex: the same rows with FlexAttention and a BlockMask built from document and segment
   ids (training.attention flex, tgdpo_ray/flex.py);
-- padded_compiled, shared_prompt_flex_compiled: the same with every decoder layer torch.compile'd (training.compile;
-  GPU only).
+- shared_prompt_varlen: the same rows cut into attention sequences for FlashAttention's variable-length kernel
+  (tgdpo_ray/varlen.py; on the CPU through SDPA one sequence at a time);
+- padded_compiled, shared_prompt_flex_compiled, shared_prompt_varlen_compiled: the same with every decoder layer
+  torch.compile'd (training.compile; GPU only).
 
 Before the layouts, two components alone: the fused LM-head log-probs (lm_head_check: eager against compiled chunk
 math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks (flex_sweep: mask block sizes and
@@ -44,19 +46,22 @@ REPO = Path(__file__).resolve().parent.parent
 GPU_RESULTS = REPO / "bench" / "results" / "gpu.json"
 
 # name: (training.packing, attention, decoder layers compiled). attention: sdpa (the padding mask, or the dense
-# packed mask: training.attention dense) or flex (training.attention flex). Compiled layers run on a GPU only
+# packed mask: training.attention dense), flex (training.attention flex) or varlen (varlen.py, not yet a
+# training.attention choice: it waits for this benchmark's first GPU run). Compiled layers run on a GPU only
 # (inductor's CPU build takes minutes). The headline layouts come first (padded, the reference; the GPU default;
 # the best): if the run reaches its time budget, what is left out is the comparisons.
 LAYOUTS = {
     "padded": ("padded", "sdpa", False),
     "shared_prompt_flex": ("shared_prompt", "flex", False),
     "shared_prompt_flex_compiled": ("shared_prompt", "flex", True),
+    "shared_prompt_varlen_compiled": ("shared_prompt", "varlen", True),
     # The same with the FlexAttention setting that won the sweep below; skipped where the library's own
     # (flex.MEASURED_SETTINGS) won.
     "shared_prompt_flex_compiled_tuned": ("shared_prompt", "flex", True),
     "packed": ("packed", "sdpa", False),
     "shared_prompt": ("shared_prompt", "sdpa", False),
     "packed_flex": ("packed", "flex", False),
+    "shared_prompt_varlen": ("shared_prompt", "varlen", False),
     "padded_compiled": ("padded", "sdpa", True),
 }
 
@@ -143,7 +148,7 @@ import torch  # noqa: E402
 # Run as `python3 bench/gpu.py` from a checkout that is not pip-installed (the GPU image): find tgdpo_ray beside us.
 sys.path.insert(0, str(REPO))
 
-from tgdpo_ray import flex  # noqa: E402
+from tgdpo_ray import flex, varlen  # noqa: E402
 from tgdpo_ray import logprobs as logprobs_module  # noqa: E402
 from tgdpo_ray.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
                                pair_batch)
@@ -245,9 +250,12 @@ def non_embedding_params(model) -> int:
 
 
 def set_attention(model, attention: str) -> None:
-    """sdpa: the dense mask (packed) or the padding mask (padded); flex: the trainer's FlexAttention (flex.py)."""
+    """sdpa: the dense mask (packed) or the padding mask (padded); flex: the trainer's FlexAttention (flex.py);
+    varlen: FlashAttention's variable-length kernel on the packed rows' sequences (varlen.py)."""
     if attention == "flex":
         flex.enable(model)
+    elif attention == "varlen":
+        varlen.enable(model)
     else:
         model.set_attn_implementation("sdpa")
 
@@ -366,7 +374,8 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
     losses = [per_pair[i][0] for i in sorted(per_pair)]
     result = {
         "packing": packing, "attention": attention, "compiled_layers": compiled,
-        "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex": "BlockMask"}[attention],
+        "mask": "2D padding" if packing == "padded" else {"sdpa": "dense 4D bool", "flex": "BlockMask",
+                                                          "varlen": "attention sequences"}[attention],
         "flex_setting": flex.model_setting(model) if attention == "flex" and device.type == "cuda" else None,
         "backward": backward, "micro_batches": len(batches), "seconds": round(seconds, 4),
         "warmup_seconds": round(warmup_s, 2),
@@ -385,13 +394,13 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
     return result, per_pair
 
 
-def flex_check(model, pairs: list, packing: str, args, device) -> dict:
-    """On the first micro-batch: the answer log-probs with FlexAttention against those with the dense mask (SDPA)
-    and, on a GPU, the gradients of their summed DPO-style margin (FlexAttention has no CPU backward)."""
+def attention_check(model, pairs: list, packing: str, attention: str, args, device) -> dict:
+    """On the first micro-batch: the answer log-probs with `attention` (flex or varlen) against those with the dense
+    mask (SDPA) and, on a GPU, the gradients of their summed DPO-style margin (FlexAttention has no CPU backward)."""
     rows = next(iter(pack_by_token_budget(pairs, args.max_tokens, packing=packing)))
     with_grad = device.type == "cuda"
     results = {}
-    for attention in ("sdpa", "flex"):
+    for attention in ("sdpa", attention):
         set_attention(model, attention)
         model.zero_grad(set_to_none=True)
         with contextlib.nullcontext() if with_grad else torch.no_grad():
@@ -404,12 +413,12 @@ def flex_check(model, pairs: list, packing: str, args, device) -> dict:
                  if with_grad else {})
         results[attention] = (logps.detach(), answers, grads)
     model.zero_grad(set_to_none=True)
-    (dense_logps, dense_answers, dense_grads), (flex_logps, flex_answers, flex_grads) = results.values()
-    check = {"answers_equal": bool(torch.equal(flex_answers, dense_answers)),
-             "max_abs_logp_diff": float((flex_logps - dense_logps).abs().max()), "pairs": len(rows)}
+    (dense_logps, dense_answers, dense_grads), (other_logps, other_answers, other_grads) = results.values()
+    check = {"answers_equal": bool(torch.equal(other_answers, dense_answers)),
+             "max_abs_logp_diff": float((other_logps - dense_logps).abs().max()), "pairs": len(rows)}
     if with_grad:
-        # Per parameter tensor: |flex - dense| / |dense| (norms), the largest over the model.
-        check["max_grad_rel_diff"] = max(float((flex_grads[name] - grad).norm() / grad.norm().clamp_min(1e-30))
+        # Per parameter tensor: |other - dense| / |dense| (norms), the largest over the model.
+        check["max_grad_rel_diff"] = max(float((other_grads[name] - grad).norm() / grad.norm().clamp_min(1e-30))
                                          for name, grad in dense_grads.items())
         check["grad_tensors"] = len(dense_grads)
     return check
@@ -418,7 +427,7 @@ def flex_check(model, pairs: list, packing: str, args, device) -> dict:
 # Kernel name patterns -> what they compute, for the profile's breakdown (the first match wins).
 KERNEL_KINDS = (
     ("flex attention", ("flex_attention",)),
-    ("attention (sdpa)", ("flash", "fmha", "attention")),
+    ("attention (flash, sdpa)", ("flash", "fmha", "attention")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
     ("compiled fusion", ("triton_",)),
     ("copy / cast", ("copy", "cast", "convert")),
@@ -565,10 +574,10 @@ def block_statistics(masks: list, attended: int) -> dict:
 def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, deadline: float) -> dict:
     """FlexAttention alone, forward and backward, on the block masks of the shared-prompt micro-batches of the most
     common [rows, length] shape (random q, k, v of the model's shape): torch's default setting against the
-    alternatives in FLEX_SWEEP (and inductor's own autotuning with --autotune), next to two references on the same
-    shapes: FlexAttention with a plain causal mask, and SDPA's causal kernel. TFLOP/s count the attended (query,
-    key) pairs: 4 * heads * head_dim per pair forward, 2.5x that backward. On the CPU only the forward runs, eager,
-    with torch's defaults (a smoke test of this code)."""
+    alternatives in FLEX_SWEEP (and inductor's own autotuning with --autotune), and varlen.py's sequences on the same
+    rows, next to two references on the same shapes: FlexAttention with a plain causal mask, and SDPA's causal
+    kernel. TFLOP/s count the attended (query, key) pairs: 4 * heads * head_dim per pair forward, 2.5x that
+    backward. On the CPU only the forward runs, eager, with torch's defaults (a smoke test of this code)."""
     from collections import Counter
 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -660,6 +669,17 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
             if not on_gpu:
                 raise
             result["options"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    # varlen.py on the same rows: the attention sequences through FlashAttention's varlen kernel (eager: one kernel
+    # and a few gathers), its output back in FlexAttention's [B, H, L, D].
+    print("  flex sweep: varlen sequences", flush=True)
+    try:
+        plans = [varlen.plan(batch, device) for batch in chosen]
+        result["varlen"] = measure(lambda q, k, v, plan: varlen.attention_forward(
+            None, q, k, v, None, **{varlen.PLAN_ARGUMENT: plan})[0].transpose(1, 2), plans, attended)
+    except Exception as error:  # noqa: BLE001
+        if not on_gpu:
+            raise
+        result["varlen"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     references = {"flex_causal": (flex_with(None), [causal_mask] * len(chosen)),
                   "sdpa_causal": (lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(
                       q, k, v, is_causal=True, enable_gqa=kv_heads != heads), [None] * len(chosen))}
@@ -889,17 +909,21 @@ def main(argv=None) -> int:
         if not toy and "shared_prompt_flex" in measured:  # a toy run's speeds mean nothing
             results["shared_prompt_flex_vs_padded"] = results["pairs_per_s_vs_padded"]["shared_prompt_flex"]
 
-    # FlexAttention against the dense mask (fp32 in the toy run: must agree to 1e-4; bf16 on the GPU: for scale).
-    results["flex_check"] = {}
-    for name in ("shared_prompt_flex", "packed_flex"):
-        if name in measured and time.perf_counter() - started <= args.budget_s + 30:
-            try:
-                results["flex_check"][name] = flex_check(model, pairs, LAYOUTS[name][0], args, device)
-            except Exception as error:  # noqa: BLE001
-                if toy:
-                    raise
-                traceback.print_exc()
-                results["flex_check"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    # FlexAttention and varlen against the dense mask, once per packing and attention measured (fp32 in the toy
+    # run: must agree to 1e-4; bf16 on the GPU: for scale).
+    results["attention_check"] = {}
+    for packing, attention in sorted({LAYOUTS[name][:2] for name in measured if LAYOUTS[name][1] != "sdpa"}):
+        if time.perf_counter() - started > args.budget_s + 30:
+            break
+        try:
+            results["attention_check"][f"{packing}_{attention}"] = attention_check(model, pairs, packing, attention,
+                                                                                   args, device)
+        except Exception as error:  # noqa: BLE001
+            if toy:
+                raise
+            traceback.print_exc()
+            results["attention_check"][f"{packing}_{attention}"] = {
+                "error": f"{type(error).__name__}: {str(error)[:300]}"}
 
     profiled = results["mfu_layout"] if args.profile == "best" else args.profile
     if profiled in measured:
@@ -919,8 +943,8 @@ def main(argv=None) -> int:
         print(f"\npeak bf16 matmul {results['peak_tflops_measured']} TFLOP/s; best MFU {results['mfu']} "
               f"({results['mfu_layout']}); pairs/s of shared_prompt_flex / padded: "
               f"{results['shared_prompt_flex_vs_padded']}")
-    for name, check in results["flex_check"].items():
-        print(f"flex check {name}: {check}")
+    for name, check in results["attention_check"].items():
+        print(f"attention check {name}: {check}")
     head = results["lm_head"]
     print(f"LM head: {head['error']}" if "error" in head else
           f"LM head, {head['tokens']} tokens x {head['vocab']} vocab, forward + backward: " + ", ".join(
@@ -931,7 +955,7 @@ def main(argv=None) -> int:
               "attended pairs computed: " + ", ".join(f"{blocks['computed_pairs_over_attended']}x in blocks of "
                                                       f"{block}" for block, blocks in sweep["mask_blocks"].items())
               + f"; best {sweep.get('best')}")
-        for name, r in {**sweep["options"], **sweep["references"],
+        for name, r in {**sweep["options"], "varlen": sweep["varlen"], **sweep["references"],
                         **({"max_autotune": sweep["max_autotune"]} if "max_autotune" in sweep else {})}.items():
             print(f"  {name:<28} " + (f"fwd {r['forward_s'] * 1000:.1f} ms ({r['forward_tflops']} TFLOP/s), bwd "
                                       f"{(r['backward_s'] or 0) * 1000:.1f} ms ({r['backward_tflops']} TFLOP/s)"

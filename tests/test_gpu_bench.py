@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu.py"
-LAYOUTS = ("padded", "packed", "shared_prompt", "shared_prompt_flex", "packed_flex")
+LAYOUTS = ("padded", "packed", "shared_prompt", "shared_prompt_flex", "packed_flex", "shared_prompt_varlen")
 ATOL = 1e-4
 
 
@@ -34,7 +34,7 @@ def test_json_fields(toy_run):
     results, stdout = toy_run
     assert "toy-size smoke run" in stdout
     for key in ("device", "mfu", "shared_prompt_flex_vs_padded", "peak_tflops_measured", "timestamp", "versions",
-                "model", "data", "layouts", "flops_formula", "flex_check", "lm_head", "flex_sweep"):
+                "model", "data", "layouts", "flops_formula", "attention_check", "lm_head", "flex_sweep"):
         assert key in results, key
     assert results["device"] == "cpu" and results["mode"] == "toy" and results["complete"]
     # No GPU figure from a toy run.
@@ -60,23 +60,25 @@ def test_layouts_give_the_padded_losses(toy_run):
         for pair_id, (loss, chosen_reward, rejected_reward) in per_pair.items():
             assert all(math.isfinite(v) for v in (loss, chosen_reward, rejected_reward)), (name, pair_id)
             assert [loss, chosen_reward, rejected_reward] == pytest.approx(padded[pair_id], abs=ATOL), (name, pair_id)
-    # The flex layouts ran forward only: FlexAttention has no CPU backward.
+    # The flex layouts ran forward only: FlexAttention has no CPU backward (the varlen sequences have one).
     assert layouts["packed"]["backward"] and not layouts["packed_flex"]["backward"]
+    assert layouts["shared_prompt_varlen"]["backward"]
 
 
-def test_flex_matches_the_dense_mask(toy_run):
+def test_flex_and_varlen_match_the_dense_mask(toy_run):
     results, _ = toy_run
-    for name in ("shared_prompt_flex", "packed_flex"):
-        check = results["flex_check"][name]
+    assert set(results["attention_check"]) == {"shared_prompt_flex", "packed_flex", "shared_prompt_varlen"}
+    for name, check in results["attention_check"].items():
         assert check["answers_equal"], (name, check)
         assert check["max_abs_logp_diff"] <= ATOL, (name, check)
         assert check["pairs"] > 3  # several documents a row: the document masking is exercised
-        assert "max_grad_rel_diff" not in check  # FlexAttention has no CPU backward: no gradient figure
+        assert "max_grad_rel_diff" not in check  # gradients are compared on a GPU only
 
 
 def test_compiled_layouts_are_left_to_the_gpu(toy_run):
     results, _ = toy_run
-    for name in ("padded_compiled", "shared_prompt_flex_compiled", "shared_prompt_flex_compiled_tuned"):
+    for name in ("padded_compiled", "shared_prompt_flex_compiled", "shared_prompt_flex_compiled_tuned",
+                 "shared_prompt_varlen_compiled"):
         assert "GPU only" in results["layouts"][name]["skipped"]
 
 
@@ -100,6 +102,7 @@ def test_lm_head_and_flex_sweep_smoke(toy_run):
     assert blocks["64"]["computed_pairs_over_attended"] < blocks["128"]["computed_pairs_over_attended"]
     assert sweep["options"]["default"]["forward_s"] > 0 and sweep["options"]["default"]["backward_s"] is None
     assert set(sweep["references"]) == {"flex_causal", "sdpa_causal"}
+    assert sweep["varlen"]["forward_s"] > 0  # varlen.py's sequences on the same rows
 
 
 def test_toy_run_never_overwrites_the_gpu_results():

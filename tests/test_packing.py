@@ -14,14 +14,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tgdpo_ray import flex
+from tgdpo_ray import flex, varlen
 from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
 from tgdpo_ray.logprobs import (
     check_plain_lm_head,
     lm_head_token_logps,
     model_attention_mask,
     packed_token_logps,
-    runs_flex,
+    packed_attention,
     token_logps,
 )
 from tgdpo_ray.packing import PROMPT, pack_pairs, pack_rows, pair_span
@@ -29,17 +29,20 @@ from tgdpo_ray.packing import PROMPT, pack_pairs, pack_rows, pair_span
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager", "flex"])
+@pytest.fixture(scope="module", params=["sdpa", "eager", "flex", "varlen"])
 def model(request, tiny_model):
-    """The tiny model under each attention: the dense packed mask with SDPA or eager attention, or FlexAttention
-    (flex.py: a BlockMask for packed rows, SDPA for padded ones; forward only on the CPU)."""
+    """The tiny model under each attention: the dense packed mask with SDPA or eager attention, FlexAttention
+    (flex.py: a BlockMask for packed rows, SDPA for padded ones; forward only on the CPU), or the varlen sequences
+    (varlen.py: on the CPU through SDPA one sequence at a time, with a backward)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    implementation = "sdpa" if request.param == "flex" else request.param
+    implementation = "eager" if request.param == "eager" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=implementation)
     if request.param == "flex":
         flex.enable(model)
+    if request.param == "varlen":
+        varlen.enable(model)
     # A wider init than the default 0.02: the model's outputs then depend strongly on what each token attends to,
     # so a leak across documents shows up far above the tolerances below.
     with torch.no_grad():
@@ -147,6 +150,29 @@ def test_padding_attends_to_itself_alone():
     assert allowed[2].tolist()[:3] == [True, False, True]  # (its rejected token sees the prompt and itself)
 
 
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_attention_spans_are_the_mask(shared_prompt):
+    """varlen.py's sequences (each span's queries see its prefix and, causally, themselves) allow exactly what the
+    dense mask allows on the real tokens; the padding is in no span."""
+    batches = pack_pairs(make_pairs(11, 20, 500), 150, shared_prompt=shared_prompt, rows_per_batch=3)
+    assert any(len(batch.rows) > 3 for batch in batches)
+    for batch in batches:
+        rows, length = batch.input_ids.shape
+        from_spans = torch.zeros((rows, length, length), dtype=torch.bool)
+        for row, prefix_start, prefix_end, start, end in batch.attention_spans.tolist():
+            from_spans[row, start:end, prefix_start:prefix_end] = True
+            from_spans[row, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        real = torch.zeros((rows, length), dtype=torch.bool)
+        for row, _, _, start, end in batch.attention_spans.tolist():
+            real[row, start:end] = True
+        assert int(real.sum()) == batch.real_tokens  # every real token is a query of exactly one span
+        dense = batch.attention_mask[:, 0] & real[:, :, None] & real[:, None, :]
+        assert torch.equal(from_spans, dense)
+        plan = varlen.plan(batch, "cpu")
+        assert plan.query_index.tolist() == real.flatten().nonzero().flatten().tolist()  # in order, each once
+        assert plan.cu_query[-1] == batch.real_tokens and plan.cu_key[-1] == len(plan.key_index)
+
+
 def test_mask_forms_and_refusals():
     (batch,) = pack_pairs(make_pairs(9, 3, 500), 1000, shared_prompt=True)
     allowed = batch.attention_mask
@@ -200,21 +226,22 @@ def test_position_ids_mode_is_recognised_by_transformers():
 @pytest.mark.parametrize("shared_prompt,rows_per_batch", [(False, 1), (False, 3), (True, 1), (True, 3)])
 def test_packed_logps_equal_padded(model, shared_prompt, rows_per_batch):
     pairs = make_pairs(4, 24, model.config.vocab_size)
-    mask = "flex" if runs_flex(model) else "4d"  # as logprobs.answer_logps packs for this model
+    mask = "4d" if packed_attention(model) == "dense" else "flex"  # as logprobs.answer_logps packs for this model
     batches = pack_pairs(pairs, 180, shared_prompt=shared_prompt, rows_per_batch=rows_per_batch, mask=mask,
                          pad_id=model.config.pad_token_id)
     assert any(len(batch.rows) >= 3 for batch in batches)  # several pairs per batch
-    assert all((batch.attention_mask is None) == (mask == "flex") for batch in batches)  # no dense mask for flex
+    assert all((batch.attention_mask is None) == (mask == "flex") for batch in batches)  # no dense mask for these
     # FlexAttention rows are at least one 128-token block long (one kernel and one compiled graph for short ones).
     assert mask != "flex" or all(batch.input_ids.shape[1] >= 128 for batch in batches)
-    if mask == "flex":  # and enable() let dynamo keep a graph per shape class (past its default 8: unfused calls)
+    if packed_attention(model) == "flex":  # enable() let dynamo keep a graph per shape class (past 8: unfused)
         assert torch._dynamo.config.recompile_limit >= flex.RECOMPILE_LIMIT
     with torch.no_grad():
         for batch in batches:
             packed, packed_mask = packed_token_logps(model, batch, chunk_size=37)
             padded, padded_mask = padded_logps(model, batch.rows)
             assert torch.equal(packed_mask, padded_mask)
-            # FlexAttention's CPU math sums in another order: up to 1.3e-6 relative (1.05e-5 on a log-prob of -8).
+            # FlexAttention's CPU math and the varlen sequences sum in another order: up to 1.3e-6 relative (1.05e-5
+            # on a log-prob of -8).
             torch.testing.assert_close(packed, padded, atol=ATOL, rtol=1e-5 if mask == "flex" else 0)
             assert (packed[packed_mask] < 0).all()
 
@@ -225,12 +252,14 @@ def test_position_ids_mode_equals_padded(model):
         for batch in pack_pairs(pairs, 250, mask="position_ids"):
             packed, _ = packed_token_logps(model, batch)
             padded, _ = padded_logps(model, batch.rows)
-            torch.testing.assert_close(packed, padded, atol=ATOL, rtol=0)
+            # FlexAttention and the varlen sequences sum in another order (see above)
+            rtol = 1e-5 if packed_attention(model) != "dense" else 0
+            torch.testing.assert_close(packed, padded, atol=ATOL, rtol=rtol)
 
 
 @pytest.mark.parametrize("shared_prompt", [False, True])
 def test_packed_gradients_equal_padded(model, shared_prompt):
-    if runs_flex(model):
+    if packed_attention(model) == "flex":
         pytest.skip("FlexAttention has no CPU backward: bench/gpu.py compares its gradients on a GPU")
     pairs = make_pairs(6, 16, model.config.vocab_size)
     batches = pack_pairs(pairs, 200, shared_prompt=shared_prompt, rows_per_batch=2, pad_id=model.config.pad_token_id)
@@ -255,7 +284,7 @@ def test_flex_mask_blocks_of_64_equal_padded(tiny_model, monkeypatch):
     gives the same log-probs (the blocks it skips hold no attended pair) and skips the padding but its diagonal."""
     from transformers import AutoModelForCausalLM
 
-    from tgdpo_ray.logprobs import packed_attention_mask
+    from tgdpo_ray.logprobs import packed_attention_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
     flex.enable(model)
@@ -265,7 +294,7 @@ def test_flex_mask_blocks_of_64_equal_padded(tiny_model, monkeypatch):
     with torch.no_grad():
         for batch in pack_pairs(pairs, 180, shared_prompt=True, rows_per_batch=3, mask="flex",
                                 pad_id=model.config.pad_token_id):
-            assert packed_attention_mask(model, batch, "cpu").BLOCK_SIZE == (64, 64)
+            assert packed_attention_inputs(model, batch, "cpu")["attention_mask"].BLOCK_SIZE == (64, 64)
             packed, packed_mask = packed_token_logps(model, batch, chunk_size=37)
             padded, padded_mask = padded_logps(model, batch.rows)
             assert torch.equal(packed_mask, padded_mask)
@@ -296,11 +325,13 @@ def shifted(ids, model):
 
 def leaky(batch):
     """The same batch with a plain causal mask over each whole row: what a missing document mask would do. Dense:
-    the causal mask itself; FlexAttention: one document and one segment per row, which its rule makes causal."""
-    length = batch.input_ids.shape[1]
-    causal = torch.ones((length, length), dtype=torch.bool).tril().expand(batch.input_ids.shape[0], 1, -1, -1)
+    the causal mask itself; FlexAttention: one document and one segment per row, which its rule makes causal;
+    varlen: one sequence per row."""
+    rows, length = batch.input_ids.shape
+    causal = torch.ones((length, length), dtype=torch.bool).tril().expand(rows, 1, -1, -1)
     return dataclasses.replace(batch, attention_mask=causal, document=torch.zeros_like(batch.document),
-                               segment=torch.full_like(batch.segment, PROMPT))
+                               segment=torch.full_like(batch.segment, PROMPT),
+                               attention_spans=torch.tensor([(row, 0, 0, 0, length) for row in range(rows)]))
 
 
 @pytest.mark.parametrize("shared_prompt", [False, True])
@@ -439,8 +470,9 @@ def test_fused_head_memory_does_not_grow_with_tokens_times_vocab():
 @pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-3 goes through the unfused head (module call)
 def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process_group, tiny_model, zero_stage):
     """micro_batch_loss through a real DeepSpeed engine (ZeRO-2, and ZeRO-3 with its partitioned weights), TGDPO
-    with reference and guidance log-probs from the data: padded vs packed vs shared prompt, with the dense mask,
-    (losses only) with FlexAttention, and with the decoder layers compiled (training.compile) and checkpointed."""
+    with reference and guidance log-probs from the data: padded vs packed vs shared prompt, with the dense mask, the
+    varlen sequences, (losses only) FlexAttention, and with the decoder layers compiled (training.compile) and
+    checkpointed."""
     import numpy as np
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoConfig
@@ -456,13 +488,16 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
             length = len(row[f"{side}_ids"])
             row[f"ref_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
             row[f"guidance_{side}_logps"] = rng.normal(-3.0, 1.0, length).astype(np.float32)
-    # (layout, decoder layers compiled): the trainer's compiled layers once, on ZeRO-2 (ZeRO-3 refuses them), with
-    # gradient checkpointing as well (the two together: each checkpointed layer's recompute runs the compiled one).
-    variants = [("padded", False), ("packed", False), ("shared_prompt", False)]
+    # (layout, decoder layers compiled, attention in packed rows): the trainer's compiled layers once, on ZeRO-2
+    # (ZeRO-3 refuses them), with gradient checkpointing as well (the two together: each checkpointed layer's
+    # recompute runs the compiled one); the varlen sequences through both engines (their plan is a keyword argument
+    # that must reach the layers through ZeRO-3's module call).
+    variants = [("padded", False, "dense"), ("packed", False, "dense"), ("shared_prompt", False, "dense"),
+                ("shared_prompt", False, "varlen")]
     if zero_stage == 2:
-        variants.append(("shared_prompt", True))
+        variants.append(("shared_prompt", True, "dense"))
     results, flex_losses = {}, {}
-    for packing, compiled in variants:
+    for packing, compiled, attention in variants:
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model, "zero_stage": zero_stage},
                                "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
                                "training": {"packing": packing, "packed_row_tokens": 64, "compile": compiled,
@@ -476,24 +511,28 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
         engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=1, world_size=1)
         if zero_stage == 3:  # the weights really are partitioned: only a module call can see them
             assert all(param.numel() == 0 for param in engine.module.parameters())
-        assert runs_flex(engine) is False  # training.attention auto: the dense mask on the CPU
+        assert packed_attention(engine) == "dense"  # training.attention auto: the dense mask on the CPU
+        if attention == "varlen":
+            varlen.enable(engine.module)
+            assert packed_attention(engine) == "varlen"
         assert all((layer._compiled_call_impl is not None) == compiled for layer in engine.module.model.layers)
         assert engine.module.is_gradient_checkpointing == compiled
         engine.train()  # as train_step: checkpointed layers recompute in train mode only (dropout is off)
         out, tokens = micro_batch_loss(engine, rows, config, build_loss(config.loss), pad_id=0,
                                        device=torch.device("cpu"))
         engine.backward(out.losses.sum())
-        results[packing, compiled] = (out.losses.detach().clone(), tokens,
-                                      [safe_get_full_grad(param).clone() for param in engine.module.parameters()])
-        if packing != "padded" and not compiled:  # FlexAttention through the same engine, forward only (no CPU
-            flex.enable(engine.module)              # backward)
-            assert runs_flex(engine)
+        results[packing, compiled, attention] = (out.losses.detach().clone(), tokens, [
+            safe_get_full_grad(param).clone() for param in engine.module.parameters()])
+        if packing != "padded" and not compiled and attention == "dense":  # FlexAttention through the same engine,
+            flex.enable(engine.module)                                      # forward only (no CPU backward)
+            assert packed_attention(engine) == "flex"
             with torch.no_grad():
-                flex_losses[packing, compiled] = micro_batch_loss(engine, rows, config, build_loss(config.loss),
-                                                                  pad_id=0, device=torch.device("cpu"))[0].losses
-    losses, padded_tokens, grads = results["padded", False]
+                flex_out, _ = micro_batch_loss(engine, rows, config, build_loss(config.loss), pad_id=0,
+                                               device=torch.device("cpu"))
+                flex_losses[packing, compiled, attention] = flex_out.losses
+    losses, padded_tokens, grads = results["padded", False, "dense"]
     assert any(grad.abs().max() > 0 for grad in grads)
-    assert set(flex_losses) == {("packed", False), ("shared_prompt", False)}
+    assert set(flex_losses) == {("packed", False, "dense"), ("shared_prompt", False, "dense")}
     for variant in variants[1:]:
         other_losses, tokens, other_grads = results[variant]
         torch.testing.assert_close(other_losses, losses, atol=ATOL, rtol=1e-4)

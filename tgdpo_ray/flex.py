@@ -135,6 +135,17 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+def refuse_unsupported(module, dropout: float, kwargs: dict, attention: str) -> None:
+    """What some models ask of their attention beyond the mask, which the packed rows' `attention` does not apply:
+    refused rather than silently left out."""
+    if dropout > 0:
+        raise ValueError(f"{attention} here runs without attention dropout: turn it off (policy.disable_dropout)")
+    asked = [name for name in ("softcap", "s_aux", "sliding_window") if kwargs.get(name) is not None]
+    if asked:
+        raise ValueError(f"{type(module).__name__} asks its attention for {', '.join(asked)}, which the packed rows' "
+                         f"{attention} does not apply: use training.packing padded (the model's own masks)")
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention signature: query [B, H, L, D], key and value [B, H_kv, L, D]; returns the output as
     [B, L, H, D] and no weights."""
@@ -143,13 +154,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if dropout > 0:
-        raise ValueError("FlexAttention here runs without attention dropout: turn it off (policy.disable_dropout)")
-    # What some models ask of their attention beyond the mask: refused rather than silently left out.
-    asked = [name for name in ("softcap", "s_aux", "sliding_window") if kwargs.get(name) is not None]
-    if asked:
-        raise ValueError(f"{type(module).__name__} asks its attention for {', '.join(asked)}, which the packed rows' "
-                         "FlexAttention does not apply: use training.packing padded (the model's own masks)")
+    refuse_unsupported(module, dropout, kwargs, "FlexAttention")
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads & (heads - 1):  # FlexAttention's grouped-query path wants a power-of-two head count
         key = key.repeat_interleave(heads // kv_heads, dim=1)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from tgdpo_ray import flex
+from tgdpo_ray import flex, varlen
 from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs, to_device
 from tgdpo_ray.packing import PackedBatch, pack_pairs, pair_span
 
@@ -222,21 +222,27 @@ def model_attention_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> t
                      "with flash_attention_2 pack with mask='position_ids' (shared_prompt=False)")
 
 
-def runs_flex(model) -> bool:
-    """Whether `model` (or the DeepSpeed engine around it) runs under flex.ATTENTION: its packed rows then take a
-    BlockMask, built from document ids, instead of the dense mask."""
-    return getattr(getattr(model, "module", model).config, "_attn_implementation", None) == flex.ATTENTION
+def packed_attention(model) -> str:
+    """How `model` (or the DeepSpeed engine around it) attends in packed rows: "flex" under flex.ATTENTION (a
+    BlockMask), "varlen" under varlen.ATTENTION (FlashAttention's varlen kernel), else "dense" (the [R, 1, L, L]
+    mask). The first two pack without the dense mask (mask="flex")."""
+    name = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
+    return {flex.ATTENTION: "flex", varlen.ATTENTION: "varlen"}.get(name, "dense")
 
 
-def packed_attention_mask(model, batch: PackedBatch, device):
-    """What the model's attention takes for a packed batch: a BlockMask under flex.ATTENTION, else the dense mask
-    in the implementation's form, or None for a batch packed with mask="position_ids"."""
-    if runs_flex(model):
-        return flex.block_mask(batch, device, flex.model_setting(model)["mask_block"])
+def packed_attention_inputs(model, batch: PackedBatch, device) -> dict:
+    """The model's attention inputs for a packed batch: a BlockMask under flex.ATTENTION, a VarlenPlan under
+    varlen.ATTENTION, else the dense mask in the implementation's form, or none for mask="position_ids"."""
+    attention = packed_attention(model)
+    if attention == "flex":
+        return {"attention_mask": flex.block_mask(batch, device, flex.model_setting(model)["mask_block"])}
+    if attention == "varlen":
+        return varlen.model_inputs(batch, device)
     if batch.attention_mask is None:
-        return None
+        return {"attention_mask": None}
     # ZeRO-3's partitioned weights are empty placeholders: the dtype comes from the model there.
-    return model_attention_mask(to_device(batch.attention_mask, device), model.config, model.dtype)
+    return {"attention_mask": model_attention_mask(to_device(batch.attention_mask, device), model.config,
+                                                   model.dtype)}
 
 
 def check_plain_lm_head(config) -> None:
@@ -262,10 +268,9 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
     check_plain_lm_head(model.config)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
-    attention_mask = packed_attention_mask(model, batch, device)
     # use_cache=False: with a cache, transformers would not look for packed documents in the position ids.
     inputs = {"input_ids": to_device(batch.input_ids, device), "position_ids": to_device(batch.position_ids, device),
-              "attention_mask": attention_mask, "use_cache": False}
+              **packed_attention_inputs(model, batch, device), "use_cache": False}
     source = to_device(batch.source_index, device)
     targets = to_device(batch.target_ids, device)
     if zero3_engine is None:
@@ -312,6 +317,6 @@ def answer_logps(model, rows: Sequence, layout: str, packed_row_tokens: int, chu
         return token_logps(logits, labels, chunk_size), labels != IGNORE_INDEX
     shared_prompt = layout == "shared_prompt"
     width = max([packed_row_tokens] + [pair_span(row, shared_prompt) for row in rows])
-    mask = "flex" if runs_flex(model) else "4d"
+    mask = "4d" if packed_attention(model) == "dense" else "flex"
     (batch,) = pack_pairs(rows, width, shared_prompt, rows_per_batch=len(rows), mask=mask, pad_id=pad_id)
     return packed_token_logps(getattr(model, "module", model), batch, chunk_size, zero3_engine)

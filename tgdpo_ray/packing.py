@@ -23,7 +23,8 @@ Attention masks, one rule (may_attend): causal, within a document, and never a r
   complete. SDPA takes it as a boolean mask; eager attention adds the mask to the scores, so
   logprobs.model_attention_mask turns it into an additive one there. Its cost grows with L^2 whatever the documents.
 - mask="flex": no dense mask; the batch carries each position's document and segment ids, from which flex.py builds
-  a FlexAttention BlockMask, whose kernel skips the blocks no query of a document may see.
+  a FlexAttention BlockMask, whose kernel skips the blocks no query of a document may see, and its attention spans,
+  from which varlen.py runs FlashAttention's variable-length kernel.
 - mask="position_ids" (shared_prompt=False, one row per batch): no mask at all; transformers finds the documents where
   the position ids restart (flash_attention_2 then runs varlen kernels; sdpa and eager build the block mask).
 """
@@ -60,6 +61,11 @@ class PackedBatch:
     grid_shape: tuple[int, int]  # (2n, W): the shape of collate_pairs(rows)["labels"]
     rows: list  # the n pairs of this batch, in grid order; pass these to values_to_grid / grid_to_values
     real_tokens: int  # tokens of the documents (the padding excluded)
+    # [S, 5] long, one row per attention sequence, (row, prefix_start, prefix_end, start, end): the queries at columns
+    # [start, end) of that row attend causally to the keys [prefix_start, prefix_end) + [start, end). A document is
+    # one sequence without a prefix; in the shared layout a pair is two, prompt + chosen, and rejected with the
+    # prompt as its prefix. The padding is in none.
+    attention_spans: torch.Tensor
 
     def to(self, device) -> PackedBatch:
         tensors = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -174,7 +180,7 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
     position_ids = torch.zeros((len(row_indices), length), dtype=torch.long)
     document = torch.zeros((len(row_indices), length), dtype=torch.long)
     segment = torch.full((len(row_indices), length), PROMPT, dtype=torch.long)
-    source, targets, grid_rows, grid_cols = [], [], [], []
+    source, targets, grid_rows, grid_cols, attention_spans = [], [], [], [], []
 
     for r, row in enumerate(row_indices):
         offset, doc = 0, 0
@@ -213,12 +219,14 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
                 # Positions as if chosen were absent: rejected continues right after the prompt.
                 first = place(rejected, p, REJECTED)
                 score(rejected, first, start + p - 1, n + k, p)
+                attention_spans += [(r, start, start, start, first), (r, start, start + p, first, offset)]
                 doc += 1
             else:
                 for answer, part, grid_row in ((chosen, CHOSEN, k), (rejected, REJECTED, n + k)):
                     start = place(prompt, 0, PROMPT)
                     first = place(answer, p, part)
                     score(answer, first, start + p - 1, grid_row, p)
+                    attention_spans.append((r, start, start, start, offset))
                     doc += 1
         # Each padding position is a one-token document: it attends to itself alone (a query with nothing to attend
         # to would make NaNs in SDPA), and FlexAttention computes no more of the padding than its diagonal blocks.
@@ -240,4 +248,5 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
         grid_shape=(2 * n, width),
         rows=[pairs[i] for i in batch_pairs],
         real_tokens=sum(spans),
+        attention_spans=torch.tensor(attention_spans, dtype=torch.long),
     )

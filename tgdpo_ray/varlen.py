@@ -1,0 +1,176 @@
+"""Variable-length attention for the packed layouts: FlashAttention's varlen kernel on the documents of packed rows.
+
+FlexAttention (flex.py) evaluates the packing rule in every block where two documents meet, and on the H100 its
+kernels ran at a third of SDPA's FlashAttention speed. Here no mask is evaluated at all: each packed row is cut into
+attention sequences (packing.PackedBatch.attention_spans), and FlashAttention's variable-length kernel runs each one
+causally. A document is one sequence. In the shared layout a pair is two: prompt + chosen, and the rejected answer,
+whose keys are the prompt's followed by its own (the prompt's keys and values are gathered twice; its queries are
+computed once). The kernel aligns a causal mask to the bottom right when a sequence has more keys than queries, so
+rejected token i sees the whole prompt and rejected tokens 0..i: exactly packing.may_attend. The padding is in no
+sequence; its outputs are zeros.
+
+The models run it through transformers' attention interface as ATTENTION. A packed batch reaches the layers as a
+VarlenPlan in the keyword argument PLAN_ARGUMENT (transformers hands keyword arguments down to the attention
+function), with an empty 4D tensor as attention_mask, which transformers passes through without building a mask;
+inputs without a plan (padded rows) go to SDPA with their own mask. On CUDA the kernel is torch's
+torch.nn.attention.varlen.varlen_attn (torch 2.9 and later; bf16 or fp16); elsewhere the same sequences run through
+SDPA one by one (slow, exact, with a backward: the CPU tests train through it).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import NamedTuple
+
+import torch
+
+from tgdpo_ray.batches import to_device
+from tgdpo_ray.flex import RECOMPILE_LIMIT, refuse_unsupported
+from tgdpo_ray.packing import PackedBatch
+
+ATTENTION = "tgdpo_varlen"  # the attn_implementation name our models run under
+PLAN_ARGUMENT = "tgdpo_varlen_plan"  # the model keyword argument that carries a packed batch's VarlenPlan
+
+
+class VarlenPlan(NamedTuple):
+    """A packed batch's attention sequences as the varlen kernel takes them, on the model's device."""
+
+    query_index: torch.Tensor  # [Tq] flat position (row * L + column) of each query, sequence after sequence
+    key_index: torch.Tensor  # [Tk] flat position of each key, sequence after sequence (prefix first)
+    cu_query: torch.Tensor  # [S + 1] int32: where each sequence's queries start in query_index
+    cu_key: torch.Tensor  # [S + 1] int32: where each sequence's keys start in key_index
+    max_query: int  # the longest sequence's queries
+    max_key: int  # and keys
+
+
+def concatenated_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """arange(starts[0], starts[0] + lengths[0]), arange(starts[1], ...), ... concatenated, without a Python loop."""
+    offsets = torch.cumsum(lengths, 0) - lengths
+    return torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
+
+
+def cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
+
+
+def plan(batch: PackedBatch, device) -> VarlenPlan:
+    """The VarlenPlan of a batch packed with mask="flex" (built on the host, copied without blocking)."""
+    row, prefix_start, prefix_end, start, end = batch.attention_spans.unbind(1)
+    base = row * batch.input_ids.shape[1]
+    query_lengths, prefix_lengths = end - start, prefix_end - prefix_start
+    key_starts = torch.stack([prefix_start, start], 1).flatten() + base.repeat_interleave(2)
+    key_lengths = torch.stack([prefix_lengths, query_lengths], 1).flatten()
+    return VarlenPlan(
+        query_index=to_device(concatenated_ranges(start + base, query_lengths), device),
+        key_index=to_device(concatenated_ranges(key_starts, key_lengths), device),
+        cu_query=to_device(cumulative(query_lengths), device),
+        cu_key=to_device(cumulative(prefix_lengths + query_lengths), device),
+        max_query=int(query_lengths.max()),
+        max_key=int((prefix_lengths + query_lengths).max()),
+    )
+
+
+def model_inputs(batch: PackedBatch, device) -> dict:
+    """The attention inputs of a packed batch for a model under ATTENTION: the plan, and an empty 4D mask that
+    transformers' mask builder passes through as it is (it would build a [R, 1, L, L] mask from nothing)."""
+    rows = batch.input_ids.shape[0]
+    return {"attention_mask": torch.empty((rows, 1, 0, 0), dtype=torch.bool, device=device),
+            PLAN_ARGUMENT: plan(batch, device)}
+
+
+# torch's varlen_attn and the keywords this torch spells a causal, grouped-query call with; set by enable() for a
+# model on CUDA, so that a compiled decoder layer finds them in a global instead of tracing a signature lookup.
+FLASH: dict = {}
+
+
+def enable(model) -> None:
+    """Run `model` (a Hugging Face model on its device, before any DeepSpeed wrapping) under ATTENTION."""
+    import torch._dynamo as dynamo
+
+    global FLASH
+    register()
+    model.set_attn_implementation(ATTENTION)
+    # Under compiled layers each micro-batch's sequence count and longest sequence are new to the graph at first.
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if model.device.type == "cuda":
+        FLASH = flash_call()
+
+
+@functools.cache
+def register() -> None:
+    """Teach transformers the name: our attention function, and SDPA's mask for padded rows."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention signature: query [B, H, L, D], key and value [B, H_kv, L, D]; returns the output as
+    [B, L, H, D] and no weights."""
+    varlen_plan = kwargs.pop(PLAN_ARGUMENT, None)
+    if varlen_plan is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    refuse_unsupported(module, dropout, kwargs, "variable-length attention")
+    rows, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    # [B, H, L, D] -> one row of tokens [B * L, H, D] -> the sequences' queries, and their keys and values.
+    flat_query = query.transpose(1, 2).reshape(rows * length, heads, head_dim)
+    flat_query = flat_query.index_select(0, varlen_plan.query_index)
+    flat_key, flat_value = (states.transpose(1, 2).reshape(rows * length, kv_heads, head_dim)
+                            .index_select(0, varlen_plan.key_index) for states in (key, value))
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    run = flash_varlen if query.device.type == "cuda" else sdpa_varlen
+    attended = run(flat_query, flat_key, flat_value, varlen_plan, scale)
+    output = query.new_zeros(rows * length, heads, head_dim).index_copy(0, varlen_plan.query_index, attended)
+    return output.view(rows, length, heads, head_dim), None
+
+
+def flash_call() -> dict:
+    """varlen_attn and its keywords for a causal call with grouped-query heads, as this torch spells them: is_causal
+    in torch 2.9 and 2.10, window_size (-1, 0) since; enable_gqa where it is asked for (the kernel itself takes
+    fewer key heads than query heads)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as error:
+        raise RuntimeError(f"variable-length attention needs torch 2.9 or later (torch.nn.attention.varlen); this "
+                           f"is torch {torch.__version__}: use training.attention flex or dense") from error
+    parameters = inspect.signature(varlen_attn).parameters
+    options = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    if "enable_gqa" in parameters:
+        options["enable_gqa"] = True
+    return {"function": varlen_attn, "options": options, "takes_scale": "scale" in parameters}
+
+
+def flash_varlen(query, key, value, varlen_plan: VarlenPlan, scale: float) -> torch.Tensor:
+    """FlashAttention's varlen kernel: query [Tq, H, D], key and value [Tk, H_kv, D] -> [Tq, H, D]."""
+    if query.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"FlashAttention's varlen kernel takes bf16 or fp16, not {query.dtype}: set the model's "
+                         "precision to bf16")
+    found = FLASH or flash_call()
+    options = dict(found["options"])
+    if found["takes_scale"]:
+        options["scale"] = scale
+    elif abs(scale - query.shape[-1] ** -0.5) > 1e-12:
+        raise RuntimeError(f"this torch's varlen_attn takes no scale, and the model asks for {scale}")
+    return found["function"](query, key, value, varlen_plan.cu_query, varlen_plan.cu_key, varlen_plan.max_query,
+                             varlen_plan.max_key, **options)
+
+
+def sdpa_varlen(query, key, value, varlen_plan: VarlenPlan, scale: float) -> torch.Tensor:
+    """The same as flash_varlen, one sequence at a time through SDPA with the kernel's causal mask (aligned to the
+    bottom right: query i of q sees keys 0 .. i + k - q)."""
+    cu_query, cu_key = varlen_plan.cu_query.tolist(), varlen_plan.cu_key.tolist()
+    outputs = []
+    for q_from, q_to, k_from, k_to in zip(cu_query, cu_query[1:], cu_key, cu_key[1:]):
+        q, k, v = (states.transpose(0, 1) for states in (query[q_from:q_to], key[k_from:k_to], value[k_from:k_to]))
+        allowed = torch.ones(q_to - q_from, k_to - k_from, dtype=torch.bool, device=query.device).tril(
+            (k_to - k_from) - (q_to - q_from))
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=scale, enable_gqa=k.shape[0] != q.shape[0]).transpose(0, 1))
+    return torch.cat(outputs)
