@@ -328,7 +328,8 @@ def run_pass(model, batches: list, packing: str, row_tokens: int, device, backwa
 
 def host_packing_seconds(batches: list, packing: str, attention: str, row_tokens: int, pad_id: int) -> float:
     """CPU time to build one pass's model inputs alone, no model: the packed SDPA layouts build their dense
-    [R, 1, L, L] mask on the host, which can rival the GPU's time; the flex layouts build [R, L] ids."""
+    [R, 1, L, L] mask on the host, which can rival the GPU's time; the flex layouts build [R, L] ids, and the
+    varlen layouts their sequences' indices too."""
     shared = packing == "shared_prompt"
     started = time.perf_counter()
     for rows in batches:
@@ -336,8 +337,10 @@ def host_packing_seconds(batches: list, packing: str, attention: str, row_tokens
             collate_pairs(rows, pad_id)
         else:
             width = max([row_tokens] + [pair_span(row, shared) for row in rows])
-            pack_pairs(rows, width, shared, rows_per_batch=len(rows), mask="4d" if attention == "sdpa" else "flex",
-                       pad_id=pad_id)
+            (batch,) = pack_pairs(rows, width, shared, rows_per_batch=len(rows),
+                                  mask="4d" if attention == "sdpa" else "flex", pad_id=pad_id)
+            if attention == "varlen":
+                varlen.plan(batch, "cpu")
     return time.perf_counter() - started
 
 
