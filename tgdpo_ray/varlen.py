@@ -13,8 +13,9 @@ The models run it through transformers' attention interface as ATTENTION. A pack
 VarlenPlan in the keyword argument PLAN_ARGUMENT (transformers hands keyword arguments down to the attention
 function), with an empty 4D tensor as attention_mask, which transformers passes through without building a mask;
 inputs without a plan (padded rows) go to SDPA with their own mask. On CUDA the kernel is torch's
-torch.nn.attention.varlen.varlen_attn (torch 2.9 and later; bf16 or fp16); elsewhere the same sequences run through
-SDPA one by one (slow, exact, with a backward: the CPU tests train through it).
+torch.nn.attention.varlen.varlen_attn (torch 2.9 and later; bf16 or fp16; it takes fewer key and value heads than
+query heads, as grouped-query models have); elsewhere the same sequences run through SDPA one by one (slow, exact,
+with a backward: the CPU tests train through it).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class VarlenPlan(NamedTuple):
 def concatenated_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """arange(starts[0], starts[0] + lengths[0]), arange(starts[1], ...), ... concatenated, without a Python loop."""
     offsets = torch.cumsum(lengths, 0) - lengths
-    return torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
+    return torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()), device=starts.device)
 
 
 def cumulative(lengths: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,8 @@ def model_inputs(batch: PackedBatch, device) -> dict:
             PLAN_ARGUMENT: plan(batch, device)}
 
 
-# torch's varlen_attn and the keywords this torch spells a causal, grouped-query call with; set by enable() for a
-# model on CUDA, so that a compiled decoder layer finds them in a global instead of tracing a signature lookup.
+# torch's varlen_attn and how this torch spells its keywords, set by enable(): a compiled decoder layer then finds
+# them in a global instead of tracing an import and a signature lookup. Empty where this torch has no varlen_attn.
 FLASH: dict = {}
 
 
@@ -93,8 +94,10 @@ def enable(model) -> None:
     model.set_attn_implementation(ATTENTION)
     # Under compiled layers each micro-batch's sequence count and longest sequence are new to the graph at first.
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    if model.device.type == "cuda":
+    try:
         FLASH = flash_call()
+    except RuntimeError:
+        FLASH = {}  # the CPU path needs none; a CUDA call raises flash_call's error then
 
 
 @functools.cache
@@ -132,19 +135,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 
 def flash_call() -> dict:
-    """varlen_attn and its keywords for a causal call with grouped-query heads, as this torch spells them: is_causal
-    in torch 2.9 and 2.10, window_size (-1, 0) since; enable_gqa where it is asked for (the kernel itself takes
-    fewer key heads than query heads)."""
+    """varlen_attn and how this torch spells a causal call: is_causal in its first version, window_size (-1, 0)
+    since (torch 2.11 has window_size); enable_gqa where the signature has it (torch 2.12 and later refuse fewer key
+    heads without it; the kernel has always taken them)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as error:
         raise RuntimeError(f"variable-length attention needs torch 2.9 or later (torch.nn.attention.varlen); this "
                            f"is torch {torch.__version__}: use training.attention flex or dense") from error
     parameters = inspect.signature(varlen_attn).parameters
-    options = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
-    if "enable_gqa" in parameters:
-        options["enable_gqa"] = True
-    return {"function": varlen_attn, "options": options, "takes_scale": "scale" in parameters}
+    causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    return {"function": varlen_attn, "causal": causal, "takes_scale": "scale" in parameters,
+            "takes_gqa": "enable_gqa" in parameters}
 
 
 def flash_varlen(query, key, value, varlen_plan: VarlenPlan, scale: float) -> torch.Tensor:
@@ -153,7 +155,9 @@ def flash_varlen(query, key, value, varlen_plan: VarlenPlan, scale: float) -> to
         raise ValueError(f"FlashAttention's varlen kernel takes bf16 or fp16, not {query.dtype}: set the model's "
                          "precision to bf16")
     found = FLASH or flash_call()
-    options = dict(found["options"])
+    options = dict(found["causal"])
+    if found["takes_gqa"] and key.shape[1] != query.shape[1]:
+        options["enable_gqa"] = True
     if found["takes_scale"]:
         options["scale"] = scale
     elif abs(scale - query.shape[-1] ** -0.5) > 1e-12:
