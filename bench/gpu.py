@@ -17,10 +17,11 @@ math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks 
 kernel options, next to a plain causal mask and SDPA's causal kernel); the sweep's finite winner runs as the *_tuned
 layout.
 
-Plain torch + transformers: it imports tgdpo_ray.packing, .flex, .batches, .logprobs, .losses and .models only
-(no ray, deepspeed, vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
-smoke test: it checks that every layout gives the padded layout's losses and that FlexAttention gives the dense
-mask's log-probs, and measures nothing. On a GPU it also compares FlexAttention's gradients with the dense mask's.
+Plain torch + transformers: it imports tgdpo_ray.packing, .flex, .varlen, .batches, .logprobs, .losses and .models
+only (no ray, deepspeed, vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
+smoke test: it checks that every layout gives the padded layout's losses and that FlexAttention and the varlen
+sequences give the dense mask's log-probs, and measures nothing. On a GPU it also compares their gradients with the
+dense mask's.
 Writes a JSON (--out) and prints a table.
 
     python3 bench/gpu.py [--out bench/results/gpu.json] [--pairs 128] [--max-tokens 16384] [--row-tokens 2048]

@@ -1,5 +1,6 @@
 """bench/gpu.py's toy-size smoke run (CPU, fp32): its JSON has the fields, every layout gives the padded layout's
-per-pair losses and rewards (the same objective), and FlexAttention's BlockMask gives the dense mask's log-probs."""
+per-pair losses and rewards (the same objective), and FlexAttention's BlockMask and the varlen sequences give the
+dense mask's log-probs."""
 
 from __future__ import annotations
 
