@@ -913,10 +913,10 @@ def main(argv=None) -> int:
         if not toy and "shared_prompt_flex" in measured:  # a toy run's speeds mean nothing
             results["shared_prompt_flex_vs_padded"] = results["pairs_per_s_vs_padded"]["shared_prompt_flex"]
 
-    # FlexAttention and varlen against the dense mask, once per packing and attention measured (fp32 in the toy
-    # run: must agree to 1e-4; bf16 on the GPU: for scale).
+    # FlexAttention and varlen against the dense mask, once per packing and attention asked for, uncompiled: also
+    # where its layout failed, as a diagnosis (fp32 in the toy run: must agree to 1e-4; bf16 on the GPU: for scale).
     results["attention_check"] = {}
-    for packing, attention in sorted({LAYOUTS[name][:2] for name in measured if LAYOUTS[name][1] != "sdpa"}):
+    for packing, attention in sorted({LAYOUTS[name][:2] for name in layouts if LAYOUTS[name][1] != "sdpa"}):
         if time.perf_counter() - started > args.budget_s + 30:
             break
         try:
