@@ -56,7 +56,7 @@ def cumulative(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def plan(batch: PackedBatch, device) -> VarlenPlan:
-    """The VarlenPlan of a batch packed with mask="flex" (built on the host, copied without blocking)."""
+    """The VarlenPlan of a packed batch (built on the host from its attention spans, copied without blocking)."""
     row, prefix_start, prefix_end, start, end = batch.attention_spans.unbind(1)
     base = row * batch.input_ids.shape[1]
     query_lengths, prefix_lengths = end - start, prefix_end - prefix_start
