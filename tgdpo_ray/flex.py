@@ -100,14 +100,24 @@ def model_setting(model) -> dict:
     return setting(model.dtype, head_dim)
 
 
+def run_model_under(model, name: str, forward) -> None:
+    """Run `model` under our attention `name` (flex.py's and varlen.py's): transformers learns `forward` for the
+    name, and SDPA's mask for the inputs it builds a mask for (padded rows); dynamo may keep RECOMPILE_LIMIT graphs
+    per function."""
+    import torch._dynamo as dynamo
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+
 def enable(model) -> None:
     """Run `model` (a Hugging Face model on its device, before any DeepSpeed wrapping) under ATTENTION."""
-    import torch._dynamo as dynamo
-
     global SETTINGS
-    register()
-    model.set_attn_implementation(ATTENTION)
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    run_model_under(model, ATTENTION, attention_forward)
     if model.device.type == "cuda":
         SETTINGS = dict(MEASURED_SETTINGS.get(torch.cuda.get_device_capability(model.device), {}))
 
@@ -117,16 +127,6 @@ def enable_for(model, packing: str, attention: str, device: torch.device, traini
     (padded rows keep their own padding mask), FlexAttention where use_flex says so."""
     if packing != "padded" and use_flex(attention, device, training):
         enable(model)
-
-
-@functools.cache
-def register() -> None:
-    """Teach transformers the name: our attention function, and SDPA's mask for inputs that are not a BlockMask."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, attention_forward)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 @functools.cache

@@ -20,14 +20,13 @@ with a backward: the CPU tests train through it).
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import NamedTuple
 
 import torch
 
 from tgdpo_ray.batches import to_device
-from tgdpo_ray.flex import RECOMPILE_LIMIT, refuse_unsupported
+from tgdpo_ray.flex import refuse_unsupported, run_model_under
 from tgdpo_ray.packing import PackedBatch
 
 ATTENTION = "tgdpo_varlen"  # the attn_implementation name our models run under
@@ -87,27 +86,12 @@ FLASH: dict = {}
 
 def enable(model) -> None:
     """Run `model` (a Hugging Face model on its device, before any DeepSpeed wrapping) under ATTENTION."""
-    import torch._dynamo as dynamo
-
     global FLASH
-    register()
-    model.set_attn_implementation(ATTENTION)
-    # Under compiled layers each micro-batch's sequence count and longest sequence are new to the graph at first.
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    run_model_under(model, ATTENTION, attention_forward)
     try:
         FLASH = flash_call()
     except RuntimeError:
         FLASH = {}  # the CPU path needs none; a CUDA call raises flash_call's error then
-
-
-@functools.cache
-def register() -> None:
-    """Teach transformers the name: our attention function, and SDPA's mask for padded rows."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, attention_forward)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
