@@ -92,6 +92,13 @@ def test_tgdpo_needs_a_guidance_model(raw):
     assert build_config(raw, overrides=["loss.type=dpo"]).loss.type == "dpo"
 
 
+def test_restarts_after_failures_need_checkpoints(raw):
+    raw["training"] = {"keep_checkpoints": 0, "max_failures": 2}
+    message = error_of(raw)
+    assert "training" in message and "keep_checkpoints 0 saves none" in message
+    assert build_config(raw, overrides=["training.max_failures=0"]).training.keep_checkpoints == 0
+
+
 def test_prompt_limit_must_leave_room_for_answers(raw):
     raw["data"].update(max_length=64, max_prompt_length=64)
     assert "max_prompt_length (64) must be smaller than max_length (64)" in error_of(raw)

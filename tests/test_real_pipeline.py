@@ -15,7 +15,9 @@ from tgdpo_ray.verifiable import write_verifiable_data
 def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, smollm2, tmp_path):
     data = write_verifiable_data(str(tmp_path / "data"), train_prompts=8, heldout_prompts=2, seed=0)
     # One epoch of one step: the reference is scored while the trainer starts (stream) rather than ahead (cache).
+    # No checkpoints: each would hold 1.5 GB of fp32 weights and AdamW moments, on machines with little disk.
     overrides = [f"run.output_dir={tmp_path}", "scoring.mode=stream", f"policy.model={smollm2}",
+                 "training.keep_checkpoints=0",
                  f"pairs.prompts={data['prompts']}", "pairs.max_new_tokens=32", "training.epochs=1",
                  "training.max_steps=1", f"eval.questions.path={data['questions']}", f"eval.models.0.path={smollm2}",
                  "eval.generation.max_new_tokens=16"]
@@ -37,6 +39,7 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
     for stage in ("dpo", "tgdpo"):
         report = json.loads((run_dir / stage / "data_report.json").read_text())
         assert report["train"]["rows_read"] == len(pairs), report
+        assert (run_dir / stage / "model").is_dir() and not list((run_dir / stage).glob("checkpoints/*/step-*"))
     placements = [json.loads(p.read_text()) for p in (run_dir / "tgdpo" / "placement").glob("guidance-*.json")]
     assert placements, "the tgdpo stage ran a guidance pool"
     assert yaml.safe_load((run_dir / "tgdpo" / "config.yaml").read_text())["guidance"]["model"] == \

@@ -29,6 +29,9 @@ def make_job(tiny_model, demo_data, tmp_path_factory):
                          "gradient_accumulation_steps": 2, "checkpoint_every": 3, "keep_checkpoints": 2},
             "policy": {"model": tiny_model, "zero_stage": 2, "workers": 2},
             "reference": {"batch_size": 8},
+            # Scored once, into a cache every run here reads: stream mode would start a scorer pool for each epoch
+            # of each run (6 s each on 2 cores). Resume sees the same pairs in the same order either way.
+            "scoring": {"mode": "cache", "cache_dir": str(root / "cache")},
         }
         return build_config(raw, overrides=list(overrides))
 

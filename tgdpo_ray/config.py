@@ -183,7 +183,8 @@ class TrainingSection(Section):
                                                                "ends only (and at max_steps)")
     eval_every: int = Field(default=0, ge=0, description="optimizer steps between held-out evaluations; 0: at "
                                                          "epoch ends only")
-    keep_checkpoints: int = Field(default=2, gt=0, description="the newest K complete checkpoints are kept")
+    keep_checkpoints: int = Field(default=2, ge=0, description="the newest K complete checkpoints are kept; 0: "
+                                  "none is saved (a stopped run started again starts over)")
     checkpoint_hf_export: bool = Field(default=False, description="also write each checkpoint's policy in "
                                                                   "Hugging Face format (<checkpoint>/hf)")
     max_steps: Optional[int] = Field(default=None, gt=0, description="stop after this many optimizer steps, with "
@@ -193,6 +194,13 @@ class TrainingSection(Section):
                                                             "the last checkpoint (-1: any)")
     probe: Optional[ProbeSection] = Field(default=None, description="a metric of the policy itself, recorded every "
                                           "few steps in metrics.jsonl (records with a `probe` key); null: none")
+
+    @model_validator(mode="after")
+    def _restarts_need_checkpoints(self) -> "TrainingSection":
+        if self.max_failures != 0 and self.keep_checkpoints == 0:
+            raise ValueError("max_failures restarts the workers from the last checkpoint, and keep_checkpoints 0 "
+                             "saves none: set keep_checkpoints >= 1 or max_failures 0")
+        return self
 
 
 Precision = Literal["auto", "bf16", "fp32"]

@@ -169,7 +169,7 @@ def run_train(config: JobConfig, log=print) -> dict:
         # Ray Train stores the checkpoints, keeps the newest few and hands the latest to restarted workers and
         # to a new run of the same job (checkpoints.py).
         run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
+                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints or None),
                              failure_config=FailureConfig(max_failures=config.training.max_failures)),
     )
     log(f"[run] {config.loss.type} on {policy.workers} policy worker(s), ZeRO-{policy.zero_stage}, "

@@ -347,7 +347,8 @@ def train_loop(loop_config: dict) -> None:
         def hf_export(folder: Path) -> None:
             save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
 
-        save_checkpoint(engine, asdict(state), rank, hf_export if training.checkpoint_hf_export else None)
+        if training.keep_checkpoints:  # 0: the run saves none
+            save_checkpoint(engine, asdict(state), rank, hf_export if training.checkpoint_hf_export else None)
         return state.step
 
     @functools.cache
@@ -419,8 +420,8 @@ def train_loop(loop_config: dict) -> None:
             if saved_step != state.step:
                 saved_step = checkpoint()
             if rank == 0:
-                print(f"[train] stopped at max_steps {training.max_steps}; run the same job again to resume",
-                      flush=True)
+                again = "to resume" if training.keep_checkpoints else "and it starts over (keep_checkpoints 0)"
+                print(f"[train] stopped at max_steps {training.max_steps}; run the same job again {again}", flush=True)
             break
         if has_eval and state.last_eval_step != state.step:
             state.last_eval, state.last_eval_step = held_out(), state.step
