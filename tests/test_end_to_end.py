@@ -66,7 +66,7 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
     prompt) -> simpo (1 worker, ZeRO-0, padded, gradient checkpointing). Scorers use their run's layout."""
     root = tmp_path_factory.mktemp("runs")
     train = root / "train-with-bad-rows.jsonl"
-    # 256 of the demo's pairs (three epochs are plenty to see the loss fall), then the bad rows.
+    # 256 of the demo's pairs (two epochs are plenty to see the loss fall), then the bad rows.
     pairs = demo_data["train"].read_text().splitlines(keepends=True)[:256]
     train.write_text("".join(pairs) + "".join(json.dumps(row) + "\n" for row in BAD_ROWS))
 
