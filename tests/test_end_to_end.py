@@ -19,6 +19,7 @@ import torch
 
 from conftest import local_pairs, planned_step_ids, trained_pair_ids
 from tgdpo_ray.config_loader import build_config
+from tgdpo_ray.jsonl import read_records
 from tgdpo_ray.run import run_train
 
 EPOCHS = 2
@@ -118,11 +119,17 @@ def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
     policy_gpus = [r["gpu_ids"][0] for r in records if r["role"] == "policy"]
     scorer_gpus = {r["gpu_ids"][0] for r in records if r["role"] != "policy"}
     assert len(set(policy_gpus)) == 2 and not set(policy_gpus) & scorer_gpus
-    # Scorer pools are rebuilt for each epoch and for the held-out set, so a scorer GPU may be reused over time
-    # by another scorer; while the trainers run they never share theirs.
     pids = {role: {r["pid"] for r in records if r["role"] == role} for role in roles}
     assert not (pids["policy"] & pids["reference"]) and not (pids["policy"] & pids["guidance"])
     assert not (pids["reference"] & pids["guidance"])
+    # One pool per scorer (replicas: 1) served the whole run: it scored the held-out pairs once and the training
+    # pairs once per epoch, in one actor that loaded its model once.
+    report = json.loads((config.run_dir / "data_report.json").read_text())
+    for role in ("reference", "guidance"):
+        assert len(pids[role]) == 1
+        scored = sum(record["pairs"] for path in (config.run_dir / "scoring").glob(f"{role}-*.jsonl")
+                     for record in read_records(path))
+        assert scored == report["eval"]["rows_kept"] + EPOCHS * report["train"]["rows_kept"]
     # training.attention auto on logical GPUs that are CPUs: the packed rows' dense mask (SDPA), not FlexAttention.
     assert {r["attention"] for r in records if r["role"] != "policy"} == {"sdpa"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tgdpo_ray.checkpoints import checkpoint_storage
+from tgdpo_ray.checkpoints import checkpoint_storage, resumed_epoch
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.pipeline import stage_config
 from tgdpo_ray.run import run_train
@@ -65,10 +65,15 @@ def uninterrupted(ray_cluster, make_job):
 
 def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninterrupted):
     full_config, full = uninterrupted
-    stopped = run_train(make_job("resumed", "training.max_steps=3"))
-    assert stopped["steps"] == 3 and stopped["complete"] is False
+    # Stopped one step into the second epoch: the resumed run's stream starts with that epoch.
+    stop_at = sum(record["epoch"] == 0 for record in train_records(full_config.run_dir)) + 1
+    stopped = run_train(make_job("resumed", f"training.max_steps={stop_at}"))
+    assert stopped["steps"] == stop_at and stopped["complete"] is False
 
     config = make_job("resumed")
+    latest = json.loads((max(checkpoints_folder(config).glob("step-*")) / "state.json").read_text())
+    assert resumed_epoch(config) == latest["epoch"] == 1  # read from Ray Train's record of the checkpoints
+    assert resumed_epoch(make_job("never-run")) == 0
     started = time.time()
     resumed = run_train(config)  # the same command again
     assert resumed["complete"] and resumed["steps"] == full["steps"]
@@ -81,7 +86,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
 
     records = train_records(config.run_dir)
     assert [r["step"] for r in records] == list(range(1, full["steps"] + 1))  # no step logged twice
-    assert [r["step"] for r in records if r["time"] < started] == [1, 2, 3]  # resumed, not trained again
+    assert [r["step"] for r in records if r["time"] < started] == list(range(1, stop_at + 1))  # not trained again
     for epoch in (0, 1):  # every pair once per epoch, by id
         assert sorted(i for r in records if r["epoch"] == epoch for i in r["pair_ids"]) == list(range(64))
     # keep_checkpoints: only the newest two checkpoints remain.

@@ -14,7 +14,7 @@ from tgdpo_ray.batches import pack_by_token_budget
 from tgdpo_ray.config import TrainingSection
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.run import run_train
-from tgdpo_ray.steps import StepShare, epoch_order, in_epoch_order, plan_steps
+from tgdpo_ray.steps import HELD_OUT, StepShare, StreamParts, epoch_order, in_epoch_order, plan_steps
 
 PAIRS = 12
 
@@ -33,6 +33,20 @@ def test_each_epoch_has_its_own_seeded_order_and_file_order_without_shuffle():
     assert orders[(0, 0)] != ids
     rows = rows_of_lengths([5] * 10)
     assert [row["pair_id"] for row in in_epoch_order(rows[::-1], 0, 3, shuffle=False)] == list(range(10))
+
+
+def test_rank_0_reads_the_stream_part_by_part_and_past_the_parts_it_no_longer_needs():
+    stream = [{"part": part, "pair_id": pair_id} for part, pair_id in
+              [(HELD_OUT, 7), (HELD_OUT, 8), (0, 2), (0, 1), (1, 1), (1, 2), (2, 2), (2, 1)]]
+    parts = StreamParts(iter(stream))
+    assert [row["pair_id"] for row in parts.rows_of(HELD_OUT)] == [7, 8]
+    # Workers restarted in epoch 1 read past epoch 0, and a part left half read is read past in turn.
+    assert [row["pair_id"] for row in parts.rows_of(1)] == [1, 2]
+    epoch_2 = parts.rows_of(2)
+    assert next(epoch_2)["pair_id"] == 2
+    assert list(parts.rows_of(3)) == []  # the stream has ended
+    with pytest.raises(RuntimeError, match="no part 0 .*part 1"):  # a stream started after the checkpoint's epoch
+        StreamParts(iter(stream[4:])).rows_of(0)
 
 
 def test_a_step_deals_its_micro_batches_round_robin_at_most_accumulation_each():

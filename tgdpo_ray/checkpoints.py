@@ -101,3 +101,18 @@ def load_checkpoint(engine, rank: int) -> Optional[tuple[str, dict]]:
         if rng_file.exists():  # absent when the worker count changed: the seeds then start afresh
             restore_rng(torch.load(rng_file, weights_only=False))
         return checkpoint.path, json.loads((folder / STATE_FILE).read_text())
+
+
+def resumed_epoch(config: JobConfig) -> int:
+    """The epoch that the run's latest checkpoint goes on in, 0 when it has none: the trainers' stream starts
+    there, so that a resumed run scores no pair of the epochs it finished. Read from Ray Train's record of the
+    run's checkpoints, the same record that hands the latest one to the workers."""
+    from ray.train import Result
+
+    storage, name = checkpoint_storage(config)
+    filesystem, path = resolve_filesystem(storage)
+    try:
+        result = Result.from_path(f"{path.rstrip('/')}/{name}", storage_filesystem=filesystem)
+    except RuntimeError:  # no run folder, or no record of its checkpoints yet
+        return 0
+    return int(result.metrics["epoch"]) if result.checkpoint is not None else 0

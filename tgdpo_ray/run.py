@@ -17,7 +17,7 @@ from tgdpo_ray.config_loader import dump_config
 from tgdpo_ray.data_pass import TokenizedSplit, tokenize_split
 from tgdpo_ray.errors import UserError
 from tgdpo_ray.models import check_models_agree, load_tokenizer
-from tgdpo_ray.steps import epoch_dataset, epoch_order, epoch_shape
+from tgdpo_ray.steps import HELD_OUT, STREAM, epoch_order, epoch_shape
 
 
 class RunError(UserError, RuntimeError):
@@ -60,39 +60,50 @@ def epoch_orders(split: TokenizedSplit, config: JobConfig) -> list[np.ndarray]:
             for epoch in range(config.training.epochs)]
 
 
-def epoch_streams(split: TokenizedSplit, orders: list[np.ndarray], config: JobConfig, pad_id: int,
-                  log=print) -> dict:
-    """One scored dataset per epoch, each in its epoch's order: streamed pairs enter the scorers in that order;
-    cached pairs are scored once and sorted into it."""
+def training_stream(train: TokenizedSplit, held_out: TokenizedSplit | None, orders: list[np.ndarray],
+                    first_epoch: int, config: JobConfig, pad_id: int, log=print):
+    """The one scored dataset the trainers read, in the order they read it: the held-out pairs (part HELD_OUT),
+    then each epoch's pairs from `first_epoch` on, each in its epoch's order (part = the epoch). In stream mode
+    one pool per scorer scores it all, started once for the whole run (a pool per epoch would leave the trainers
+    waiting for its models to load at every epoch); cache mode reads the cached scores (scoring into the cache
+    first what is missing). None when there is nothing left to read (a finished run started again)."""
     from tgdpo_ray.scoring import scored_dataset
 
-    cached = scored_pairs(split, config, pad_id, log) if reads_cache(config) else None
-    streams = {}
-    for epoch, order in enumerate(orders):
-        if cached is None:
-            ordered = in_order(split.pairs, split, order)
-            streams[epoch_dataset(epoch)] = scored_dataset(ordered, len(split), config, pad_id)
-        else:
-            streams[epoch_dataset(epoch)] = in_order(cached, split, order, by_id=False)
-    return streams
+    cache = reads_cache(config)
+    parts = []
+    if held_out:
+        held_out_pairs = scored_pairs(held_out, config, pad_id, log) if cache else held_out.pairs
+        parts.append(with_part(held_out_pairs, held_out, HELD_OUT, np.arange(len(held_out))))
+    if first_epoch < len(orders):
+        train_pairs = scored_pairs(train, config, pad_id, log) if cache else train.pairs
+        parts += [with_part(train_pairs, train, epoch, orders[epoch]) for epoch in range(first_epoch, len(orders))]
+    if not parts:
+        return None
+    # One sort orders every part (an all-to-all over the cluster, run before the trainers start).
+    every_part = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]  # Ray's union of one fails
+    ordered = every_part.sort(["part", "place"]).drop_columns(["place"])
+    if cache:
+        # Sorted now, while no trainer holds a CPU: only the scorer pools compute while training runs.
+        return ordered.materialize()
+    rows = (len(held_out) if held_out else 0) + len(train) * (len(orders) - first_epoch)
+    return scored_dataset(ordered, rows, config, pad_id)
 
 
-def in_order(dataset, split: TokenizedSplit, order: np.ndarray, by_id: bool = True):
-    """`dataset` (pairs of `split`) in the order `order`. A dataset already by pair id needs no sort in file
-    order; otherwise a `place` column is added and Ray Data sorts by it (an all-to-all over the cluster)."""
-    if by_id and np.array_equal(order, np.arange(len(order))):
-        return dataset
+def with_part(dataset, split: TokenizedSplit, part: int, order: np.ndarray):
+    """`dataset` (the pairs of `split`) with a `part` column and a `place` column: each pair's place in the
+    order `order` (indexes into split.pair_ids, as steps.epoch_order gives them)."""
     places = np.empty(len(order), dtype=np.int64)
     places[order] = np.arange(len(order))  # the place of the pair at each index of split.pair_ids
-    return dataset.map_batches(partial(with_places, ids=split.pair_ids, places=places),
-                               batch_format="pyarrow").sort("place")
+    return dataset.map_batches(partial(add_part, ids=split.pair_ids, part=part, places=places),
+                               batch_format="pyarrow")
 
 
-def with_places(table, ids: np.ndarray, places: np.ndarray):
-    """Adds each pair's place in the epoch's order (a `place` column) to a block of pairs; `ids` sorted."""
+def add_part(table, ids: np.ndarray, part: int, places: np.ndarray):
+    """Adds the part and each pair's place in it to a block of pairs; `ids` sorted."""
     import pyarrow as pa
 
     index = np.searchsorted(ids, table["pair_id"].to_numpy())
+    table = table.append_column("part", pa.array(np.full(len(index), part, dtype=np.int64)))
     return table.append_column("place", pa.array(places[index]))
 
 
@@ -130,7 +141,7 @@ def run_train(config: JobConfig, log=print) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tgdpo_ray.checkpoints import checkpoint_storage, delete_checkpoints
+    from tgdpo_ray.checkpoints import checkpoint_storage, delete_checkpoints, resumed_epoch
     from tgdpo_ray.training import train_loop
 
     run_dir = config.run_dir
@@ -143,17 +154,18 @@ def run_train(config: JobConfig, log=print) -> dict:
     total_steps = sum(epoch_shape(train.lengths, order, training, config.policy.workers).steps for order in orders)
 
     check_fits(training_groups(config))
-    datasets = epoch_streams(train, orders, config, pad_id, log)
-    if held_out:
-        datasets["eval"] = scored_pairs(held_out, config, pad_id, log)
     if not config.run.resume:
         delete_checkpoints(config)
+    first_epoch = resumed_epoch(config)
+    if first_epoch:
+        log(f"[run] the latest checkpoint goes on in epoch {first_epoch}: the stream starts there")
+    stream = training_stream(train, held_out, orders, first_epoch, config, pad_id, log)
     storage_path, name = checkpoint_storage(config)
     policy = config.policy
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "has_eval": held_out is not None,
-                           "total_steps": total_steps},
+                           "total_steps": total_steps, "first_epoch": first_epoch},
         scaling_config=ScalingConfig(
             num_workers=policy.workers,
             use_gpu=policy.gpus_per_worker > 0,
@@ -162,8 +174,8 @@ def run_train(config: JobConfig, log=print) -> dict:
             label_selector=policy.node_labels or None,
         ),
         torch_config=TorchConfig(backend=torch_backend(config)),
-        datasets=datasets,
-        # No dataset is split: rank 0 alone reads each one and deals every step's micro-batches to the workers
+        datasets={STREAM: stream} if stream is not None else {},
+        # The stream is not split: rank 0 alone reads it and deals every step's micro-batches to the workers
         # (steps.py), so which pairs train in which step depends on the seed and the data, never on timing.
         dataset_config=DataConfig(datasets_to_split=[]),
         # Ray Train stores the checkpoints, keeps the newest few and hands the latest to restarted workers and

@@ -1,7 +1,7 @@
 """Which pairs train in which optimizer step, and on which worker.
 
 Every epoch visits the pairs in an order drawn from (run.seed, epoch) (training.shuffle; file order when off).
-Rank 0 reads the epoch's scored stream in that order, cuts it into token-budget micro-batches and deals each
+Rank 0 reads the run's scored stream (each epoch in its order), cuts it into token-budget micro-batches and deals each
 optimizer step's micro-batches to the workers: worker w gets micro-batches w, w + W, w + 2W, ... of the step, at
 most gradient_accumulation_steps of them. The plan is a function of the data, the seed and the config alone,
 never of timing: a rerun trains the same pairs in the same steps, and a resumed run continues the plan of the
@@ -11,7 +11,7 @@ run it resumes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
+from itertools import groupby, islice
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -21,10 +21,27 @@ from tgdpo_ray.batches import MicroBatchSize, cut_by_token_budget, pack_by_token
 from tgdpo_ray.config import TrainingSection
 
 
-def epoch_dataset(epoch: int) -> str:
-    """The name under which the trainers find an epoch's scored stream (one dataset per epoch, each in its
-    own order)."""
-    return f"train-epoch-{epoch}"
+# The name under which the trainers find the run's one scored stream (run.training_stream): the held-out pairs,
+# then every epoch's pairs in the epoch's order, each row tagged with its part: HELD_OUT, or the epoch.
+STREAM = "scored"
+HELD_OUT = -1
+
+
+class StreamParts:
+    """Rank 0's reader of the scored stream: the rows of one part after another. Parts before the one asked
+    for are read past (a run whose workers restarted after a failure reads the stream again from its start)."""
+
+    def __init__(self, rows: Iterable[dict]):
+        self.groups = groupby(rows, key=lambda row: int(row["part"]))
+
+    def rows_of(self, part: int) -> Iterator[dict]:
+        for key, group in self.groups:
+            if key == part:
+                return group
+            if key > part:
+                raise RuntimeError(f"the scored stream has no part {part} (it went on with part {key}): the "
+                                   "driver started it later than the checkpoint the workers resumed from")
+        return iter(())
 
 
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

@@ -8,7 +8,6 @@ and however its pairs fell on the workers (train_step).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from tgdpo_ray.logprobs import answer_logps
 from tgdpo_ray.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, LossOutput, build_loss, finalize_metrics, metric_sums
 from tgdpo_ray.models import (compile_decoder_layers, disable_dropout, load_causal_lm, load_tokenizer,
                               resolve_dtype)
-from tgdpo_ray.steps import StepShare, deal_step, epoch_dataset, plan_steps
+from tgdpo_ray.steps import HELD_OUT, STREAM, StepShare, StreamParts, deal_step, plan_steps
 from tgdpo_ray.tracking import MetricsLog, ScorerThroughput, memory_metrics
 
 SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
@@ -351,14 +350,16 @@ def train_loop(loop_config: dict) -> None:
             save_checkpoint(engine, asdict(state), rank, hf_export if training.checkpoint_hf_export else None)
         return state.step
 
-    @functools.cache
-    def held_out_rows() -> Optional[list]:
-        """Rank 0 keeps the scored held-out pairs from the first evaluation on: stream mode would score them
-        again at every one."""
-        return list(ray.train.get_dataset_shard("eval").iter_rows()) if rank == 0 else None
+    # Rank 0 alone reads the scored stream: the held-out pairs first, which it keeps for every evaluation, then
+    # the epochs. A finished run started again has nothing to read.
+    rows = parts = held_out_rows = None
+    if rank == 0 and (has_eval or state.epoch < training.epochs):
+        rows = Waited(ray.train.get_dataset_shard(STREAM).iter_rows())
+        parts = StreamParts(rows)
+        held_out_rows = list(parts.rows_of(HELD_OUT)) if has_eval else None
 
     def held_out() -> dict:
-        metrics = evaluate(engine, held_out_rows(), config, loss, pad_id, device, rank, world_size)
+        metrics = evaluate(engine, held_out_rows, config, loss, pad_id, device, rank, world_size)
         log.write({"step": state.step, "epoch": state.epoch, "eval": metrics}, eval_line(state, metrics))
         return metrics
 
@@ -379,12 +380,11 @@ def train_loop(loop_config: dict) -> None:
     stopped, saved_step = False, state.step  # a resumed run starts from a checkpoint of its step
     for epoch in range(state.epoch, training.epochs):
         state.epoch = epoch
-        plan = rows = None
+        plan = None
         if rank == 0:  # only rank 0 reads data; it deals every step's micro-batches to the workers
             done = set(state.epoch_pairs_done)  # a resumed epoch goes on where its checkpoint left it
-            rows = Waited(row for row in ray.train.get_dataset_shard(epoch_dataset(epoch)).iter_rows()
-                          if int(row["pair_id"]) not in done)
-            plan = plan_steps(rows, training, world_size)
+            plan = plan_steps((row for row in parts.rows_of(epoch) if int(row["pair_id"]) not in done),
+                              training, world_size)
         while True:
             if training.max_steps and state.step >= training.max_steps:
                 stopped = True
