@@ -252,6 +252,24 @@ def test_a_node_label_or_resource_nobody_has_fails_at_once(ray_cluster, tiny_mod
         run_train(custom)
 
 
+def test_an_error_of_ours_in_a_training_worker_reaches_the_user_as_its_own_message(ray_cluster, tiny_model,
+                                                                                     demo_data, tmp_path):
+    from tgdpo_ray.run import RunError
+
+    # FlexAttention asked for on a worker given a (logical) GPU that turns out to run on CPU: the config cannot
+    # tell, the worker refuses it as it loads the model (no scorer: simpo).
+    raw = {"run": {"name": "flex-on-cpu", "output_dir": str(tmp_path)},
+           "data": {"train": {"path": str(demo_data["train"]), "limit": 16}, "max_length": 64,
+                    "max_prompt_length": 32},
+           "loss": {"type": "simpo"}, "training": {"packing": "packed", "attention": "flex"},
+           "policy": {"model": tiny_model, "gpus_per_worker": 1}}
+    with pytest.raises(RunError) as raised:
+        run_train(build_config(raw))
+    message = str(raised.value)
+    assert message.startswith("training run 'flex-on-cpu' failed on worker 0: training.attention flex: FlexAttention "
+                              "has no backward on cpu"), message
+    assert "Traceback" not in message and "\n" not in message
+
 
 def test_report_plots_and_summarises_a_run(runs, tmp_path, capsys):
     from tgdpo_ray.cli import main

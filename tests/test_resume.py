@@ -3,13 +3,14 @@ same steps as a run that was never interrupted, ends with its weights, and train
 exactly once. Checkpoints go through Ray Train's storage: the run folder by default, or run.checkpoint_storage."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tgdpo_ray.checkpoints import checkpoint_storage, resumed_epoch
+from tgdpo_ray.checkpoints import CheckpointSpaceError, checkpoint_storage, local_storage, require_space, resumed_epoch
 from tgdpo_ray.config_loader import build_config
 from tgdpo_ray.pipeline import stage_config
 from tgdpo_ray.run import run_train
@@ -155,3 +156,17 @@ def test_checkpoints_go_to_the_run_folder_or_to_the_configured_storage(make_job,
     assert checkpoint_storage(remote) == ("s3://bucket/ckpt", "stored")
     # A pipeline's stages keep their checkpoints under its name, as their run folders are.
     assert checkpoint_storage(stage_config(remote, "dpo")) == ("s3://bucket/ckpt/stored", "dpo")
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_the_save_starts(make_job, tmp_path):
+    folder = tmp_path / "not-made-yet" / "run"  # Ray makes the run's folder at its first save: its disk counts
+    require_space(folder, 0, "checkpoint step-1")
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CheckpointSpaceError, match=rf"checkpoint step-1 needs about .* GiB in {folder}, whose disk "
+                                                   r"has .* GiB free: .*TMPDIR.*training.keep_checkpoints"):
+        require_space(folder, free + 2**40, "checkpoint step-1")
+    # The free space of local storage is checked too; object storage has none to check.
+    config = make_job("where")
+    assert local_storage(config) == config.run_dir / "checkpoints" / "where"
+    assert local_storage(make_job("where", f"run.checkpoint_storage=file://{tmp_path}")) == tmp_path / "where"
+    assert local_storage(make_job("where", "run.checkpoint_storage=s3://bucket/runs")) is None

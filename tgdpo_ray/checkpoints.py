@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +27,7 @@ import torch
 
 from tgdpo_ray.cache import resolve_filesystem
 from tgdpo_ray.config import JobConfig
+from tgdpo_ray.errors import UserError
 
 STATE_FILE = "state.json"
 
@@ -66,13 +68,24 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, state: dict, rank: int, also_write: Optional[Callable[[Path], None]] = None) -> None:
+class CheckpointSpaceError(UserError, RuntimeError):
+    """A checkpoint that cannot fit on its disk, refused before the save starts."""
+
+
+def save_checkpoint(engine, state: dict, rank: int, also_write: Optional[Callable[[Path], None]] = None,
+                    expected_bytes: int = 0, storage: Optional[Path] = None) -> int:
     """A collective call: every worker saves its DeepSpeed shard and RNG, rank 0 the state of the loop (with the
     ids of the pairs of its epoch already trained), and `also_write(folder)` adds what else every checkpoint holds
-    (the Hugging Face export); then every worker reports its folder to Ray Train, which copies it to storage."""
+    (the Hugging Face export); then every worker reports its folder to Ray Train, which copies it to storage.
+
+    Free space is checked first: in the temporary folder for `expected_bytes` (this worker's previous checkpoint;
+    at least AdamW's moments of its share of the weights), then in `storage`, when local, for what was written.
+    Returns the bytes this worker wrote."""
     import ray.train
 
     name = checkpoint_name(state)
+    what = f"checkpoint {name} (worker {rank}'s part)"
+    require_space(Path(tempfile.gettempdir()), max(expected_bytes, least_checkpoint_bytes(engine, rank)), what)
     with tempfile.TemporaryDirectory(prefix="tgdpo-checkpoint-") as staging:
         engine.save_checkpoint(staging, tag=name, save_latest=False)
         folder = Path(staging) / name
@@ -81,9 +94,42 @@ def save_checkpoint(engine, state: dict, rank: int, also_write: Optional[Callabl
             (folder / STATE_FILE).write_text(json.dumps(state))
         if also_write is not None:
             also_write(folder)
+        written = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        if storage is not None:
+            require_space(storage, written, what)
         # Returns once this worker's files are in storage; the checkpoint counts when every worker's are.
         ray.train.report({"step": state["step"], "epoch": state["epoch"]},
                          checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+    return written
+
+
+def least_checkpoint_bytes(engine, rank: int) -> int:
+    """A lower bound of what this worker's checkpoint holds: AdamW's two fp32 moments of its share of the
+    trainable weights (ZeRO 1-3 split them over the workers; without ZeRO rank 0 saves them all)."""
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    if engine.zero_optimization_stage() == 0:
+        return 8 * trainable if rank == 0 else 0
+    return 8 * trainable // engine.dp_world_size
+
+
+def require_space(folder: Path, needed: int, what: str) -> None:
+    """Refuses a save that cannot fit before it starts: a disk that fills half-way fails deep inside DeepSpeed or
+    pyarrow, with a message that names neither the checkpoint nor the folder."""
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise CheckpointSpaceError(
+            f"{what} needs about {needed / 2**30:.2f} GiB in {folder}, whose disk has {free / 2**30:.2f} GiB free: "
+            "free some space, move the temporary folder (TMPDIR) or run.checkpoint_storage to a larger disk, or "
+            "lower training.keep_checkpoints (0 saves none)")
+
+
+def local_storage(config: JobConfig) -> Optional[Path]:
+    """The run's checkpoint folder when its storage is a local path (None for object storage)."""
+    storage, name = checkpoint_storage(config)
+    if "://" in storage and not storage.startswith("file://"):
+        return None
+    return Path(storage.removeprefix("file://")).expanduser().resolve() / name
 
 
 def load_checkpoint(engine, rank: int) -> Optional[tuple[str, dict]]:

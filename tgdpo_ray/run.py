@@ -165,7 +165,7 @@ def run_train(config: JobConfig, log=print) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "has_eval": held_out is not None,
-                           "total_steps": total_steps, "first_epoch": first_epoch},
+                           "total_steps": total_steps, "has_stream": stream is not None},
         scaling_config=ScalingConfig(
             num_workers=policy.workers,
             use_gpu=policy.gpus_per_worker > 0,
@@ -190,8 +190,19 @@ def run_train(config: JobConfig, log=print) -> dict:
     try:
         trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; surface its message, keep the chain
-        raise RunError(f"training run {config.run.name!r} failed: {err}") from err
+        raise RunError(f"training run {config.run.name!r} failed{worker_error(err)}") from err
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def worker_error(err: Exception) -> str:
+    """What a failed run says after its name: the first failed worker's own message when it is one of ours (a
+    UserError says what to change), else Ray's whole message with the workers' tracebacks."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", failure)  # a RayTaskError carries the exception raised in the task
+        if isinstance(cause, UserError):
+            return f" on worker {rank}: {cause}"
+    return f": {err}"

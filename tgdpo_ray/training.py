@@ -12,10 +12,11 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from tgdpo_ray import flex
 from tgdpo_ray.batches import SCORED_KINDS, SCORED_PREFIXES, packed_tokens, pair_batch, score_columns
-from tgdpo_ray.checkpoints import load_checkpoint, save_checkpoint
+from tgdpo_ray.checkpoints import load_checkpoint, local_storage, save_checkpoint
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import JobConfig
 from tgdpo_ray.config_loader import import_function
@@ -127,6 +128,33 @@ class Waited:
     def take_seconds(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
         return seconds
+
+
+def read_ahead(rows) -> Iterator[dict]:
+    """`rows`, the first of which is asked for at once in a thread: the scored stream starts, and its scorer pools
+    load their models, while this worker loads the policy and builds its engine, rather than after."""
+    rows = iter(rows)
+    first: dict = {}
+
+    def fetch() -> None:
+        try:
+            first["row"] = next(rows)
+        except BaseException as err:  # re-raised in the reader's thread (StopIteration: an empty stream)
+            first["error"] = err
+
+    thread = threading.Thread(target=fetch, name="read-ahead", daemon=True)
+    thread.start()
+
+    def all_rows() -> Iterator[dict]:
+        thread.join()
+        if isinstance(first.get("error"), StopIteration):
+            return
+        if "error" in first:
+            raise first["error"]
+        yield first["row"]
+        yield from rows
+
+    return all_rows()
 
 
 def micro_batch_loss(model, rows: list, config: JobConfig, loss: Loss, pad_id: int, device) -> tuple[LossOutput, int]:
@@ -329,6 +357,11 @@ def train_loop(loop_config: dict) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     seed_everything(config.run.seed + rank)
     device = pick_device()
+    # Rank 0 alone reads the scored stream (a finished run started again has none): the held-out pairs first,
+    # which it keeps for every evaluation, then the epochs.
+    stream = None
+    if rank == 0 and loop_config["has_stream"]:
+        stream = read_ahead(ray.train.get_dataset_shard(STREAM).iter_rows())
 
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
     pad_id = tokenizer.pad_token_id
@@ -342,19 +375,24 @@ def train_loop(loop_config: dict) -> None:
     scorer_throughput = ScorerThroughput(run_dir)
     started = time.perf_counter()
 
+    storage = local_storage(config)
+    checkpoint_bytes = 0  # this worker's previous checkpoint: what the next needs on disk
+
     def checkpoint() -> int:
+        nonlocal checkpoint_bytes
+
         def hf_export(folder: Path) -> None:
             save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
 
         if training.keep_checkpoints:  # 0: the run saves none
-            save_checkpoint(engine, asdict(state), rank, hf_export if training.checkpoint_hf_export else None)
+            checkpoint_bytes = save_checkpoint(engine, asdict(state), rank,
+                                               hf_export if training.checkpoint_hf_export else None,
+                                               expected_bytes=checkpoint_bytes, storage=storage)
         return state.step
 
-    # Rank 0 alone reads the scored stream: the held-out pairs first, which it keeps for every evaluation, then
-    # the epochs. A finished run started again has nothing to read.
     rows = parts = held_out_rows = None
-    if rank == 0 and (has_eval or state.epoch < training.epochs):
-        rows = Waited(ray.train.get_dataset_shard(STREAM).iter_rows())
+    if stream is not None:
+        rows = Waited(stream)
         parts = StreamParts(rows)
         held_out_rows = list(parts.rows_of(HELD_OUT)) if has_eval else None
 
