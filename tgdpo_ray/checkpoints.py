@@ -159,6 +159,6 @@ def resumed_epoch(config: JobConfig) -> int:
     filesystem, path = resolve_filesystem(storage)
     try:
         result = Result.from_path(f"{path.rstrip('/')}/{name}", storage_filesystem=filesystem)
-    except RuntimeError:  # no run folder, or no record of its checkpoints yet
-        return 0
+    except (RuntimeError, OSError):  # no run folder or record yet, or a storage Ray Train will report on itself
+        return 0  # a stream from the first epoch: right whatever the workers resume from, only slower
     return int(result.metrics["epoch"]) if result.checkpoint is not None else 0
