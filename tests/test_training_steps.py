@@ -3,6 +3,7 @@ weighs the same however the step is cut into micro-batches and dealt to workers;
 (gradient checkpointing really runs) with dropout off."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,28 @@ def test_rank_0_reads_the_stream_part_by_part_and_past_the_parts_it_no_longer_ne
     assert list(parts.rows_of(3)) == []  # the stream has ended
     with pytest.raises(RuntimeError, match="no part 0 .*part 1"):  # a stream started after the checkpoint's epoch
         StreamParts(iter(stream[4:])).rows_of(0)
+
+
+def test_the_stream_is_read_ahead_in_a_thread_and_its_errors_reach_the_reader():
+    from tgdpo_ray.training import read_ahead
+
+    asked = threading.Event()
+
+    def stream():
+        asked.set()  # the first row is asked for before anyone reads
+        yield from ({"pair_id": index} for index in range(3))
+
+    rows = read_ahead(stream())
+    assert asked.wait(timeout=10)
+    assert [row["pair_id"] for row in rows] == [0, 1, 2]
+    assert list(read_ahead(iter([]))) == []
+
+    def failing():
+        raise ValueError("scorer pool failed")
+        yield
+
+    with pytest.raises(ValueError, match="scorer pool failed"):
+        list(read_ahead(failing()))
 
 
 def test_a_step_deals_its_micro_batches_round_robin_at_most_accumulation_each():
