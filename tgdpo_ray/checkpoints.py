@@ -42,11 +42,16 @@ def delete_checkpoints(config: JobConfig) -> None:
     (run.resume: false): Ray Train would otherwise hand the latest one to the new run's workers."""
     import pyarrow.fs
 
-    storage, name = checkpoint_storage(config)
-    filesystem, path = resolve_filesystem(storage)
-    folder = f"{path.rstrip('/')}/{name}"
+    filesystem, folder = run_checkpoint_folder(config)
     if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
         filesystem.delete_dir(folder)
+
+
+def run_checkpoint_folder(config: JobConfig):
+    """(pyarrow filesystem, path inside it) of the run's folder in its checkpoint storage."""
+    storage, name = checkpoint_storage(config)
+    filesystem, path = resolve_filesystem(storage)
+    return filesystem, f"{path.rstrip('/')}/{name}"
 
 
 def checkpoint_name(state: dict) -> str:
@@ -126,10 +131,10 @@ def require_space(folder: Path, needed: int, what: str) -> None:
 
 def local_storage(config: JobConfig) -> Optional[Path]:
     """The run's checkpoint folder when its storage is a local path (None for object storage)."""
-    storage, name = checkpoint_storage(config)
+    storage, _ = checkpoint_storage(config)
     if "://" in storage and not storage.startswith("file://"):
-        return None
-    return Path(storage.removeprefix("file://")).expanduser().resolve() / name
+        return None  # checked without resolving the URI, which for object storage reaches the network
+    return Path(run_checkpoint_folder(config)[1])
 
 
 def load_checkpoint(engine, rank: int) -> Optional[tuple[str, dict]]:
@@ -155,10 +160,9 @@ def resumed_epoch(config: JobConfig) -> int:
     run's checkpoints, the same record that hands the latest one to the workers."""
     from ray.train import Result
 
-    storage, name = checkpoint_storage(config)
-    filesystem, path = resolve_filesystem(storage)
+    filesystem, folder = run_checkpoint_folder(config)
     try:
-        result = Result.from_path(f"{path.rstrip('/')}/{name}", storage_filesystem=filesystem)
+        result = Result.from_path(folder, storage_filesystem=filesystem)
     except (RuntimeError, OSError):  # no run folder or record yet, or a storage Ray Train will report on itself
         return 0  # a stream from the first epoch: right whatever the workers resume from, only slower
     return int(result.metrics["epoch"]) if result.checkpoint is not None else 0
