@@ -106,7 +106,7 @@ def test_prompt_limit_must_leave_room_for_answers(raw):
 
 def test_the_layout_follows_the_trainers_devices(raw):
     """training.packing auto: shared_prompt where the policy trains on GPUs (the H100 measurement in README), padded
-    on CPUs; the resolved layout is what the saved config names. FlexAttention is for packed rows only."""
+    on CPUs; the resolved layout is what the saved config names. FlexAttention and varlen are for packed rows only."""
     assert build_config(raw).training.packing == "padded"
     on_gpus = build_config(raw, overrides=["policy.gpus_per_worker=1"])
     assert on_gpus.training.packing == "shared_prompt" and on_gpus.training.attention == "auto"
@@ -118,6 +118,12 @@ def test_the_layout_follows_the_trainers_devices(raw):
     assert "FlexAttention has no backward on CPUs" in flex_on_cpus
     assert build_config(raw, overrides=["training.attention=flex", "training.packing=packed",
                                         "policy.gpus_per_worker=1"]).training.attention == "flex"
+    # varlen: packed rows only; on CPU trainers it runs (through SDPA); on GPUs its kernel needs half precision.
+    assert "training.attention varlen is for the packed layouts" in error_of(raw, ["training.attention=varlen"])
+    packed_varlen = ["training.attention=varlen", "training.packing=packed"]
+    assert build_config(raw, overrides=packed_varlen).training.attention == "varlen"
+    assert "needs policy.precision bf16 or auto" in error_of(
+        raw, [*packed_varlen, "policy.gpus_per_worker=1", "policy.precision=fp32"])
     assert "training.compile is not supported with policy.zero_stage 3" in error_of(
         raw, ["training.compile=true", "policy.zero_stage=3"])
 

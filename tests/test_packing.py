@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tgdpo_ray import flex, varlen
+from tgdpo_ray.attention import AttentionUnavailableError, resolve
 from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
 from tgdpo_ray.logprobs import (
     check_plain_lm_head,
@@ -189,12 +190,20 @@ def test_mask_forms_and_refusals():
     moved = batch.to("cpu")
     assert torch.equal(moved.attention_mask, allowed) and moved.rows is batch.rows
 
-    # training.attention: auto is FlexAttention on CUDA only; flex cannot train on the CPU (no backward there).
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert flex.use_flex("auto", cuda, training=True) and not flex.use_flex("auto", cpu, training=False)
-    assert not flex.use_flex("dense", cuda, training=True) and flex.use_flex("flex", cpu, training=False)
-    with pytest.raises(flex.FlexUnavailableError, match="no backward on cpu.*training.attention"):
-        flex.use_flex("flex", cpu, training=True)
+    # training.attention: auto is the dense mask off CUDA, and flex on CUDA for an fp32 model (varlen's kernel takes
+    # half precision); flex cannot train on the CPU (no backward there); varlen runs anywhere (SDPA on the CPU).
+    cpu, cuda, fp32 = torch.device("cpu"), torch.device("cuda"), torch.float32
+    assert resolve("auto", cpu, training=True, dtype=torch.bfloat16) == "dense"
+    assert resolve("auto", cuda, training=True, dtype=fp32) == "flex"
+    assert resolve("dense", cuda, training=True, dtype=fp32) == "dense"
+    assert resolve("flex", cpu, training=False, dtype=fp32) == "flex"
+    assert resolve("varlen", cpu, training=True, dtype=fp32) == "varlen"
+    with pytest.raises(AttentionUnavailableError, match="no backward on cpu.*training.attention"):
+        resolve("flex", cpu, training=True, dtype=fp32)
+    with pytest.raises(AttentionUnavailableError, match="varlen.*bf16 or fp16.*float32"):
+        resolve("varlen", cuda, training=True, dtype=fp32)
+    with pytest.raises(ValueError, match="one of"):
+        resolve("flash", cpu, training=True, dtype=fp32)
     # A model that asks its attention for more than the mask (Gemma 2's soft cap) is refused, not silently served.
     (flex_batch,) = pack_pairs(make_pairs(9, 3, 500), 1000, shared_prompt=True, mask="flex")
     heads = torch.zeros(1, 2, flex_batch.input_ids.shape[1], 16)
@@ -500,7 +509,8 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
     for packing, compiled, attention in variants:
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model, "zero_stage": zero_stage},
                                "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
-                               "training": {"packing": packing, "packed_row_tokens": 64, "compile": compiled,
+                               "training": {"packing": packing, "attention": attention, "packed_row_tokens": 64,
+                                            "compile": compiled,
                                             "gradient_checkpointing": compiled,
                                             # Traced and run through AOTAutograd as with inductor, without its C++
                                             # build (15 s here); bench/gpu.py runs inductor on a GPU.
@@ -511,10 +521,7 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
         engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=1, world_size=1)
         if zero_stage == 3:  # the weights really are partitioned: only a module call can see them
             assert all(param.numel() == 0 for param in engine.module.parameters())
-        assert packed_attention(engine) == "dense"  # training.attention auto: the dense mask on the CPU
-        if attention == "varlen":
-            varlen.enable(engine.module)
-            assert packed_attention(engine) == "varlen"
+        assert packed_attention(engine) == attention  # load_policy put the model under training.attention
         assert all((layer._compiled_call_impl is not None) == compiled for layer in engine.module.model.layers)
         assert engine.module.is_gradient_checkpointing == compiled
         engine.train()  # as train_step: checkpointed layers recompute in train mode only (dropout is off)

@@ -8,7 +8,7 @@ about what its documents cost.
 The models run it through transformers' attention interface under our own name, ATTENTION. Our function sends a
 BlockMask to FlexAttention (compiled on CUDA, eager elsewhere) and any other mask to SDPA, so the same model still
 reads padded rows. FlexAttention has no backward on the CPU: there it serves forward passes (the scorers, tests)
-only, and training.attention auto picks it on CUDA devices alone.
+only (attention.py resolves training.attention).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import functools
 import torch
 
 from tgdpo_ray.batches import to_device
-from tgdpo_ray.errors import UserError
 from tgdpo_ray.packing import PackedBatch, may_attend
 
 try:  # torch 2.5 and later
@@ -27,30 +26,6 @@ except ImportError:
     BlockMask = create_block_mask = flex_attention = None
 
 ATTENTION = "tgdpo_flex"  # the attn_implementation name our models run under
-ATTENTION_CHOICES = ("auto", "dense", "flex")
-
-
-class FlexUnavailableError(UserError, RuntimeError):
-    """training.attention flex where FlexAttention cannot run; the message says why and what to set."""
-
-
-def use_flex(attention: str, device: torch.device, training: bool) -> bool:
-    """training.attention for a model on `device`: flex, dense, or auto (flex on CUDA where torch has it)."""
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    if attention == "dense":
-        return False
-    if attention == "auto":
-        return device.type == "cuda" and flex_attention is not None
-    if flex_attention is None:
-        raise FlexUnavailableError(f"training.attention flex: torch {torch.__version__} has no FlexAttention "
-                                   "(it needs torch 2.5 or later); set training.attention to auto or dense")
-    if training and device.type != "cuda":
-        raise FlexUnavailableError(f"training.attention flex: FlexAttention has no backward on {device.type} in "
-                                   f"torch {torch.__version__}, so a trainer there cannot use it; set "
-                                   "training.attention to auto (flex on CUDA, the dense mask elsewhere) or dense")
-    return True
-
 
 # Dynamo's limit of compiled graphs per function. Every micro-batch has its own [rows, length] shape (dynamic after
 # the second), and one row, no_grad evaluation and compiled layers each add graphs: past the default of 8, calls
@@ -66,17 +41,17 @@ RECOMPILE_LIMIT = 64
 #   None for torch's defaults, whose tiles divide the default block of 128.
 # Each entry was measured by bench/gpu.py's sweep on the trainer's own shared-prompt block masks and then in the
 # whole trainer step; anything else runs DEFAULT_SETTING. On the H100 (torch 2.11, bf16, head_dim 64) the forward
-# took 1.0 ms with 64 x 128 tiles against 2.2 to 3.8 with torch's default 128 x 128; the backward's tiles mattered
-# less (bench/results/gpu.json). Never ROWS_GUARANTEED_SAFE: the kernel's running max starts at -inf, and the
-# option drops its guard for a query row that sees no key in the first block it visits; in a packed row, a block
-# of the previous document's keys, or of the chosen answer's for a rejected token, is such a block: the step's
-# losses came out NaN with it.
+# took 0.8 ms with 64 x 64 tiles, 0.9 with 64 x 128 and 2.1 with torch's default 128 x 128; the backward's tiles
+# mattered less. In the whole compiled step 64 x 64 gave 40.6% MFU, 64 x 128 39.4% (README, On a GPU). Never
+# ROWS_GUARANTEED_SAFE: the kernel's running max starts at -inf, and the option drops its guard for a query row that
+# sees no key in the first block it visits; in a packed row, a block of the previous document's keys, or of the
+# chosen answer's for a rejected token, is such a block: the step's losses came out NaN with it.
 DEFAULT_SETTING = {"mask_block": 128, "kernel_options": None}
 MEASURED_SETTINGS = {
     (9, 0): {
         (torch.bfloat16, 64): {
             "mask_block": 128,
-            "kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4,
+            "kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
                                "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
                                "bwd_num_stages": 3, "bwd_num_warps": 4},
         },
@@ -120,13 +95,6 @@ def enable(model) -> None:
     run_model_under(model, ATTENTION, attention_forward)
     if model.device.type == "cuda":
         SETTINGS = dict(MEASURED_SETTINGS.get(torch.cuda.get_device_capability(model.device), {}))
-
-
-def enable_for(model, packing: str, attention: str, device: torch.device, training: bool) -> None:
-    """Put `model` under ATTENTION where the run's layout and training.attention call for it: packed rows only
-    (padded rows keep their own padding mask), FlexAttention where use_flex says so."""
-    if packing != "padded" and use_flex(attention, device, training):
-        enable(model)
 
 
 @functools.cache

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tgdpo_ray import flex
+from tgdpo_ray.attention import enable as enable_attention
 from tgdpo_ray.batches import grid_to_values, pack_by_token_budget, packed_tokens, score_columns
 from tgdpo_ray.cluster import pick_device, record_placement
 from tgdpo_ray.config import SCORED_GUIDANCE, JobConfig, ScorerSection
@@ -64,7 +64,7 @@ class FrozenScorer:
         started = time.perf_counter()
         load = load_token_reward_model if token_rewards else load_causal_lm
         self.model = load(model, precision, trust_remote_code).to(self.device).eval()
-        flex.enable_for(self.model, self.packing, attention, self.device, training=False)
+        enable_attention(self.model, self.packing, attention, self.device, training=False, dtype=self.model.dtype)
         record_placement(run_dir, role, load_seconds=round(time.perf_counter() - started, 2),
                          attention=getattr(self.model.config, "_attn_implementation", None))
 

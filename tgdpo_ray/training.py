@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tgdpo_ray import flex
+from tgdpo_ray import attention
 from tgdpo_ray.batches import SCORED_KINDS, SCORED_PREFIXES, packed_tokens, pair_batch, score_columns
 from tgdpo_ray.checkpoints import load_checkpoint, local_storage, save_checkpoint
 from tgdpo_ray.cluster import pick_device, record_placement
@@ -314,7 +314,8 @@ def load_policy(config: JobConfig, device):
     model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
     if config.policy.disable_dropout:
         disable_dropout(model)
-    flex.enable_for(model, config.training.packing, config.training.attention, device, training=True)
+    attention.enable(model, config.training.packing, config.training.attention, device, training=True,
+                     dtype=resolve_dtype(config.policy.precision))  # the dtype DeepSpeed computes in
     if config.training.compile:
         compile_decoder_layers(model, config.training.compile_backend)
     if config.training.gradient_checkpointing:

@@ -133,6 +133,16 @@ def flash_call() -> dict:
             "takes_gqa": "enable_gqa" in parameters}
 
 
+def kernel_available(device: torch.device) -> bool:
+    """Whether FlashAttention's varlen kernel runs on this CUDA device: torch has it (2.9 and later) and the GPU is
+    an Ampere or later (compute capability 8.0), as FlashAttention asks."""
+    try:
+        flash_call()
+    except RuntimeError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def flash_varlen(query, key, value, varlen_plan: VarlenPlan, scale: float) -> torch.Tensor:
     """FlashAttention's varlen kernel: query [Tq, H, D], key and value [Tk, H_kv, D] -> [Tq, H, D]."""
     if query.dtype not in (torch.bfloat16, torch.float16):
