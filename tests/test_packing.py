@@ -154,7 +154,7 @@ def test_padding_attends_to_itself_alone():
 @pytest.mark.parametrize("shared_prompt", [False, True])
 def test_attention_spans_are_the_mask(shared_prompt):
     """varlen.py's sequences (each span's queries see its prefix and, causally, themselves) allow exactly what the
-    dense mask allows on the real tokens; the padding is in no span."""
+    dense mask allows on the real tokens; varlen adds one span of each row's padding, so its queries tile the batch."""
     batches = pack_pairs(make_pairs(11, 20, 500), 150, shared_prompt=shared_prompt, rows_per_batch=3)
     assert any(len(batch.rows) > 3 for batch in batches)
     for batch in batches:
@@ -169,9 +169,16 @@ def test_attention_spans_are_the_mask(shared_prompt):
         assert int(real.sum()) == batch.real_tokens  # every real token is a query of exactly one span
         dense = batch.attention_mask[:, 0] & real[:, :, None] & real[:, None, :]
         assert torch.equal(from_spans, dense)
+        # varlen's sequences: the spans and each row's padding, whose queries are every position in order.
+        spans = varlen.with_padding(batch.attention_spans, rows, length)
         plan = varlen.plan(batch, "cpu")
-        assert plan.query_index.tolist() == real.flatten().nonzero().flatten().tolist()  # in order, each once
-        assert plan.cu_query[-1] == batch.real_tokens and plan.cu_key[-1] == len(plan.key_index)
+        assert (spans[:, 0] * length + spans[:, 3]).tolist() == plan.cu_query[:-1].tolist()
+        assert plan.cu_query[-1] == rows * length and plan.cu_key[-1] == len(plan.key_index)
+        documents = batch.attention_spans.tolist()
+        padding = [span for span in spans.tolist() if span not in documents]
+        assert len(spans) == len(documents) + len(padding)
+        assert sum(end - start for _, _, _, start, end in padding) == rows * length - batch.real_tokens
+        assert all(prefix_start == prefix_end == start for _, prefix_start, prefix_end, start, _ in padding)
 
 
 def test_mask_forms_and_refusals():

@@ -5,8 +5,8 @@
 - varlen: FlashAttention's variable-length kernel on the rows' attention sequences (varlen.py). On CUDA it takes
   bf16 or fp16; on the CPU the same sequences run through SDPA one by one (exact, with a backward, slow).
 - auto: varlen on CUDA where torch has its kernel and the model computes in bf16 or fp16, else flex there; dense
-  elsewhere. On an H100 (bench/results/gpu.json, two runs) varlen gave 2 to 4% more pairs/s than flex in the
-  whole trainer step, compiled or not, at the same losses.
+  elsewhere. On an H100 (README, On a GPU: three runs) varlen gave 4 to 6% more pairs/s than flex in the whole
+  trainer step, at the same losses.
 
 Padded rows keep the model's own attention with a padding mask, whatever the choice.
 """

@@ -168,7 +168,7 @@ class TrainingSection(Section):
         "and the scorers. dense: a [rows, 1, L, L] boolean mask with SDPA; flex: FlexAttention with a block mask "
         "built from document ids (CUDA for training: it has no CPU backward); varlen: FlashAttention's "
         "variable-length kernel on each document (CUDA: bf16 or fp16, Ampere or later; on CPUs exact but slow); "
-        "auto: varlen on CUDA where it can run, else flex there, dense elsewhere (varlen measured 2-4% above flex "
+        "auto: varlen on CUDA where it can run, else flex there, dense elsewhere (varlen measured 4-6% above flex "
         "on an H100, README). All give the same log-probs to float precision")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less "
                                                                     "memory, about 1/3 more compute")

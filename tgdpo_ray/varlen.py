@@ -6,8 +6,9 @@ attention sequences (packing.PackedBatch.attention_spans), and FlashAttention's 
 causally. A document is one sequence. In the shared layout a pair is two: prompt + chosen, and the rejected answer,
 whose keys are the prompt's followed by its own (the prompt's keys and values are gathered twice; its queries are
 computed once). The kernel aligns a causal mask to the bottom right when a sequence has more keys than queries, so
-rejected token i sees the whole prompt and rejected tokens 0..i: exactly packing.may_attend. The padding is in no
-sequence; its outputs are zeros.
+rejected token i sees the whole prompt and rejected tokens 0..i: exactly packing.may_attend. A row's padding is one
+more sequence, causal within itself: the sequences' queries are then every position of the batch in order, so the
+queries and the output need no gather. No document sees the padding, so its outputs, never read, change nothing.
 
 The models run it through transformers' attention interface as ATTENTION. A packed batch reaches the layers as a
 VarlenPlan in the keyword argument PLAN_ARGUMENT (transformers hands keyword arguments down to the attention
@@ -36,8 +37,7 @@ PLAN_ARGUMENT = "tgdpo_varlen_plan"  # the model keyword argument that carries a
 class VarlenPlan(NamedTuple):
     """A packed batch's attention sequences as the varlen kernel takes them, on the model's device."""
 
-    query_index: torch.Tensor  # [Tq] flat position (row * L + column) of each query, sequence after sequence
-    key_index: torch.Tensor  # [Tk] flat position of each key, sequence after sequence (prefix first)
+    key_index: torch.Tensor  # [Tk] flat position (row * L + column) of each key, sequence after sequence (prefix first)
     cu_query: torch.Tensor  # [S + 1] int32: where each sequence's queries start in query_index
     cu_key: torch.Tensor  # [S + 1] int32: where each sequence's keys start in key_index
     max_query: int  # the longest sequence's queries
@@ -54,15 +54,27 @@ def cumulative(lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
 
 
+def with_padding(spans: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """A packed batch's attention spans (row, prefix_start, prefix_end, start, end), and one more for each row that
+    ends in padding (its queries the padding, no prefix), in the order of their queries in the batch."""
+    ends = torch.zeros(rows, dtype=spans.dtype).scatter_reduce(0, spans[:, 0], spans[:, 4], "amax")
+    padded_rows = torch.nonzero(ends < length).flatten()
+    padding_start = ends[padded_rows]
+    padding = torch.stack([padded_rows, padding_start, padding_start, padding_start,
+                           torch.full_like(padded_rows, length)], 1)
+    spans = torch.cat([spans, padding])
+    return spans[torch.argsort(spans[:, 0] * length + spans[:, 3], stable=True)]
+
+
 def plan(batch: PackedBatch, device) -> VarlenPlan:
     """The VarlenPlan of a packed batch (built on the host from its attention spans, copied without blocking)."""
-    row, prefix_start, prefix_end, start, end = batch.attention_spans.unbind(1)
-    base = row * batch.input_ids.shape[1]
+    rows, length = batch.input_ids.shape
+    row, prefix_start, prefix_end, start, end = with_padding(batch.attention_spans, rows, length).unbind(1)
+    base = row * length
     query_lengths, prefix_lengths = end - start, prefix_end - prefix_start
     key_starts = torch.stack([prefix_start, start], 1).flatten() + base.repeat_interleave(2)
     key_lengths = torch.stack([prefix_lengths, query_lengths], 1).flatten()
     return VarlenPlan(
-        query_index=to_device(concatenated_ranges(start + base, query_lengths), device),
         key_index=to_device(concatenated_ranges(key_starts, key_lengths), device),
         cu_query=to_device(cumulative(query_lengths), device),
         cu_key=to_device(cumulative(prefix_lengths + query_lengths), device),
@@ -106,16 +118,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     refuse_unsupported(module, dropout, kwargs, "variable-length attention")
     rows, heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
-    # [B, H, L, D] -> one row of tokens [B * L, H, D] -> the sequences' queries, and their keys and values.
+    # [B, H, L, D] -> one row of tokens [B * L, H, D]: the sequences' queries in order; their keys and values.
     flat_query = query.transpose(1, 2).reshape(rows * length, heads, head_dim)
-    flat_query = flat_query.index_select(0, varlen_plan.query_index)
     flat_key, flat_value = (states.transpose(1, 2).reshape(rows * length, kv_heads, head_dim)
                             .index_select(0, varlen_plan.key_index) for states in (key, value))
     scale = scaling if scaling is not None else head_dim ** -0.5
     run = flash_varlen if query.device.type == "cuda" else sdpa_varlen
     attended = run(flat_query, flat_key, flat_value, varlen_plan, scale)
-    output = query.new_zeros(rows * length, heads, head_dim).index_copy(0, varlen_plan.query_index, attended)
-    return output.view(rows, length, heads, head_dim), None
+    return attended.view(rows, length, heads, head_dim), None
 
 
 def flash_call() -> dict:
