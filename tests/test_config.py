@@ -122,8 +122,10 @@ def test_the_layout_follows_the_trainers_devices(raw):
     assert "training.attention varlen is for the packed layouts" in error_of(raw, ["training.attention=varlen"])
     packed_varlen = ["training.attention=varlen", "training.packing=packed"]
     assert build_config(raw, overrides=packed_varlen).training.attention == "varlen"
-    assert "needs policy.precision bf16 or auto" in error_of(
+    assert "policy would run on GPUs in fp32" in error_of(
         raw, [*packed_varlen, "policy.gpus_per_worker=1", "policy.precision=fp32"])
+    assert "reference would run on GPUs in fp32" in error_of(
+        raw, [*packed_varlen, "reference.gpus_per_replica=1", "reference.precision=fp32"])
     assert "training.compile is not supported with policy.zero_stage 3" in error_of(
         raw, ["training.compile=true", "policy.zero_stage=3"])
 

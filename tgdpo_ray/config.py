@@ -482,9 +482,18 @@ class JobConfig(Section):
             raise ValueError("training.attention flex needs GPU trainers (policy.gpus_per_worker > 0): FlexAttention "
                              "has no backward on CPUs; use auto (varlen or flex on CUDA, the dense mask elsewhere), "
                              "dense or varlen")
-        if training.attention == "varlen" and on_gpus and self.policy.precision == "fp32":
-            raise ValueError("training.attention varlen on GPU trainers needs policy.precision bf16 or auto: "
-                             "FlashAttention's varlen kernel takes bf16 or fp16, not fp32")
+        if training.attention == "varlen" and self.policy is not None:
+            # Every group that runs packed rows on GPUs: the trainers, and the scorer pools that read log-probs.
+            groups = {"policy": (self.policy.gpus_per_worker, self.policy.precision)}
+            if self.needs_reference:
+                groups["reference"] = (self.reference.gpus_per_replica, self.scorer_precision(self.reference))
+            if self.guidance_kind == "implicit":
+                groups["guidance"] = (self.guidance.gpus_per_replica, self.scorer_precision(self.guidance))
+            in_fp32 = [name for name, (gpus, precision) in groups.items() if gpus > 0 and precision == "fp32"]
+            if in_fp32:
+                raise ValueError(f"training.attention varlen: FlashAttention's varlen kernel takes bf16 or fp16, and "
+                                 f"{' and '.join(in_fp32)} would run on GPUs in fp32; set their precision to bf16 or "
+                                 "auto, or training.attention to auto (flex for a model in fp32)")
         return self
 
     @model_validator(mode="after")
