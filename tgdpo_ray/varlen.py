@@ -38,7 +38,7 @@ class VarlenPlan(NamedTuple):
     """A packed batch's attention sequences as the varlen kernel takes them, on the model's device."""
 
     key_index: torch.Tensor  # [Tk] flat position (row * L + column) of each key, sequence after sequence (prefix first)
-    cu_query: torch.Tensor  # [S + 1] int32: where each sequence's queries start in query_index
+    cu_query: torch.Tensor  # [S + 1] int32: where each sequence's queries start in the flat batch (every token)
     cu_key: torch.Tensor  # [S + 1] int32: where each sequence's keys start in key_index
     max_query: int  # the longest sequence's queries
     max_key: int  # and keys
