@@ -173,8 +173,9 @@ class TrainingSection(Section):
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less "
                                                                     "memory, about 1/3 more compute")
     compile: bool = Field(default=False, description="torch.compile each decoder layer of the policy (one graph "
-                          "shared by all layers): on an H100 1.53x the pairs/s of shared_prompt with FlexAttention, "
-                          "after 20-35 s of compiling in the first steps (README). Not with ZeRO-3")
+                          "shared by all layers): on an H100 1.52x the pairs/s of shared_prompt with varlen "
+                          "(43.6% MFU), 1.54x with FlexAttention, after 17-24 s of compiling in the first steps "
+                          "(README). Not with ZeRO-3")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
         default="inductor", description="training.compile's torch.compile backend: inductor generates fused "
         "kernels; aot_eager and eager only trace (to find where a compile goes wrong, and in the CPU tests, where "
