@@ -19,7 +19,6 @@ from tgdpo_ray import flex, varlen
 from tgdpo_ray.errors import UserError
 
 CHOICES = ("auto", "dense", "flex", "varlen")
-HALF_PRECISION = (torch.bfloat16, torch.float16)  # what FlashAttention's varlen kernel takes
 
 
 class AttentionUnavailableError(UserError, RuntimeError):
@@ -34,7 +33,7 @@ def resolve(attention: str, device: torch.device, training: bool, dtype: torch.d
     if attention == "auto":
         if not on_cuda:
             return "dense"
-        if dtype in HALF_PRECISION and varlen.kernel_available(device):
+        if dtype in varlen.KERNEL_DTYPES and varlen.kernel_available(device):
             return "varlen"
         return "flex" if flex.flex_attention is not None else "dense"
     if attention == "flex":
@@ -48,7 +47,7 @@ def resolve(attention: str, device: torch.device, training: bool, dtype: torch.d
                 f"{torch.__version__}, so a trainer there cannot use it; set training.attention to auto (varlen or "
                 "flex on CUDA, the dense mask elsewhere), dense or varlen")
     if attention == "varlen" and on_cuda:
-        if dtype not in HALF_PRECISION:
+        if dtype not in varlen.KERNEL_DTYPES:
             raise AttentionUnavailableError(f"training.attention varlen: FlashAttention's varlen kernel takes bf16 "
                                             f"or fp16, and this model computes in {dtype}; set the model's precision "
                                             "to bf16, or training.attention to auto, flex or dense")

@@ -32,6 +32,7 @@ from tgdpo_ray.packing import PackedBatch
 
 ATTENTION = "tgdpo_varlen"  # the attn_implementation name our models run under
 PLAN_ARGUMENT = "tgdpo_varlen_plan"  # the model keyword argument that carries a packed batch's VarlenPlan
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what FlashAttention's varlen kernel takes
 
 
 class VarlenPlan(NamedTuple):
@@ -155,7 +156,7 @@ def kernel_available(device: torch.device) -> bool:
 
 def flash_varlen(query, key, value, varlen_plan: VarlenPlan, scale: float) -> torch.Tensor:
     """FlashAttention's varlen kernel: query [Tq, H, D], key and value [Tk, H_kv, D] -> [Tq, H, D]."""
-    if query.dtype not in (torch.bfloat16, torch.float16):
+    if query.dtype not in KERNEL_DTYPES:
         raise ValueError(f"FlashAttention's varlen kernel takes bf16 or fp16, not {query.dtype}: set the model's "
                          "precision to bf16")
     found = FLASH or flash_call()
