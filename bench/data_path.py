@@ -62,7 +62,7 @@ def write_pairs(path: Path, pairs: int, vocabulary: np.ndarray) -> None:
 
 
 def job(model: str, data: Path, name: str, limit: int, workers: int | None = None) -> "JobConfig":  # noqa: F821
-    from tgdpo_ray.config_loader import build_config
+    from tgdpo_ray.config.loader import build_config
 
     return build_config({
         "run": {"name": name, "output_dir": str(WORK / "runs"), "resume": False},
@@ -78,7 +78,7 @@ def job(model: str, data: Path, name: str, limit: int, workers: int | None = Non
 
 def train_few_steps(model: str, data: Path, pairs: int) -> dict:
     """In this process (started by main for each size): a job that tokenizes `pairs` pairs and trains 3 steps."""
-    from tgdpo_ray.run import run_train
+    from tgdpo_ray.train.driver import run_train
 
     started = time.perf_counter()
     summary = run_train(job(model, data, f"train-{pairs}", pairs), log=lambda line: print(line, flush=True))
@@ -93,7 +93,7 @@ def tokenize_throughput(model: str, data: Path, pairs: int) -> dict:
     into the worker processes)."""
     import ray
 
-    from tgdpo_ray.data_pass import tokenize_split
+    from tgdpo_ray.data.tokenize_pass import tokenize_split
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     quiet = lambda line: None  # noqa: E731
@@ -130,10 +130,10 @@ def main() -> None:
         write_pairs(data, args.pairs, vocabulary)
         print(f"[bench] wrote {args.pairs} pairs to {data} in {time.perf_counter() - started:.0f}s", flush=True)
     if not model.exists():
-        from tgdpo_ray.demo import make_tiny_model
+        from tgdpo_ray.experiments.demo import make_demo_model
 
         corpus = (" ".join(np.random.default_rng(seed).choice(vocabulary, 200)) for seed in range(2000))
-        make_tiny_model(str(model), vocab_size=8192, corpus=corpus)
+        make_demo_model(str(model), vocab_size=8192, corpus=corpus)
 
     throughput = tokenize_throughput(str(model), data, args.small)
     runs = {}

@@ -6,9 +6,9 @@ run through the trainer's own code (logprobs.answer_logps, the loss built as the
 - padded: prompt + chosen and prompt + rejected rows padded to the longest, SDPA with a 2D padding mask;
 - packed, shared_prompt: packed rows with the dense [R, 1, L, L] boolean mask, SDPA (training.attention dense);
 - shared_prompt_flex, packed_flex: the same rows with FlexAttention and a BlockMask built from document and segment
-  ids (training.attention flex, tgdpo_ray/flex.py);
+  ids (training.attention flex, tgdpo_ray/kernels/flex.py);
 - shared_prompt_varlen: the same rows cut into attention sequences for FlashAttention's variable-length kernel
-  (tgdpo_ray/varlen.py; on the CPU through SDPA one sequence at a time);
+  (tgdpo_ray/kernels/varlen.py; on the CPU through SDPA one sequence at a time);
 - padded_compiled, shared_prompt_flex_compiled, shared_prompt_varlen_compiled: the same with every decoder layer
   torch.compile'd (training.compile; GPU only).
 
@@ -17,7 +17,7 @@ math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks 
 kernel options, next to a plain causal mask and SDPA's causal kernel); the sweep's finite winner runs as the *_tuned
 layout.
 
-Plain torch + transformers: it imports tgdpo_ray.packing, .flex, .varlen, .batches, .logprobs, .losses and .models
+Plain torch + transformers: it imports tgdpo_ray.kernels.packing, .flex, .varlen, .batches, .logprobs, .losses and .models
 only (no ray, deepspeed, vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
 smoke test: it checks that every layout gives the padded layout's losses and that FlexAttention and the varlen
 sequences give the dense mask's log-probs, and measures nothing. On a GPU it also compares their gradients with the
@@ -150,14 +150,14 @@ import torch  # noqa: E402
 # Run as `python3 bench/gpu.py` from a checkout that is not pip-installed (the GPU image): find tgdpo_ray beside us.
 sys.path.insert(0, str(REPO))
 
-from tgdpo_ray import flex, varlen  # noqa: E402
-from tgdpo_ray import logprobs as logprobs_module  # noqa: E402
-from tgdpo_ray.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
+from tgdpo_ray.kernels import flex, varlen  # noqa: E402
+from tgdpo_ray.kernels import logprobs as logprobs_module  # noqa: E402
+from tgdpo_ray.kernels.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
                                pair_batch)
-from tgdpo_ray.logprobs import answer_logps, lm_head_token_logps, token_logps  # noqa: E402
-from tgdpo_ray.losses import build_loss  # noqa: E402
-from tgdpo_ray.models import compile_decoder_layers  # noqa: E402
-from tgdpo_ray.packing import pack_pairs, pair_span  # noqa: E402
+from tgdpo_ray.kernels.logprobs import answer_logps, lm_head_token_logps, token_logps  # noqa: E402
+from tgdpo_ray.kernels.losses import build_loss  # noqa: E402
+from tgdpo_ray.modeling.loading import compile_decoder_layers  # noqa: E402
+from tgdpo_ray.kernels.packing import pack_pairs, pair_span  # noqa: E402
 from packing import make_pairs  # noqa: E402  (bench/packing.py, imported from its folder, as trl_compare does)
 
 # Two sizes. gpu: a Llama-3-shaped ~0.5B model (GQA, 128k vocabulary, tied embeddings) on long-tailed pairs of up
@@ -246,7 +246,7 @@ def non_embedding_params(model) -> int:
 
 # ---------------------------------------------------------------------------
 # The trainer's micro-batch loss: training.micro_batch_loss on the same helpers, with the attention and compiled
-# layers set as training.load_policy sets them (tgdpo_ray.training itself imports pydantic, ray and deepspeed
+# layers set as training.load_policy sets them (tgdpo_ray.train.worker itself imports pydantic, ray and deepspeed
 # through its neighbours).
 # ---------------------------------------------------------------------------
 
@@ -587,7 +587,7 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from tgdpo_ray.packing import dense_mask
+    from tgdpo_ray.kernels.packing import dense_mask
 
     cfg = model.config
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

@@ -69,7 +69,7 @@ VARIANTS = {
 
 def with_frozen_logps(rows: list[dict], reference, guidance) -> list[dict]:
     """The authors' step: the reference and guidance forwards run inside it, on the same padded rows."""
-    from tgdpo_ray.scoring import answer_values
+    from tgdpo_ray.scoring.pools import answer_values
 
     rows = [dict(row) for row in rows]
     for name, model in (("ref", reference), ("guidance", guidance)):
@@ -80,10 +80,10 @@ def with_frozen_logps(rows: list[dict], reference, guidance) -> list[dict]:
 
 
 def time_steps(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) -> dict:
-    from tgdpo_ray.batches import micro_batch_tokens, pack_by_token_budget
-    from tgdpo_ray.config_loader import build_config
-    from tgdpo_ray.losses import build_loss
-    from tgdpo_ray.training import micro_batch_loss
+    from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget
+    from tgdpo_ray.config.loader import build_config
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.worker import micro_batch_loss
 
     policy, reference, guidance = make_model(vocab, 0), make_model(vocab, 1).eval(), make_model(vocab, 2).eval()
     results = {"params_millions": round(sum(p.numel() for p in policy.parameters()) / 1e6, 1)}
@@ -120,7 +120,7 @@ def logp_peak_memory(mode: str, tokens: int, vocab: int, hidden: int, chunk: int
     exec; getrusage's maxrss would carry this process's peak into the child)."""
     code = f"""
 import re, torch
-from tgdpo_ray.logprobs import lm_head_token_logps
+from tgdpo_ray.kernels.logprobs import lm_head_token_logps
 def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 torch.manual_seed(0)

@@ -23,7 +23,7 @@ RESULTS = HERE / "results" / "scaling.json"
 
 
 def job(model: str, data: Path, name: str, **sections) -> "JobConfig":  # noqa: F821
-    from tgdpo_ray.config_loader import build_config
+    from tgdpo_ray.config.loader import build_config
 
     raw = {"run": {"name": name, "output_dir": str(WORK / "runs"), "resume": False},
            "data": {"train": str(data), "max_length": 96, "max_prompt_length": 48},
@@ -56,11 +56,11 @@ def main() -> None:
 
     import ray
 
-    from tgdpo_ray.demo import make_tiny_model, write_demo_data
-    from tgdpo_ray.run import run_score, run_train
+    from tgdpo_ray.experiments.demo import make_demo_model, write_demo_data
+    from tgdpo_ray.train.driver import run_score, run_train
 
     shutil.rmtree(WORK, ignore_errors=True)
-    model = str(make_tiny_model(str(WORK / "model"), hidden_size=args.hidden_size, layers=args.layers))
+    model = str(make_demo_model(str(WORK / "model"), hidden_size=args.hidden_size, layers=args.layers))
     data = write_demo_data(str(WORK / "data"), train_pairs=args.pairs, test_pairs=1)["train"]
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     quiet = lambda *_: None  # noqa: E731

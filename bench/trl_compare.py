@@ -53,7 +53,7 @@ def step_batches(pairs: list[dict], batch: int, steps: int) -> list[list[dict]]:
 
 
 def dpo_config(max_tokens: int, row_tokens: int):
-    from tgdpo_ray.config_loader import build_config
+    from tgdpo_ray.config.loader import build_config
 
     return build_config({"data": {"train": "x.jsonl"}, "policy": {"model": "bench"}, "loss": {"type": "dpo"},
                          "training": {"packing": "shared_prompt", "max_tokens_per_batch": max_tokens,
@@ -62,9 +62,9 @@ def dpo_config(max_tokens: int, row_tokens: int):
 
 
 def run_ours(batches: list[list[dict]], config, vocab: int) -> dict:
-    from tgdpo_ray.batches import micro_batch_tokens, pack_by_token_budget
-    from tgdpo_ray.losses import build_loss
-    from tgdpo_ray.training import micro_batch_loss
+    from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.worker import micro_batch_loss
 
     training = config.training
     model = make_model(vocab, 0).train()

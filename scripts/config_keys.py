@@ -1,4 +1,4 @@
-"""README's tables of job-config keys, generated from the schema's field descriptions (tgdpo_ray/config.py).
+"""README's tables of job-config keys, generated from the schema's field descriptions (tgdpo_ray/config/job.py).
 
     python scripts/config_keys.py            print the tables
     python scripts/config_keys.py --check    exit 1 when README's tables are not current
@@ -26,7 +26,7 @@ from pydantic.fields import FieldInfo
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from anywhere: the package of this checkout
 
-from tgdpo_ray.config import JobConfig  # noqa: E402
+from tgdpo_ray.config.job import JobConfig  # noqa: E402
 
 README = REPO / "README.md"
 TABLE = re.compile(r"(<!-- config-keys: (\w+) -->\n).*?(<!-- end config-keys -->)", re.DOTALL)

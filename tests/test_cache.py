@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 from conftest import planned_step_ids, trained_pair_ids
-from tgdpo_ray.cache import MARKER, fingerprint, scorer_identity
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.model_files import weights_identity
-from tgdpo_ray.run import run_score, run_train
+from tgdpo_ray.scoring.cache import MARKER, fingerprint, scorer_identity
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.common.model_files import weights_identity
+from tgdpo_ray.train.driver import run_score, run_train
 
 
 def job(tiny_model, demo_data, root: Path, name: str, *overrides: str):
@@ -70,12 +70,13 @@ def test_a_half_written_cache_is_never_read(ray_cluster, tiny_model, demo_data, 
 
 def test_the_fingerprint_covers_everything_the_scores_depend_on(ray_cluster, tiny_model, demo_data, tmp_path):
     """Each change below changes the scored values; drop any of them from the fingerprint and this fails."""
-    from tgdpo_ray.data import tokenize_pair
-    from tgdpo_ray.data_pass import tokenize_split, tokenizer_args
-    from tgdpo_ray.demo import CHATML_TEMPLATE, make_tiny_model
-    from tgdpo_ray.models import load_tokenizer
+    from tgdpo_ray.data.preference import tokenize_pair
+    from tgdpo_ray.data.tokenize_pass import tokenize_split, tokenizer_args
+    from tgdpo_ray.experiments.demo import make_demo_model
+    from tgdpo_ray.modeling.tiny import CHATML_TEMPLATE
+    from tgdpo_ray.modeling.loading import load_tokenizer
 
-    other = str(make_tiny_model(str(tmp_path / "other"), seed=7))
+    other = str(make_demo_model(str(tmp_path / "other"), seed=7))
     copy = shutil.copytree(tiny_model, tmp_path / "copy")
 
     digests = {}  # one tokenization pass per distinct data, tokenizer and template
@@ -167,7 +168,7 @@ def test_weights_identity_hashes_whole_files(tmp_path, monkeypatch):
 
     # Unchanged files are hashed once per process.
     opened = []
-    monkeypatch.setattr("tgdpo_ray.cache.open", lambda *args: opened.append(args) or open(*args), raising=False)
+    monkeypatch.setattr("tgdpo_ray.scoring.cache.open", lambda *args: opened.append(args) or open(*args), raising=False)
     assert weights_identity(str(tmp_path / "model")) == retrained
     assert opened == []
 
@@ -176,7 +177,7 @@ def test_a_small_cache_is_read_by_the_driver_and_a_large_one_by_ray_data(ray_clu
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tgdpo_ray import cache
+    from tgdpo_ray.scoring import cache
 
     folder = tmp_path / "cache"
     folder.mkdir()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tgdpo_ray.config import JobConfig
+from tgdpo_ray.config.job import JobConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_JOBS = sorted(p for p in (REPO / "jobs").glob("llama3-8b-*.yaml"))

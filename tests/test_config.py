@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config import JobConfig
-from tgdpo_ray.config_base import ConfigError
-from tgdpo_ray.config_loader import absolutize, apply_overrides, build_config, load_config
+from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.config.base import ConfigError
+from tgdpo_ray.config.loader import absolutize, apply_overrides, build_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,8 @@ def test_loading_never_changes_its_input(raw, eval_raw, tmp_path, monkeypatch):
 
 
 def test_run_job_reads_and_validates_the_spec_once(raw, tmp_path, monkeypatch):
-    from tgdpo_ray import config_loader, pipeline
+    from tgdpo_ray.config import loader as config_loader
+    from tgdpo_ray.launch import pipeline
 
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(raw))
@@ -176,8 +177,8 @@ def test_run_job_reads_and_validates_the_spec_once(raw, tmp_path, monkeypatch):
 
 
 def test_a_chat_template_file_stays_a_path_and_the_tokenizer_reads_it(raw, tiny_model, tmp_path, monkeypatch):
-    from tgdpo_ray.demo import CHATML_TEMPLATE
-    from tgdpo_ray.models import load_tokenizer
+    from tgdpo_ray.modeling.tiny import CHATML_TEMPLATE
+    from tgdpo_ray.modeling.loading import load_tokenizer
 
     monkeypatch.chdir(tmp_path)
     template = CHATML_TEMPLATE.replace("<|im_start|>", "<|im_end|>")
@@ -221,7 +222,7 @@ def test_cli_prints_config_errors_without_a_traceback(raw, tmp_path, capsys):
 
 
 def test_every_shipped_job_spec_is_valid():
-    from tgdpo_ray.reproduce import load_experiment
+    from tgdpo_ray.experiments.credit.spec import load_experiment
 
     # The experiment spec of `tgdpo-ray reproduce` is not a job: it holds the job sections its runs share.
     experiment = load_experiment(str(REPO / "jobs" / "reproduce.yaml"))
@@ -243,10 +244,10 @@ def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
 
 
 def test_a_probe_names_an_importable_function_and_needs_whole_weights(raw):
-    probe = "training.probe={function: tgdpo_ray.credit_task:slot_probe, every: 4, arguments: {examples: x}}"
+    probe = "training.probe={function: tgdpo_ray.experiments.credit.task:slot_probe, every: 4, arguments: {examples: x}}"
     config = build_config(raw, overrides=["loss.type=dpo", probe])
     assert config.training.probe.every == 4 and config.training.probe.arguments == {"examples": "x"}
-    assert "training.probe.function: expected module:function (e.g. tgdpo_ray.credit_task:slot_probe) (got " \
+    assert "training.probe.function: expected module:function (e.g. tgdpo_ray.experiments.credit.task:slot_probe) (got " \
            "'slot_probe')" in error_of(
         raw, ["loss.type=dpo", "training.probe={function: slot_probe, every: 4}"])
     assert "training.probe.function tgdpo_ray.nowhere:f: cannot import it (ModuleNotFoundError" in error_of(
@@ -304,7 +305,7 @@ def test_pairwise_needs_to_know_what_to_compare(eval_raw, tmp_path):
 
 
 def test_the_pipeline_evaluates_after_training_and_its_stages_do_not(raw):
-    from tgdpo_ray.pipeline import stage_config
+    from tgdpo_ray.launch.pipeline import stage_config
 
     raw.pop("guidance")
     raw.update(kind="pipeline", eval={"judge": {"model": "some-org/judge", "mode": "pairwise"}})
@@ -328,7 +329,7 @@ def test_engine_memory_is_a_size_on_cpu_and_a_share_of_the_gpu_otherwise(eval_ra
 
 def test_a_validated_config_written_out_validates_again(eval_raw, tmp_path):
     """config.yaml and check-config print every default: reading that back must give the same config."""
-    from tgdpo_ray.config_loader import dump_config
+    from tgdpo_ray.config.loader import dump_config
 
     config = build_config(eval_raw, overrides=["eval.generation.on_gpus=false", "eval.judge.on_gpus=false"])
     dump_config(config, tmp_path / "config.yaml")
@@ -339,5 +340,5 @@ def test_named_question_and_prompt_sets_are_not_paths(eval_raw):
     config = build_config(eval_raw, overrides=["eval.questions.path=mt_bench", "eval.judge.prompts=fastchat"])
     assert (config.eval.questions.path, config.eval.judge.prompts) == ("mt_bench", "fastchat")
     rule = build_config(eval_raw, overrides=["eval.judge.backend=rule", "eval.judge.model=null",
-                                             "eval.judge.function=tgdpo_ray.demo:rule_score"])
-    assert rule.eval.judge.identity == "rule:tgdpo_ray.demo:rule_score"
+                                             "eval.judge.function=tgdpo_ray.experiments.demo:rule_score"])
+    assert rule.eval.judge.identity == "rule:tgdpo_ray.experiments.demo:rule_score"

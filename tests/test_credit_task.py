@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tgdpo_ray.config import DataSection, RewardColumns
-from tgdpo_ray.credit_task import (
+from tgdpo_ray.config.job import DataSection, RewardColumns
+from tgdpo_ray.experiments.credit.task import (
     FILLER_LENGTH,
     encode_probe_set,
     make_task,
@@ -21,8 +21,8 @@ from tgdpo_ray.credit_task import (
     write_task_data,
     write_warm_start_data,
 )
-from tgdpo_ray.data import prepare_pairs
-from tgdpo_ray.models import load_tokenizer
+from tgdpo_ray.data.preference import prepare_pairs
+from tgdpo_ray.modeling.loading import load_tokenizer
 
 DATA = DataSection.model_validate({"train": "unused", "max_length": 64, "max_prompt_length": 16})
 

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from tgdpo_ray.batches import (IGNORE_INDEX, collate_pairs, grid_to_values, pack_by_token_budget, padded_tokens,
+from tgdpo_ray.kernels.batches import (IGNORE_INDEX, collate_pairs, grid_to_values, pack_by_token_budget, padded_tokens,
                                values_to_grid)
-from tgdpo_ray.config import DataSection
-from tgdpo_ray.data import DataError, prepare_pairs, tokenize_pair
-from tgdpo_ray.demo import rule_score, write_demo_data
+from tgdpo_ray.config.job import DataSection
+from tgdpo_ray.data.preference import DataError, prepare_pairs, tokenize_pair
+from tgdpo_ray.experiments.demo import rule_score, write_demo_data
 
 PLAIN = {"prompt": "Repeat: apple river", "chosen": "apple river", "rejected": "apple stone"}
 
@@ -305,7 +305,7 @@ def test_pairs_cap_fixes_the_micro_batch_size():
 def test_an_append_after_a_line_cut_short_starts_a_line_of_its_own(tmp_path):
     """A process that dies while appending leaves its last line without a newline: the next record must not be
     written onto it (and be lost with it when the broken line is skipped)."""
-    from tgdpo_ray.jsonl import append_records, read_records
+    from tgdpo_ray.common.jsonl import append_records, read_records
 
     path = tmp_path / "records.jsonl"
     path.write_text('{"a": 1}\n{"b": ')

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conftest import local_pairs, planned_step_ids, trained_pair_ids
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.jsonl import read_records
-from tgdpo_ray.run import run_train
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.train.driver import run_train
 
 EPOCHS = 2
 BAD_ROWS = [
@@ -178,8 +178,8 @@ def dpo_margins(policy_dir: str, reference_dir: str, rows: list, beta: float) ->
     """beta * (policy - reference) log-ratio of chosen minus rejected, summed over answer tokens, per pair."""
     from transformers import AutoModelForCausalLM
 
-    from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
-    from tgdpo_ray.logprobs import token_logps
+    from tgdpo_ray.kernels.batches import IGNORE_INDEX, collate_pairs
+    from tgdpo_ray.kernels.logprobs import token_logps
 
     batch = collate_pairs(rows, pad_id=0)
     answer = batch["labels"] != IGNORE_INDEX
@@ -226,7 +226,7 @@ def test_saved_policy_loads_with_transformers_and_generates(runs, name):
 
 
 def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):
-    from tgdpo_ray.cluster import ClusterError
+    from tgdpo_ray.runtime.ray_start import ClusterError
 
     config = build_config({
         "run": {"output_dir": str(tmp_path)},
@@ -240,7 +240,7 @@ def test_a_job_larger_than_the_cluster_fails_at_once(ray_cluster, tiny_model, de
 
 
 def test_a_node_label_or_resource_nobody_has_fails_at_once(ray_cluster, tiny_model, demo_data, tmp_path):
-    from tgdpo_ray.cluster import ClusterError
+    from tgdpo_ray.runtime.ray_start import ClusterError
 
     raw = {"run": {"output_dir": str(tmp_path)}, "data": {"train": str(demo_data["train"])},
            "loss": {"type": "dpo"}, "policy": {"model": tiny_model}}
@@ -254,7 +254,7 @@ def test_a_node_label_or_resource_nobody_has_fails_at_once(ray_cluster, tiny_mod
 
 def test_an_error_of_ours_in_a_training_worker_reaches_the_user_as_its_own_message(ray_cluster, tiny_model,
                                                                                      demo_data, tmp_path):
-    from tgdpo_ray.run import RunError
+    from tgdpo_ray.train.driver import RunError
 
     # FlexAttention asked for on a worker given a (logical) GPU that turns out to run on CPU: the config cannot
     # tell, the worker refuses it as it loads the model (no scorer: simpo).
@@ -304,7 +304,7 @@ EVAL_QUESTIONS = [
 def evaluation(runs, judge_server, tmp_path_factory):
     """The pipeline's last stage on the trained dpo and tgdpo policies: they answer in vLLM actors and
     `vllm serve` judges pairwise. (An in-cluster vLLM judge, re-grading and resuming: tests/test_engines.py.)"""
-    from tgdpo_ray.pipeline import evaluate_policies
+    from tgdpo_ray.launch.pipeline import evaluate_policies
 
     root = tmp_path_factory.mktemp("eval")
     questions = root / "questions.jsonl"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tgdpo_ray.config_eval import GenerationSection
-from tgdpo_ray.config_loader import build_config, read_raw_config
-from tgdpo_ray.demo import rule_score
+from tgdpo_ray.config.eval import GenerationSection
+from tgdpo_ray.config.loader import build_config, read_raw_config
+from tgdpo_ray.experiments.demo import rule_score
 from tgdpo_ray.eval.flow import run_eval
 from tgdpo_ray.eval.generation import GenerationError, actor_options, engine_args, start_engine, wait_started
 
@@ -84,7 +84,7 @@ def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_cluster
         assert judgment["score"] == rule_score(by_id[judgment["question_id"]]["turns"][0], answer)
     scores = summary["scores"]["models"]
     assert set(scores) == {"tgdpo", "dpo"} and all(model["n_scored"] == 32 for model in scores.values())
-    assert summary["judge"] == "rule:tgdpo_ray.demo:rule_score"
+    assert summary["judge"] == "rule:tgdpo_ray.experiments.demo:rule_score"
 
 
 def test_an_engine_that_cannot_fit_fails_with_one_line_naming_model_memory_and_key(ray_cluster, tiny_model):

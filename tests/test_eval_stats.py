@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tgdpo_ray.bootstrap import bootstrap_ci, mean_interval, ratio
+from tgdpo_ray.common.intervals import bootstrap_ci, mean_interval, ratio
 from tgdpo_ray.eval.report import format_table, write_eval_report
 from tgdpo_ray.eval.stats import (
     combine_orders,

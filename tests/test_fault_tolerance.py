@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import trained_pair_ids
-from tgdpo_ray.checkpoints import checkpoint_storage
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.demo import make_tiny_model
-from tgdpo_ray.run import run_train
+from tgdpo_ray.train.checkpoints import checkpoint_storage
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.experiments.demo import make_demo_model
+from tgdpo_ray.train.driver import run_train
 
 
 def start_run(config):
@@ -51,7 +51,7 @@ def scorer_killed_run(ray_cluster, tiny_model, demo_data, tmp_path_factory):
     """One epoch in stream mode whose reference scorer actor is killed while scoring."""
     root = tmp_path_factory.mktemp("scorer-killed")
     # A slower reference model than the policy, so that the kill lands while scoring is under way.
-    slow_reference = str(make_tiny_model(str(root / "slow-ref"), hidden_size=512, layers=8))
+    slow_reference = str(make_demo_model(str(root / "slow-ref"), hidden_size=512, layers=8))
     config = build_config({
         "run": {"name": "scorer-killed", "output_dir": str(root)},
         "data": {"train": {"path": str(demo_data["train"]), "limit": 160}, "max_length": 64, "max_prompt_length": 32},

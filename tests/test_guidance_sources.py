@@ -5,19 +5,19 @@ import json
 import pytest
 import torch
 
-from tgdpo_ray.config import DataSection, RewardColumns
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.data import DataError, prepare_pairs
-from tgdpo_ray.demo import make_tiny_model
-from tgdpo_ray.losses import PairBatch, TGDPOLoss
-from tgdpo_ray.models import load_token_reward_model
-from tgdpo_ray.run import run_train
-from tgdpo_ray.scoring import answer_values
+from tgdpo_ray.config.job import DataSection, RewardColumns
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.data.preference import DataError, prepare_pairs
+from tgdpo_ray.experiments.demo import make_demo_model
+from tgdpo_ray.kernels.losses import PairBatch, TGDPOLoss
+from tgdpo_ray.modeling.loading import load_token_reward_model
+from tgdpo_ray.train.driver import run_train
+from tgdpo_ray.scoring.pools import answer_values
 
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    return str(make_tiny_model(str(tmp_path_factory.mktemp("token-reward")), token_reward_head=True))
+    return str(make_demo_model(str(tmp_path_factory.mktemp("token-reward")), token_reward_head=True))
 
 
 @pytest.fixture(scope="module")

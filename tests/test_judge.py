@@ -13,12 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tgdpo_ray.config_eval import EvalSection
+from tgdpo_ray.config.eval import EvalSection
 from tgdpo_ray.eval.flow import judge_all, judgment_tasks
 from tgdpo_ray.eval.judge import (JudgeError, OpenAIJudge, RuleJudge, check_references, load_prompts, parse_choice,
                                   parse_rating, render)
 from tgdpo_ray.eval.questions import Question
-from tgdpo_ray.jsonl import read_records
+from tgdpo_ray.common.jsonl import read_records
 
 MATH = Question("7", "math", ("What is 2 + 3?", "And times 4?"), ("5", "20"))
 WRITING = Question("8", "writing", ("Write a haiku about rain.", "Now make it sadder."))
@@ -443,8 +443,8 @@ def test_a_rule_judge_scores_every_answer_and_picks_the_better_one_in_both_order
 def test_a_rule_that_cannot_be_imported_or_breaks_stops_the_job_naming_it(tmp_path):
     with pytest.raises(JudgeError, match="judge.function no_such_module:f: cannot import it"):
         RuleJudge("no_such_module:f")
-    with pytest.raises(JudgeError, match="judge.function tgdpo_ray.demo:nothing: cannot import it"):
-        RuleJudge("tgdpo_ray.demo:nothing")
+    with pytest.raises(JudgeError, match="judge.function tgdpo_ray.experiments.demo:nothing: cannot import it"):
+        RuleJudge("tgdpo_ray.experiments.demo:nothing")
     question = Question("9", "demo", ("Repeat: apple",), None)
     task = judgment_tasks(EvalSection.model_validate({"judge": {"backend": "rule", "function": "m:f"}}),
                           [question], answers_for({"m": ["apple"]}, question), ["m"], None)[0]

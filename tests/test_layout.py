@@ -68,7 +68,7 @@ def test_the_checks_see_imports_of_every_form(tmp_path):
     """A check that finds nothing proves nothing unless it would find something."""
     source = tmp_path / "sample.py"
     source.write_text("from tgdpo_ray.eval.judge import x\nfrom tgdpo_ray import cluster\nimport tgdpo_ray.cli\n"
-                      "def f():\n    from tgdpo_ray.training import train_loop\n")
+                      "def f():\n    from tgdpo_ray.train.worker import train_loop\n")
     assert imported_modules(source) == {"eval.judge", "cluster", "cli", "training"}
     assert "eval.flow" in modules()["pipeline"]  # a lazy import, inside a function
 

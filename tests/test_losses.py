@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from tgdpo_ray.config import LossSection
-from tgdpo_ray.logprobs import token_logps
-from tgdpo_ray.losses import (
+from tgdpo_ray.config.job import LossSection
+from tgdpo_ray.kernels.logprobs import token_logps
+from tgdpo_ray.kernels.losses import (
     LOSSES,
     DPOLoss,
     IPOLoss,

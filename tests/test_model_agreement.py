@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.demo import make_tiny_model
-from tgdpo_ray.models import ModelMismatchError, check_models_agree, load_causal_lm, load_tokenizer
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.experiments.demo import make_demo_model
+from tgdpo_ray.modeling.loading import ModelMismatchError, check_models_agree, load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,13 @@ def models(tmp_path_factory):
     """A policy and scorer candidates: the BPE corpus is small, so vocab_size 400 is reached exactly and the
     seed alone changes which tokens it holds."""
     root = tmp_path_factory.mktemp("agreement")
-    policy = make_tiny_model(str(root / "policy"), seed=0, vocab_size=400)
+    policy = make_demo_model(str(root / "policy"), seed=0, vocab_size=400)
     made = {
         "policy": policy,
-        "other_vocabulary": make_tiny_model(str(root / "other"), seed=1, vocab_size=400),
-        "smaller": make_tiny_model(str(root / "smaller"), seed=0, vocab_size=300),
-        "reward_head": make_tiny_model(str(root / "reward"), seed=0, vocab_size=400, token_reward_head=True),
-        "other_reward_head": make_tiny_model(str(root / "reward-other"), seed=1, vocab_size=400,
+        "other_vocabulary": make_demo_model(str(root / "other"), seed=1, vocab_size=400),
+        "smaller": make_demo_model(str(root / "smaller"), seed=0, vocab_size=300),
+        "reward_head": make_demo_model(str(root / "reward"), seed=0, vocab_size=400, token_reward_head=True),
+        "other_reward_head": make_demo_model(str(root / "reward-other"), seed=1, vocab_size=400,
                                              token_reward_head=True),
     }
     shutil.copytree(policy, root / "copy")
@@ -88,7 +88,7 @@ def test_models_that_agree_or_are_the_policy_pass(models, demo_data, tmp_path, m
     def no_loading(*args, **kwargs):
         raise AssertionError("nothing to compare: no model should be loaded")
 
-    monkeypatch.setattr("tgdpo_ray.models.vocabulary_signature", no_loading)
+    monkeypatch.setattr("tgdpo_ray.modeling.loading.vocabulary_signature", no_loading)
     check_models_agree(config(models, demo_data, tmp_path))  # reference and guidance are the policy
     # Rewards from the data: no guidance model is read, whatever guidance.model says.
     check_models_agree(config(models, demo_data, tmp_path, "guidance.source=column", guidance="smaller"))
@@ -96,12 +96,12 @@ def test_models_that_agree_or_are_the_policy_pass(models, demo_data, tmp_path, m
 
 def test_run_train_fails_before_ray_starts(models, demo_data, tmp_path, monkeypatch):
     """Through the real entry point, as a pipeline's TGDPO stage would start with a mismatched guidance model."""
-    from tgdpo_ray.run import run_train
+    from tgdpo_ray.train.driver import run_train
 
     def start_ray(config):
         raise AssertionError("Ray started before the models were checked")
 
-    monkeypatch.setattr("tgdpo_ray.run.start_ray", start_ray)
+    monkeypatch.setattr("tgdpo_ray.train.driver.start_ray", start_ray)
     job = config(models, demo_data, tmp_path, guidance="smaller")
     with pytest.raises(ModelMismatchError, match="config.vocab_size 300 vs 400"):
         run_train(job)
@@ -110,7 +110,7 @@ def test_run_train_fails_before_ray_starts(models, demo_data, tmp_path, monkeypa
 
 def test_scorers_run_in_the_policy_precision_unless_set(models, demo_data, tmp_path):
     """An fp32 policy with bf16 scorers has a non-zero log-ratio at step 0: by default scorers take the policy's."""
-    from tgdpo_ray.scoring import add_scorer
+    from tgdpo_ray.scoring.pools import add_scorer
 
     class Recorder:  # stands in for the Ray dataset: records how each scorer pool would be built
         def __init__(self):

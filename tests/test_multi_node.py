@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import trained_pair_ids, without_local_ray
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.demo import make_tiny_model
-from tgdpo_ray.run import run_train
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.experiments.demo import make_demo_model
+from tgdpo_ray.train.driver import run_train
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def placements(run_dir: Path) -> list[dict]:
 
 def test_groups_follow_their_labels_and_survive_a_lost_scorer_node(cluster, tiny_model, demo_data, tmp_path):
     ray_cluster, node_ids, nodes = cluster
-    slow_reference = str(make_tiny_model(str(tmp_path / "slow-ref"), hidden_size=512, layers=8))
+    slow_reference = str(make_demo_model(str(tmp_path / "slow-ref"), hidden_size=512, layers=8))
     config = build_config({
         "run": {"name": "labelled", "output_dir": str(tmp_path)},
         "data": {"train": {"path": str(demo_data["train"]), "limit": 128}, "max_length": 64, "max_prompt_length": 32,

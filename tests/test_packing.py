@@ -14,10 +14,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tgdpo_ray import flex, varlen
-from tgdpo_ray.attention import AttentionUnavailableError, resolve
-from tgdpo_ray.batches import IGNORE_INDEX, collate_pairs
-from tgdpo_ray.logprobs import (
+from tgdpo_ray.kernels import flex, varlen
+from tgdpo_ray.kernels.attention import AttentionUnavailableError, resolve
+from tgdpo_ray.kernels.batches import IGNORE_INDEX, collate_pairs
+from tgdpo_ray.kernels.logprobs import (
     check_plain_lm_head,
     lm_head_token_logps,
     model_attention_mask,
@@ -25,7 +25,7 @@ from tgdpo_ray.logprobs import (
     packed_attention,
     token_logps,
 )
-from tgdpo_ray.packing import PROMPT, pack_pairs, pack_rows, pair_span
+from tgdpo_ray.kernels.packing import PROMPT, pack_pairs, pack_rows, pair_span
 
 ATOL = 1e-5
 
@@ -300,7 +300,7 @@ def test_flex_mask_blocks_of_64_equal_padded(tiny_model, monkeypatch):
     gives the same log-probs (the blocks it skips hold no attended pair) and skips the padding but its diagonal."""
     from transformers import AutoModelForCausalLM
 
-    from tgdpo_ray.logprobs import packed_attention_inputs
+    from tgdpo_ray.kernels.logprobs import packed_attention_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
     flex.enable(model)
@@ -493,9 +493,9 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoConfig
 
-    from tgdpo_ray.config_loader import build_config
-    from tgdpo_ray.losses import build_loss
-    from tgdpo_ray.training import build_engine, load_policy, micro_batch_loss
+    from tgdpo_ray.config.loader import build_config
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.worker import build_engine, load_policy, micro_batch_loss
 
     rng = np.random.default_rng(0)
     rows = make_pairs(seed=5, count=6, vocab=AutoConfig.from_pretrained(tiny_model).vocab_size)
@@ -558,7 +558,7 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
 
 
 def test_the_scorer_gives_the_same_values_in_every_layout(model):
-    from tgdpo_ray.scoring import answer_values
+    from tgdpo_ray.scoring.pools import answer_values
 
     rows = make_pairs(seed=9, count=5, vocab=model.config.vocab_size)
     padded = answer_values(model, rows, 0, torch.device("cpu"), 64, token_rewards=False)

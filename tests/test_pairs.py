@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.data import DataError
-from tgdpo_ray.jsonl import read_records
-from tgdpo_ray.pairs import PairsError, Prompt, choose_pair, load_prompts, run_pairs
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.data.preference import DataError
+from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.onpolicy.pairs import PairsError, Prompt, choose_pair, load_prompts, run_pairs
 
 PROMPTS = 8
 SAMPLES = 4
@@ -210,7 +210,7 @@ def test_a_bad_prompt_names_its_file_and_line_or_is_counted(tmp_path, tiny_model
 
 
 def test_the_pairs_section_is_checked_before_anything_starts(tmp_path, tiny_model, prompts_file):
-    from tgdpo_ray.config_base import ConfigError
+    from tgdpo_ray.config.base import ConfigError
 
     with pytest.raises(ConfigError, match="ranker.type judge needs ranker.judge"):
         pairs_config(tmp_path, "x", tiny_model, prompts_file, {"type": "judge"})

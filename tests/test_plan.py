@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config_base import ConfigError
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.demo import make_tiny_model
-from tgdpo_ray.plan import format_plan, make_plan, measure_data, parameter_count, parse_cluster
+from tgdpo_ray.config.base import ConfigError
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.experiments.demo import make_demo_model
+from tgdpo_ray.launch.plan import format_plan, make_plan, measure_data, parameter_count, parse_cluster
 
 
 @pytest.fixture(scope="module")
 def big_guidance(tmp_path_factory):
-    return str(make_tiny_model(str(tmp_path_factory.mktemp("big")), hidden_size=256, layers=4))
+    return str(make_demo_model(str(tmp_path_factory.mktemp("big")), hidden_size=256, layers=4))
 
 
 def job(tiny_model, demo_data, guidance, *overrides):

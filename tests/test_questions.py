@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tgdpo_ray.errors import UserError
+from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.eval.questions import (
     MT_BENCH_CATEGORIES,
     SHIPPED_QUESTIONS,

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tgdpo_ray import cluster
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.errors import UserError
+from tgdpo_ray.runtime import ray_start
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.common.errors import UserError
 
 # On today's Ray a bad address retries for about two minutes: fail the test long before that.
 pytestmark = pytest.mark.timeout(60)
@@ -41,7 +41,7 @@ def free_port() -> int:
 def start_ray_error(config) -> tuple[str, float]:
     started = time.monotonic()
     with pytest.raises(UserError) as info:
-        cluster.start_ray(config)
+        ray_start.start_ray(config)
     return str(info.value), time.monotonic() - started
 
 
@@ -60,7 +60,7 @@ def test_an_address_that_never_answers_fails_after_the_connect_timeout(monkeypat
     listener.listen(0)
     port = listener.getsockname()[1]
     queued = socket.create_connection(("127.0.0.1", port), timeout=1)
-    monkeypatch.setattr(cluster, "RAY_CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(ray_start, "RAY_CONNECT_TIMEOUT_S", 1.0)
     try:
         message, seconds = start_ray_error(config_with(f"127.0.0.1:{port}"))
     finally:

@@ -7,9 +7,9 @@ import json
 
 import yaml
 
-from tgdpo_ray.demo_real import run_demo_real
-from tgdpo_ray.jsonl import read_records
-from tgdpo_ray.verifiable import write_verifiable_data
+from tgdpo_ray.experiments.demo_real import run_demo_real
+from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.onpolicy.verifiable import write_verifiable_data
 
 
 def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, smollm2, tmp_path):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tgdpo_ray.config_base import ConfigError
-from tgdpo_ray.reproduce import (GUIDANCE_RUN, GUIDED, Experiment, ExperimentError, Run, Scheduler, arms,
-                                 load_experiment, run_experiment)
-from tgdpo_ray.reproduce_report import headline_ratio, steps_to
+from tgdpo_ray.config.base import ConfigError
+from tgdpo_ray.experiments.credit.report import headline_ratio, steps_to
+from tgdpo_ray.experiments.credit.runner import Experiment, ExperimentError, Run, Scheduler, run_experiment
+from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, arms, load_experiment
 
 SPEC = str(Path(__file__).resolve().parent.parent / "jobs" / "reproduce.yaml")
 

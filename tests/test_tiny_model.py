@@ -28,10 +28,10 @@ def test_make_tiny_model_cli_builds_a_loadable_llama(tmp_path, capsys):
 
 
 def test_same_seed_same_weights(tmp_path):
-    from tgdpo_ray.demo import make_tiny_model
+    from tgdpo_ray.experiments.demo import make_demo_model
 
-    a = AutoModelForCausalLM.from_pretrained(make_tiny_model(str(tmp_path / "a"), seed=5))
-    b = AutoModelForCausalLM.from_pretrained(make_tiny_model(str(tmp_path / "b"), seed=5))
+    a = AutoModelForCausalLM.from_pretrained(make_demo_model(str(tmp_path / "a"), seed=5))
+    b = AutoModelForCausalLM.from_pretrained(make_demo_model(str(tmp_path / "b"), seed=5))
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
 

@@ -11,11 +11,11 @@ import torch
 from conftest import local_pairs
 from safetensors.torch import load_file
 
-from tgdpo_ray.batches import pack_by_token_budget
-from tgdpo_ray.config import TrainingSection
-from tgdpo_ray.config_loader import build_config
-from tgdpo_ray.run import run_train
-from tgdpo_ray.steps import HELD_OUT, StepShare, StreamParts, epoch_order, in_epoch_order, plan_steps
+from tgdpo_ray.kernels.batches import pack_by_token_budget
+from tgdpo_ray.config.job import TrainingSection
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.train.driver import run_train
+from tgdpo_ray.train.schedule import HELD_OUT, StepShare, StreamParts, epoch_order, in_epoch_order, plan_steps
 
 PAIRS = 12
 
@@ -51,7 +51,7 @@ def test_rank_0_reads_the_stream_part_by_part_and_past_the_parts_it_no_longer_ne
 
 
 def test_the_stream_is_read_ahead_in_a_thread_and_its_errors_reach_the_reader():
-    from tgdpo_ray.training import read_ahead
+    from tgdpo_ray.train.worker import read_ahead
 
     asked = threading.Event()
 
@@ -108,9 +108,9 @@ def flat_update(weights: dict, start: dict) -> torch.Tensor:
 
 def step_in_this_process(config) -> tuple[float, float, torch.Tensor]:
     """(loss, gradient norm, weight update) of the first step, planned and dealt as rank 0 of one worker does."""
-    from tgdpo_ray.steps import deal_step
-    from tgdpo_ray.losses import build_loss
-    from tgdpo_ray.training import build_engine, load_policy, train_step
+    from tgdpo_ray.train.schedule import deal_step
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.worker import build_engine, load_policy, train_step
 
     pad_id, train, _ = local_pairs(config)
     engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=1, world_size=1)
@@ -172,8 +172,8 @@ def test_every_pair_of_a_step_weighs_the_same_however_the_step_is_cut(one_proces
 def test_gradient_checkpointing_runs_from_the_first_step(one_process_group, tiny_model, demo_data, tmp_path):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from tgdpo_ray.losses import build_loss
-    from tgdpo_ray.training import build_engine, load_policy, train_step
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.worker import build_engine, load_policy, train_step
 
     config = build_config({"run": {"output_dir": str(tmp_path)}, "loss": {"type": "simpo"},
                            "data": {"train": {"path": str(demo_data["train"]), "limit": 4}, "max_length": 64,
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_runs_from_the_first_step(one_process_group, tiny
 def test_dropout_is_off_in_the_policy_unless_asked_for(tiny_model, tmp_path):
     import shutil
 
-    from tgdpo_ray.training import load_policy
+    from tgdpo_ray.train.worker import load_policy
 
     folder = tmp_path / "with-dropout"
     shutil.copytree(tiny_model, folder)
@@ -246,9 +246,9 @@ def chosen_answer_nll(model_dir: str, rows: list) -> float:
 
 
 def test_sft_trains_the_chosen_answers_likelihood(one_process_group, tiny_model, demo_data, tmp_path):
-    from tgdpo_ray.losses import build_loss
-    from tgdpo_ray.steps import deal_step
-    from tgdpo_ray.training import build_engine, load_policy, train_step
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.schedule import deal_step
+    from tgdpo_ray.train.worker import build_engine, load_policy, train_step
 
     config = one_step_config(tiny_model, demo_data, tmp_path, loss="sft", max_tokens_per_batch=10**5)
     assert not config.needs_reference and config.guidance_kind is None  # no scorer pool runs

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tgdpo_ray import verifiable
-from tgdpo_ray.verifiable import (
+from tgdpo_ray.onpolicy import verifiable
+from tgdpo_ray.onpolicy.verifiable import (
     KINDS,
     combination,
     conflicting,

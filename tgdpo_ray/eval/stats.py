@@ -80,7 +80,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tgdpo_ray.bootstrap import bootstrap_ci, ratio
+from tgdpo_ray.common.intervals import bootstrap_ci, ratio
 
 def _interval(low: float | None, high: float | None) -> list[float] | None:
     return None if low is None else [low, high]

@@ -1,0 +1,262 @@
+"""`tgdpo-ray reproduce`: does TGDPO learn faster than DPO where credit assignment matters?
+
+The experiment (jobs/reproduce.yaml) runs the credit-assignment task (credit_task.py) through our real trainer:
+every run below is a `kind: train` job (Ray Train + DeepSpeed, the scorer pools, the score cache), and the
+trainer's probe (training.probe) records the slot metrics every few optimizer steps.
+
+1. warm start: one SFT run on the task's format (X drawn uniformly), the start and reference of every other run;
+2. for every seed (its own bijection f, data and pair order, shared by all arms: the arms are paired):
+   - guidance: DPO trained longer (guidance.epochs), the guidance model of arm tgdpo-dpo-guided, whose final slot
+     accuracy must reach guidance.min_slot_accuracy (the report flags a seed where it does not);
+   - the arms, all with the same data, steps and hyperparameters unless named: dpo (and dpo-lrM for each
+     arms.lr_multipliers M other than 1), tgdpo-oracle (+c on X, -c on X' through guidance.source: column),
+     tgdpo-dpo-guided (the paper's recipe), tgdpo-dpo-guided-clamped (the same, token weights clamped at 0) and
+     tgdpo-shuffled (the oracle rewards shuffled across positions).
+
+Runs go `concurrent_runs` at a time, each as soon as what it needs is done. A run whose folder holds a finished
+run of the same config is not run again, so an interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.config.job import DataSection, JobConfig
+from tgdpo_ray.config.loader import build_config, ready_to_run
+from tgdpo_ray.experiments.credit.report import write_report
+from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, ExperimentSpec, Stage, arms, load_experiment
+from tgdpo_ray.experiments.credit.task import make_task, make_task_model, write_task_data, write_warm_start_data
+from tgdpo_ray.modeling.loading import load_tokenizer
+
+
+def merged(base: dict, update: dict) -> dict:
+    """`base` with `update` written over it, section by section."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass
+class Run:
+    name: str  # e.g. seed-1/tgdpo-oracle
+    config: JobConfig
+    made_from: list[str] = field(default_factory=list)  # runs whose models it reads: trained again, it is stale
+    after: list[str] = field(default_factory=list)  # runs that must finish first: made_from, and any other
+
+    def __post_init__(self):
+        self.after = list(dict.fromkeys(self.made_from + self.after))
+
+
+class Experiment:
+    """The runs of one experiment spec and the files they read."""
+
+    def __init__(self, spec: ExperimentSpec, source: str):
+        self.spec, self.source = spec, source
+        self.out = spec.out_dir.resolve()
+        self.data = DataSection.model_validate({"train": "unused", **spec.job.get("data", {})})
+
+    def job(self, folder: Path, name: str, seed: int, loss: str, train: Path, model: str, stage: Stage,
+            lr_multiplier: float = 1.0, probe: Optional[Path] = None, guidance: Optional[dict] = None,
+            clamp: bool = False) -> JobConfig:
+        """One run's job config, <folder>/<name>: the spec's shared sections, then what this run sets. Its paths
+        are checked when it starts (ready_to_run): the models it needs are made by earlier runs."""
+        training = {"epochs": stage.epochs, "learning_rate": stage.learning_rate * lr_multiplier}
+        if stage.min_lr_ratio is not None:
+            training["min_lr_ratio"] = stage.min_lr_ratio
+        if probe is not None:  # the reference of every probed run is the warm start, which it starts from
+            training["probe"] = {"function": "tgdpo_ray.experiments.credit.task:slot_probe", "every": self.spec.probe_every,
+                                 "arguments": {"examples": str(probe), "reference": model}}
+        defaults = {"scoring": {"cache_dir": str(self.out / "cache")}}
+        raw = merged(merged(defaults, self.spec.job), {
+            "kind": "train", "run": {"name": name, "output_dir": str(folder), "seed": seed},
+            "data": {"train": {"path": str(train)}}, "loss": {"type": loss, "clamp_weights": clamp},
+            "training": training,
+            "policy": {"model": model}, "guidance": guidance or {}})
+        return build_config(raw, f"{self.source} (run {folder.name}/{name})", check_paths=False)
+
+    @property
+    def init_model(self) -> Path:
+        return self.out / "init-model"
+
+    @property
+    def warm_start_model(self) -> str:
+        return str(self.out / "warm-start" / "model")
+
+    def prepare(self, log=print) -> Run:
+        """The tiny model and the warm start's data; returns the warm-start run."""
+        spec = self.spec
+        init = self.init_model
+        if not (init / "config.json").exists():
+            log(f"[reproduce] building the tiny model in {init}")
+            make_task_model(init, make_task(0, spec.task.keys, spec.task.filler_words))
+        pairs = write_warm_start_data(self.out / "warm-start.jsonl", make_task(0, spec.task.keys,
+                                      spec.task.filler_words), 0, spec.warm_start.pairs)
+        return Run("warm-start", self.job(self.out, "warm-start", 0, "sft", pairs, str(init), spec.warm_start))
+
+    def seed_runs(self, seed: int) -> list[Run]:
+        """The guidance run and every arm of one seed, after writing the seed's data."""
+        spec, start = self.spec, self.warm_start_model
+        task = make_task(seed, spec.task.keys, spec.task.filler_words)
+        folder = self.out / f"seed-{seed}"
+        # The warm start keeps the tiny model's tokenizer, so the data can be written before it has run.
+        paths = write_task_data(folder / "data", task, seed, spec.task.train_pairs, spec.task.probe_answers_per_key,
+                                load_tokenizer(str(self.init_model)), self.data, spec.task.oracle_reward)
+        guidance = Run(f"seed-{seed}/{GUIDANCE_RUN}", self.job(folder, GUIDANCE_RUN, seed, "dpo", paths["train"], start,
+                                                             spec.guidance, probe=paths["probe"]), ["warm-start"])
+        runs = [guidance]
+        for arm in arms(spec):
+            source = {}
+            if arm.rewards:
+                source = {"source": "column", "reward_columns": {"chosen": f"{arm.rewards}_chosen",
+                                                                 "rejected": f"{arm.rewards}_rejected"}}
+            if arm.guided:
+                source = {"source": "implicit", "model": str(guidance.config.run_dir / "model")}
+            config = self.job(folder, arm.name, seed, arm.loss, paths["train"], start, spec.arms, arm.lr_multiplier,
+                              paths["probe"], source, arm.clamp)
+            # The guided arm reads the guidance model; the dpo arms read the reference scores the guidance run
+            # cached (same data, same reference), so they wait for it: no two runs write one cache.
+            runs.append(Run(f"seed-{seed}/{arm.name}", config, ["warm-start"] + ([guidance.name] if arm.guided else []),
+                            after=[guidance.name] if arm.loss == "dpo" else []))
+        return runs
+
+
+# ---------------------------------------------------------------- running them
+
+
+def saved_state(config: JobConfig) -> str:
+    """What the run's folder holds: "finished" (a complete run of this config), "interrupted" (a run of this
+    config that stopped early: it resumes from its checkpoint), or "other" (nothing, or a run of another config:
+    it starts over). run.resume aside: it says how a run starts."""
+    summary, saved = config.run_dir / "summary.json", config.run_dir / "config.yaml"
+    if not saved.exists():
+        return "other"
+    before, now = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
+    for raw in (before, now):
+        raw["run"].pop("resume")
+    if before != now:
+        return "other"
+    complete = summary.exists() and json.loads(summary.read_text()).get("complete", False)
+    return "finished" if complete else "interrupted"
+
+
+def probe_curve(run_dir: Path) -> list[dict]:
+    """The probe records of a run: [{step, slot_probability, slot_accuracy, filler_kl}], by step."""
+    return [{"step": record["step"], **record["probe"]} for record in read_records(run_dir / "metrics.jsonl")
+            if "probe" in record]
+
+
+class ExperimentError(UserError, RuntimeError):
+    """A run of the experiment failed; the message names it and carries its error."""
+
+
+class Skipped(Exception):
+    """A run not started because an earlier one failed."""
+
+
+class Scheduler:
+    """Runs each run in a thread of its own once the runs it waits for are done, `slots` at a time; the first
+    failure stops every run that has not started and is raised by wait()."""
+
+    def __init__(self, slots: int, execute: Callable[[Run], None]):
+        self.slots = threading.Semaphore(slots)
+        self.execute = execute
+        self.futures: dict[str, Future] = {}
+        self.failed = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=64)
+
+    def submit(self, run: Run) -> None:
+        before = [self.futures[name] for name in run.after]  # submitted before it, in order
+
+        def body() -> None:
+            for future in before:
+                future.result()
+            with self.slots:
+                if self.failed.is_set():
+                    raise Skipped(run.name)
+                try:
+                    self.execute(run)
+                except BaseException:
+                    self.failed.set()
+                    raise
+
+        self.futures[run.name] = self.pool.submit(body)
+
+    def wait(self) -> None:
+        errors = [(name, future.exception()) for name, future in self.futures.items()]
+        errors = [(name, error) for name, error in errors if error is not None and not isinstance(error, Skipped)]
+        self.pool.shutdown()
+        if errors:
+            name, error = errors[0]
+            raise ExperimentError(f"run {name} failed: {error}") from error
+
+
+def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=print) -> dict:
+    """Every run of the experiment, then the report (reproduce_report.py); returns the results."""
+    from tgdpo_ray.runtime.ray_start import start_ray
+    from tgdpo_ray.train.driver import run_train
+
+    spec = load_experiment(config_path, overrides)
+    experiment = Experiment(spec, config_path)
+    experiment.out.mkdir(parents=True, exist_ok=True)
+    (experiment.out / "experiment.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    started = time.perf_counter()
+    runs = [experiment.prepare(log)]
+    runs += [run for seed in range(1, spec.seeds + 1) for run in experiment.seed_runs(seed)]
+    done, trained, lock = [], set(), threading.Lock()
+
+    def execute(run: Run) -> None:
+        begun = time.perf_counter()
+        # A finished run is kept unless something it was made from (the warm start, a guidance model) was
+        # trained again; an interrupted one resumes; any other starts over (its checkpoints are of other inputs).
+        state = "other" if trained.intersection(run.made_from) else saved_state(run.config)
+        if state == "finished":
+            note = "already finished"
+        else:
+            with lock:
+                trained.add(run.name)
+            resume = state == "interrupted"
+            config = run.config.model_copy(update={"run": run.config.run.model_copy(update={"resume": resume})})
+            run_train(ready_to_run(config, experiment.source), log=lambda line: None)
+            note = f"{time.perf_counter() - begun:.0f}s"
+        curve = probe_curve(run.config.run_dir)
+        with lock:
+            done.append(run.name)
+            shown = (f": slot accuracy {curve[0]['slot_accuracy']:.2f} -> {curve[-1]['slot_accuracy']:.2f}, filler "
+                     f"KL {curve[-1]['filler_kl']:.3f} at step {curve[-1]['step']}") if curve else ""
+            log(f"[reproduce] {len(done)}/{len(runs)} {run.name} ({note}){shown}")
+
+    start_ray(runs[0].config, log_to_driver=False)  # each run's own record is in its folder (metrics.jsonl)
+    import ray.data  # noqa: F401  (Ray Data sets its loggers up when imported: quieten them after that)
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the cache's reads and writes, one line per dataset
+    log(f"[reproduce] {len(runs)} runs, {spec.concurrent_runs} at a time; folders under {experiment.out}")
+    scheduler = Scheduler(spec.concurrent_runs, execute)
+    for run in runs:
+        scheduler.submit(run)
+    scheduler.wait()
+    curves = {run.name: probe_curve(run.config.run_dir) for run in runs[1:]}
+    return write_report(spec, experiment.out, curves, time.perf_counter() - started, len(trained), log)
+
+
+# The small results that are committed (bench/results): the numbers and the plots.
+PUBLISHED = ("reproduce.json", "curves.png", "accuracy_vs_kl.png")
+
+
+def publish(results_dir: Path, experiment_dir: Path, files: tuple[str, ...]) -> list[Path]:
+    """Copies the small results (the JSON and the plots) into a folder that is committed, e.g. bench/results."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(experiment_dir / name, results_dir / name)) for name in files]

@@ -1,0 +1,249 @@
+"""The credit-assignment task of `tgdpo-ray reproduce`: one decisive token among many irrelevant differences.
+
+A prompt `key: K` names a key K from a set A of words. The answer is FILLER_LENGTH filler words, then `K => X`
+with X = f(K) for a bijection f over A drawn from the seed. The chosen answer has the right X; the rejected one
+has a wrong X' and a filler drawn again, so about 17 tokens differ per side but only X matters. A sequence-level
+loss (DPO) must find out which differences count; token-level guidance can say so.
+
+Also here: the warm-start data (the format with X drawn uniformly, so a model trained on it has learned the
+filler and is near uniform over A at the slot), the oracle token rewards (+c on X, -c on X') and their shuffled
+control, the tiny model with a tokenizer that keeps every word of the task one token, and `slot_probe`, the
+teacher-forced metrics the trainer records every few steps (training.probe).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tgdpo_ray.config.job import DataSection
+from tgdpo_ray.data.preference import template_pair, tokenize_pair
+from tgdpo_ray.common.jsonl import numbered_lines, rewrite_records
+
+SLOT_WORDS = (
+    "amber basil cedar delta ember fjord garnet harbor indigo jasper kestrel lotus maple nectar onyx prism "
+    "quartz raven sable tundra umber velvet willow yarrow"
+).split()
+FILLER_WORDS = (
+    "the a of and to in is it that was for on are as with his they at be this from have or by one had not but "
+    "what all were when we there can"
+).split()
+FILLER_LENGTH = 16
+ARROW = "=>"
+
+
+@dataclass(frozen=True)
+class Task:
+    keys: tuple[str, ...]  # the set A
+    mapping: dict  # f: key -> value, a bijection over A
+    filler: tuple[str, ...]
+
+    def slot_line(self, key: str, value: str) -> str:
+        return f"{key} {ARROW} {value}"
+
+    def answer(self, rng: random.Random, key: str, value: str) -> str:
+        return " ".join(rng.choices(self.filler, k=FILLER_LENGTH) + [self.slot_line(key, value)])
+
+
+def make_task(seed: int, keys: int = 16, filler_words: int = 24) -> Task:
+    """The task of one seed: its bijection f is drawn from the seed (the key set and filler are fixed)."""
+    if not 2 <= keys <= len(SLOT_WORDS):
+        raise ValueError(f"keys must be between 2 and {len(SLOT_WORDS)}, got {keys}")
+    if not 2 <= filler_words <= len(FILLER_WORDS):
+        raise ValueError(f"filler_words must be between 2 and {len(FILLER_WORDS)}, got {filler_words}")
+    chosen = tuple(SLOT_WORDS[:keys])
+    values = list(chosen)
+    random.Random(seed).shuffle(values)
+    return Task(keys=chosen, mapping=dict(zip(chosen, values)), filler=tuple(FILLER_WORDS[:filler_words]))
+
+
+def prompt(key: str) -> str:
+    return f"key: {key}"
+
+
+def preference_pair(task: Task, rng: random.Random, key: str) -> dict:
+    value = task.mapping[key]
+    wrong = rng.choice([other for other in task.keys if other != value])
+    return {"prompt": prompt(key), "chosen": task.answer(rng, key, value), "rejected": task.answer(rng, key, wrong),
+            "key": key, "value": value, "wrong_value": wrong}
+
+
+def warm_start_pair(task: Task, rng: random.Random, key: str) -> dict:
+    """The format alone: X is drawn uniformly (f is never shown), so the start knows the filler and the slot's
+    place, and is near uniform over A there."""
+    first, second = rng.sample(task.keys, 2)
+    return {"prompt": prompt(key), "chosen": task.answer(rng, key, first), "rejected": task.answer(rng, key, second)}
+
+
+# ---------------------------------------------------------------- token rewards
+
+
+def slot_index(answer_ids: list[int], tokenizer) -> int:
+    """The place of X among an answer's tokens: the token after the last `=>`."""
+    arrow = tokenizer(f" {ARROW}", add_special_tokens=False)["input_ids"]
+    if len(arrow) != 1:
+        raise ValueError(f"the tokenizer splits {ARROW!r} into {len(arrow)} tokens; the task needs one")
+    return len(answer_ids) - answer_ids[::-1].index(arrow[0])
+
+
+def oracle_rewards(pair: dict, tokenizer, data: DataSection, reward: float, rng: random.Random) -> dict:
+    """Per answer token, in exactly the tokenization the trainer uses (data.tokenize_pair): +reward on X,
+    -reward on X', 0 elsewhere; and the control, each answer's rewards shuffled across its positions."""
+    tokens, _ = tokenize_pair(tokenizer, pair, data)
+    columns = {}
+    for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+        ids = tokens[f"{side}_ids"]
+        values = [0.0] * len(ids)
+        values[slot_index(ids, tokenizer)] = sign * reward
+        shuffled = list(values)
+        rng.shuffle(shuffled)
+        columns[f"oracle_{side}"], columns[f"shuffled_{side}"] = values, shuffled
+    return columns
+
+
+# ---------------------------------------------------------------- files
+
+
+def task_keys(task: Task, count: int, rng: random.Random) -> list[str]:
+    """`count` keys, every key equally often (up to one), in random order."""
+    keys = [task.keys[index % len(task.keys)] for index in range(count)]
+    rng.shuffle(keys)
+    return keys
+
+
+def write_task_data(out_dir: Path, task: Task, seed: int, train_pairs: int, probe_answers_per_key: int,
+                    tokenizer, data: DataSection, reward: float) -> dict[str, Path]:
+    """train.jsonl (pairs with oracle and shuffled token rewards) and probe.jsonl (held-out chosen answers: every
+    key, fillers never trained on) under out_dir."""
+    rng = random.Random(seed)
+    train = []
+    for key in task_keys(task, train_pairs, rng):
+        pair = preference_pair(task, rng, key)
+        train.append(pair | oracle_rewards(pair, tokenizer, data, reward, rng))
+    probe = [{"prompt": prompt(key), "answer": task.answer(rng, key, task.mapping[key]), "key": key,
+              "value": task.mapping[key]} for key in task.keys for _ in range(probe_answers_per_key)]
+    paths = {"train": out_dir / "train.jsonl", "probe": out_dir / "probe.jsonl"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rewrite_records(paths["train"], train)
+    rewrite_records(paths["probe"], probe)
+    return paths
+
+
+def write_warm_start_data(path: Path, task: Task, seed: int, pairs: int) -> Path:
+    rng = random.Random(seed)
+    rewrite_records(path, [warm_start_pair(task, rng, key) for key in task_keys(task, pairs, rng)])
+    return path
+
+
+def tokenizer_corpus(task: Task, seed: int, lines: int = 2000) -> list[str]:
+    """Text in the task's shape, so that byte-level BPE merges every word of it into one token."""
+    rng = random.Random(seed)
+    corpus = []
+    for key in task_keys(task, lines, rng):
+        pair = warm_start_pair(task, rng, key)
+        corpus += [pair["prompt"], pair["chosen"]]
+    return corpus
+
+
+def make_task_model(out_dir: Path, task: Task, seed: int = 0, hidden_size: int = 128, layers: int = 2) -> Path:
+    """The tiny random Llama of the demo, with a tokenizer trained on the task's text; checks that every key, filler
+    word and the arrow is one token after a space (as the slot line's tokens are, which the probe and the oracle
+    rewards find by their ids)."""
+    from tgdpo_ray.modeling.tiny import make_tiny_model
+    from tgdpo_ray.modeling.loading import load_tokenizer
+
+    make_tiny_model(str(out_dir), tokenizer_corpus(task, seed), seed=seed, hidden_size=hidden_size, layers=layers)
+    tokenizer = load_tokenizer(str(out_dir))
+    for word in task.keys + task.filler + (ARROW,):
+        pieces = tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            raise ValueError(f"the task tokenizer splits {word!r} into {len(pieces)} tokens")
+    return out_dir
+
+
+# ---------------------------------------------------------------- the probe
+
+
+PROBE_FIELDS = ("prompt", "answer", "key")
+
+
+@dataclass
+class ProbeSet:
+    input_ids: torch.Tensor  # [n, L], right-padded
+    attention_mask: torch.Tensor  # [n, L]
+    slot_positions: torch.Tensor  # [n]: the position whose logits predict X
+    values: torch.Tensor  # [n]: the token id of X
+    filler_mask: torch.Tensor  # [n, L]: True where the logits predict a filler token
+    slot_ids: torch.Tensor  # [|A|]: the token ids of A at the slot
+
+
+def encode_probe_set(path: str, tokenizer) -> ProbeSet:
+    """Each held-out answer in the trainer's tokenization (chat template, answer tokens after the prompt)."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sequences, slots, values, fillers, keys = [], [], [], [], set()
+    for number, record in numbered_lines(path):
+        missing = [key for key in PROBE_FIELDS if key not in record] if isinstance(record, dict) else None
+        if missing is None or missing:
+            raise ValueError(f"{path}, line {number}: " + (f"no {missing}" if missing else str(record)))
+        prompt_text, (answer_text,) = template_pair(
+            tokenizer, [{"role": "user", "content": record["prompt"]}],
+            [[{"role": "assistant", "content": record["answer"]}]])
+        prompt_ids, answer_ids = encode(prompt_text), encode(answer_text)
+        slot = slot_index(answer_ids, tokenizer)
+        sequences.append(prompt_ids + answer_ids)
+        slots.append(len(prompt_ids) + slot - 1)
+        values.append(answer_ids[slot])
+        # The filler is every answer token before `K =>`.
+        fillers.append(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + slot - 2))
+        keys.add(record["key"])
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    filler_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        filler_mask[row, list(fillers[row])] = True
+    slot_ids = [encode(f" {key}")[0] for key in sorted(keys)]
+    return ProbeSet(input_ids, attention_mask, torch.tensor(slots), torch.tensor(values), filler_mask,
+                    torch.tensor(slot_ids))
+
+
+@functools.lru_cache(maxsize=4)
+def probe_inputs(path: str, reference: str, device: str):
+    """The probe set and the reference's log-probs on it, computed once per process (the reference is frozen)."""
+    from tgdpo_ray.modeling.loading import load_causal_lm, load_tokenizer
+
+    probe_set = encode_probe_set(path, load_tokenizer(reference))
+    model = load_causal_lm(reference, "fp32").to(device).eval()
+    with torch.no_grad():
+        reference_logps = sequence_logps(model, probe_set, device)
+    return probe_set, reference_logps
+
+
+def sequence_logps(model, probe_set: ProbeSet, device) -> torch.Tensor:
+    logits = model(input_ids=probe_set.input_ids.to(device),
+                   attention_mask=probe_set.attention_mask.to(device)).logits
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def slot_probe(model, tokenizer, device, examples: str, reference: str) -> dict[str, float]:
+    """Teacher-forced on held-out chosen answers: the probability of f(K) at the slot, the argmax accuracy over A
+    there, and the policy's KL from the reference on the filler positions (mean per position).
+    The trainer's probe (training.probe): `examples` is a probe.jsonl, `reference` the policy's start."""
+    probe_set, reference_logps = probe_inputs(examples, reference, str(device))
+    logps = sequence_logps(model, probe_set, device)
+    rows = torch.arange(len(probe_set.values))
+    at_slot = logps[rows, probe_set.slot_positions.to(device)]  # [n, V]
+    values = probe_set.values.to(device)
+    predicted = probe_set.slot_ids.to(device)[at_slot[:, probe_set.slot_ids.to(device)].argmax(dim=-1)]
+    mask = probe_set.filler_mask.to(device)
+    kl = (logps.exp() * (logps - reference_logps)).sum(dim=-1)  # [n, L]
+    return {"slot_probability": float(at_slot.gather(1, values[:, None]).exp().mean()),
+            "slot_accuracy": float((predicted == values).float().mean()),
+            "filler_kl": float(kl[mask].mean())}

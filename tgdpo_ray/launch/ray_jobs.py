@@ -1,0 +1,152 @@
+"""Ray Jobs: submit a job spec to a cluster from a laptop, watch it, read its logs, stop it.
+
+The job runs `python -m tgdpo_ray.cli run --config <spec>` on the cluster's head; the working directory (this
+repository, with the package and jobs/) travels in the runtime environment. The spec is validated here first,
+so a typo never costs a cluster round trip. The address comes from --address or RAY_ADDRESS; Ray's token
+authentication (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is picked up by Ray's own client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from tgdpo_ray.config.loader import load_config
+from tgdpo_ray.common.errors import UserError
+
+# What never travels: environments, outputs, caches (Ray caps a working directory at 500 MiB).
+EXCLUDES = [".git", ".venv", "outputs", "**/__pycache__", "*.egg-info", ".pytest_cache", "bench/results"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class JobsError(UserError):
+    """A cluster that cannot be reached, a job that does not exist, a spec that cannot be sent."""
+
+
+def token_available() -> bool:
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+
+
+def job_client(address: Optional[str]):
+    # Ray's client sends its token only in token mode, which is off unless asked for: ask whenever a token
+    # is at hand (a cluster without authentication ignores it).
+    if "RAY_AUTH_MODE" not in os.environ and token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise JobsError("no cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # Ray raises ConnectionError, RuntimeError or ValueError here
+        raise JobsError(f"cannot reach the Ray dashboard at {address}: {err}") from None
+
+
+def call(what: str, function, *args, **kwargs):
+    """A client call whose failure (unknown job id, lost connection) becomes one clear message."""
+    try:
+        return function(*args, **kwargs)
+    except Exception as err:
+        raise JobsError(f"{what}: {err}") from None
+
+
+def build_entrypoint(spec: str, overrides: list[str], python: str) -> str:
+    words = [python, "-m", "tgdpo_ray.cli", "run", "--config", spec]
+    for override in overrides:
+        words += ["--set", override]
+    return shlex.join(words)
+
+
+def submit(spec: str, overrides: list[str], address: Optional[str], working_dir: str = ".",
+           python: str = "python", submission_id: Optional[str] = None, log=print) -> str:
+    """Validates the spec locally, sends the job, returns its submission id."""
+    config = load_config(spec, overrides, check_paths=False)  # its paths are the cluster's, not ours
+    work = Path(working_dir).resolve()
+    spec_in_work = Path(spec).resolve()
+    if work not in spec_in_work.parents:
+        raise JobsError(f"the spec {spec} must be inside the working directory {work}, which is what travels")
+    if not Path(config.run.output_dir).is_absolute() and "://" not in config.run.output_dir:
+        log(f"[submit] note: run.output_dir {config.run.output_dir!r} is relative: outputs are written inside the "
+            "job's working directory on the cluster; set it to shared storage to keep them")
+    client = job_client(address)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    submission_id = submission_id or f"tgdpo-{config.kind}-{config.run.name}-{stamp}"
+    call(
+        "submission refused",
+        client.submit_job,
+        entrypoint=build_entrypoint(str(spec_in_work.relative_to(work)), overrides, python),
+        submission_id=submission_id,
+        runtime_env={"working_dir": str(work), "excludes": EXCLUDES},
+        metadata={"tgdpo_kind": config.kind, "tgdpo_run": config.run.name, "tgdpo_spec": spec},
+    )
+    return submission_id
+
+
+def status(job_id: str, address: Optional[str]) -> dict:
+    info = call(f"no job {job_id!r}", job_client(address).get_job_info, job_id)
+    return {
+        "submission_id": info.submission_id,
+        "status": state_name(info.status),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "metadata": info.metadata,
+    }
+
+
+def logs(job_id: str, address: Optional[str], follow: bool = False, out=print) -> None:
+    client = job_client(address)
+    if not follow:
+        out(call(f"no job {job_id!r}", client.get_job_logs, job_id), end="")
+        return
+    call(f"no job {job_id!r}", client.get_job_info, job_id)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out(chunk, end="", flush=True)
+
+    asyncio.run(tail())
+
+
+def wait(job_id: str, address: Optional[str], timeout: Optional[float] = None, poll: float = 2.0) -> str:
+    """Blocks until the job ends (or the timeout passes); returns its last status."""
+    client = job_client(address)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = state_name(call(f"no job {job_id!r}", client.get_job_status, job_id))
+        if state in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            return state
+        time.sleep(poll)
+
+
+def stop(job_id: str, address: Optional[str]) -> bool:
+    return call(f"cannot stop job {job_id!r}", job_client(address).stop_job, job_id)
+
+
+def list_jobs(address: Optional[str]) -> list[dict]:
+    jobs = call("cannot list jobs", job_client(address).list_jobs)
+    rows = []
+    for info in sorted(jobs, key=lambda job: job.start_time or 0):
+        rows.append({"submission_id": info.submission_id or info.job_id,
+                     "status": state_name(info.status),
+                     "kind": (info.metadata or {}).get("tgdpo_kind", "-"),
+                     "started": format_time(info.start_time), "entrypoint": info.entrypoint})
+    return rows
+
+
+def state_name(state) -> str:
+    return str(getattr(state, "value", state))  # Ray's JobStatus is a str enum
+
+
+def format_time(milliseconds: Optional[int]) -> str:
+    if not milliseconds:
+        return "-"
+    return datetime.fromtimestamp(milliseconds / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -1,0 +1,81 @@
+"""Starting Ray, or joining a running cluster: a wrong or unreachable address fails in seconds, in one line."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.config.job import JobConfig
+
+
+class ClusterError(UserError, RuntimeError):
+    """A cluster that cannot be reached, or cannot hold the processes a job needs; the message says what is
+    missing."""
+
+
+# Seconds to wait for a TCP connection to the cluster's address before calling it unreachable.
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def start_ray(config: JobConfig, log_to_driver: bool = True) -> None:
+    """Joins the configured cluster, or starts a local Ray. log_to_driver=False keeps the workers' lines out of
+    this process's output (they stay in Ray's log folder), for a driver that prints its own progress."""
+    import ray
+
+    # Ray Train's print patch echoes every worker line twice through the driver's log stream.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray.is_initialized():
+        return
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        # Inside a Ray job RAY_ADDRESS names the cluster; local-only settings do not apply there.
+        connect_to_cluster(config, log_to_driver=log_to_driver)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, log_to_driver=log_to_driver)
+
+
+def connect_to_cluster(config: JobConfig, **init_options) -> None:
+    """ray.init on an existing cluster; a wrong or unreachable address fails in seconds, in one line."""
+    import ray
+
+    name, address = ray_address(config)
+    # ray.init retries a wrong address for minutes and then fails with its internals: check it first.
+    check_reachable(name, address)
+    try:
+        ray.init(address=config.ray.address, **init_options)
+    except Exception as err:  # e.g. "auto" finding no cluster, or a port that answers but is not Ray's
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ClusterError(f"{name} {address!r}: cannot connect to the Ray cluster: {reason}") from err
+
+
+def ray_address(config: JobConfig) -> tuple[str, str]:
+    """(where it was set, the address) that ray.init will use: RAY_ADDRESS replaces a missing or "auto" one."""
+    address = config.ray.address
+    if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
+        return "RAY_ADDRESS", os.environ["RAY_ADDRESS"]
+    return "ray.address", address
+
+
+def check_reachable(name: str, address: str) -> None:
+    """Fails in seconds, in one line, when nothing answers at a host:port or ray://host:port address. "auto"
+    and "local" are left to Ray, which finds or starts the cluster itself."""
+    if address in ("auto", "local"):
+        return
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        return  # another Ray client protocol: let Ray handle it
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address is written [::1]:6379
+    if not host or not port.isdigit():
+        raise ClusterError(f"{name} {address!r}: expected host:port (the head's GCS port, 6379 by default), "
+                           f"ray://host:port (Ray Client, 10001 by default) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except socket.gaierror as err:
+        raise ClusterError(f"{name} {address!r}: cannot resolve host {host!r} ({err.strerror})") from None
+    except TimeoutError:
+        raise ClusterError(f"{name} {address!r}: no answer within {RAY_CONNECT_TIMEOUT_S:g} s; is the address "
+                           f"right and the port open from this machine?") from None
+    except OSError as err:
+        raise ClusterError(f"{name} {address!r}: {err.strerror or err}; is a Ray head running there, and is this "
+                           f"its port?") from None

@@ -1,0 +1,113 @@
+"""The scored-pair cache: score once, train many epochs and many runs.
+
+The reference and guidance log-probs of a pair are a pure function of the pair's token ids (which already
+encode the dataset content, the tokenizer, the chat template and the length limits) and of the frozen models'
+weights (whole files) and precision. The tokenization pass digests every kept pair's ids and tokens as it goes
+(the driver never holds them); that digest and the scorers' identity make the fingerprint. Scored pairs live in
+Parquet under `<cache_dir>/<fingerprint>/`, on any filesystem pyarrow knows (a local path, s3://, gs://, ...).
+
+A cache folder counts only once its `_COMPLETE.json` marker exists, written last: a run that died while
+writing leaves a folder that is never read as complete, and the next run replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
+from tgdpo_ray.common.model_files import weights_identity
+
+CACHE_FORMAT = 2  # bump when the meaning of the cached columns changes
+MARKER = "_COMPLETE.json"
+ROWS_PER_FILE = 20_000
+# A cache of at most this many bytes is read by the driver itself: each of Ray Data's read tasks costs a process
+# start, seconds that dwarf reading a few MB. Larger caches are read by Ray Data's tasks, never whole here.
+DRIVER_READ_BYTES = 64 * 2**20
+
+
+def resolve_filesystem(uri: str):
+    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/cache."""
+    from pyarrow import fs
+
+    if "://" in uri:
+        return fs.FileSystem.from_uri(uri)
+    return fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def scorer_identity(config: JobConfig) -> dict:
+    """What the scored values depend on besides the token ids: each scorer's weights and the precision it
+    runs in (resolved: a scorer without its own precision runs in the policy's)."""
+    identity = {"format": CACHE_FORMAT}
+    if config.needs_reference:
+        identity["reference"] = [weights_identity(config.reference_model), config.scorer_precision(config.reference)]
+    if config.guidance_kind in SCORED_GUIDANCE:
+        identity["guidance"] = [weights_identity(config.guidance.model), config.scorer_precision(config.guidance),
+                                config.guidance.source]
+    return identity
+
+
+def fingerprint(data_digest: str, identity: dict) -> str:
+    """The cache key: the tokenized pairs' digest (data_pass.TokenizedSplit.digest: ids, tokens and any rewards
+    that came with the data) and the scorers' identity."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    digest.update(data_digest.encode())
+    return digest.hexdigest()[:24]
+
+
+def is_complete(filesystem, folder: str) -> bool:
+    from pyarrow import fs
+
+    return filesystem.get_file_info(f"{folder}/{MARKER}").type == fs.FileType.File
+
+
+def clear_partial(filesystem, folder: str, log=print) -> None:
+    from pyarrow import fs
+
+    if filesystem.get_file_info(folder).type != fs.FileType.NotFound:
+        log(f"[cache] {folder} has no {MARKER}: a write that did not finish; scoring again")
+        filesystem.delete_dir(folder)
+
+
+def write_marker(filesystem, folder: str, record: dict) -> None:
+    with filesystem.open_output_stream(f"{folder}/{MARKER}") as handle:
+        handle.write(json.dumps(record, indent=2).encode())
+
+
+def cached_scored_dataset(split, config: JobConfig, pad_id: int, log=print):
+    """The scored pairs of a tokenized split (data_pass.TokenizedSplit), read from the cache; scored and written
+    first when missing."""
+    from tgdpo_ray.scoring.pools import scored_dataset
+
+    identity = scorer_identity(config)
+    key = fingerprint(split.digest, identity)
+    filesystem, root = resolve_filesystem(config.scoring.cache_dir)
+    folder = f"{root}/{key}"
+    where = f"{config.scoring.cache_dir}/{key}"
+    if is_complete(filesystem, folder):
+        log(f"[cache] {split.name}: {len(split)} scored pairs from {where} (no scorer starts)")
+    else:
+        clear_partial(filesystem, folder, log)
+        log(f"[cache] {split.name}: scoring {len(split)} pairs into {where}")
+        started = time.perf_counter()
+        # Few large files: every read task costs a process start, which dwarfs reading a small file.
+        scored_dataset(split.pairs, len(split), config, pad_id).write_parquet(folder, filesystem=filesystem,
+                                                                              min_rows_per_file=ROWS_PER_FILE)
+        write_marker(filesystem, folder, {"pairs": len(split), "split": split.name, "fingerprint": key,
+                                          "scorers": identity, "seconds": time.perf_counter() - started})
+        log(f"[cache] {split.name}: scored in {time.perf_counter() - started:.1f}s")
+    # Read once into the object store (spilled to disk if large): later epochs start without read tasks.
+    return read_cache(filesystem, folder)
+
+
+def read_cache(filesystem, folder: str):
+    import pyarrow.parquet as pq
+    import ray
+    from pyarrow import fs
+
+    files = filesystem.get_file_info(fs.FileSelector(folder))
+    if sum(info.size for info in files if info.path.endswith(".parquet")) <= DRIVER_READ_BYTES:
+        return ray.data.from_arrow(pq.read_table(folder, filesystem=filesystem))  # skips the _COMPLETE.json marker
+    return ray.data.read_parquet(folder, filesystem=filesystem).materialize()

@@ -1,0 +1,168 @@
+"""Training checkpoints: DeepSpeed state, RNG state and the position in the data, saved so that a resume trains
+every pair of an epoch exactly once, and stored by Ray Train (local, NFS or object storage).
+
+A save is a collective call: every worker writes its part into a local temporary folder (DeepSpeed's files for
+its rank, rng-rank<N>.pt, and on rank 0 state.json: the step, the epoch, the ids of the pairs of that epoch
+already trained) and reports it with ray.train.report(checkpoint=...). Ray Train copies every worker's folder into
+one checkpoint folder in its storage (the file names differ from rank to rank, so nothing is overwritten) and
+registers the checkpoint only when every worker's copy has finished: a save that died half-way is never handed
+back. Ray keeps the newest `training.keep_checkpoints` and records them in the storage, so workers restarted after
+a failure and a new run of the same job (same storage, same run name) get the latest from ray.train.get_checkpoint.
+
+Layout: <run.checkpoint_storage or <run_dir>/checkpoints>/<run.name>/step-00000012-epoch-0/, beside Ray Train's
+record of the run's checkpoints (checkpoint_manager_snapshot.json).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from tgdpo_ray.scoring.cache import resolve_filesystem
+from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.common.errors import UserError
+
+STATE_FILE = "state.json"
+
+
+def checkpoint_storage(config: JobConfig) -> tuple[str, str]:
+    """(storage_path, name) for Ray Train's RunConfig: the run's checkpoints go to <storage_path>/<name>/."""
+    return config.run.checkpoint_storage or str(config.run_dir / "checkpoints"), config.run.name
+
+
+def delete_checkpoints(config: JobConfig) -> None:
+    """Deletes the run's checkpoints and Ray Train's record of them, so that the run starts afresh
+    (run.resume: false): Ray Train would otherwise hand the latest one to the new run's workers."""
+    import pyarrow.fs
+
+    filesystem, folder = run_checkpoint_folder(config)
+    if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(folder)
+
+
+def run_checkpoint_folder(config: JobConfig):
+    """(pyarrow filesystem, path inside it) of the run's folder in its checkpoint storage."""
+    storage, name = checkpoint_storage(config)
+    filesystem, path = resolve_filesystem(storage)
+    return filesystem, f"{path.rstrip('/')}/{name}"
+
+
+def checkpoint_name(state: dict) -> str:
+    """The step and the epoch the run goes on in: a step that ends an epoch can be saved twice (checkpoint_every,
+    then the epoch's end, whose state has moved on to the next epoch), and each checkpoint needs its own folder."""
+    return f"step-{state['step']:08d}-epoch-{state['epoch']}"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointSpaceError(UserError, RuntimeError):
+    """A checkpoint that cannot fit on its disk, refused before the save starts."""
+
+
+def save_checkpoint(engine, state: dict, rank: int, also_write: Optional[Callable[[Path], None]] = None,
+                    expected_bytes: int = 0, storage: Optional[Path] = None) -> int:
+    """A collective call: every worker saves its DeepSpeed shard and RNG, rank 0 the state of the loop (with the
+    ids of the pairs of its epoch already trained), and `also_write(folder)` adds what else every checkpoint holds
+    (the Hugging Face export); then every worker reports its folder to Ray Train, which copies it to storage.
+
+    Free space is checked first: in the temporary folder for `expected_bytes` (this worker's previous checkpoint;
+    at least AdamW's moments of its share of the weights), then in `storage`, when local, for what was written.
+    Returns the bytes this worker wrote."""
+    import ray.train
+
+    name = checkpoint_name(state)
+    what = f"checkpoint {name} (worker {rank}'s part)"
+    require_space(Path(tempfile.gettempdir()), max(expected_bytes, least_checkpoint_bytes(engine, rank)), what)
+    with tempfile.TemporaryDirectory(prefix="tgdpo-checkpoint-") as staging:
+        engine.save_checkpoint(staging, tag=name, save_latest=False)
+        folder = Path(staging) / name
+        torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
+        if rank == 0:
+            (folder / STATE_FILE).write_text(json.dumps(state))
+        if also_write is not None:
+            also_write(folder)
+        written = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        if storage is not None:
+            require_space(storage, written, what)
+        # Returns once this worker's files are in storage; the checkpoint counts when every worker's are.
+        ray.train.report({"step": state["step"], "epoch": state["epoch"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+    return written
+
+
+def least_checkpoint_bytes(engine, rank: int) -> int:
+    """A lower bound of what this worker's checkpoint holds: AdamW's two fp32 moments of its share of the
+    trainable weights (ZeRO 1-3 split them over the workers; without ZeRO rank 0 saves them all)."""
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    if engine.zero_optimization_stage() == 0:
+        return 8 * trainable if rank == 0 else 0
+    return 8 * trainable // engine.dp_world_size
+
+
+def require_space(folder: Path, needed: int, what: str) -> None:
+    """Refuses a save that cannot fit before it starts: a disk that fills half-way fails deep inside DeepSpeed or
+    pyarrow, with a message that names neither the checkpoint nor the folder."""
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise CheckpointSpaceError(
+            f"{what} needs about {needed / 2**30:.2f} GiB in {folder}, whose disk has {free / 2**30:.2f} GiB free: "
+            "free some space, move the temporary folder (TMPDIR) or run.checkpoint_storage to a larger disk, or "
+            "lower training.keep_checkpoints (0 saves none)")
+
+
+def local_storage(config: JobConfig) -> Optional[Path]:
+    """The run's checkpoint folder when its storage is a local path (None for object storage)."""
+    storage, _ = checkpoint_storage(config)
+    if "://" in storage and not storage.startswith("file://"):
+        return None  # checked without resolving the URI, which for object storage reaches the network
+    return Path(run_checkpoint_folder(config)[1])
+
+
+def load_checkpoint(engine, rank: int) -> Optional[tuple[str, dict]]:
+    """Loads the checkpoint Ray Train hands back (the latest complete one of this run) into `engine` and this
+    worker's RNG; returns (where it is, the state of the loop it saved), or None when there is none."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as local:  # object storage: downloaded once per node
+        folder = Path(local)
+        engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        rng_file = folder / f"rng-rank{rank}.pt"
+        if rng_file.exists():  # absent when the worker count changed: the seeds then start afresh
+            restore_rng(torch.load(rng_file, weights_only=False))
+        return checkpoint.path, json.loads((folder / STATE_FILE).read_text())
+
+
+def resumed_epoch(config: JobConfig) -> int:
+    """The epoch that the run's latest checkpoint goes on in, 0 when it has none: the trainers' stream starts
+    there, so that a resumed run scores no pair of the epochs it finished. Read from Ray Train's record of the
+    run's checkpoints, the same record that hands the latest one to the workers."""
+    from ray.train import Result
+
+    filesystem, folder = run_checkpoint_folder(config)
+    try:
+        result = Result.from_path(folder, storage_filesystem=filesystem)
+    except (RuntimeError, OSError):  # no run folder or record yet, or a storage Ray Train will report on itself
+        return 0  # a stream from the first epoch: right whatever the workers resume from, only slower
+    return int(result.metrics["epoch"]) if result.checkpoint is not None else 0

@@ -1,0 +1,210 @@
+"""The job driver: start Ray, validate and tokenize on Ray Data's CPU workers (data_pass.py), stream pairs
+through the scorer pools into the Ray Train workers, and collect the run's summary. The driver holds counts and
+token lengths, never tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from functools import partial
+
+import numpy as np
+
+from tgdpo_ray.runtime.ray_start import start_ray
+
+from tgdpo_ray.runtime.placement import check_fits, torch_backend, training_groups
+from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
+from tgdpo_ray.config.loader import dump_config
+from tgdpo_ray.data.tokenize_pass import TokenizedSplit, tokenize_split
+from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.modeling.loading import check_models_agree, load_tokenizer
+from tgdpo_ray.train.schedule import HELD_OUT, STREAM, epoch_order, epoch_shape
+
+
+class RunError(UserError, RuntimeError):
+    """A run that failed inside Ray; the message carries the worker's own error."""
+
+
+def prepare_data(config: JobConfig, log=print) -> tuple[int, TokenizedSplit, TokenizedSplit | None]:
+    """The tokenization pass over the training and held-out sources (Ray started, no scorer or trainer yet):
+    everything that can reject the input happens here, before any GPU is held."""
+    pad_id = load_tokenizer(config.policy.model, config.policy.trust_remote_code).pad_token_id
+    train = tokenize_split("train", config.data.train, config, log)
+    held_out = tokenize_split("eval", config.data.eval, config, log) if config.data.eval else None
+    return pad_id, train, held_out
+
+
+def uses_scorers(config: JobConfig) -> bool:
+    """A reference or guidance scorer pool runs (a loss without one has nothing to score or cache)."""
+    return config.needs_reference or config.guidance_kind in SCORED_GUIDANCE
+
+
+def reads_cache(config: JobConfig) -> bool:
+    return config.scoring.mode == "cache" and uses_scorers(config)
+
+
+def scored_pairs(split: TokenizedSplit, config: JobConfig, pad_id: int, log=print):
+    """A split's pairs as the trainers read them, by pair id: scored on the fly, or from the cache (scored into
+    it first if missing)."""
+    from tgdpo_ray.scoring.cache import cached_scored_dataset
+    from tgdpo_ray.scoring.pools import configure_ray_data, scored_dataset
+
+    configure_ray_data()
+    if reads_cache(config):
+        return cached_scored_dataset(split, config, pad_id, log)
+    return scored_dataset(split.pairs, len(split), config, pad_id)
+
+
+def epoch_orders(split: TokenizedSplit, config: JobConfig) -> list[np.ndarray]:
+    """Each epoch's order of the training pairs (steps.epoch_order: indexes into split.pair_ids)."""
+    return [epoch_order(len(split), config.run.seed, epoch, config.training.shuffle)
+            for epoch in range(config.training.epochs)]
+
+
+def training_stream(train: TokenizedSplit, held_out: TokenizedSplit | None, orders: list[np.ndarray],
+                    first_epoch: int, config: JobConfig, pad_id: int, log=print):
+    """The one scored dataset the trainers read, in the order they read it: the held-out pairs (part HELD_OUT),
+    then each epoch's pairs from `first_epoch` on, each in its epoch's order (part = the epoch). In stream mode
+    one pool per scorer scores it all, started once for the whole run (a pool per epoch would leave the trainers
+    waiting for its models to load at every epoch); cache mode reads the cached scores (scoring into the cache
+    first what is missing). None when there is nothing left to read (a finished run started again)."""
+    from tgdpo_ray.scoring.pools import scored_dataset
+
+    cache = reads_cache(config)
+    parts = []
+    if held_out:
+        held_out_pairs = scored_pairs(held_out, config, pad_id, log) if cache else held_out.pairs
+        parts.append(with_part(held_out_pairs, held_out, HELD_OUT, np.arange(len(held_out))))
+    if first_epoch < len(orders):
+        train_pairs = scored_pairs(train, config, pad_id, log) if cache else train.pairs
+        parts += [with_part(train_pairs, train, epoch, orders[epoch]) for epoch in range(first_epoch, len(orders))]
+    if not parts:
+        return None
+    # One sort orders every part (an all-to-all over the cluster, run before the trainers start).
+    every_part = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]  # Ray's union of one fails
+    ordered = every_part.sort(["part", "place"]).drop_columns(["place"])
+    if cache:
+        # Sorted now, while no trainer holds a CPU: only the scorer pools compute while training runs.
+        return ordered.materialize()
+    rows = (len(held_out) if held_out else 0) + len(train) * (len(orders) - first_epoch)
+    return scored_dataset(ordered, rows, config, pad_id)
+
+
+def with_part(dataset, split: TokenizedSplit, part: int, order: np.ndarray):
+    """`dataset` (the pairs of `split`) with a `part` column and a `place` column: each pair's place in the
+    order `order` (indexes into split.pair_ids, as steps.epoch_order gives them)."""
+    places = np.empty(len(order), dtype=np.int64)
+    places[order] = np.arange(len(order))  # the place of the pair at each index of split.pair_ids
+    return dataset.map_batches(partial(add_part, ids=split.pair_ids, part=part, places=places),
+                               batch_format="pyarrow")
+
+
+def add_part(table, ids: np.ndarray, part: int, places: np.ndarray):
+    """Adds the part and each pair's place in it to a block of pairs; `ids` sorted."""
+    import pyarrow as pa
+
+    index = np.searchsorted(ids, table["pair_id"].to_numpy())
+    table = table.append_column("part", pa.array(np.full(len(index), part, dtype=np.int64)))
+    return table.append_column("place", pa.array(places[index]))
+
+
+def start_run_dir(config: JobConfig, log=print) -> tuple[int, TokenizedSplit, TokenizedSplit | None]:
+    """Creates the run folder with the config, starts Ray and runs the tokenization pass; writes the data
+    report and returns the tokenized splits."""
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for per_run in ("placement", "scoring"):  # records of this run's processes only
+        shutil.rmtree(run_dir / per_run, ignore_errors=True)
+    dump_config(config, run_dir / "config.yaml")
+    start_ray(config)
+    pad_id, train, held_out = prepare_data(config, log)
+    (run_dir / "data_report.json").write_text(
+        json.dumps({"train": train.report(), "eval": held_out.report() if held_out else None}, indent=2)
+    )
+    return pad_id, train, held_out
+
+
+def run_score(config: JobConfig, log=print) -> dict:
+    """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
+    if not uses_scorers(config):
+        raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
+    config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"mode": "cache"})})
+    check_models_agree(config)
+    pad_id, train, held_out = start_run_dir(config, log)
+    check_fits(training_groups(config, with_policy=False))
+    counts = {split.name: scored_pairs(split, config, pad_id, log).count() for split in (train, held_out) if split}
+    log(f"[score] cached {counts} in {config.scoring.cache_dir}")
+    return {"pairs": counts, "cache_dir": config.scoring.cache_dir}
+
+
+def run_train(config: JobConfig, log=print) -> dict:
+    """One training run; returns the summary that the trainer wrote to <run_dir>/summary.json."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tgdpo_ray.train.checkpoints import checkpoint_storage, delete_checkpoints, resumed_epoch
+    from tgdpo_ray.train.worker import train_loop
+
+    run_dir = config.run_dir
+    # Here, not at config load: a pipeline's guidance model is its DPO stage's output, made during the run.
+    check_models_agree(config)
+    pad_id, train, held_out = start_run_dir(config, log)
+    training = config.training
+    orders = epoch_orders(train, config)
+    # The schedule's length, whatever max_steps stops at: every epoch's plan counted from the token counts.
+    total_steps = sum(epoch_shape(train.lengths, order, training, config.policy.workers).steps for order in orders)
+
+    check_fits(training_groups(config))
+    if not config.run.resume:
+        delete_checkpoints(config)
+    first_epoch = resumed_epoch(config)
+    if first_epoch:
+        log(f"[run] the latest checkpoint goes on in epoch {first_epoch}: the stream starts there")
+    stream = training_stream(train, held_out, orders, first_epoch, config, pad_id, log)
+    storage_path, name = checkpoint_storage(config)
+    policy = config.policy
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "has_eval": held_out is not None,
+                           "total_steps": total_steps, "has_stream": stream is not None},
+        scaling_config=ScalingConfig(
+            num_workers=policy.workers,
+            use_gpu=policy.gpus_per_worker > 0,
+            resources_per_worker={"CPU": policy.cpus_per_worker, "GPU": policy.gpus_per_worker,
+                                  **policy.resources},
+            label_selector=policy.node_labels or None,
+        ),
+        torch_config=TorchConfig(backend=torch_backend(config)),
+        datasets={STREAM: stream} if stream is not None else {},
+        # The stream is not split: rank 0 alone reads it and deals every step's micro-batches to the workers
+        # (steps.py), so which pairs train in which step depends on the seed and the data, never on timing.
+        dataset_config=DataConfig(datasets_to_split=[]),
+        # Ray Train stores the checkpoints, keeps the newest few and hands the latest to restarted workers and
+        # to a new run of the same job (checkpoints.py).
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints or None),
+                             failure_config=FailureConfig(max_failures=config.training.max_failures)),
+    )
+    log(f"[run] {config.loss.type} on {policy.workers} policy worker(s), ZeRO-{policy.zero_stage}, "
+        f"{total_steps} optimizer steps; outputs in {run_dir}")
+    started = time.perf_counter()
+    try:
+        trainer.fit()
+    except Exception as err:  # Ray wraps the worker's exception; surface its message, keep the chain
+        raise RunError(f"training run {config.run.name!r} failed{worker_error(err)}") from err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["wall_seconds"] = time.perf_counter() - started
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def worker_error(err: Exception) -> str:
+    """What a failed run says after its name: the first failed worker's own message when it is one of ours (a
+    UserError says what to change), else Ray's whole message with the workers' tracebacks."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", failure)  # a RayTaskError carries the exception raised in the task
+        if isinstance(cause, UserError):
+            return f" on worker {rank}: {cause}"
+    return f": {err}"
