@@ -2,7 +2,8 @@
 log-probs) in every layout, on a random ~0.5B Llama in bf16.
 
 Layouts, all on the same pairs, split into micro-batches by the same token budget (pack_by_token_budget), each
-run through the trainer's own code (logprobs.answer_logps, the loss built as the trainers build it):
+run through the trainer's own step (tgdpo_ray/kernels/step.py: the model prepared by prepare_policy, each
+micro-batch's loss by micro_batch_loss, as train/worker.py runs them):
 - padded: prompt + chosen and prompt + rejected rows padded to the longest, SDPA with a 2D padding mask;
 - packed, shared_prompt: packed rows with the dense [R, 1, L, L] boolean mask, SDPA (training.attention dense);
 - shared_prompt_flex, packed_flex: the same rows with FlexAttention and a BlockMask built from document and segment
@@ -17,8 +18,8 @@ math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks 
 kernel options, next to a plain causal mask and SDPA's causal kernel); the sweep's finite winner runs as the *_tuned
 layout.
 
-Plain torch + transformers: it imports tgdpo_ray.kernels.packing, .flex, .varlen, .batches, .logprobs, .losses and .models
-only (no ray, deepspeed, vllm or pydantic). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
+Plain torch + transformers: it imports tgdpo_ray.kernels only, which needs no ray, deepspeed, vllm or pydantic
+(tests/test_layout.py checks both). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
 smoke test: it checks that every layout gives the padded layout's losses and that FlexAttention and the varlen
 sequences give the dense mask's log-probs, and measures nothing. On a GPU it also compares their gradients with the
 dense mask's.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -41,7 +43,6 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_RESULTS = REPO / "bench" / "results" / "gpu.json"
@@ -152,12 +153,11 @@ sys.path.insert(0, str(REPO))
 
 from tgdpo_ray.kernels import flex, varlen  # noqa: E402
 from tgdpo_ray.kernels import logprobs as logprobs_module  # noqa: E402
-from tgdpo_ray.kernels.batches import (collate_pairs, micro_batch_tokens, pack_by_token_budget, packed_tokens,  # noqa: E402
-                               pair_batch)
-from tgdpo_ray.kernels.logprobs import answer_logps, lm_head_token_logps, token_logps  # noqa: E402
-from tgdpo_ray.kernels.losses import build_loss  # noqa: E402
-from tgdpo_ray.modeling.loading import compile_decoder_layers  # noqa: E402
+from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget, packed_tokens  # noqa: E402
+from tgdpo_ray.kernels.logprobs import answer_logps, lay_out, lm_head_token_logps, token_logps  # noqa: E402
+from tgdpo_ray.kernels.losses import TGDPOLoss  # noqa: E402
 from tgdpo_ray.kernels.packing import pack_pairs, pair_span  # noqa: E402
+from tgdpo_ray.kernels.step import StepSettings, micro_batch_loss, prepare_policy  # noqa: E402
 from packing import make_pairs  # noqa: E402  (bench/packing.py, imported from its folder, as trl_compare does)
 
 # Two sizes. gpu: a Llama-3-shaped ~0.5B model (GQA, 128k vocabulary, tied embeddings) on long-tailed pairs of up
@@ -182,8 +182,9 @@ SIZES = {
     },
 }
 
-LOSS = {"type": "tgdpo", "beta": 0.1, "alpha": 0.5, "simpo_gamma": 0.5, "clamp_weights": False}  # config defaults
-TRAINER_LOSS = build_loss(SimpleNamespace(**LOSS))  # built once, as the trainers build theirs from config.loss
+# TGDPO with the job config's defaults (the authors' beta 0.1 and alpha 0.5; tests/test_config.py checks that they
+# are the config's), on cached reference and guidance log-probs, as the trainers run it.
+TRAINER_LOSS = TGDPOLoss()
 LOGP_CHUNK = 1024  # training.logp_chunk_size's default
 
 FLOPS_FORMULA = ("model FLOPs per pass = 6 * non_embedding_params * computed_tokens"
@@ -245,36 +246,30 @@ def non_embedding_params(model) -> int:
 
 
 # ---------------------------------------------------------------------------
-# The trainer's micro-batch loss: training.micro_batch_loss on the same helpers, with the attention and compiled
-# layers set as training.load_policy sets them (tgdpo_ray.train.worker itself imports pydantic, ray and deepspeed
-# through its neighbours).
+# The trainer's step itself (tgdpo_ray/kernels/step.py): the model prepared as the trainers prepare theirs, and
+# their micro-batch loss. One model serves every layout, so each layout starts from the model's own attention and
+# uncompiled layers.
 # ---------------------------------------------------------------------------
 
-
-def set_attention(model, attention: str) -> None:
-    """sdpa: the dense mask (packed) or the padding mask (padded); flex: the trainer's FlexAttention (flex.py);
-    varlen: FlashAttention's variable-length kernel on the packed rows' sequences (varlen.py)."""
-    if attention == "flex":
-        flex.enable(model)
-    elif attention == "varlen":
-        varlen.enable(model)
-    else:
-        model.set_attn_implementation("sdpa")
+# The bench's attention names: sdpa (the dense mask in packed rows, the padding mask in padded ones) is
+# training.attention dense.
+TRAINING_ATTENTION = {"sdpa": "dense", "flex": "flex", "varlen": "varlen"}
 
 
-def set_compiled(model, compiled: bool) -> None:
-    """training.compile: each decoder layer compiled (one graph, reused by all layers), or none."""
-    if compiled:
-        compile_decoder_layers(model)
-        return
+def prepare_layout(model, packing: str, attention: str, compiled: bool, device) -> None:
+    """The model as the trainers prepare theirs (step.prepare_policy) for this layout; FlexAttention on a CPU,
+    which has no backward there, for its forward only."""
+    model.set_attn_implementation("sdpa")
     for layer in model.get_decoder().layers:
-        layer._compiled_call_impl = None  # what nn.Module.compile set
+        layer._compiled_call_impl = None  # what nn.Module.compile set: the previous layout's compiled layers
+    prepare_policy(model, packing, TRAINING_ATTENTION[attention], device, model.dtype, compile=compiled,
+                   training=not (attention == "flex" and device.type == "cpu"))
 
 
-def micro_batch_loss(model, rows: list, packing: str, row_tokens: int, device):
-    logps, mask = answer_logps(model, rows, packing, row_tokens, LOGP_CHUNK, model.config.pad_token_id, device)
-    # tgdpo with implicit guidance: reference and guidance log-probs both cached, from the scorer pools.
-    return TRAINER_LOSS(pair_batch(rows, logps, mask, with_reference=True, guidance_kind="implicit"))
+def step_settings(packing: str, row_tokens: int) -> StepSettings:
+    """TGDPO guided by a model (implicit guidance): reference and guidance log-probs both cached by the scorers."""
+    return StepSettings(layout=packing, packed_row_tokens=row_tokens, logp_chunk_size=LOGP_CHUNK,
+                        with_reference=True, guidance_kind="implicit")
 
 
 # ---------------------------------------------------------------------------
@@ -318,7 +313,8 @@ def run_pass(model, batches: list, packing: str, row_tokens: int, device, backwa
     Returns pair_id -> [loss, chosen reward, rejected reward]."""
     kept = []
     for rows in batches:
-        out = micro_batch_loss(model, rows, packing, row_tokens, device)
+        out, _ = micro_batch_loss(model, rows, TRAINER_LOSS, step_settings(packing, row_tokens),
+                                  model.config.pad_token_id, device)
         if backward:
             out.losses.mean().backward()
         # Kept on the device and read after the pass, as the trainer reads its metrics once a step: reading them
@@ -332,24 +328,15 @@ def host_packing_seconds(batches: list, packing: str, attention: str, row_tokens
     """CPU time to build one pass's model inputs alone, no model: the packed SDPA layouts build their dense
     [R, 1, L, L] mask on the host, which can rival the GPU's time; the flex layouts build [R, L] ids, and the
     varlen layouts their sequences' indices too."""
-    shared = packing == "shared_prompt"
     started = time.perf_counter()
     for rows in batches:
-        if packing == "padded":
-            collate_pairs(rows, pad_id)
-        else:
-            width = max([row_tokens] + [pair_span(row, shared) for row in rows])
-            (batch,) = pack_pairs(rows, width, shared, rows_per_batch=len(rows),
-                                  mask="4d" if attention == "sdpa" else "flex", pad_id=pad_id)
-            if attention == "varlen":
-                varlen.plan(batch, "cpu")
+        lay_out(rows, packing, row_tokens, TRAINING_ATTENTION[attention], pad_id)
     return time.perf_counter() - started
 
 
 def run_layout(model, pairs: list, name: str, size: dict, args, device, body_params: int) -> tuple[dict, dict]:
     packing, attention, compiled = LAYOUTS[name]
-    set_attention(model, attention)
-    set_compiled(model, compiled)
+    prepare_layout(model, packing, attention, compiled, device)
     # FlexAttention has no CPU backward: the toy run checks its forward only.
     backward = not (attention == "flex" and device.type == "cpu")
     batches = list(pack_by_token_budget(pairs, args.max_tokens, packing=packing))
@@ -371,7 +358,6 @@ def run_layout(model, pairs: list, name: str, size: dict, args, device, body_par
         sync(device)
         seconds = (time.perf_counter() - started) / size["timed_passes"]
     model.zero_grad(set_to_none=True)
-    set_compiled(model, False)
 
     work = layout_work(pairs, packing)
     flops = model_flops(work, model.config, body_params)
@@ -406,7 +392,7 @@ def attention_check(model, pairs: list, packing: str, attention: str, args, devi
     with_grad = device.type == "cuda"
     results = {}
     for attention in ("sdpa", attention):
-        set_attention(model, attention)
+        prepare_layout(model, packing, attention, False, device)
         model.zero_grad(set_to_none=True)
         with contextlib.nullcontext() if with_grad else torch.no_grad():
             logps, answers = answer_logps(model, rows, packing, args.row_tokens, LOGP_CHUNK,
@@ -454,8 +440,7 @@ def profile_layout(model, pairs: list, name: str, args, device, top: int = 20) -
     from torch.profiler import ProfilerActivity, profile
 
     packing, attention, compiled = LAYOUTS[name]
-    set_attention(model, attention)
-    set_compiled(model, compiled)
+    prepare_layout(model, packing, attention, compiled, device)
     batches = list(pack_by_token_budget(pairs, args.max_tokens, packing=packing))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -465,7 +450,6 @@ def profile_layout(model, pairs: list, name: str, args, device, top: int = 20) -
         sync(device)
     wall = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
-    set_compiled(model, False)
 
     kernels = sorted((event for event in prof.key_averages() if event.device_type == DeviceType.CUDA),
                      key=lambda event: event.self_device_time_total, reverse=True)
@@ -679,7 +663,7 @@ def flex_sweep(model, pairs: list, args, device, names: list, autotune: bool, de
     # and a few gathers), its output back in FlexAttention's [B, H, L, D].
     print("  flex sweep: varlen sequences", flush=True)
     try:
-        plans = [varlen.plan(batch, device) for batch in chosen]
+        plans = [varlen.plan(batch).to(device) for batch in chosen]
         result["varlen"] = measure(lambda q, k, v, plan: varlen.attention_forward(
             None, q, k, v, None, **{varlen.PLAN_ARGUMENT: plan})[0].transpose(1, 2), plans, attended)
     except Exception as error:  # noqa: BLE001
@@ -836,7 +820,7 @@ def main(argv=None) -> int:
                        "answer_tokens_min_max_median": size["answer"], "lengths": "log-normal, sigma 1, clipped",
                        "max_tokens_per_micro_batch": args.max_tokens, "packed_row_tokens": args.row_tokens,
                        "warmup_passes": size["warmup_passes"], "timed_passes": size["timed_passes"],
-                       "loss": LOSS, "reference_and_guidance": "cached log-probs (random, as from the scorers)",
+                       "loss": {"type": "tgdpo", **dataclasses.asdict(TRAINER_LOSS)}, "reference_and_guidance": "cached log-probs (random, as from the scorers)",
                        "prompt_plus_answers_tokens": packed_tokens(pairs, shared_prompt=False)}
     print(f"model {results['model']['params_millions']}M params ({size['model']['hidden_size']} hidden, "
           f"{size['model']['num_hidden_layers']} layers, vocab {size['model']['vocab_size']}), "

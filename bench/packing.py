@@ -83,14 +83,15 @@ def time_steps(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) 
     from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget
     from tgdpo_ray.config.loader import build_config
     from tgdpo_ray.kernels.losses import build_loss
-    from tgdpo_ray.train.worker import micro_batch_loss
+    from tgdpo_ray.kernels.step import micro_batch_loss
+    from tgdpo_ray.train.worker import step_settings
 
     policy, reference, guidance = make_model(vocab, 0), make_model(vocab, 1).eval(), make_model(vocab, 2).eval()
     results = {"params_millions": round(sum(p.numel() for p in policy.parameters()) / 1e6, 1)}
 
     def step(rows, config, loss, in_process):
         rows = with_frozen_logps(rows, reference, guidance) if in_process else rows
-        micro_batch_loss(policy, rows, config, loss, 0, torch.device("cpu"))[0].losses.sum().backward()
+        micro_batch_loss(policy, rows, loss, step_settings(config), 0, torch.device("cpu"))[0].losses.sum().backward()
 
     for name, (loss_type, packing, in_process) in VARIANTS.items():
         config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": "bench"},

@@ -64,7 +64,8 @@ def dpo_config(max_tokens: int, row_tokens: int):
 def run_ours(batches: list[list[dict]], config, vocab: int) -> dict:
     from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget
     from tgdpo_ray.kernels.losses import build_loss
-    from tgdpo_ray.train.worker import micro_batch_loss
+    from tgdpo_ray.kernels.step import micro_batch_loss
+    from tgdpo_ray.train.worker import step_settings
 
     training = config.training
     model = make_model(vocab, 0).train()
@@ -76,7 +77,7 @@ def run_ours(batches: list[list[dict]], config, vocab: int) -> dict:
     for index, rows in enumerate(batches):
         started = time.perf_counter()
         for micro in pack_by_token_budget(rows, training.max_tokens_per_batch, packing="shared_prompt"):
-            out, _ = micro_batch_loss(model, micro, config, loss, PAD, device)
+            out, _ = micro_batch_loss(model, micro, loss, step_settings(config), PAD, device)
             # Sum over the micro-batch / B: the mean over the effective batch, as TRL's per-batch mean.
             (out.losses.sum() / len(rows)).backward()
             if index:

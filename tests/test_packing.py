@@ -171,7 +171,7 @@ def test_attention_spans_are_the_mask(shared_prompt):
         assert torch.equal(from_spans, dense)
         # varlen's sequences: the spans and each row's padding, whose queries are every position in order.
         spans = varlen.with_padding(batch.attention_spans, rows, length)
-        plan = varlen.plan(batch, "cpu")
+        plan = varlen.plan(batch)
         assert (spans[:, 0] * length + spans[:, 3]).tolist() == plan.cu_query[:-1].tolist()
         assert plan.cu_query[-1] == rows * length and plan.cu_key[-1] == len(plan.key_index)
         documents = batch.attention_spans.tolist()
@@ -310,7 +310,7 @@ def test_flex_mask_blocks_of_64_equal_padded(tiny_model, monkeypatch):
     with torch.no_grad():
         for batch in pack_pairs(pairs, 180, shared_prompt=True, rows_per_batch=3, mask="flex",
                                 pad_id=model.config.pad_token_id):
-            assert packed_attention_inputs(model, batch, "cpu")["attention_mask"].BLOCK_SIZE == (64, 64)
+            assert packed_attention_inputs(model, batch)["attention_mask"].BLOCK_SIZE == (64, 64)
             packed, packed_mask = packed_token_logps(model, batch, chunk_size=37)
             padded, padded_mask = padded_logps(model, batch.rows)
             assert torch.equal(packed_mask, padded_mask)
@@ -495,7 +495,8 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
 
     from tgdpo_ray.config.loader import build_config
     from tgdpo_ray.kernels.losses import build_loss
-    from tgdpo_ray.train.worker import build_engine, load_policy, micro_batch_loss
+    from tgdpo_ray.kernels.step import micro_batch_loss
+    from tgdpo_ray.train.worker import build_engine, load_policy, step_settings
 
     rng = np.random.default_rng(0)
     rows = make_pairs(seed=5, count=6, vocab=AutoConfig.from_pretrained(tiny_model).vocab_size)
@@ -532,7 +533,7 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
         assert all((layer._compiled_call_impl is not None) == compiled for layer in engine.module.model.layers)
         assert engine.module.is_gradient_checkpointing == compiled
         engine.train()  # as train_step: checkpointed layers recompute in train mode only (dropout is off)
-        out, tokens = micro_batch_loss(engine, rows, config, build_loss(config.loss), pad_id=0,
+        out, tokens = micro_batch_loss(engine, rows, build_loss(config.loss), step_settings(config), pad_id=0,
                                        device=torch.device("cpu"))
         engine.backward(out.losses.sum())
         results[packing, compiled, attention] = (out.losses.detach().clone(), tokens, [
@@ -541,7 +542,7 @@ def test_the_trainer_loss_and_gradients_are_the_same_in_every_layout(one_process
             flex.enable(engine.module)                                      # forward only (no CPU backward)
             assert packed_attention(engine) == "flex"
             with torch.no_grad():
-                flex_out, _ = micro_batch_loss(engine, rows, config, build_loss(config.loss), pad_id=0,
+                flex_out, _ = micro_batch_loss(engine, rows, build_loss(config.loss), step_settings(config), pad_id=0,
                                                device=torch.device("cpu"))
                 flex_losses[packing, compiled, attention] = flex_out.losses
     losses, padded_tokens, grads = results["padded", False, "dense"]

@@ -38,7 +38,7 @@ from tgdpo_ray.data.preference import (BadRow, DataError, RowTally, iter_arrow, 
 from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import append_records, line_starts, read_records, text_lines
 from tgdpo_ray.modeling.loading import load_tokenizer
-from tgdpo_ray.scoring.pools import configure_ray_data
+from tgdpo_ray.runtime.ray_start import configure_ray_data
 
 TOKEN_COLUMNS = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")
 REWARD_COLUMNS = score_columns("guidance", "rewards")  # token rewards that came with the data (guidance: column)

@@ -11,6 +11,7 @@ column P - 1 + j. Keeping the logits' shape avoids slicing them, which would cop
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -114,6 +115,27 @@ def collate_pairs(rows: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@dataclass
+class PaddedBatch:
+    """The padded layout of a micro-batch (collate_pairs): rows 0..n-1 prompt + chosen, n..2n-1 prompt + rejected."""
+
+    input_ids: torch.Tensor  # [2n, L]
+    attention_mask: torch.Tensor  # [2n, L], 1 on the tokens, 0 on the padding
+    labels: torch.Tensor  # [2n, L]: answer token i+1 at column i, IGNORE_INDEX elsewhere
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return tuple(self.labels.shape)
+
+    def to(self, device) -> PaddedBatch:
+        return PaddedBatch(*(to_device(tensor, device) for tensor in (self.input_ids, self.attention_mask,
+                                                                       self.labels)))
+
+
+def pad_pairs(rows: Sequence, pad_id: int) -> PaddedBatch:
+    return PaddedBatch(**collate_pairs(rows, pad_id))
+
+
 def answer_columns(rows: Sequence) -> list[tuple[int, int]]:
     """(first grid column, number of tokens) of each of the 2n answers, in collate_pairs' row order."""
     spans = []
@@ -164,24 +186,30 @@ def score_columns(prefix: str, kind: str) -> tuple[str, str]:
     return f"{prefix}_chosen_{kind}", f"{prefix}_rejected_{kind}"
 
 
-def pair_batch(rows: Sequence, policy_logps: torch.Tensor, answer_mask: torch.Tensor, with_reference: bool,
-               guidance_kind: Optional[str]) -> PairBatch:
-    """The loss inputs of a micro-batch: the policy's log-probs and answer mask ([2n, W] on collate_pairs' label
-    grid of `rows`) split into chosen and rejected, with the values the rows carry from the scorers (or the data)
-    on the same grid and device: the reference log-probs, and TGDPO's guidance (JobConfig.guidance_kind): the
-    guidance model's log-probs (implicit), or the token rewards themselves (token_reward_model, column)."""
-    n, width, device = len(rows), answer_mask.shape[1], answer_mask.device
+def scored_grids(rows: Sequence, width: int, with_reference: bool, guidance_kind: Optional[str]) -> dict:
+    """The values `rows` carry from the scorers (or the data) that the loss reads, each on the [2n, width] label
+    grid, on the host: "ref_logps" (with_reference), and TGDPO's guidance (JobConfig.guidance_kind): the guidance
+    model's log-probs "guidance_logps" (implicit), or the token rewards themselves "guidance_rewards"
+    (token_reward_model, column)."""
+    wanted = [("ref", "logps")] if with_reference else []
+    if guidance_kind == "implicit":
+        wanted.append(("guidance", "logps"))
+    elif guidance_kind is not None:
+        wanted.append(("guidance", "rewards"))
+    return {f"{prefix}_{kind}": values_to_grid(rows, *score_columns(prefix, kind), width) for prefix, kind in wanted}
 
-    def by_side(prefix: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = to_device(values_to_grid(rows, *score_columns(prefix, kind), width), device)
-        return grid[:n], grid[n:]
 
+def pair_batch(policy_logps: torch.Tensor, answer_mask: torch.Tensor, grids: dict) -> PairBatch:
+    """The loss inputs of a micro-batch: the policy's log-probs and answer mask ([2n, W] on the label grid) split
+    into chosen and rejected, with the scored_grids on the same grid and device."""
+    n = answer_mask.shape[0] // 2
     batch = PairBatch(policy_chosen_logps=policy_logps[:n], policy_rejected_logps=policy_logps[n:],
                       chosen_mask=answer_mask[:n], rejected_mask=answer_mask[n:])
-    if with_reference:
-        batch.ref_chosen_logps, batch.ref_rejected_logps = by_side("ref", "logps")
-    if guidance_kind == "implicit":
-        batch.guidance_chosen_logps, batch.guidance_rejected_logps = by_side("guidance", "logps")
-    elif guidance_kind is not None:
-        batch.chosen_token_rewards, batch.rejected_token_rewards = by_side("guidance", "rewards")
+    fields = {"ref_logps": ("ref_chosen_logps", "ref_rejected_logps"),
+              "guidance_logps": ("guidance_chosen_logps", "guidance_rejected_logps"),
+              "guidance_rewards": ("chosen_token_rewards", "rejected_token_rewards")}
+    for name, grid in grids.items():
+        chosen, rejected = fields[name]
+        setattr(batch, chosen, grid[:n])
+        setattr(batch, rejected, grid[n:])
     return batch

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tgdpo_ray.kernels import flex, varlen
-from tgdpo_ray.kernels.batches import IGNORE_INDEX, collate_pairs, to_device
+from tgdpo_ray.kernels.batches import IGNORE_INDEX, PaddedBatch, pad_pairs
 from tgdpo_ray.kernels.packing import PackedBatch, pack_pairs, pair_span
 
 
@@ -230,19 +230,22 @@ def packed_attention(model) -> str:
     return {flex.ATTENTION: "flex", varlen.ATTENTION: "varlen"}.get(name, "dense")
 
 
-def packed_attention_inputs(model, batch: PackedBatch, device) -> dict:
-    """The model's attention inputs for a packed batch: a BlockMask under flex.ATTENTION, a VarlenPlan under
-    varlen.ATTENTION, else the dense mask in the implementation's form, or none for mask="position_ids"."""
-    attention = packed_attention(model)
+def packed_attention_inputs(model, batch: PackedBatch) -> dict:
+    """The model's attention inputs for a packed batch on its device: a BlockMask under flex.ATTENTION, the
+    batch's VarlenPlan under varlen.ATTENTION, else the dense mask in the implementation's form, or none for
+    mask="position_ids"."""
+    attention, device = packed_attention(model), batch.input_ids.device
     if attention == "flex":
         return {"attention_mask": flex.block_mask(batch, device, flex.model_setting(model)["mask_block"])}
     if attention == "varlen":
-        return varlen.model_inputs(batch, device)
+        # lay_out builds the plan on the host; a batch packed by other means gets it here (on a GPU, reading its
+        # lengths then waits for the device).
+        varlen_plan = batch.varlen_plan if batch.varlen_plan is not None else varlen.plan(batch).to(device)
+        return varlen.model_inputs(varlen_plan, batch.input_ids.shape[0], device)
     if batch.attention_mask is None:
         return {"attention_mask": None}
     # ZeRO-3's partitioned weights are empty placeholders: the dtype comes from the model there.
-    return {"attention_mask": model_attention_mask(to_device(batch.attention_mask, device), model.config,
-                                                   model.dtype)}
+    return {"attention_mask": model_attention_mask(batch.attention_mask, model.config, model.dtype)}
 
 
 def check_plain_lm_head(config) -> None:
@@ -258,7 +261,8 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
                        zero3_engine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, mask), both [2n, W] as collate_pairs' labels of batch.rows: fp32 log-prob of each answer token,
     0.0 off the answers, and True on the answers. `model` is a Hugging Face causal LM (unwrapped: model.module of a
-    DeepSpeed engine or DDP). Only the answer-predicting hidden states go through the LM head.
+    DeepSpeed engine or DDP), and `batch` is on its device. Only the answer-predicting hidden states go through
+    the LM head.
 
     zero3_engine: the DeepSpeed ZeRO-3 engine around `model`. Its partitioned weights are gathered only inside
     module calls, and its gradient accumulation needs every forward to go through the engine (called around it,
@@ -267,56 +271,66 @@ def packed_token_logps(model, batch: PackedBatch, chunk_size: int = 1024,
     (logits_to_keep), then a chunked log-softmax; no fused head."""
     check_plain_lm_head(model.config)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    device = head.weight.device
     # use_cache=False: with a cache, transformers would not look for packed documents in the position ids.
-    inputs = {"input_ids": to_device(batch.input_ids, device), "position_ids": to_device(batch.position_ids, device),
-              **packed_attention_inputs(model, batch, device), "use_cache": False}
-    source = to_device(batch.source_index, device)
-    targets = to_device(batch.target_ids, device)
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids,
+              **packed_attention_inputs(model, batch), "use_cache": False}
     if zero3_engine is None:
         hidden = decoder(**inputs).last_hidden_state
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
-        logps = lm_head_token_logps(selected, head.weight, head.bias, targets, chunk_size)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index)
+        logps = lm_head_token_logps(selected, head.weight, head.bias, batch.target_ids, chunk_size)
     else:
-        rows, columns = source // batch.input_ids.shape[1], source % batch.input_ids.shape[1]
+        width = batch.input_ids.shape[1]
+        rows, columns = batch.source_index // width, batch.source_index % width
         kept = torch.unique(columns)  # sorted
         logits = zero3_engine(**inputs, logits_to_keep=kept).logits  # [rows, kept columns, vocab]
-        logps = token_logps(logits[rows, torch.searchsorted(kept, columns)].unsqueeze(0), targets.unsqueeze(0),
-                            chunk_size)[0]
+        logps = token_logps(logits[rows, torch.searchsorted(kept, columns)].unsqueeze(0),
+                            batch.target_ids.unsqueeze(0), chunk_size)[0]
     return batch.answer_grid(logps)
 
 
 # ---------------------------------------------------------------------------
-# The entry point: a micro-batch of pairs in the configured layout.
+# A micro-batch of pairs: laid out on the host, moved to the device once, then its answer log-probs.
 # ---------------------------------------------------------------------------
 
 
-def padded_logits(model, rows: Sequence, pad_id: int, device, **forward) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs, labels) of collate_pairs(rows): the model's output [2n, L, ...] on the right-padded rows (a causal
-    LM's logits, or a token reward head's values) and the shifted answer labels [2n, L]. `forward`: more keyword
-    arguments of the model's forward."""
-    batch = collate_pairs(rows, pad_id)
-    outputs = model(input_ids=to_device(batch["input_ids"], device),
-                    attention_mask=to_device(batch["attention_mask"], device), **forward).logits
-    return outputs, to_device(batch["labels"], device)
-
-
-def answer_logps(model, rows: Sequence, layout: str, packed_row_tokens: int, chunk_size: int, pad_id: int, device,
-                 zero3_engine=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, answer mask), both [2n, W] as collate_pairs' labels of `rows`: the fp32 log-prob of each answer
-    token under `model`, 0.0 off the answers, and True on the answers.
-
-    layout (training.packing): padded, packed or shared_prompt. In the packed layouts the micro-batch is packed
-    into rows of about packed_row_tokens tokens, never less than its longest pair, so that it stays one batch and
-    one backward. `model`: a Hugging Face causal LM, or the DeepSpeed engine around one (the packed layouts run the
-    module it wraps); one under flex.ATTENTION attends through a FlexAttention BlockMask, others through the dense
-    mask. zero3_engine: `model` again where it is a ZeRO-3 engine (see packed_token_logps)."""
+def lay_out(rows: Sequence, layout: str, packed_row_tokens: int, attention: str, pad_id: int):
+    """The model inputs of `rows` in `layout` (training.packing: padded, packed or shared_prompt) on the host: a
+    PaddedBatch, or a PackedBatch for a model that attends through `attention` (packed_attention: dense, flex or
+    varlen). A packed micro-batch fills rows of about packed_row_tokens tokens, never less than its longest pair,
+    so that it stays one batch and one backward."""
     if layout == "padded":
-        # No KV cache: nothing is generated, and under a compiled layer each cache layer's state recompiles it.
-        logits, labels = padded_logits(model, rows, pad_id, device, use_cache=False)
-        return token_logps(logits, labels, chunk_size), labels != IGNORE_INDEX
+        return pad_pairs(rows, pad_id)
     shared_prompt = layout == "shared_prompt"
     width = max([packed_row_tokens] + [pair_span(row, shared_prompt) for row in rows])
-    mask = "4d" if packed_attention(model) == "dense" else "flex"
+    mask = "4d" if attention == "dense" else "flex"
     (batch,) = pack_pairs(rows, width, shared_prompt, rows_per_batch=len(rows), mask=mask, pad_id=pad_id)
+    if attention == "varlen":
+        batch.varlen_plan = varlen.plan(batch)
+    return batch
+
+
+def padded_logits(model, batch: PaddedBatch, **forward) -> torch.Tensor:
+    """The model's output [2n, L, ...] on a padded batch on its device: a causal LM's logits, or a token reward
+    head's values. `forward`: more keyword arguments of the model's forward."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **forward).logits
+
+
+def batch_logps(model, batch, chunk_size: int, zero3_engine=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, answer mask), both [2n, W] on the label grid: the fp32 log-prob of each answer token of a laid
+    out batch (lay_out, on the model's device) under `model`, 0.0 off the answers, and True on the answers.
+
+    `model`: a Hugging Face causal LM, or the DeepSpeed engine around one (the packed layouts run the module it
+    wraps). zero3_engine: `model` again where it is a ZeRO-3 engine (see packed_token_logps)."""
+    if isinstance(batch, PaddedBatch):
+        # No KV cache: nothing is generated, and under a compiled layer each cache layer's state recompiles it.
+        logits = padded_logits(model, batch, use_cache=False)
+        return token_logps(logits, batch.labels, chunk_size), batch.labels != IGNORE_INDEX
     return packed_token_logps(getattr(model, "module", model), batch, chunk_size, zero3_engine)
+
+
+def answer_logps(model, rows: Sequence, layout: str, packed_row_tokens: int, chunk_size: int, pad_id: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_logps of `rows` laid out for `model` in `layout` and moved to `device`: what a scorer computes for a
+    frozen model (the policy's step is step.micro_batch_loss)."""
+    batch = lay_out(rows, layout, packed_row_tokens, packed_attention(model), pad_id).to(device)
+    return batch_logps(model, batch, chunk_size)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -66,11 +66,16 @@ class PackedBatch:
     # one sequence without a prefix; in the shared layout a pair is two, prompt + chosen, and rejected with the
     # prompt as its prefix. The padding is in none.
     attention_spans: torch.Tensor
+    # varlen.VarlenPlan of these spans, built on the host where the model attends through varlen (logprobs.lay_out)
+    varlen_plan: Optional[Any] = None
 
     def to(self, device) -> PackedBatch:
-        tensors = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{name: value.to(device) for name, value in tensors.items()
-                                            if isinstance(value, torch.Tensor)})
+        """Every tensor (and the varlen plan) on `device`, copied without blocking (batches.to_device)."""
+        moved = {field.name: to_device(value, device) for field in dataclasses.fields(self)
+                 if isinstance(value := getattr(self, field.name), torch.Tensor)}
+        if self.varlen_plan is not None:
+            moved["varlen_plan"] = self.varlen_plan.to(device)
+        return dataclasses.replace(self, **moved)
 
     def label_grid(self) -> torch.Tensor:
         """The labels collate_pairs(rows) gives: answer token ids on the grid, IGNORE_INDEX elsewhere."""
@@ -80,7 +85,7 @@ class PackedBatch:
 
     def answer_grid(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grid, mask): one value per answer token [N] placed on the grid (0 elsewhere), and True on the answers."""
-        index = (to_device(self.grid_rows, values.device), to_device(self.grid_cols, values.device))
+        index = (self.grid_rows, self.grid_cols)  # on values' device: the batch was moved there whole
         grid = torch.zeros(self.grid_shape, dtype=values.dtype, device=values.device).index_put(index, values)
         mask = torch.zeros(self.grid_shape, dtype=torch.bool, device=values.device).index_put(
             index, torch.ones_like(values, dtype=torch.bool))

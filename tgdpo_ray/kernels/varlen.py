@@ -44,6 +44,10 @@ class VarlenPlan(NamedTuple):
     max_query: int  # the longest sequence's queries
     max_key: int  # and keys
 
+    def to(self, device) -> VarlenPlan:
+        return self._replace(key_index=to_device(self.key_index, device), cu_query=to_device(self.cu_query, device),
+                             cu_key=to_device(self.cu_key, device))
+
 
 def concatenated_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """arange(starts[0], starts[0] + lengths[0]), arange(starts[1], ...), ... concatenated, without a Python loop."""
@@ -67,8 +71,9 @@ def with_padding(spans: torch.Tensor, rows: int, length: int) -> torch.Tensor:
     return spans[torch.argsort(spans[:, 0] * length + spans[:, 3], stable=True)]
 
 
-def plan(batch: PackedBatch, device) -> VarlenPlan:
-    """The VarlenPlan of a packed batch (built on the host from its attention spans, copied without blocking)."""
+def plan(batch: PackedBatch) -> VarlenPlan:
+    """The VarlenPlan of a packed batch, built on the host from its attention spans (their lengths are read as
+    numbers: on a GPU that would wait for the device); VarlenPlan.to copies it without blocking."""
     rows, length = batch.input_ids.shape
     row, prefix_start, prefix_end, start, end = with_padding(batch.attention_spans, rows, length).unbind(1)
     base = row * length
@@ -76,20 +81,20 @@ def plan(batch: PackedBatch, device) -> VarlenPlan:
     key_starts = torch.stack([prefix_start, start], 1).flatten() + base.repeat_interleave(2)
     key_lengths = torch.stack([prefix_lengths, query_lengths], 1).flatten()
     return VarlenPlan(
-        key_index=to_device(concatenated_ranges(key_starts, key_lengths), device),
-        cu_query=to_device(cumulative(query_lengths), device),
-        cu_key=to_device(cumulative(prefix_lengths + query_lengths), device),
+        key_index=concatenated_ranges(key_starts, key_lengths),
+        cu_query=cumulative(query_lengths),
+        cu_key=cumulative(prefix_lengths + query_lengths),
         max_query=int(query_lengths.max()),
         max_key=int((prefix_lengths + query_lengths).max()),
     )
 
 
-def model_inputs(batch: PackedBatch, device) -> dict:
-    """The attention inputs of a packed batch for a model under ATTENTION: the plan, and an empty 4D mask that
-    transformers' mask builder passes through as it is (it would build a [R, 1, L, L] mask from nothing)."""
-    rows = batch.input_ids.shape[0]
+def model_inputs(varlen_plan: VarlenPlan, rows: int, device) -> dict:
+    """The attention inputs of a packed batch of `rows` rows for a model under ATTENTION: its plan (on `device`),
+    and an empty 4D mask that transformers' mask builder passes through as it is (it would build a [R, 1, L, L]
+    mask from nothing)."""
     return {"attention_mask": torch.empty((rows, 1, 0, 0), dtype=torch.bool, device=device),
-            PLAN_ARGUMENT: plan(batch, device)}
+            PLAN_ARGUMENT: varlen_plan}
 
 
 # torch's varlen_attn and how this torch spells its keywords, set by enable(): a compiled decoder layer then finds

@@ -68,18 +68,6 @@ def disable_dropout(model) -> None:
                 setattr(module, name, 0.0)
 
 
-def compile_decoder_layers(model, backend: str = "inductor") -> None:
-    """Regional compilation: torch.compile each decoder layer in place. The layers share one compiled graph (their
-    weights are its inputs), so the compile costs one layer's, and a new micro-batch shape recompiles that one
-    graph (dynamic after the second), not the whole model."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ModelLoadError(f"training.compile: {type(model).__name__} keeps no decoder layers in "
-                             "model.get_decoder().layers; set training.compile false")
-    for layer in layers:
-        layer.compile(backend=backend)
-
-
 def load_token_reward_model(name_or_path: str, precision: str = "auto", trust_remote_code: bool = False):
     """A model with a per-token scalar head: AutoModelForTokenClassification with one label."""
     from transformers import AutoModelForTokenClassification

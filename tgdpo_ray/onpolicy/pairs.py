@@ -316,7 +316,8 @@ def rank_by_reward_model(config: JobConfig, prompts: list[Prompt], samples: dict
     as all of its answers are scored (Ray Data keeps the order)."""
     import ray
     from tgdpo_ray.eval.flow import Progress
-    from tgdpo_ray.scoring.pools import configure_ray_data, pool_options
+    from tgdpo_ray.runtime.ray_start import configure_ray_data
+    from tgdpo_ray.scoring.pools import pool_options
 
     section = config.pairs.ranker.reward_model
     items = [{"prompt_index": prompt.index, "sample": sample,

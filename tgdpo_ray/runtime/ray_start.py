@@ -1,4 +1,5 @@
-"""Starting Ray, or joining a running cluster: a wrong or unreachable address fails in seconds, in one line."""
+"""Starting Ray, or joining a running cluster (a wrong or unreachable address fails in seconds, in one line), and
+the Ray Data settings every job runs with."""
 
 from __future__ import annotations
 
@@ -79,3 +80,14 @@ def check_reachable(name: str, address: str) -> None:
     except OSError as err:
         raise ClusterError(f"{name} {address!r}: {err.strerror or err}; is a Ray head running there, and is this "
                            f"its port?") from None
+
+
+def configure_ray_data() -> None:
+    """Ray Data's settings for this process's streams: no progress bars, and blocks in the source's order."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    # Our own per-step lines report progress; Ray Data's per-operator bars would drown them.
+    context.enable_progress_bars = False
+    # Pairs reach the trainers in the same order every run: a resumed run repeats an uninterrupted one.
+    context.execution_options.preserve_order = True

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from tgdpo_ray.kernels.attention import enable as enable_attention
-from tgdpo_ray.kernels.batches import grid_to_values, pack_by_token_budget, packed_tokens, score_columns
+from tgdpo_ray.kernels.batches import grid_to_values, pack_by_token_budget, packed_tokens, pad_pairs, score_columns
 from tgdpo_ray.runtime.placement import pick_device, record_placement
+from tgdpo_ray.runtime.ray_start import configure_ray_data
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig, ScorerSection
 from tgdpo_ray.common.jsonl import append_records
 from tgdpo_ray.kernels.logprobs import answer_logps, padded_logits
@@ -35,7 +36,7 @@ def answer_values(model, rows: list, pad_id: int, device: torch.device, chunk_si
     if not token_rewards:
         logps, _ = answer_logps(model, rows, packing, packed_row_tokens, chunk_size, pad_id, device)
         return grid_to_values(logps, rows)
-    outputs, _ = padded_logits(model, rows, pad_id, device)
+    outputs = padded_logits(model, pad_pairs(rows, pad_id).to(device))
     # The head's output at a token's own position is that token's reward; the label grid holds token i+1 at
     # column i, so shift left by one.
     rewards = torch.zeros(outputs.shape[:2], dtype=torch.float32, device=outputs.device)
@@ -133,16 +134,6 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
         ),
         **pool_options(section),
     )
-
-
-def configure_ray_data() -> None:
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    # Our own per-step lines report progress; Ray Data's per-operator bars would drown them.
-    context.enable_progress_bars = False
-    # Pairs reach the trainers in the same order every run: a resumed run repeats an uninterrupted one.
-    context.execution_options.preserve_order = True
 
 
 # The driver of a stream cut into many small blocks grew by about 0.7 MB a block (40k pairs in 625 blocks: 619 ->

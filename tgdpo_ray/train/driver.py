@@ -48,7 +48,8 @@ def scored_pairs(split: TokenizedSplit, config: JobConfig, pad_id: int, log=prin
     """A split's pairs as the trainers read them, by pair id: scored on the fly, or from the cache (scored into
     it first if missing)."""
     from tgdpo_ray.scoring.cache import cached_scored_dataset
-    from tgdpo_ray.scoring.pools import configure_ray_data, scored_dataset
+    from tgdpo_ray.runtime.ray_start import configure_ray_data
+    from tgdpo_ray.scoring.pools import scored_dataset
 
     configure_ray_data()
     if reads_cache(config):

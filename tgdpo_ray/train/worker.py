@@ -22,16 +22,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tgdpo_ray.kernels import attention
-from tgdpo_ray.kernels.batches import SCORED_KINDS, SCORED_PREFIXES, packed_tokens, pair_batch, score_columns
-from tgdpo_ray.train.checkpoints import load_checkpoint, local_storage, save_checkpoint
-from tgdpo_ray.runtime.placement import pick_device, record_placement
 from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.loader import import_function
-from tgdpo_ray.kernels.logprobs import answer_logps
-from tgdpo_ray.kernels.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, LossOutput, build_loss, finalize_metrics, metric_sums
-from tgdpo_ray.modeling.loading import (compile_decoder_layers, disable_dropout, load_causal_lm, load_tokenizer,
-                              resolve_dtype)
+from tgdpo_ray.kernels.batches import SCORED_KINDS, SCORED_PREFIXES, score_columns
+from tgdpo_ray.kernels.losses import (TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, build_loss, finalize_metrics,
+                                      metric_sums)
+from tgdpo_ray.kernels.step import StepSettings, micro_batch_loss, prepare_policy
+from tgdpo_ray.modeling.loading import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
+from tgdpo_ray.runtime.placement import pick_device, record_placement
+from tgdpo_ray.train.checkpoints import load_checkpoint, local_storage, save_checkpoint
 from tgdpo_ray.train.schedule import HELD_OUT, STREAM, StepShare, StreamParts, deal_step, plan_steps
 from tgdpo_ray.train.tracking import MetricsLog, ScorerThroughput, memory_metrics
 
@@ -157,17 +156,12 @@ def read_ahead(rows) -> Iterator[dict]:
     return all_rows()
 
 
-def micro_batch_loss(model, rows: list, config: JobConfig, loss: Loss, pad_id: int, device) -> tuple[LossOutput, int]:
-    """The loss of one micro-batch under `model` (the DeepSpeed engine, or a plain model) in the configured layout,
-    and its tokens: prompt + chosen and prompt + rejected in every layout, so that tokens/s compares across
-    layouts."""
+def step_settings(config: JobConfig) -> StepSettings:
+    """What a micro-batch reads of the job config (kernels/step.py)."""
     training = config.training
-    # Under ZeRO-3 the forward goes through the engine (no fused head: the weights are partitioned).
-    zero3_engine = model if config.policy.zero_stage == 3 else None
-    logps, mask = answer_logps(model, rows, training.packing, training.packed_row_tokens, training.logp_chunk_size,
-                               pad_id, device, zero3_engine)
-    out = loss(pair_batch(rows, logps, mask, config.needs_reference, config.guidance_kind))
-    return out, packed_tokens(rows, shared_prompt=False)
+    return StepSettings(layout=training.packing, packed_row_tokens=training.packed_row_tokens,
+                        logp_chunk_size=training.logp_chunk_size, with_reference=config.needs_reference,
+                        guidance_kind=config.guidance_kind, zero3=config.policy.zero_stage == 3)
 
 
 class MetricSums:
@@ -235,6 +229,7 @@ def train_step(engine, share: StepShare, config: JobConfig, loss: Loss, pad_id: 
     accumulation = config.training.gradient_accumulation_steps
     batches = share.micro_batches + [[dummy_row(pad_id)]] * (accumulation - len(share.micro_batches))
     weight = world_size / share.step_pairs
+    settings = step_settings(config)
     lr = engine.get_lr()[0]  # read before the scheduler advances
     norm = None
     for index, rows in enumerate(batches):
@@ -243,7 +238,7 @@ def train_step(engine, share: StepShare, config: JobConfig, loss: Loss, pad_id: 
         if engine.is_gradient_accumulation_boundary() != last:
             raise RuntimeError(f"DeepSpeed's accumulation boundary is out of step with the loop at micro-batch "
                                f"{index + 1}/{accumulation}")
-        out, tokens = micro_batch_loss(engine, rows, config, loss, pad_id, device)
+        out, tokens = micro_batch_loss(engine, rows, loss, settings, pad_id, device)
         engine.backward(out.losses.sum() * (weight if real else 0.0), scale_wrt_gas=False)
         if real:
             meter.add(out, tokens)
@@ -255,16 +250,17 @@ def train_step(engine, share: StepShare, config: JobConfig, loss: Loss, pad_id: 
     return StepResult(meter.combined(device), lr, norm)
 
 
-def evaluate(engine, rows, config: JobConfig, loss: Loss, pad_id: int, device, rank: int, world_size: int) -> dict:
+def held_out_metrics(engine, rows, config: JobConfig, loss: Loss, pad_id: int, device, rank: int, world_size: int) -> dict:
     """Held-out metrics in eval mode. Rank 0 reads `rows` and deals micro-batches as in training; a worker
     without one runs a zero-weight filler (ZeRO-3 gathers weights collectively in every forward)."""
     meter = MetricSums(config)
     engine.eval()
     plan = plan_steps(rows, config.training, world_size, accumulation=1) if rank == 0 else None
+    settings = step_settings(config)
     with torch.no_grad():
         while (share := deal_step(plan, rank, world_size)) is not None:
             for batch in share.micro_batches or [[dummy_row(pad_id)]]:
-                out, tokens = micro_batch_loss(engine, batch, config, loss, pad_id, device)
+                out, tokens = micro_batch_loss(engine, batch, loss, settings, pad_id, device)
                 if share.micro_batches:
                     meter.add(out, tokens)
     return meter.combined(device)
@@ -314,11 +310,11 @@ def load_policy(config: JobConfig, device):
     model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
     if config.policy.disable_dropout:
         disable_dropout(model)
-    attention.enable(model, config.training.packing, config.training.attention, device, training=True,
-                     dtype=resolve_dtype(config.policy.precision))  # the dtype DeepSpeed computes in
-    if config.training.compile:
-        compile_decoder_layers(model, config.training.compile_backend)
-    if config.training.gradient_checkpointing:
+    training = config.training
+    prepare_policy(model, training.packing, training.attention, device,
+                   dtype=resolve_dtype(config.policy.precision),  # the dtype DeepSpeed computes in
+                   compile=training.compile, compile_backend=training.compile_backend)
+    if training.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -344,135 +340,171 @@ def probe_line(state: TrainState, values: dict) -> str:
     return f"[probe] step {state.step} epoch {state.epoch} {shown}"
 
 
+class Trainer:
+    """One Ray Train worker's run: fit() is the loop of optimizer steps, with held-out evaluation, the probe and
+    checkpoints between them. Where the run stands is in attributes (state, saved_step, probed_step), saved and
+    restored with the checkpoints."""
+
+    def __init__(self, config: JobConfig, total_steps: int, has_eval: bool, stream, rank: int, world_size: int,
+                 device):
+        self.config, self.training = config, config.training
+        self.total_steps, self.has_eval = total_steps, has_eval
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.engine = build_engine(load_policy(config, device), config, total_steps, world_size)
+        if rank == 0:
+            print(f"[train] {self.training.packing} layout, attention "
+                  f"{self.engine.module.config._attn_implementation}"
+                  f"{', compiled decoder layers' if self.training.compile else ''}, on {device.type}", flush=True)
+        self.loss = build_loss(config.loss)
+        self.state = resume_state(self.engine, rank)
+        self.log = MetricsLog(config, rank, resumed_step=self.state.step or None)
+        self.scorer_throughput = ScorerThroughput(config.run_dir)
+        self.storage = local_storage(config)
+        self.checkpoint_bytes = 0  # this worker's previous checkpoint: what the next needs on disk
+        self.saved_step = self.state.step  # a resumed run starts from a checkpoint of its step
+        self.probe_function = (import_function(self.training.probe.function, "training.probe.function")
+                               if self.training.probe else None)
+        # A resumed run recorded its step's probe before stopping.
+        self.probed_step = self.state.step if self.state.step else None
+        # Rank 0 alone reads the scored stream (a finished run started again has none): the held-out pairs first,
+        # kept for every evaluation, then the epochs.
+        self.rows = self.parts = self.held_out_rows = None
+        if stream is not None:
+            self.rows = Waited(stream)
+            self.parts = StreamParts(self.rows)
+            self.held_out_rows = list(self.parts.rows_of(HELD_OUT)) if has_eval else None
+        self.started = time.perf_counter()
+
+    def fit(self) -> None:
+        """Every epoch from where the run stands, then the final model and summary.json."""
+        training, state = self.training, self.state
+        self.probe()
+        stopped = False
+        for epoch in range(state.epoch, training.epochs):
+            state.epoch = epoch
+            plan = self.epoch_plan(epoch) if self.rank == 0 else None  # rank 0 deals every step's micro-batches
+            while True:
+                if training.max_steps and state.step >= training.max_steps:
+                    stopped = True
+                    break
+                share = self.step(plan)
+                if share is None:
+                    break
+                if self.has_eval and training.eval_every and state.step % training.eval_every == 0:
+                    self.evaluate()
+                if self.probe_function is not None and state.step % training.probe.every == 0:
+                    self.probe()
+                if training.checkpoint_every and state.step % training.checkpoint_every == 0:
+                    self.checkpoint()
+            if stopped:
+                if self.saved_step != state.step:
+                    self.checkpoint()
+                if self.rank == 0:
+                    again = "to resume" if training.keep_checkpoints else "and it starts over (keep_checkpoints 0)"
+                    print(f"[train] stopped at max_steps {training.max_steps}; run the same job again {again}",
+                          flush=True)
+                break
+            if self.has_eval and state.last_eval_step != state.step:
+                self.evaluate()
+            state.epoch, state.epoch_pairs_done = epoch + 1, []
+            self.checkpoint()
+        self.probe()
+        self.finish(complete=not stopped)
+
+    def epoch_plan(self, epoch: int):
+        """Rank 0's optimizer steps of an epoch; a resumed epoch goes on where its checkpoint left it."""
+        done = set(self.state.epoch_pairs_done)
+        return plan_steps((row for row in self.parts.rows_of(epoch) if int(row["pair_id"]) not in done),
+                          self.training, self.world_size)
+
+    def step(self, plan) -> Optional[StepShare]:
+        """One optimizer step of this worker's share of the plan, recorded; None once the epoch has no step left."""
+        step_started = time.perf_counter()
+        share = deal_step(plan, self.rank, self.world_size)
+        if share is None:
+            return None
+        result = train_step(self.engine, share, self.config, self.loss, self.pad_id, self.device, self.world_size)
+        step_seconds = time.perf_counter() - step_started
+        state = self.state
+        state.step += 1
+        state.tokens += result.metrics["tokens"]
+        state.step_seconds += step_seconds
+        state.epoch_pairs_done += share.step_pair_ids
+        if self.rank == 0:
+            record = {"step": state.step, "epoch": state.epoch, "lr": result.lr, "grad_norm": result.grad_norm,
+                      **result.metrics, "tokens_per_second": result.metrics["tokens"] / max(step_seconds, 1e-9),
+                      "data_wait_seconds": self.rows.take_seconds(), "step_seconds": step_seconds,
+                      "elapsed_seconds": time.perf_counter() - self.started, "time": time.time(),
+                      "pair_ids": share.step_pair_ids, **memory_metrics()}
+            line = None
+            if state.step % self.training.log_every == 0 or state.step == 1:
+                record.update(self.scorer_throughput())
+                line = step_line(state, self.total_steps, result, record)
+            self.log.write(record, line)
+        return share
+
+    def evaluate(self) -> dict:
+        """Held-out metrics, logged and kept in the state (a run resumed after its end reports them)."""
+        metrics = held_out_metrics(self.engine, self.held_out_rows, self.config, self.loss, self.pad_id, self.device,
+                           self.rank, self.world_size)
+        self.log.write({"step": self.state.step, "epoch": self.state.epoch, "eval": metrics},
+                       eval_line(self.state, metrics))
+        self.state.last_eval, self.state.last_eval_step = metrics, self.state.step
+        return metrics
+
+    def probe(self) -> None:
+        """training.probe, on rank 0 alone (the other ranks go on to the next step's collectives and wait), once
+        per step."""
+        if self.rank == 0 and self.probe_function is not None and self.probed_step != self.state.step:
+            self.engine.eval()
+            with torch.no_grad():
+                values = self.probe_function(self.engine.module, self.tokenizer, self.device,
+                                             **self.training.probe.arguments)
+            self.log.write({"step": self.state.step, "epoch": self.state.epoch, "probe": values},
+                           probe_line(self.state, values))
+        self.probed_step = self.state.step
+
+    def checkpoint(self) -> None:
+        """A checkpoint of the engine and the state (none with keep_checkpoints 0)."""
+        if self.training.keep_checkpoints:
+            def hf_export(folder: Path) -> None:
+                save_hf_model(self.engine, self.tokenizer, folder / "hf", self.config.policy.zero_stage, self.rank)
+
+            self.checkpoint_bytes = save_checkpoint(
+                self.engine, asdict(self.state), self.rank, hf_export if self.training.checkpoint_hf_export else None,
+                expected_bytes=self.checkpoint_bytes, storage=self.storage)
+        self.saved_step = self.state.step
+
+    def finish(self, complete: bool) -> None:
+        """The policy in Hugging Face format in <run>/model, and the run's summary.json."""
+        state, run_dir = self.state, self.config.run_dir
+        train_seconds = time.perf_counter() - self.started
+        save_hf_model(self.engine, self.tokenizer, run_dir / "model", self.config.policy.zero_stage, self.rank)
+        summary = {"steps": state.step, "complete": complete, "train_seconds": train_seconds,
+                   "tokens": state.tokens, "tokens_per_second": state.tokens / max(state.step_seconds, 1e-9),
+                   "eval": state.last_eval, "eval_step": state.last_eval_step, "model_dir": str(run_dir / "model")}
+        if self.rank == 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log.close()
+
+
 def train_loop(loop_config: dict) -> None:
-    """Runs in every Ray Train worker: one optimizer step per turn of the loop below."""
+    """Runs in every Ray Train worker."""
     import ray.train
 
     config = JobConfig.model_validate(loop_config["config"])
-    training, run_dir, total_steps = config.training, config.run_dir, loop_config["total_steps"]
-    has_eval = loop_config["has_eval"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    record_placement(str(run_dir), "policy", rank=rank)
+    record_placement(str(config.run_dir), "policy", rank=rank)
     # Rank 0 runs Ray Data's executor in this process: its per-dataset lines would drown the step lines.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     seed_everything(config.run.seed + rank)
-    device = pick_device()
-    # Rank 0 alone reads the scored stream (a finished run started again has none): the held-out pairs first,
-    # which it keeps for every evaluation, then the epochs.
+    # The stream starts (and its scorer pools load their models) while this worker loads the policy.
     stream = None
     if rank == 0 and loop_config["has_stream"]:
         stream = read_ahead(ray.train.get_dataset_shard(STREAM).iter_rows())
-
-    tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
-    pad_id = tokenizer.pad_token_id
-    engine = build_engine(load_policy(config, device), config, total_steps, world_size)
-    if rank == 0:
-        print(f"[train] {training.packing} layout, attention {engine.module.config._attn_implementation}"
-              f"{', compiled decoder layers' if training.compile else ''}, on {device.type}", flush=True)
-    loss = build_loss(config.loss)
-    state = resume_state(engine, rank)
-    log = MetricsLog(config, rank, resumed_step=state.step or None)
-    scorer_throughput = ScorerThroughput(run_dir)
-    started = time.perf_counter()
-
-    storage = local_storage(config)
-    checkpoint_bytes = 0  # this worker's previous checkpoint: what the next needs on disk
-
-    def checkpoint() -> int:
-        nonlocal checkpoint_bytes
-
-        def hf_export(folder: Path) -> None:
-            save_hf_model(engine, tokenizer, folder / "hf", config.policy.zero_stage, rank)
-
-        if training.keep_checkpoints:  # 0: the run saves none
-            checkpoint_bytes = save_checkpoint(engine, asdict(state), rank,
-                                               hf_export if training.checkpoint_hf_export else None,
-                                               expected_bytes=checkpoint_bytes, storage=storage)
-        return state.step
-
-    rows = parts = held_out_rows = None
-    if stream is not None:
-        rows = Waited(stream)
-        parts = StreamParts(rows)
-        held_out_rows = list(parts.rows_of(HELD_OUT)) if has_eval else None
-
-    def held_out() -> dict:
-        metrics = evaluate(engine, held_out_rows, config, loss, pad_id, device, rank, world_size)
-        log.write({"step": state.step, "epoch": state.epoch, "eval": metrics}, eval_line(state, metrics))
-        return metrics
-
-    probe = import_function(training.probe.function, "training.probe.function") if training.probe else None
-    probed_step = state.step if state.step else None  # a resumed run recorded its step's probe before stopping
-
-    def run_probe() -> None:
-        """training.probe, on rank 0 alone (the other ranks go on to the next step's collectives and wait)."""
-        nonlocal probed_step
-        if rank == 0 and probe is not None and probed_step != state.step:
-            engine.eval()
-            with torch.no_grad():
-                values = probe(engine.module, tokenizer, device, **training.probe.arguments)
-            log.write({"step": state.step, "epoch": state.epoch, "probe": values}, probe_line(state, values))
-        probed_step = state.step
-
-    run_probe()
-    stopped, saved_step = False, state.step  # a resumed run starts from a checkpoint of its step
-    for epoch in range(state.epoch, training.epochs):
-        state.epoch = epoch
-        plan = None
-        if rank == 0:  # only rank 0 reads data; it deals every step's micro-batches to the workers
-            done = set(state.epoch_pairs_done)  # a resumed epoch goes on where its checkpoint left it
-            plan = plan_steps((row for row in parts.rows_of(epoch) if int(row["pair_id"]) not in done),
-                              training, world_size)
-        while True:
-            if training.max_steps and state.step >= training.max_steps:
-                stopped = True
-                break
-            step_started = time.perf_counter()
-            share = deal_step(plan, rank, world_size)
-            if share is None:
-                break
-            result = train_step(engine, share, config, loss, pad_id, device, world_size)
-            step_seconds = time.perf_counter() - step_started
-            state.step += 1
-            state.tokens += result.metrics["tokens"]
-            state.step_seconds += step_seconds
-            state.epoch_pairs_done += share.step_pair_ids
-            if rank == 0:
-                record = {"step": state.step, "epoch": epoch, "lr": result.lr, "grad_norm": result.grad_norm,
-                          **result.metrics, "tokens_per_second": result.metrics["tokens"] / max(step_seconds, 1e-9),
-                          "data_wait_seconds": rows.take_seconds(), "step_seconds": step_seconds,
-                          "elapsed_seconds": time.perf_counter() - started, "time": time.time(),
-                          "pair_ids": share.step_pair_ids, **memory_metrics()}
-                line = None
-                if state.step % training.log_every == 0 or state.step == 1:
-                    record.update(scorer_throughput())
-                    line = step_line(state, total_steps, result, record)
-                log.write(record, line)
-            if has_eval and training.eval_every and state.step % training.eval_every == 0:
-                state.last_eval, state.last_eval_step = held_out(), state.step
-            if probe is not None and state.step % training.probe.every == 0:
-                run_probe()
-            if training.checkpoint_every and state.step % training.checkpoint_every == 0:
-                saved_step = checkpoint()
-        if stopped:
-            if saved_step != state.step:
-                saved_step = checkpoint()
-            if rank == 0:
-                again = "to resume" if training.keep_checkpoints else "and it starts over (keep_checkpoints 0)"
-                print(f"[train] stopped at max_steps {training.max_steps}; run the same job again {again}", flush=True)
-            break
-        if has_eval and state.last_eval_step != state.step:
-            state.last_eval, state.last_eval_step = held_out(), state.step
-        state.epoch, state.epoch_pairs_done = epoch + 1, []
-        saved_step = checkpoint()
-
-    run_probe()
-    train_seconds = time.perf_counter() - started
-    save_hf_model(engine, tokenizer, run_dir / "model", config.policy.zero_stage, rank)
-    summary = {"steps": state.step, "complete": not stopped, "train_seconds": train_seconds,
-               "tokens": state.tokens, "tokens_per_second": state.tokens / max(state.step_seconds, 1e-9),
-               "eval": state.last_eval, "eval_step": state.last_eval_step, "model_dir": str(run_dir / "model")}
-    if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.close()
+    trainer = Trainer(config, loop_config["total_steps"], loop_config["has_eval"], stream, rank, world_size,
+                      pick_device())
+    trainer.fit()
