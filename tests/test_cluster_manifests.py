@@ -93,6 +93,14 @@ def launcher_groups() -> dict[str, dict]:
             for name, node in config["available_node_types"].items()}
 
 
+def test_the_parametrized_specs_are_there():
+    """A renamed or moved spec would leave the checks below with fewer cases, or none, and still pass."""
+    assert [p.name for p in CLUSTER_JOBS] == ["llama3-8b-dpo-guidance.yaml", "llama3-8b-onpolicy.yaml",
+                                              "llama3-8b-pipeline.yaml", "llama3-8b-tgdpo.yaml"]
+    assert [p.name for p in EVAL_JOBS] == ["eval-llama3-8b.yaml", "llama3-8b-onpolicy.yaml",
+                                           "llama3-8b-pipeline.yaml"]
+
+
 @pytest.mark.parametrize("groups", [kuberay_groups, launcher_groups], ids=["kuberay", "launcher"])
 @pytest.mark.parametrize("spec", CLUSTER_JOBS, ids=lambda p: p.name)
 def test_cluster_offers_what_each_job_asks_for(groups, spec):

@@ -342,3 +342,12 @@ def test_named_question_and_prompt_sets_are_not_paths(eval_raw):
     rule = build_config(eval_raw, overrides=["eval.judge.backend=rule", "eval.judge.model=null",
                                              "eval.judge.function=tgdpo_ray.experiments.demo:rule_score"])
     assert rule.eval.judge.identity == "rule:tgdpo_ray.experiments.demo:rule_score"
+
+
+def test_the_loss_defaults_are_the_kernels_and_the_gpu_benchs():
+    """bench/gpu.py measures TGDPOLoss() (it cannot read the pydantic schema on a bare torch image): the config's
+    default loss section builds exactly that loss."""
+    from tgdpo_ray.config.job import LossSection
+    from tgdpo_ray.kernels.losses import TGDPOLoss, build_loss
+
+    assert build_loss(LossSection()) == TGDPOLoss() == TGDPOLoss(beta=0.1, alpha=0.5, clamp_weights=False)

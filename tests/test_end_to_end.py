@@ -110,7 +110,8 @@ def train_records(run_dir: Path) -> list[dict]:
 def test_scorers_and_trainers_hold_disjoint_gpus_in_different_processes(runs):
     config, _ = runs["tgdpo"]
     records = placements(config.run_dir)
-    assert all(not r["gpu_ids"] for r in records if r["role"] == "tokenize")  # the tokenization pass: CPU tasks
+    tokenize = [r for r in records if r["role"] == "tokenize"]
+    assert tokenize and all(not r["gpu_ids"] for r in tokenize)  # the tokenization pass: CPU tasks
     records = [r for r in records if r["role"] != "tokenize"]
     roles = {record["role"] for record in records}
     assert roles == {"policy", "reference", "guidance"}
@@ -196,7 +197,8 @@ def dpo_margins(policy_dir: str, reference_dir: str, rows: list, beta: float) ->
 def test_tgdpo_weights_come_from_the_guidance_model(runs):
     config, _ = runs["tgdpo"]
     records = train_records(config.run_dir)
-    assert all({"chosen_weight_mean", "rejected_weight_mean", "negative_weight_fraction"} <= set(r) for r in records)
+    assert records and all({"chosen_weight_mean", "rejected_weight_mean", "negative_weight_fraction"} <= set(r)
+                           for r in records)
     # The guidance (the DPO policy) differs from the reference, so the token weights move away from beta.
     assert any(abs(r["chosen_weight_mean"] - 0.1) > 1e-4 for r in records)
     # The weight distribution counts every answer token of the step once, across both workers.

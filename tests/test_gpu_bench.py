@@ -109,3 +109,93 @@ def test_lm_head_and_flex_sweep_smoke(toy_run):
 def test_toy_run_never_overwrites_the_gpu_results():
     done = run_script("--toy", "--out", str(REPO / "bench" / "results" / "gpu.json"))
     assert done.returncode != 0 and "does not overwrite" in done.stderr
+
+
+def load_bench():
+    """bench/gpu.py as a module (its flags are parsed only when run as a script)."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "bench"))  # it imports bench/packing.py by its plain name
+    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The bench's CPU layouts and the job config that trains the same way: (training.packing, training.attention).
+TRAINER_CONFIG = {"padded": ("padded", "dense"), "packed": ("packed", "dense"),
+                  "shared_prompt": ("shared_prompt", "dense"), "shared_prompt_varlen": ("shared_prompt", "varlen"),
+                  "shared_prompt_flex": ("shared_prompt", "flex"), "packed_flex": ("packed", "flex")}
+
+
+def test_the_bench_measures_the_trainers_step(tiny_model):
+    """In every layout the bench runs on a CPU, its step (the model it prepares, the micro-batch loss it times) and
+    the trainers' (train/worker.py's load_policy and step settings from a job config, the loss the config builds)
+    give the same per-pair losses and the same gradients on one micro-batch (FlexAttention: losses only, it has no
+    CPU backward)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tgdpo_ray.config.loader import build_config
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.kernels.step import micro_batch_loss
+    from tgdpo_ray.train.worker import load_policy, step_settings
+
+    bench = load_bench()
+    assert set(TRAINER_CONFIG) <= set(bench.LAYOUTS) and len(TRAINER_CONFIG) == 6
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(5):
+        row = {"pair_id": index, "prompt_ids": list(rng.integers(5, 300, 3 + 2 * index)),
+               "chosen_ids": list(rng.integers(5, 300, 2 + index)), "rejected_ids": list(rng.integers(5, 300, 4))}
+        for side in ("chosen", "rejected"):
+            for prefix in ("ref", "guidance"):
+                row[f"{prefix}_{side}_logps"] = rng.normal(-4.0, 1.0, len(row[f"{side}_ids"])).astype(np.float32)
+        rows.append(row)
+    cpu, row_tokens = torch.device("cpu"), 64
+    bench_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    for name, (packing, attention) in TRAINER_CONFIG.items():
+        bench_packing, _, _ = bench.LAYOUTS[name]
+        assert bench_packing == packing, name
+        backward = attention != "flex"
+        # The bench's step, as run_pass runs it: the mean loss of the micro-batch, backward.
+        bench.prepare_layout(bench_model, *bench.LAYOUTS[name], cpu)
+        bench_model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(backward):
+            per_pair = bench.run_pass(bench_model, [rows], packing, row_tokens, cpu, backward)
+        # The trainers' step on the same pairs, its model loaded and prepared from a job config.
+        config = build_config({"data": {"train": "x.jsonl"}, "policy": {"model": tiny_model},
+                               "guidance": {"model": tiny_model}, "loss": {"type": "tgdpo"},
+                               "training": {"packing": packing, "attention": attention if backward else "dense",
+                                            "packed_row_tokens": row_tokens}}, check_paths=False)
+        trainer_model = load_policy(config, cpu).train()
+        if not backward:
+            from tgdpo_ray.kernels import flex
+
+            flex.enable(trainer_model)  # a trainer cannot run FlexAttention on a CPU; its forward can
+        with torch.set_grad_enabled(backward):
+            out, _ = micro_batch_loss(trainer_model, rows, build_loss(config.loss), step_settings(config),
+                                      config_pad_id(tiny_model), cpu)
+            if backward:
+                out.losses.mean().backward()
+        trainer_per_pair = {row["pair_id"]: [loss, chosen, rejected] for row, loss, chosen, rejected in
+                            zip(rows, out.losses.tolist(), out.chosen_rewards.tolist(), out.rejected_rewards.tolist())}
+        assert per_pair.keys() == trainer_per_pair.keys() and len(per_pair) == len(rows), name
+        for pair_id, values in per_pair.items():
+            assert values == pytest.approx(trainer_per_pair[pair_id], abs=1e-6), (name, pair_id)
+        if backward:
+            bench_grads = dict(bench_model.named_parameters())
+            compared = 0
+            for param_name, param in trainer_model.named_parameters():
+                assert param.grad is not None, (name, param_name)
+                torch.testing.assert_close(bench_grads[param_name].grad, param.grad, atol=1e-6, rtol=1e-5,
+                                           msg=f"{name}: {param_name}")
+                compared += 1
+            assert compared > 5
+
+
+def config_pad_id(model_dir: str) -> int:
+    from tgdpo_ray.modeling.loading import load_tokenizer
+
+    return load_tokenizer(model_dir).pad_token_id

@@ -52,10 +52,10 @@ def test_reward_columns_are_read_truncated_and_checked(tokenizer, rewarded_data,
     columns = RewardColumns()
     data = DataSection.model_validate({"train": str(rewarded_data), "max_length": 64, "max_prompt_length": 32})
     rows = prepare_pairs(data.train, data, tokenizer, reward_columns=columns).rows
-    assert all(len(r["guidance_chosen_rewards"]) == len(r["chosen_ids"]) for r in rows)
+    assert rows and all(len(r["guidance_chosen_rewards"]) == len(r["chosen_ids"]) for r in rows)
     short = DataSection.model_validate({"train": str(rewarded_data), "max_length": 24, "max_prompt_length": 16})
     truncated = prepare_pairs(short.train, short, tokenizer, reward_columns=columns).rows
-    assert all(len(r["guidance_rejected_rewards"]) == len(r["rejected_ids"]) for r in truncated)
+    assert truncated and all(len(r["guidance_rejected_rewards"]) == len(r["rejected_ids"]) for r in truncated)
 
     broken = json.loads(rewarded_data.read_text().splitlines()[0])
     broken["chosen_token_rewards"] = broken["chosen_token_rewards"][:-1]

@@ -78,7 +78,7 @@ def test_the_best_and_the_worst_of_each_prompts_answers_become_chosen_and_reject
         assert pair["ranker"] == f"rule:{__name__}:answer_length" and pair["num_samples"] == SAMPLES
     # Each batch was on disk with a progress line before the next; the answers of a prompt differ (own seeds).
     assert [line for line in by_rule["lines"] if "sampled" in line][-1].startswith("[pairs] sampled 8/8 prompts")
-    assert all(len(set(r["answers"])) > 1 for r in samples.values())
+    assert samples and all(len(set(r["answers"])) > 1 for r in samples.values())
 
 
 def test_a_stopped_job_resumes_without_sampling_finished_prompts_again(by_rule, tmp_path):

@@ -171,6 +171,48 @@ def pack_pairs(pairs: Sequence, max_tokens: int, shared_prompt: bool = False, ro
     return [build_packed_batch(pairs, group, shared_prompt, mask == "4d", pad_id, min_length) for group in groups]
 
 
+class RowWriter:
+    """Writes documents into one row of a packed batch's tensors, left to right, and records which hidden state
+    scores each answer token."""
+
+    def __init__(self, batch: dict, row: int):
+        self.batch, self.row = batch, row
+        self.offset = 0  # the next free column
+        self.doc = 0  # the document being written
+
+    def place(self, ids: list, positions_from: int, part: int) -> int:
+        """Write ids at the current offset, position ids counting from positions_from; returns the column of the
+        first one."""
+        start, end, batch, row = self.offset, self.offset + len(ids), self.batch, self.row
+        batch["input_ids"][row, start:end] = torch.tensor(ids, dtype=torch.long)
+        batch["position_ids"][row, start:end] = torch.arange(positions_from, positions_from + len(ids))
+        batch["document"][row, start:end] = self.doc
+        batch["segment"][row, start:end] = part
+        self.offset = end
+        return start
+
+    def score(self, answer: list, first: int, last_prompt: int, grid_row: int, prompt_len: int) -> None:
+        """Answer token j sits at column first + j; the hidden state one column earlier predicts it, except for
+        j = 0, predicted by the last prompt token (in the shared layout not the column before)."""
+        if not answer:
+            return
+        length = self.batch["input_ids"].shape[1]
+        columns = torch.arange(first - 1, first + len(answer) - 1)
+        columns[0] = last_prompt
+        self.batch["source_index"].append(self.row * length + columns)
+        self.batch["target_ids"].append(torch.tensor(answer, dtype=torch.long))
+        self.batch["grid_rows"].append(torch.full((len(answer),), grid_row, dtype=torch.long))
+        self.batch["grid_cols"].append(torch.arange(prompt_len - 1, prompt_len - 1 + len(answer)))
+
+    def pad(self) -> None:
+        """Each padding position is a one-token document: it attends to itself alone (a query with nothing to
+        attend to would make NaNs in SDPA), and FlexAttention computes no more of the padding than its diagonal
+        blocks."""
+        length = self.batch["input_ids"].shape[1]
+        self.batch["position_ids"][self.row, self.offset:] = torch.arange(length - self.offset)
+        self.batch["document"][self.row, self.offset:] = self.doc + torch.arange(length - self.offset)
+
+
 def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_prompt: bool, with_mask: bool,
                        pad_id: int, min_length: int = 1) -> PackedBatch:
     """One batch: row r holds the pairs pairs[i] for i in row_indices[r], back to back; rows padded to the longest,
@@ -179,77 +221,47 @@ def build_packed_batch(pairs: Sequence, row_indices: list[list[int]], shared_pro
     grid_row_of = {i: k for k, i in enumerate(batch_pairs)}  # pair i's chosen grid row; rejected is n + that
     n = len(batch_pairs)
     spans = [sum(pair_span(pairs[i], shared_prompt) for i in row) for row in row_indices]
-    length = max(spans + [min_length])
-
-    input_ids = torch.full((len(row_indices), length), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(row_indices), length), dtype=torch.long)
-    document = torch.zeros((len(row_indices), length), dtype=torch.long)
-    segment = torch.full((len(row_indices), length), PROMPT, dtype=torch.long)
-    source, targets, grid_rows, grid_cols, attention_spans = [], [], [], [], []
-
+    shape = (len(row_indices), max(spans + [min_length]))
+    built = {"input_ids": torch.full(shape, pad_id, dtype=torch.long),
+             "position_ids": torch.zeros(shape, dtype=torch.long), "document": torch.zeros(shape, dtype=torch.long),
+             "segment": torch.full(shape, PROMPT, dtype=torch.long),
+             "source_index": [], "target_ids": [], "grid_rows": [], "grid_cols": []}
+    attention_spans = []
     for r, row in enumerate(row_indices):
-        offset, doc = 0, 0
-
-        def place(ids: list, positions_from: int, part: int) -> int:
-            """Write ids at the current offset of row r, position ids counting from positions_from; returns the
-            column of the first one."""
-            nonlocal offset
-            start, end = offset, offset + len(ids)
-            input_ids[r, start:end] = torch.tensor(ids, dtype=torch.long)
-            position_ids[r, start:end] = torch.arange(positions_from, positions_from + len(ids))
-            document[r, start:end] = doc
-            segment[r, start:end] = part
-            offset = end
-            return start
-
-        def score(answer: list, first: int, last_prompt: int, grid_row: int, prompt_len: int) -> None:
-            """Answer token j sits at column first + j; the hidden state one column earlier predicts it, except
-            for j = 0, predicted by the last prompt token (in the shared layout not the column before)."""
-            if not answer:
-                return
-            columns = torch.arange(first - 1, first + len(answer) - 1)
-            columns[0] = last_prompt
-            source.append(r * length + columns)
-            targets.append(torch.tensor(answer, dtype=torch.long))
-            grid_rows.append(torch.full((len(answer),), grid_row, dtype=torch.long))
-            grid_cols.append(torch.arange(prompt_len - 1, prompt_len - 1 + len(answer)))
-
+        writer = RowWriter(built, r)
         for i in row:
             prompt, chosen, rejected = (list(pairs[i][key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
             p, k = len(prompt), grid_row_of[i]
             if shared_prompt:
-                start = place(prompt, 0, PROMPT)
-                first = place(chosen, p, CHOSEN)
-                score(chosen, first, start + p - 1, k, p)
+                start = writer.place(prompt, 0, PROMPT)
+                first = writer.place(chosen, p, CHOSEN)
+                writer.score(chosen, first, start + p - 1, k, p)
                 # Positions as if chosen were absent: rejected continues right after the prompt.
-                first = place(rejected, p, REJECTED)
-                score(rejected, first, start + p - 1, n + k, p)
-                attention_spans += [(r, start, start, start, first), (r, start, start + p, first, offset)]
-                doc += 1
+                first = writer.place(rejected, p, REJECTED)
+                writer.score(rejected, first, start + p - 1, n + k, p)
+                attention_spans += [(r, start, start, start, first), (r, start, start + p, first, writer.offset)]
+                writer.doc += 1
             else:
                 for answer, part, grid_row in ((chosen, CHOSEN, k), (rejected, REJECTED, n + k)):
-                    start = place(prompt, 0, PROMPT)
-                    first = place(answer, p, part)
-                    score(answer, first, start + p - 1, grid_row, p)
-                    attention_spans.append((r, start, start, start, offset))
-                    doc += 1
-        # Each padding position is a one-token document: it attends to itself alone (a query with nothing to attend
-        # to would make NaNs in SDPA), and FlexAttention computes no more of the padding than its diagonal blocks.
-        position_ids[r, offset:] = torch.arange(length - offset)
-        document[r, offset:] = doc + torch.arange(length - offset)
+                    start = writer.place(prompt, 0, PROMPT)
+                    first = writer.place(answer, p, part)
+                    writer.score(answer, first, start + p - 1, grid_row, p)
+                    attention_spans.append((r, start, start, start, writer.offset))
+                    writer.doc += 1
+        writer.pad()
 
     width = max(len(pairs[i]["prompt_ids"]) + max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]))
                 for i in batch_pairs)
     return PackedBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=dense_mask(document, segment) if with_mask else None,
-        document=document,
-        segment=segment,
-        source_index=torch.cat(source),
-        target_ids=torch.cat(targets),
-        grid_rows=torch.cat(grid_rows),
-        grid_cols=torch.cat(grid_cols),
+        input_ids=built["input_ids"],
+        position_ids=built["position_ids"],
+        attention_mask=dense_mask(built["document"], built["segment"]) if with_mask else None,
+        document=built["document"],
+        segment=built["segment"],
+        source_index=torch.cat(built["source_index"]),
+        target_ids=torch.cat(built["target_ids"]),
+        grid_rows=torch.cat(built["grid_rows"]),
+        grid_cols=torch.cat(built["grid_cols"]),
         grid_shape=(2 * n, width),
         rows=[pairs[i] for i in batch_pairs],
         real_tokens=sum(spans),

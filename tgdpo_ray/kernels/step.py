@@ -2,7 +2,7 @@
 
 It reads in one direction:
 
-    rows ──lay_out──> model inputs and scored values (host) ──.to──> forward, answer log-probs ──> PairBatch ──> loss
+    rows ─lay_out─> inputs and scored values (host) ─.to─> forward, answer log-probs ─> PairBatch ─> loss
 
 Torch only, like the rest of kernels/: it takes plain arguments (StepSettings, not a JobConfig), so the same code
 runs in a Ray Train worker around a DeepSpeed engine and on a bare torch GPU image around a plain model.

@@ -88,10 +88,11 @@ class FrozenScorer:
                                                        "rewards" if self.token_rewards else "logps")
         batch[chosen_column], batch[rejected_column] = ragged(chosen), ragged(rejected)
         # One line per batch: the pool's throughput over time, for `report` and for checking that training
-        # started before scoring ended.
+        # started before scoring ended; the pairs by id, for checking that every pair was scored.
         tokens = packed_tokens(rows, shared_prompt=False)
         append_records(self.batch_log, [{"time": time.time(), "pairs": len(rows), "tokens": tokens,
-                                         "seconds": time.perf_counter() - started}])
+                                         "seconds": time.perf_counter() - started,
+                                         "pair_ids": [int(row["pair_id"]) for row in rows]}])
         return batch
 
 

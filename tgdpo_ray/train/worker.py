@@ -250,7 +250,8 @@ def train_step(engine, share: StepShare, config: JobConfig, loss: Loss, pad_id: 
     return StepResult(meter.combined(device), lr, norm)
 
 
-def held_out_metrics(engine, rows, config: JobConfig, loss: Loss, pad_id: int, device, rank: int, world_size: int) -> dict:
+def held_out_metrics(engine, rows, config: JobConfig, loss: Loss, pad_id: int, device, rank: int,
+                     world_size: int) -> dict:
     """Held-out metrics in eval mode. Rank 0 reads `rows` and deals micro-batches as in training; a worker
     without one runs a zero-weight filler (ZeRO-3 gathers weights collectively in every forward)."""
     meter = MetricSums(config)
