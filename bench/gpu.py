@@ -820,7 +820,8 @@ def main(argv=None) -> int:
                        "answer_tokens_min_max_median": size["answer"], "lengths": "log-normal, sigma 1, clipped",
                        "max_tokens_per_micro_batch": args.max_tokens, "packed_row_tokens": args.row_tokens,
                        "warmup_passes": size["warmup_passes"], "timed_passes": size["timed_passes"],
-                       "loss": {"type": "tgdpo", **dataclasses.asdict(TRAINER_LOSS)}, "reference_and_guidance": "cached log-probs (random, as from the scorers)",
+                       "loss": {"type": "tgdpo", **dataclasses.asdict(TRAINER_LOSS)},
+                       "reference_and_guidance": "cached log-probs (random, as from the scorers)",
                        "prompt_plus_answers_tokens": packed_tokens(pairs, shared_prompt=False)}
     print(f"model {results['model']['params_millions']}M params ({size['model']['hidden_size']} hidden, "
           f"{size['model']['num_hidden_layers']} layers, vocab {size['model']['vocab_size']}), "

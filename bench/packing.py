@@ -80,8 +80,8 @@ def with_frozen_logps(rows: list[dict], reference, guidance) -> list[dict]:
 
 
 def time_steps(pairs: list[dict], max_tokens: int, row_tokens: int, vocab: int) -> dict:
-    from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget
     from tgdpo_ray.config.loader import build_config
+    from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget
     from tgdpo_ray.kernels.losses import build_loss
     from tgdpo_ray.kernels.step import micro_batch_loss
     from tgdpo_ray.train.worker import step_settings

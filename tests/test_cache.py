@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 from conftest import planned_step_ids, trained_pair_ids
-from tgdpo_ray.scoring.cache import MARKER, fingerprint, scorer_identity
-from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.common.model_files import weights_identity
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.scoring.cache import MARKER, fingerprint, scorer_identity
 from tgdpo_ray.train.driver import run_score, run_train
 
 
@@ -73,8 +73,8 @@ def test_the_fingerprint_covers_everything_the_scores_depend_on(ray_cluster, tin
     from tgdpo_ray.data.preference import tokenize_pair
     from tgdpo_ray.data.tokenize_pass import tokenize_split, tokenizer_args
     from tgdpo_ray.experiments.demo import make_demo_model
-    from tgdpo_ray.modeling.tiny import CHATML_TEMPLATE
     from tgdpo_ray.modeling.loading import load_tokenizer
+    from tgdpo_ray.modeling.tiny import CHATML_TEMPLATE
 
     other = str(make_demo_model(str(tmp_path / "other"), seed=7))
     copy = shutil.copytree(tiny_model, tmp_path / "copy")

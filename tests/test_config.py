@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.base import ConfigError
+from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.loader import absolutize, apply_overrides, build_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,8 +177,8 @@ def test_run_job_reads_and_validates_the_spec_once(raw, tmp_path, monkeypatch):
 
 
 def test_a_chat_template_file_stays_a_path_and_the_tokenizer_reads_it(raw, tiny_model, tmp_path, monkeypatch):
-    from tgdpo_ray.modeling.tiny import CHATML_TEMPLATE
     from tgdpo_ray.modeling.loading import load_tokenizer
+    from tgdpo_ray.modeling.tiny import CHATML_TEMPLATE
 
     monkeypatch.chdir(tmp_path)
     template = CHATML_TEMPLATE.replace("<|im_start|>", "<|im_end|>")
@@ -244,11 +244,12 @@ def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
 
 
 def test_a_probe_names_an_importable_function_and_needs_whole_weights(raw):
-    probe = "training.probe={function: tgdpo_ray.experiments.credit.task:slot_probe, every: 4, arguments: {examples: x}}"
+    probe = ("training.probe={function: tgdpo_ray.experiments.credit.task:slot_probe, every: 4, "
+             "arguments: {examples: x}}")
     config = build_config(raw, overrides=["loss.type=dpo", probe])
     assert config.training.probe.every == 4 and config.training.probe.arguments == {"examples": "x"}
-    assert "training.probe.function: expected module:function (e.g. tgdpo_ray.experiments.credit.task:slot_probe) (got " \
-           "'slot_probe')" in error_of(
+    assert "training.probe.function: expected module:function (e.g. tgdpo_ray.experiments.credit.task:slot_probe) " \
+           "(got 'slot_probe')" in error_of(
         raw, ["loss.type=dpo", "training.probe={function: slot_probe, every: 4}"])
     assert "training.probe.function tgdpo_ray.nowhere:f: cannot import it (ModuleNotFoundError" in error_of(
         raw, ["loss.type=dpo", "training.probe={function: 'tgdpo_ray.nowhere:f', every: 4}"])

@@ -10,18 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tgdpo_ray.config.job import DataSection, RewardColumns
-from tgdpo_ray.experiments.credit.task import (
-    FILLER_LENGTH,
-    encode_probe_set,
-    make_task,
-    make_task_model,
-    preference_pair,
-    slot_probe,
-    warm_start_pair,
-    write_task_data,
-    write_warm_start_data,
-)
 from tgdpo_ray.data.preference import prepare_pairs
+from tgdpo_ray.experiments.credit.task import (FILLER_LENGTH, encode_probe_set, make_task, make_task_model,
+                                               preference_pair, slot_probe, warm_start_pair, write_task_data,
+                                               write_warm_start_data)
 from tgdpo_ray.modeling.loading import load_tokenizer
 
 DATA = DataSection.model_validate({"train": "unused", "max_length": 64, "max_prompt_length": 16})

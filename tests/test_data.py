@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from tgdpo_ray.kernels.batches import (IGNORE_INDEX, collate_pairs, grid_to_values, pack_by_token_budget, padded_tokens,
-                               values_to_grid)
 from tgdpo_ray.config.job import DataSection
 from tgdpo_ray.data.preference import DataError, prepare_pairs, tokenize_pair
 from tgdpo_ray.experiments.demo import rule_score, write_demo_data
+from tgdpo_ray.kernels.batches import (IGNORE_INDEX, collate_pairs, grid_to_values, pack_by_token_budget, padded_tokens,
+                                       values_to_grid)
 
 PLAIN = {"prompt": "Repeat: apple river", "chosen": "apple river", "rejected": "apple stone"}
 

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import local_pairs
+from tgdpo_ray.common.jsonl import line_starts, text_lines
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.data.preference import DataError
 from tgdpo_ray.data.tokenize_pass import tokenize_split
-from tgdpo_ray.common.jsonl import line_starts, text_lines
 
 PAIR = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}
 
@@ -119,8 +119,8 @@ def test_an_error_inside_a_worker_reads_as_the_error_itself(ray_cluster, tiny_mo
 
 
 def test_the_epoch_from_lengths_is_the_plan_from_tokens():
-    from tgdpo_ray.kernels.batches import micro_batch_tokens
     from tgdpo_ray.config.job import TrainingSection
+    from tgdpo_ray.kernels.batches import micro_batch_tokens
     from tgdpo_ray.train.schedule import epoch_order, epoch_shape, in_epoch_order, plan_steps
 
     rng = np.random.default_rng(0)

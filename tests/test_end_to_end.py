@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import local_pairs, planned_step_ids, trained_pair_ids
-from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.train.driver import run_train
 
 EPOCHS = 2

@@ -13,9 +13,9 @@ import pytest
 
 from tgdpo_ray.config.eval import GenerationSection
 from tgdpo_ray.config.loader import build_config, read_raw_config
-from tgdpo_ray.experiments.demo import rule_score
 from tgdpo_ray.eval.flow import run_eval
 from tgdpo_ray.eval.generation import GenerationError, actor_options, engine_args, start_engine, wait_started
+from tgdpo_ray.experiments.demo import rule_score
 
 ROOT = Path(__file__).resolve().parent.parent
 

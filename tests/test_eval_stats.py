@@ -11,14 +11,8 @@ import pytest
 
 from tgdpo_ray.common.intervals import bootstrap_ci, mean_interval, ratio
 from tgdpo_ray.eval.report import format_table, write_eval_report
-from tgdpo_ray.eval.stats import (
-    combine_orders,
-    length_difference,
-    length_summary,
-    pairwise_summary,
-    pairwise_units,
-    single_summary,
-)
+from tgdpo_ray.eval.stats import (combine_orders, length_difference, length_summary, pairwise_summary, pairwise_units,
+                                  single_summary)
 
 # --- helpers ----------------------------------------------------------------------------------------------------
 

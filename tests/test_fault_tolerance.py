@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import trained_pair_ids
-from tgdpo_ray.train.checkpoints import checkpoint_storage
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.experiments.demo import make_demo_model
+from tgdpo_ray.train.checkpoints import checkpoint_storage
 from tgdpo_ray.train.driver import run_train
 
 

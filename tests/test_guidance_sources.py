@@ -11,8 +11,8 @@ from tgdpo_ray.data.preference import DataError, prepare_pairs
 from tgdpo_ray.experiments.demo import make_demo_model
 from tgdpo_ray.kernels.losses import PairBatch, TGDPOLoss
 from tgdpo_ray.modeling.loading import load_token_reward_model
-from tgdpo_ray.train.driver import run_train
 from tgdpo_ray.scoring.pools import answer_values
+from tgdpo_ray.train.driver import run_train
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.config.eval import EvalSection
 from tgdpo_ray.eval.flow import judge_all, judgment_tasks
 from tgdpo_ray.eval.judge import (JudgeError, OpenAIJudge, RuleJudge, check_references, load_prompts, parse_choice,
                                   parse_rating, render)
 from tgdpo_ray.eval.questions import Question
-from tgdpo_ray.common.jsonl import read_records
 
 MATH = Question("7", "math", ("What is 2 + 3?", "And times 4?"), ("5", "20"))
 WRITING = Question("8", "writing", ("Write a haiku about rain.", "Now make it sadder."))

@@ -6,20 +6,8 @@ import torch
 
 from tgdpo_ray.config.job import LossSection
 from tgdpo_ray.kernels.logprobs import token_logps
-from tgdpo_ray.kernels.losses import (
-    LOSSES,
-    DPOLoss,
-    IPOLoss,
-    PairBatch,
-    SFTLoss,
-    SimPOLoss,
-    TGDPOLoss,
-    WEIGHT_BINS,
-    WEIGHT_RANGE,
-    build_loss,
-    finalize_metrics,
-    metric_sums,
-)
+from tgdpo_ray.kernels.losses import (LOSSES, DPOLoss, IPOLoss, PairBatch, SFTLoss, SimPOLoss, TGDPOLoss, WEIGHT_BINS,
+                                      WEIGHT_RANGE, build_loss, finalize_metrics, metric_sums)
 
 
 def reference_token_logps(logits, labels):

@@ -17,14 +17,8 @@ from torch.utils._pytree import tree_leaves
 from tgdpo_ray.kernels import flex, varlen
 from tgdpo_ray.kernels.attention import AttentionUnavailableError, resolve
 from tgdpo_ray.kernels.batches import IGNORE_INDEX, collate_pairs
-from tgdpo_ray.kernels.logprobs import (
-    check_plain_lm_head,
-    lm_head_token_logps,
-    model_attention_mask,
-    packed_token_logps,
-    packed_attention,
-    token_logps,
-)
+from tgdpo_ray.kernels.logprobs import (check_plain_lm_head, lm_head_token_logps, model_attention_mask,
+                                        packed_token_logps, packed_attention, token_logps)
 from tgdpo_ray.kernels.packing import PROMPT, pack_pairs, pack_rows, pair_span
 
 ATOL = 1e-5

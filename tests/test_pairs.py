@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.data.preference import DataError
-from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.onpolicy.pairs import PairsError, Prompt, choose_pair, load_prompts, run_pairs
 
 PROMPTS = 8

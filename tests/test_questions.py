@@ -8,13 +8,7 @@ from collections import Counter
 import pytest
 
 from tgdpo_ray.common.errors import UserError
-from tgdpo_ray.eval.questions import (
-    MT_BENCH_CATEGORIES,
-    SHIPPED_QUESTIONS,
-    Question,
-    QuestionError,
-    load_questions,
-)
+from tgdpo_ray.eval.questions import MT_BENCH_CATEGORIES, SHIPPED_QUESTIONS, Question, QuestionError, load_questions
 
 GOOD = {"question_id": 1, "category": "math", "turns": ["What is 2 + 2?", "And times 3?"]}
 

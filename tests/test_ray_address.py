@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from tgdpo_ray.runtime import ray_start
-from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.runtime import ray_start
 
 # On today's Ray a bad address retries for about two minutes: fail the test long before that.
 pytestmark = pytest.mark.timeout(60)

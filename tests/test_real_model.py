@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from tgdpo_ray.cli import main
-from tgdpo_ray.config.job import DataSection
 from tgdpo_ray.config.eval import GenerationSection
+from tgdpo_ray.config.job import DataSection
 from tgdpo_ray.data.preference import tokenize_pair
 from tgdpo_ray.eval.generation import call_engine, start_engine, wait_started
-from tgdpo_ray.modeling.gguf_import import GGUFImportError, find_gguf
 from tgdpo_ray.kernels.logprobs import answer_logps
+from tgdpo_ray.modeling.gguf_import import GGUFImportError, find_gguf
 from tgdpo_ray.modeling.loading import load_causal_lm, load_tokenizer
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -7,8 +7,8 @@ import json
 
 import yaml
 
-from tgdpo_ray.experiments.demo_real import run_demo_real
 from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.experiments.demo_real import run_demo_real
 from tgdpo_ray.onpolicy.verifiable import write_verifiable_data
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tgdpo_ray.train.checkpoints import CheckpointSpaceError, checkpoint_storage, local_storage, require_space, resumed_epoch
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.launch.pipeline import stage_config
+from tgdpo_ray.train.checkpoints import (CheckpointSpaceError, checkpoint_storage, local_storage, require_space,
+                                         resumed_epoch)
 from tgdpo_ray.train.driver import run_train
 
 

@@ -11,9 +11,9 @@ import torch
 from conftest import local_pairs
 from safetensors.torch import load_file
 
-from tgdpo_ray.kernels.batches import pack_by_token_budget
 from tgdpo_ray.config.job import TrainingSection
 from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.kernels.batches import pack_by_token_budget
 from tgdpo_ray.train.driver import run_train
 from tgdpo_ray.train.schedule import HELD_OUT, StepShare, StreamParts, epoch_order, in_epoch_order, plan_steps
 
@@ -108,8 +108,8 @@ def flat_update(weights: dict, start: dict) -> torch.Tensor:
 
 def step_in_this_process(config) -> tuple[float, float, torch.Tensor]:
     """(loss, gradient norm, weight update) of the first step, planned and dealt as rank 0 of one worker does."""
-    from tgdpo_ray.train.schedule import deal_step
     from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.schedule import deal_step
     from tgdpo_ray.train.worker import build_engine, load_policy, train_step
 
     pad_id, train, _ = local_pairs(config)

@@ -7,18 +7,9 @@ import json
 import pytest
 
 from tgdpo_ray.onpolicy import verifiable
-from tgdpo_ray.onpolicy.verifiable import (
-    KINDS,
-    combination,
-    conflicting,
-    instruction_score,
-    instruction_text,
-    make_prompts,
-    parse_constraints,
-    prompt_followed,
-    reference_json,
-    write_verifiable_data,
-)
+from tgdpo_ray.onpolicy.verifiable import (KINDS, combination, conflicting, instruction_score, instruction_text,
+                                           make_prompts, parse_constraints, prompt_followed, reference_json,
+                                           write_verifiable_data)
 
 # (constraint, an answer that follows it, an answer that does not)
 CHECKS = [

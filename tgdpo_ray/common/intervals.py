@@ -1,5 +1,5 @@
-"""The percentile bootstrap, one home for every interval we report: the evaluation resamples questions, the
-credit-assignment experiment resamples seeds.
+"""Intervals, one home for every interval we report, and how the reports print them. The percentile bootstrap: the
+evaluation resamples questions, the credit-assignment experiment resamples seeds.
 
 The unit resampled is a group (a question, a seed) holding totals; a statistic turns column totals summed over a
 set of groups into a number, so a group's values always move together."""
@@ -43,3 +43,9 @@ def mean_interval(values: Sequence[float], samples: int = 2000, seed: int = 0,
                   level: float = 0.95) -> tuple[float | None, float | None, float | None]:
     """The mean of `values` and its bootstrap interval (each value is its own group)."""
     return bootstrap_ci([[value, 1.0] for value in values], ratio, samples, seed, level)
+
+
+def interval_text(low: float, high: float, digits: int = 2, sign: bool = False) -> str:
+    """An interval as the reports print it: "[low, high]", with a sign on each end when `sign`."""
+    form = f"+.{digits}f" if sign else f".{digits}f"
+    return f"[{low:{form}}, {high:{form}}]"

@@ -125,8 +125,8 @@ class JudgeSection(EngineSection):
     model: Optional[str] = Field(default=None, description="vllm, openai: required; a model name or path (vllm), "
                                                            "the served model's name (openai)")
     function: Optional[str] = Field(
-        default=None, description="rule: required, module:function (e.g. tgdpo_ray.experiments.demo:rule_score), called "
-        "as f(question, answer, reference) and returning a number")
+        default=None, description="rule: required, module:function (e.g. tgdpo_ray.experiments.demo:rule_score), "
+        "called as f(question, answer, reference) and returning a number")
     base_url: Optional[str] = Field(default=None, description="openai: required, e.g. https://api.openai.com/v1 or "
                                                               "http://judge-host:8000/v1")
     api_key_env: Optional[str] = Field(default=None, description="openai: the environment variable holding the "

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.base import Placement, Section
 from tgdpo_ray.config.eval import EngineSection, EvalSection, JudgeSection
 
@@ -339,7 +340,8 @@ class RankerSection(Section):
         if getattr(self, needed) is None:
             raise ValueError(f"ranker.type {self.type} needs ranker.{needed}")
         if self.type == "rule" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.function):
-            raise ValueError("ranker.function: expected module:function (e.g. tgdpo_ray.onpolicy.verifiable:instruction_score)")
+            raise ValueError("ranker.function: expected module:function "
+                             "(e.g. tgdpo_ray.onpolicy.verifiable:instruction_score)")
         if self.type == "judge" and (self.judge.backend == "rule" or self.judge.mode != "single"):
             raise ValueError("ranker.judge: use backend vllm or openai in single mode (for a rule, ranker.type rule)")
         return self
@@ -516,7 +518,7 @@ class JobConfig(Section):
     @property
     def eval_dir(self) -> Path:
         """Where answers, judgments and the report go: the run folder, or <run_dir>/eval for a pipeline."""
-        return self.run_dir if self.kind == "eval" else self.run_dir / "eval"
+        return self.run_dir if self.kind == "eval" else RunDir(self.run_dir).eval
 
     @property
     def reference_model(self) -> str:

@@ -16,9 +16,9 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.config.base import ConfigError
 from tgdpo_ray.config.eval import PROMPT_SETS, QUESTION_SETS
+from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

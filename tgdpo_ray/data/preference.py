@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tgdpo_ray.kernels.batches import score_columns
-from tgdpo_ray.config.job import Columns, DataSection, DataSource, RewardColumns
-from tgdpo_ray.config.loader import looks_local
 from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import BadLine, parse_line, text_lines
+from tgdpo_ray.config.job import Columns, DataSection, DataSource, RewardColumns
+from tgdpo_ray.config.loader import looks_local
+from tgdpo_ray.kernels.batches import score_columns
 
 BAD_ROW_REASONS = {
     "missing_field": "a prompt, chosen or rejected field is missing or null",

@@ -30,14 +30,14 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from tgdpo_ray.kernels.batches import score_columns
-from tgdpo_ray.runtime.placement import record_placement
-from tgdpo_ray.config.job import DataSection, DataSource, JobConfig, RewardColumns, TokenizeSection
-from tgdpo_ray.data.preference import (BadRow, DataError, RowTally, iter_arrow, iter_json_items, iter_jsonl, load_hf_dataset,
-                            prepare_row, read_json_list, unit_of)
 from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import append_records, line_starts, read_records, text_lines
+from tgdpo_ray.config.job import DataSection, DataSource, JobConfig, RewardColumns, TokenizeSection
+from tgdpo_ray.data.preference import (BadRow, DataError, RowTally, iter_arrow, iter_json_items, iter_jsonl,
+                                       load_hf_dataset, prepare_row, read_json_list, unit_of)
+from tgdpo_ray.kernels.batches import score_columns
 from tgdpo_ray.modeling.loading import load_tokenizer
+from tgdpo_ray.runtime.placement import record_placement
 from tgdpo_ray.runtime.ray_start import configure_ray_data
 
 TOKEN_COLUMNS = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids")

@@ -21,17 +21,17 @@ from typing import Optional
 
 from tgdpo_ray.runtime.ray_start import start_ray
 
-from tgdpo_ray.runtime.placement import check_fits
-from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.common.jsonl import append_records, json_digest, read_records, rewrite_records
+from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.config.eval import EvalModel, EvalSection, JudgeSection
+from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.eval.generation import answer_questions, engine_group, start_engine, wait_started
 from tgdpo_ray.eval.judge import (OpenAIJudge, RuleJudge, VLLMJudge, check_references, load_prompts, parse_choice,
                                   parse_rating, render)
 from tgdpo_ray.eval.questions import Question, load_questions
 from tgdpo_ray.eval.report import format_table, write_eval_report
 from tgdpo_ray.eval.stats import length_summary, pairwise_summary, single_summary
-from tgdpo_ray.common.jsonl import append_records, json_digest, read_records, rewrite_records
-from tgdpo_ray.common.model_files import weights_identity
+from tgdpo_ray.runtime.placement import check_fits
 
 JUDGE_BATCH = 32  # judgments asked per round trip; each batch is on disk, with a progress line, before the next
 

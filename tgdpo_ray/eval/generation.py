@@ -15,10 +15,10 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.runtime.placement import ProcessGroup, process_group
-from tgdpo_ray.config.eval import EngineSection, GenerationSection
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.config.eval import EngineSection, GenerationSection
 from tgdpo_ray.eval.questions import Question
+from tgdpo_ray.runtime.placement import ProcessGroup, process_group
 
 
 class GenerationError(UserError, RuntimeError):

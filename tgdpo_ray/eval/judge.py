@@ -19,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.jsonl import BadLine, numbered_lines
 from tgdpo_ray.config.base import ConfigError
 from tgdpo_ray.config.loader import import_function
-from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.eval.generation import call_engine
 from tgdpo_ray.eval.mt_bench import mt_bench_file
 from tgdpo_ray.eval.questions import Question
-from tgdpo_ray.common.jsonl import BadLine, numbered_lines
 
 OUR_PROMPTS = Path(__file__).parent / "assets" / "judge_prompts.jsonl"
 # MT-Bench grades these categories against a reference answer when one exists.

@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tgdpo_ray.config.loader import looks_local
 from tgdpo_ray.common.errors import UserError
-from tgdpo_ray.eval.mt_bench import mt_bench_file
 from tgdpo_ray.common.jsonl import BadLine, numbered_lines
+from tgdpo_ray.config.loader import looks_local
+from tgdpo_ray.eval.mt_bench import mt_bench_file
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 SHIPPED_QUESTIONS = Path(__file__).parent / "assets" / "questions.jsonl"

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tgdpo_ray.common.intervals import interval_text
+from tgdpo_ray.common.plotting import pyplot
+
 LENGTH_NOTE = ("Note: LLM judges tend to favour longer answers, so read score differences next to the answer "
                "lengths.")
 
@@ -36,7 +39,7 @@ def _percent(value: float | None) -> str:
 def _interval(ci: list[float] | None, digits: int = 2, sign: bool = False) -> str:
     if ci is None:
         return "n/a"
-    return f"[{_number(ci[0], digits, sign)}, {_number(ci[1], digits, sign)}]"
+    return interval_text(ci[0], ci[1], digits, sign)
 
 
 def _percent_interval(ci: list[float] | None) -> str:
@@ -295,10 +298,7 @@ def _length_table(models: list[str], lengths: dict) -> list[str]:
 
 def plot_scores_by_category(scores: dict, path: Path) -> Path:
     """Grouped bars: one group per category (and overall), one bar per model, CI as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = scores["models"]
     categories = list(dict.fromkeys(c for m in models for c in models[m]["by_category"]))
@@ -324,10 +324,7 @@ def plot_scores_by_category(scores: dict, path: Path) -> Path:
 
 def plot_win_tie_loss(pairwise: dict, path: Path) -> Path:
     """Stacked horizontal bars per comparison: wins, ties, losses of model_a as fractions of decided units."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     comparisons = pairwise["comparisons"]
     labels = [f"{c['model_a']} vs {c['model_b']}" for c in comparisons]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from tgdpo_ray.kernels import flex, varlen
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.kernels import flex, varlen
 
 CHOICES = ("auto", "dense", "flex", "varlen")
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import PIPELINE_MODELS, JobConfig
 from tgdpo_ray.config.loader import load_config, ready_to_run
-from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.onpolicy.pairs import run_pairs
 from tgdpo_ray.train.driver import run_score, run_train
 
@@ -45,7 +46,7 @@ def pairs_stage_config(config: JobConfig) -> JobConfig:
 
 
 def last_train_loss(run_dir: Path) -> float:
-    records = read_records(run_dir / "metrics.jsonl")
+    records = read_records(RunDir(run_dir).metrics)
     return [record for record in records if "loss" in record][-1]["loss"]
 
 
@@ -77,7 +78,7 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
         runs[loss_type]["final_train_loss"] = last_train_loss(stage.run_dir)
         guidance = runs[loss_type]["model_dir"]  # the DPO policy guides the TGDPO stage
     table = summary_table(runs)
-    (config.run_dir / "pipeline.json").write_text(json.dumps({"runs": runs, "table": table}, indent=2))
+    RunDir(config.run_dir).pipeline.write_text(json.dumps({"runs": runs, "table": table}, indent=2))
     log("\n" + table)
     log(f"\nDPO policy (the guidance model): {runs['dpo']['model_dir']}")
     log(f"TGDPO policy:                    {runs['tgdpo']['model_dir']}")

@@ -12,10 +12,10 @@ import json
 import math
 from typing import Optional
 
-from tgdpo_ray.runtime.placement import training_groups
-from tgdpo_ray.config.job import JobConfig
-from tgdpo_ray.config.base import ConfigError
 from tgdpo_ray.common.model_files import model_files
+from tgdpo_ray.config.base import ConfigError
+from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.runtime.placement import training_groups
 
 FORWARD_SHARE_OF_STEP = 1 / 3
 

@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.config.loader import load_config
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.config.loader import load_config
 
 # What never travels: environments, outputs, caches (Ray caps a working directory at 500 MiB).
 EXCLUDES = [".git", ".venv", "outputs", "**/__pycache__", "*.egg-info", ".pytest_cache", "bench/results"]

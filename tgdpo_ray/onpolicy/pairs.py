@@ -24,13 +24,13 @@ from typing import Optional
 
 from tgdpo_ray.runtime.ray_start import start_ray
 
-from tgdpo_ray.runtime.placement import check_fits, process_group
-from tgdpo_ray.config.job import JobConfig, PairsSection, RewardModelSection
-from tgdpo_ray.config.loader import import_function
-from tgdpo_ray.data.preference import BadRow, DataError, iter_raw_rows, to_messages
 from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import append_records, json_digest, read_records, rewrite_records
 from tgdpo_ray.common.model_files import weights_identity
+from tgdpo_ray.config.job import JobConfig, PairsSection, RewardModelSection
+from tgdpo_ray.config.loader import import_function
+from tgdpo_ray.data.preference import BadRow, DataError, iter_raw_rows, to_messages
+from tgdpo_ray.runtime.placement import check_fits, process_group
 
 
 class PairsError(UserError, RuntimeError):
@@ -281,8 +281,8 @@ class RewardScorer:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from tgdpo_ray.runtime.placement import pick_device
         from tgdpo_ray.modeling.loading import load_tokenizer, resolve_dtype
+        from tgdpo_ray.runtime.placement import pick_device
 
         self.device = pick_device()
         self.tokenizer = load_tokenizer(model, trust_remote_code)

@@ -7,8 +7,8 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
+from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.base import Placement
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.runtime.ray_start import ClusterError
@@ -98,7 +98,7 @@ def record_placement(run_dir: str, role: str, **extra) -> dict:
         "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
         **extra,
     }
-    folder = Path(run_dir) / "placement"
+    folder = RunDir(run_dir).placement
     folder.mkdir(parents=True, exist_ok=True)
     # Written whole, then renamed: a reader polling the folder (a test, a monitor) never sees half a file.
     partial = folder / f".{role}-{record['pid']}.json.partial"

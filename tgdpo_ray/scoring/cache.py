@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.common.model_files import weights_identity
+from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 
 CACHE_FORMAT = 2  # bump when the meaning of the cached columns changes
 MARKER = "_COMPLETE.json"

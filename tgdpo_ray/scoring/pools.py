@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 import numpy as np
 import torch
 
+from tgdpo_ray.common.jsonl import append_records
+from tgdpo_ray.common.run_dir import RunDir
+from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig, ScorerSection
 from tgdpo_ray.kernels.attention import enable as enable_attention
 from tgdpo_ray.kernels.batches import grid_to_values, pack_by_token_budget, packed_tokens, pad_pairs, score_columns
-from tgdpo_ray.runtime.placement import pick_device, record_placement
-from tgdpo_ray.runtime.ray_start import configure_ray_data
-from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig, ScorerSection
-from tgdpo_ray.common.jsonl import append_records
 from tgdpo_ray.kernels.logprobs import answer_logps, padded_logits
 from tgdpo_ray.modeling.loading import load_causal_lm, load_token_reward_model
+from tgdpo_ray.runtime.placement import pick_device, record_placement
+from tgdpo_ray.runtime.ray_start import configure_ray_data
 
 
 # The prefix of each scorer's output columns (batches.score_columns).
@@ -52,7 +52,7 @@ class FrozenScorer:
                  max_tokens: int, chunk_size: int, run_dir: str, token_rewards: bool = False,
                  packing: str = "padded", packed_row_tokens: int = 2048, attention: str = "auto"):
         self.role = role
-        self.batch_log = Path(run_dir) / "scoring" / f"{role}-{os.getpid()}.jsonl"
+        self.batch_log = RunDir(run_dir).scoring / f"{role}-{os.getpid()}.jsonl"
         self.batch_log.parent.mkdir(parents=True, exist_ok=True)
         self.pad_id = pad_id
         self.max_tokens = max_tokens

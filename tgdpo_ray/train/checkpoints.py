@@ -25,16 +25,17 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from tgdpo_ray.scoring.cache import resolve_filesystem
-from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.run_dir import RunDir
+from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.scoring.cache import resolve_filesystem
 
 STATE_FILE = "state.json"
 
 
 def checkpoint_storage(config: JobConfig) -> tuple[str, str]:
     """(storage_path, name) for Ray Train's RunConfig: the run's checkpoints go to <storage_path>/<name>/."""
-    return config.run.checkpoint_storage or str(config.run_dir / "checkpoints"), config.run.name
+    return config.run.checkpoint_storage or str(RunDir(config.run_dir).checkpoints), config.run.name
 
 
 def delete_checkpoints(config: JobConfig) -> None:

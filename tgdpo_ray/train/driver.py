@@ -11,14 +11,15 @@ from functools import partial
 
 import numpy as np
 
+from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.runtime.ray_start import start_ray
 
-from tgdpo_ray.runtime.placement import check_fits, torch_backend, training_groups
+from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.config.loader import dump_config
 from tgdpo_ray.data.tokenize_pass import TokenizedSplit, tokenize_split
-from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.modeling.loading import check_models_agree, load_tokenizer
+from tgdpo_ray.runtime.placement import check_fits, torch_backend, training_groups
 from tgdpo_ray.train.schedule import HELD_OUT, STREAM, epoch_order, epoch_shape
 
 
@@ -47,8 +48,8 @@ def reads_cache(config: JobConfig) -> bool:
 def scored_pairs(split: TokenizedSplit, config: JobConfig, pad_id: int, log=print):
     """A split's pairs as the trainers read them, by pair id: scored on the fly, or from the cache (scored into
     it first if missing)."""
-    from tgdpo_ray.scoring.cache import cached_scored_dataset
     from tgdpo_ray.runtime.ray_start import configure_ray_data
+    from tgdpo_ray.scoring.cache import cached_scored_dataset
     from tgdpo_ray.scoring.pools import scored_dataset
 
     configure_ray_data()
@@ -113,14 +114,14 @@ def add_part(table, ids: np.ndarray, part: int, places: np.ndarray):
 def start_run_dir(config: JobConfig, log=print) -> tuple[int, TokenizedSplit, TokenizedSplit | None]:
     """Creates the run folder with the config, starts Ray and runs the tokenization pass; writes the data
     report and returns the tokenized splits."""
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for per_run in ("placement", "scoring"):  # records of this run's processes only
-        shutil.rmtree(run_dir / per_run, ignore_errors=True)
-    dump_config(config, run_dir / "config.yaml")
+    files = RunDir(config.run_dir)
+    files.path.mkdir(parents=True, exist_ok=True)
+    for per_run in (files.placement, files.scoring):  # records of this run's processes only
+        shutil.rmtree(per_run, ignore_errors=True)
+    dump_config(config, files.config)
     start_ray(config)
     pad_id, train, held_out = prepare_data(config, log)
-    (run_dir / "data_report.json").write_text(
+    files.data_report.write_text(
         json.dumps({"train": train.report(), "eval": held_out.report() if held_out else None}, indent=2)
     )
     return pad_id, train, held_out
@@ -194,9 +195,9 @@ def run_train(config: JobConfig, log=print) -> dict:
         trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; surface its message, keep the chain
         raise RunError(f"training run {config.run.name!r} failed{worker_error(err)}") from err
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads(RunDir(run_dir).summary.read_text())
     summary["wall_seconds"] = time.perf_counter() - started
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    RunDir(run_dir).summary.write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.common.plotting import pyplot
+from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.train.tracking import ScorerThroughput
 
 
@@ -16,7 +18,8 @@ class ReportError(UserError):
 
 
 def load_run(run_dir: Path) -> dict:
-    metrics_file = run_dir / "metrics.jsonl"
+    files = RunDir(run_dir)
+    metrics_file = files.metrics
     if not metrics_file.exists():
         raise ReportError(f"{run_dir} is not a run folder: no metrics.jsonl")
     records = read_records(metrics_file)
@@ -24,16 +27,13 @@ def load_run(run_dir: Path) -> dict:
     if not steps:
         raise ReportError(f"{metrics_file} holds no training step yet")
     pools = ScorerThroughput(run_dir).read()
-    optional = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else None  # noqa: E731
+    optional = lambda path: json.loads(path.read_text()) if path.exists() else None  # noqa: E731
     return {"steps": steps, "evals": [r for r in records if "eval" in r], "pools": pools,
-            "summary": optional("summary.json"), "data": optional("data_report.json")}
+            "summary": optional(files.summary), "data": optional(files.data_report)}
 
 
 def plot(run: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = run["steps"]
     x = [r["step"] for r in steps]

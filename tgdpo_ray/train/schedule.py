@@ -17,8 +17,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch.distributed as dist
 
-from tgdpo_ray.kernels.batches import MicroBatchSize, cut_by_token_budget, pack_by_token_budget
 from tgdpo_ray.config.job import TrainingSection
+from tgdpo_ray.kernels.batches import MicroBatchSize, cut_by_token_budget, pack_by_token_budget
 
 
 # The name under which the trainers find the run's one scored stream (run.training_stream): the held-out pairs,

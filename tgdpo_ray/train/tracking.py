@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.common.jsonl import append_records, read_records, rewrite_records
+from tgdpo_ray.common.run_dir import RunDir
+from tgdpo_ray.config.job import JobConfig
 
 
 def memory_metrics() -> dict:
@@ -56,7 +57,7 @@ class ScorerThroughput:
     Reads only the lines added since the last call: the cost per logged step stays flat over a long run."""
 
     def __init__(self, run_dir: Path):
-        self.folder = run_dir / "scoring"
+        self.folder = RunDir(run_dir).scoring
         self.offsets: dict[Path, int] = {}
         self.pools: dict[str, PoolTotals] = {}
 
@@ -95,7 +96,7 @@ class MetricsLog:
 
     def __init__(self, config: JobConfig, rank: int, resumed_step: Optional[int] = None):
         self.rank = rank
-        self.path = config.run_dir / "metrics.jsonl"
+        self.path = RunDir(config.run_dir).metrics
         self.writers = []
         if rank != 0:
             return
@@ -134,7 +135,7 @@ class TensorBoard:
 
 
 def open_trackers(config: JobConfig) -> list:
-    trackers = [TensorBoard(config.run_dir / "tensorboard")]
+    trackers = [TensorBoard(RunDir(config.run_dir).tensorboard)]
     tracking = config.tracking
     if tracking.wandb_project:
         import wandb

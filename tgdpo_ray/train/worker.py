@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.loader import import_function
 from tgdpo_ray.kernels.batches import SCORED_KINDS, SCORED_PREFIXES, score_columns
-from tgdpo_ray.kernels.losses import (TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, build_loss, finalize_metrics,
-                                      metric_sums)
+from tgdpo_ray.kernels.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, build_loss, finalize_metrics, metric_sums
 from tgdpo_ray.kernels.step import StepSettings, micro_batch_loss, prepare_policy
 from tgdpo_ray.modeling.loading import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.runtime.placement import pick_device, record_placement
@@ -480,14 +480,14 @@ class Trainer:
 
     def finish(self, complete: bool) -> None:
         """The policy in Hugging Face format in <run>/model, and the run's summary.json."""
-        state, run_dir = self.state, self.config.run_dir
+        state, files = self.state, RunDir(self.config.run_dir)
         train_seconds = time.perf_counter() - self.started
-        save_hf_model(self.engine, self.tokenizer, run_dir / "model", self.config.policy.zero_stage, self.rank)
+        save_hf_model(self.engine, self.tokenizer, files.model, self.config.policy.zero_stage, self.rank)
         summary = {"steps": state.step, "complete": complete, "train_seconds": train_seconds,
                    "tokens": state.tokens, "tokens_per_second": state.tokens / max(state.step_seconds, 1e-9),
-                   "eval": state.last_eval, "eval_step": state.last_eval_step, "model_dir": str(run_dir / "model")}
+                   "eval": state.last_eval, "eval_step": state.last_eval_step, "model_dir": str(files.model)}
         if self.rank == 0:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            files.summary.write_text(json.dumps(summary, indent=2))
         self.log.close()
 
 

@@ -13,8 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from tgdpo_ray.common.intervals import mean_interval
+from tgdpo_ray.common.intervals import interval_text, mean_interval
 from tgdpo_ray.common.jsonl import rewrite_records
+from tgdpo_ray.common.plotting import pyplot, save_small_png
 from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, ExperimentSpec, arms
 
 METRICS = ("slot_accuracy", "slot_probability", "filler_kl")
@@ -79,10 +80,10 @@ def arm_table(runs: dict[str, dict[int, list[dict]]], samples: int) -> dict[str,
     return table
 
 
-def interval_text(block: dict, digits: int = 2) -> str:
+def summary_text(block: dict, digits: int = 2) -> str:
     if block["mean"] is None:
         return f"none of {block['of']}"
-    text = f"{block['mean']:.{digits}f} [{block['interval'][0]:.{digits}f}, {block['interval'][1]:.{digits}f}]"
+    text = f"{block['mean']:.{digits}f} {interval_text(*block['interval'], digits)}"
     return text + (f" ({block['n']}/{block['of']})" if block["n"] != block["of"] else "")
 
 
@@ -90,9 +91,9 @@ def headline_table(table: dict[str, dict]) -> str:
     lines = [f"{'run':<25} {'steps':>5}  {'steps to 90% slot acc':<26} " + " ".join(
         f"{title:<20}" for title in ("final slot acc", "minus dpo's (paired)", "final P(f(K))", "final filler KL"))]
     for name, row in table.items():
-        cells = [interval_text(row["final_slot_accuracy"]), interval_text(row["final_slot_accuracy_minus_dpo"]),
-                 interval_text(row["final_slot_probability"]), interval_text(row["final_filler_kl"], 3)]
-        lines.append(f"{name:<25} {row['steps']:>5}  {interval_text(row['steps_to_90'], 0):<26} "
+        cells = [summary_text(row["final_slot_accuracy"]), summary_text(row["final_slot_accuracy_minus_dpo"]),
+                 summary_text(row["final_slot_probability"]), summary_text(row["final_filler_kl"], 3)]
+        lines.append(f"{name:<25} {row['steps']:>5}  {summary_text(row['steps_to_90'], 0):<26} "
                      + " ".join(f"{cell:<20}" for cell in cells))
     return "\n".join(lines)
 
@@ -103,33 +104,16 @@ def ratio_line(ratio: dict) -> str:
     verdict = "met" if ratio["interval"][1] <= GOAL_RATIO else (
         "not met" if ratio["interval"][0] > GOAL_RATIO else "undecided (the interval spans it)")
     return (f"{GUIDED} reached DPO's final slot accuracy in {ratio['mean']:.2f}x DPO's steps (95% interval "
-            f"[{ratio['interval'][0]:.2f}, {ratio['interval'][1]:.2f}], {ratio['n']} of {ratio['of']} seeds); "
+            f"{interval_text(*ratio['interval'])}, {ratio['n']} of {ratio['of']} seeds); "
             f"goal <= {GOAL_RATIO}: {verdict}")
 
 
 # ---------------------------------------------------------------- plots
 
 
-def save_small_png(figure, path: Path) -> None:
-    """A 256-colour PNG: the plots are committed (bench/results), and a line plot needs no more colours."""
-    import io
-
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, dpi=72, format="png")
-    plt.close(figure)
-    Image.open(buffer).convert("RGB").quantize(colors=256).save(path, optimize=True)
-
-
 def plot_curves(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
     """One panel per metric: the mean over seeds per arm, shaded from the lowest seed to the highest."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     titles = {"slot_accuracy": "slot accuracy (argmax over A)", "slot_probability": "P(f(K)) at the slot",
               "filler_kl": "KL(policy || reference) per filler token"}
@@ -151,10 +135,7 @@ def plot_curves(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
 
 
 def plot_accuracy_against_kl(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for name, seeds in runs.items():

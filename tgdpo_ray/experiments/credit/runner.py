@@ -34,6 +34,7 @@ import yaml
 
 from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import read_records
+from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import DataSection, JobConfig
 from tgdpo_ray.config.loader import build_config, ready_to_run
 from tgdpo_ray.experiments.credit.report import write_report
@@ -78,7 +79,8 @@ class Experiment:
         if stage.min_lr_ratio is not None:
             training["min_lr_ratio"] = stage.min_lr_ratio
         if probe is not None:  # the reference of every probed run is the warm start, which it starts from
-            training["probe"] = {"function": "tgdpo_ray.experiments.credit.task:slot_probe", "every": self.spec.probe_every,
+            training["probe"] = {"function": "tgdpo_ray.experiments.credit.task:slot_probe",
+                                 "every": self.spec.probe_every,
                                  "arguments": {"examples": str(probe), "reference": model}}
         defaults = {"scoring": {"cache_dir": str(self.out / "cache")}}
         raw = merged(merged(defaults, self.spec.job), {
@@ -124,7 +126,7 @@ class Experiment:
                 source = {"source": "column", "reward_columns": {"chosen": f"{arm.rewards}_chosen",
                                                                  "rejected": f"{arm.rewards}_rejected"}}
             if arm.guided:
-                source = {"source": "implicit", "model": str(guidance.config.run_dir / "model")}
+                source = {"source": "implicit", "model": str(RunDir(guidance.config.run_dir).model)}
             config = self.job(folder, arm.name, seed, arm.loss, paths["train"], start, spec.arms, arm.lr_multiplier,
                               paths["probe"], source, arm.clamp)
             # The guided arm reads the guidance model; the dpo arms read the reference scores the guidance run
@@ -141,7 +143,7 @@ def saved_state(config: JobConfig) -> str:
     """What the run's folder holds: "finished" (a complete run of this config), "interrupted" (a run of this
     config that stopped early: it resumes from its checkpoint), or "other" (nothing, or a run of another config:
     it starts over). run.resume aside: it says how a run starts."""
-    summary, saved = config.run_dir / "summary.json", config.run_dir / "config.yaml"
+    summary, saved = RunDir(config.run_dir).summary, RunDir(config.run_dir).config
     if not saved.exists():
         return "other"
     before, now = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
@@ -155,7 +157,7 @@ def saved_state(config: JobConfig) -> str:
 
 def probe_curve(run_dir: Path) -> list[dict]:
     """The probe records of a run: [{step, slot_probability, slot_accuracy, filler_kl}], by step."""
-    return [{"step": record["step"], **record["probe"]} for record in read_records(run_dir / "metrics.jsonl")
+    return [{"step": record["step"], **record["probe"]} for record in read_records(RunDir(run_dir).metrics)
             if "probe" in record]
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from tgdpo_ray.common.jsonl import numbered_lines, rewrite_records
 from tgdpo_ray.config.job import DataSection
 from tgdpo_ray.data.preference import template_pair, tokenize_pair
-from tgdpo_ray.common.jsonl import numbered_lines, rewrite_records
 
 SLOT_WORDS = (
     "amber basil cedar delta ember fjord garnet harbor indigo jasper kestrel lotus maple nectar onyx prism "
@@ -153,8 +153,8 @@ def make_task_model(out_dir: Path, task: Task, seed: int = 0, hidden_size: int =
     """The tiny random Llama of the demo, with a tokenizer trained on the task's text; checks that every key, filler
     word and the arrow is one token after a space (as the slot line's tokens are, which the probe and the oracle
     rewards find by their ids)."""
-    from tgdpo_ray.modeling.tiny import make_tiny_model
     from tgdpo_ray.modeling.loading import load_tokenizer
+    from tgdpo_ray.modeling.tiny import make_tiny_model
 
     make_tiny_model(str(out_dir), tokenizer_corpus(task, seed), seed=seed, hidden_size=hidden_size, layers=layers)
     tokenizer = load_tokenizer(str(out_dir))
