@@ -1,5 +1,5 @@
-"""The tokenization pass (data_pass.py) gives what data.prepare_pairs gives in one process: the same tokens, pair
-ids and bad-row report, however many shards and workers read the source."""
+"""The tokenization pass (data/tokenize_pass.py) gives what data/preference.prepare_pairs gives in one process: the
+same tokens, pair ids and bad-row report, however many shards and workers read the source."""
 
 import json
 

@@ -1,9 +1,10 @@
-"""The policy trainer: a Ray Train worker loop around a DeepSpeed engine.
+"""The policy trainer: a Ray Train worker around a DeepSpeed engine.
 
 Workers train pairs that already carry reference and guidance log-probs, so a step is one policy forward and
-backward per micro-batch. Rank 0 reads the scored stream and deals each optimizer step's micro-batches to the
-workers (steps.py); every pair of a step weighs the same in its gradient, however the token budget cut the step
-and however its pairs fell on the workers (train_step).
+backward per micro-batch (kernels/step.py). Rank 0 reads the scored stream and deals each optimizer step's
+micro-batches to the workers (train/schedule.py); every pair of a step weighs the same in its gradient, however the
+token budget cut the step and however its pairs fell on the workers (train_step). The Trainer below is the loop:
+fit, one step, held-out evaluation, the probe, checkpoints.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`tgdpo-ray reproduce`: does TGDPO learn faster than DPO where credit assignment matters?
 
-The experiment (jobs/reproduce.yaml) runs the credit-assignment task (credit_task.py) through our real trainer:
+The experiment (jobs/reproduce.yaml) runs the credit-assignment task (task.py) through our real trainer:
 every run below is a `kind: train` job (Ray Train + DeepSpeed, the scorer pools, the score cache), and the
 trainer's probe (training.probe) records the slot metrics every few optimizer steps.
 
@@ -207,7 +207,7 @@ class Scheduler:
 
 
 def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=print) -> dict:
-    """Every run of the experiment, then the report (reproduce_report.py); returns the results."""
+    """Every run of the experiment, then the report (report.py); returns the results."""
     from tgdpo_ray.runtime.ray_start import start_ray
     from tgdpo_ray.train.driver import run_train
 
