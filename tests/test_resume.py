@@ -59,14 +59,27 @@ def checkpoints_folder(config) -> Path:
     return Path(storage.removeprefix("file://")) / name
 
 
+# The run every other run here compares with. Its checkpoints go to a storage of their own, named by URI as object
+# storage would be, each with the policy in Hugging Face format; before it starts, that storage holds a checkpoint
+# whose save died half-way (test_a_half_written_checkpoint_is_ignored).
+UNINTERRUPTED = ("training.checkpoint_hf_export=true",)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, make_job):
-    config = make_job("uninterrupted")
-    return config, run_train(config)
+def uninterrupted(ray_cluster, make_job, tmp_path_factory):
+    storage = f"run.checkpoint_storage=file://{tmp_path_factory.mktemp('storage')}"
+    config = make_job("uninterrupted", *UNINTERRUPTED, storage)
+    # A save that died while the workers copied their files: rank 0's are there, state.json included, but Ray
+    # Train never registered the checkpoint, so it must not be loaded.
+    broken = checkpoints_folder(config) / "step-00000004-epoch-0"
+    broken.mkdir(parents=True)
+    (broken / "rng-rank0.pt").write_bytes(b"partial")
+    (broken / "state.json").write_text(json.dumps({"step": 4, "epoch": 0, "epoch_pairs_done": list(range(32))}))
+    return config, run_train(config), storage
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninterrupted):
-    full_config, full = uninterrupted
+    full_config, full, _ = uninterrupted
     # Stopped one step into the second epoch: the resumed run's stream starts with that epoch.
     stop_at = sum(record["epoch"] == 0 for record in train_records(full_config.run_dir)) + 1
     stopped = run_train(make_job("resumed", f"training.max_steps={stop_at}"))
@@ -95,29 +108,19 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
     assert len(list(checkpoints_folder(config).glob("step-*"))) == 2
 
 
-def test_a_half_written_checkpoint_is_ignored(ray_cluster, make_job, uninterrupted, tmp_path):
-    # Checkpoints in a storage of their own, named by URI, as object storage would be.
-    config = make_job("half-written", "training.checkpoint_hf_export=true",
-                      f"run.checkpoint_storage=file://{tmp_path / 'storage'}")
-    # A save that died while the workers copied their files: rank 0's are there, state.json included, but Ray
-    # Train never registered the checkpoint, so it must not be loaded.
-    broken = checkpoints_folder(config) / "step-00000004-epoch-0"
-    broken.mkdir(parents=True)
-    (broken / "rng-rank0.pt").write_bytes(b"partial")
-    (broken / "state.json").write_text(json.dumps({"step": 4, "epoch": 0, "epoch_pairs_done": list(range(32))}))
-    summary = run_train(config)
-    assert summary["complete"] and summary["steps"] == uninterrupted[1]["steps"]  # trained from the start
-    assert train_records(config.run_dir)[0]["step"] == 1
+def test_a_half_written_checkpoint_is_ignored(uninterrupted):
+    config, summary, _ = uninterrupted
+    assert summary["complete"] and train_records(config.run_dir)[0]["step"] == 1  # trained from the start
     assert not (config.run_dir / "checkpoints").exists()  # nothing in the run folder
     # Each kept checkpoint also holds the policy in Hugging Face format.
     exports = sorted(checkpoints_folder(config).glob("step-*/hf/model.safetensors"))
-    assert len(exports) == 2
+    assert len(exports) == 2 and "step-00000004-epoch-0" not in {path.parent.parent.name for path in exports}
 
 
 def test_resume_off_starts_afresh_and_a_rerun_trains_the_same_steps(ray_cluster, make_job, uninterrupted):
-    full_config, full = uninterrupted
+    full_config, full, storage = uninterrupted
     before = weights(full_config.run_dir), steps_pairs(full_config.run_dir)
-    config = make_job("uninterrupted", "run.resume=false")  # its folder holds a final checkpoint
+    config = make_job("uninterrupted", *UNINTERRUPTED, storage, "run.resume=false")  # its storage: a final checkpoint
     started = time.time()
     summary = run_train(config)
     records = train_records(config.run_dir)

@@ -125,11 +125,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command in ("run", "train", "score", "eval", "pairs", "demo"):
         from tgdpo_ray.launch.pipeline import run_job
 
-        forced_kind = args.command if args.command in ("train", "score", "eval", "pairs") else None
-        if forced_kind is None:
-            from tgdpo_ray.experiments.demo import prepare_demo_job
+        from tgdpo_ray.experiments.demo import prepare_demo_job
 
-            prepare_demo_job(args.config, args.overrides)
+        forced_kind = args.command if args.command in ("train", "score", "eval", "pairs") else None
+        prepare_demo_job(args.config, args.overrides)
         result = run_job(args.config, args.overrides, kind=forced_kind)
         if forced_kind in ("train", "score"):
             print(json.dumps(result, indent=2))

@@ -14,15 +14,19 @@ from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.common.jsonl import rewrite_records
-from tgdpo_ray.config.loader import load_config
+from tgdpo_ray.config.loader import load_config, read_raw_config
 from tgdpo_ray.modeling.tiny import make_tiny_model
 
 
 def prepare_demo_job(config_path: str, overrides: list[str], log=print) -> None:
-    """Builds what a `kind: demo` spec points at, when missing; a spec of another kind needs nothing."""
+    """Builds what a demo spec (`kind: demo` in its file) points at, when missing, whatever kind a command runs it
+    as (`tgdpo-ray train --config jobs/demo.yaml` trains on the demo's inputs); a spec of another kind needs
+    nothing."""
+    raw = read_raw_config(config_path)
+    if not (isinstance(raw, dict) and raw.get("kind") == "demo"):
+        return
     config = load_config(config_path, overrides, check_paths=False)
-    if config.kind == "demo":
-        ensure_demo_inputs(Path(config.policy.model), Path(config.data.train.path).parent, log)
+    ensure_demo_inputs(Path(config.policy.model), Path(config.data.train.path).parent, log)
 
 
 def ensure_demo_inputs(model_dir: Path, data_dir: Path, log=print) -> None:
