@@ -36,7 +36,7 @@ demo-real: setup
 	$(VENV)/bin/tgdpo-ray demo-real
 
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=10 tests
 
 bench: setup
 	$(PY) bench/scaling.py

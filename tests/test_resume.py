@@ -24,10 +24,10 @@ def make_job(tiny_model, demo_data, tmp_path_factory):
     def make(name, *overrides):
         raw = {
             "run": {"name": name, "output_dir": str(root), "seed": 3},
-            "data": {"train": {"path": str(demo_data["train"]), "limit": 64}, "max_length": 64,
-                     "max_prompt_length": 32},
+            "data": {"train": {"path": str(demo_data["train"]), "limit": 64},
+                     "eval": {"path": str(demo_data["test"]), "limit": 8}, "max_length": 64, "max_prompt_length": 32},
             "loss": {"type": "dpo"},
-            "training": {"epochs": 2, "learning_rate": 1e-3, "max_tokens_per_batch": 512,
+            "training": {"epochs": 2, "learning_rate": 1e-3, "max_tokens_per_batch": 512, "eval_every": 2,
                          "gradient_accumulation_steps": 2, "checkpoint_every": 3, "keep_checkpoints": 2},
             "policy": {"model": tiny_model, "zero_stage": 2, "workers": 2},
             "reference": {"batch_size": 8},
@@ -135,19 +135,20 @@ def test_resume_off_starts_afresh_and_a_rerun_trains_the_same_steps(ray_cluster,
 
 
 def test_held_out_every_few_steps_and_a_finished_run_started_again_keeps_its_metrics(ray_cluster, make_job,
-                                                                                     demo_data):
-    config = make_job("finished", f"data.eval={{path: {demo_data['test']}, limit: 8}}",
-                      "training.epochs=1", "training.eval_every=2", "policy.workers=1")
-    first = run_train(config)
+                                                                                     uninterrupted):
+    config, first, storage = uninterrupted
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [record["step"] for record in records if "eval" in record]
-    # Every second step, and at the epoch's end unless that step was just evaluated.
-    assert first["steps"] >= 3 and evaluated == sorted(set(range(2, first["steps"] + 1, 2)) | {first["steps"]})
+    epoch_ends = {max(r["step"] for r in train_records(config.run_dir) if r["epoch"] == epoch) for epoch in (0, 1)}
+    # Every second step, and at each epoch's end unless that step was just evaluated.
+    assert first["steps"] >= 3 and evaluated == sorted(set(range(2, first["steps"] + 1, 2)) | epoch_ends)
     assert all(record["eval"]["pairs"] == 8 and "dpo_loss" in record["eval"] for record in records
                if "eval" in record)
-    again = run_train(config)  # resumes at the end: nothing left to train
-    assert again["steps"] == first["steps"]
-    assert again["eval"] == first["eval"] and again["eval_step"] == first["steps"]  # not nan, not missing
+    # Started again (after any rerun of the same folder by the tests above), it resumes at its end: nothing to train.
+    finished = json.loads((config.run_dir / "summary.json").read_text())
+    again = run_train(make_job("uninterrupted", *UNINTERRUPTED, storage))
+    assert again["steps"] == finished["steps"] == first["steps"]
+    assert again["eval"] == finished["eval"] and again["eval_step"] == first["steps"]  # not nan, not missing
 
 
 def test_checkpoints_go_to_the_run_folder_or_to_the_configured_storage(make_job, tmp_path, monkeypatch):
