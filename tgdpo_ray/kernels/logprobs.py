@@ -1,5 +1,6 @@
-"""Log-probs of the answer tokens of preference pairs: one entry point, answer_logps, for the trainers (the policy)
-and the scorers (the frozen reference and guidance models), in every layout of training.packing.
+"""Log-probs of the answer tokens of preference pairs, in every layout of training.packing, for the trainers (the
+policy, through step.micro_batch_loss) and the scorers (the frozen reference and guidance models, answer_logps)
+alike: lay_out on the host, one move to the device, then batch_logps.
 
 Both paths gather log-probs without ever building an fp32 [tokens x vocab] tensor:
 - padded (batches.collate_pairs): the model's logits, then a log-softmax chunk by chunk (token_logps);

@@ -344,8 +344,8 @@ def probe_line(state: TrainState, values: dict) -> str:
 
 class Trainer:
     """One Ray Train worker's run: fit() is the loop of optimizer steps, with held-out evaluation, the probe and
-    checkpoints between them. Where the run stands is in attributes (state, saved_step, probed_step), saved and
-    restored with the checkpoints."""
+    checkpoints between them. Where the run stands is in attributes: `state` (saved in every checkpoint, restored
+    from the latest), and the steps last checkpointed and last probed."""
 
     def __init__(self, config: JobConfig, total_steps: int, has_eval: bool, stream, rank: int, world_size: int,
                  device):
