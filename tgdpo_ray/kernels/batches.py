@@ -199,17 +199,20 @@ def scored_grids(rows: Sequence, width: int, with_reference: bool, guidance_kind
     return {f"{prefix}_{kind}": values_to_grid(rows, *score_columns(prefix, kind), width) for prefix, kind in wanted}
 
 
+# Each of scored_grids' values, and the PairBatch fields of its chosen and rejected halves.
+GRID_FIELDS = {"ref_logps": ("ref_chosen_logps", "ref_rejected_logps"),
+               "guidance_logps": ("guidance_chosen_logps", "guidance_rejected_logps"),
+               "guidance_rewards": ("chosen_token_rewards", "rejected_token_rewards")}
+
+
 def pair_batch(policy_logps: torch.Tensor, answer_mask: torch.Tensor, grids: dict) -> PairBatch:
     """The loss inputs of a micro-batch: the policy's log-probs and answer mask ([2n, W] on the label grid) split
     into chosen and rejected, with the scored_grids on the same grid and device."""
     n = answer_mask.shape[0] // 2
     batch = PairBatch(policy_chosen_logps=policy_logps[:n], policy_rejected_logps=policy_logps[n:],
                       chosen_mask=answer_mask[:n], rejected_mask=answer_mask[n:])
-    fields = {"ref_logps": ("ref_chosen_logps", "ref_rejected_logps"),
-              "guidance_logps": ("guidance_chosen_logps", "guidance_rejected_logps"),
-              "guidance_rewards": ("chosen_token_rewards", "rejected_token_rewards")}
     for name, grid in grids.items():
-        chosen, rejected = fields[name]
+        chosen, rejected = GRID_FIELDS[name]
         setattr(batch, chosen, grid[:n])
         setattr(batch, rejected, grid[n:])
     return batch

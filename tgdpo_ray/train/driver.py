@@ -195,9 +195,10 @@ def run_train(config: JobConfig, log=print) -> dict:
         trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; surface its message, keep the chain
         raise RunError(f"training run {config.run.name!r} failed{worker_error(err)}") from err
-    summary = json.loads(RunDir(run_dir).summary.read_text())
+    summary_file = RunDir(run_dir).summary  # written by the trainers' rank 0
+    summary = json.loads(summary_file.read_text())
     summary["wall_seconds"] = time.perf_counter() - started
-    RunDir(run_dir).summary.write_text(json.dumps(summary, indent=2))
+    summary_file.write_text(json.dumps(summary, indent=2))
     return summary
 
 

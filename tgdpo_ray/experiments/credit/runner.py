@@ -143,7 +143,8 @@ def saved_state(config: JobConfig) -> str:
     """What the run's folder holds: "finished" (a complete run of this config), "interrupted" (a run of this
     config that stopped early: it resumes from its checkpoint), or "other" (nothing, or a run of another config:
     it starts over). run.resume aside: it says how a run starts."""
-    summary, saved = RunDir(config.run_dir).summary, RunDir(config.run_dir).config
+    files = RunDir(config.run_dir)
+    summary, saved = files.summary, files.config
     if not saved.exists():
         return "other"
     before, now = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
