@@ -13,6 +13,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # workers had finished (and more noticing they had started): a quarter second here saves over a minute of the
 # suite's two dozen runs. Processes Ray starts (controllers, the Ray Jobs head) inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train starts an actor per run that watches for node preemption; no test preempts a node, and on 2 cores the
+# extra process costs each run about half a second.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+# Modules that start a Ray cluster of their own. They run first, before the suite's local Ray has started: it
+# would otherwise be stopped for them and started again afterwards.
+OWN_CLUSTER_MODULES = ("test_jobs.py", "test_multi_node.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in OWN_CLUSTER_MODULES)  # stable: otherwise as collected
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
     overrides = [f"run.output_dir={tmp_path}", "scoring.mode=stream", f"policy.model={smollm2}",
                  "training.keep_checkpoints=0",
                  f"pairs.prompts={data['prompts']}", "pairs.max_new_tokens=32", "training.epochs=1",
-                 "training.max_steps=1", f"eval.questions.path={data['questions']}", f"eval.models.0.path={smollm2}",
+                 "training.max_steps=1", "training.max_pairs_per_batch=2", "training.gradient_accumulation_steps=1",
+                 f"eval.questions.path={data['questions']}", f"eval.models.0.path={smollm2}",
                  "eval.generation.max_new_tokens=16"]
     lines: list[str] = []
     # The MT-Bench job is left out (four more engines, about 40 s of the suite's 15 minutes): the eval job itself
