@@ -6,6 +6,7 @@ answers as Ray actors, and `vllm serve` on loopback (OpenAI-compatible) judges t
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -205,6 +206,11 @@ def test_tgdpo_weights_come_from_the_guidance_model(runs):
     for record in records:
         counted = sum(record["chosen_weight_histogram"]) + sum(record["rejected_weight_histogram"])
         assert counted == record["answer_tokens"] > 0
+    # What carries z, on every step: the largest weight of the step over both workers bounds each side's mean.
+    assert all(math.isfinite(r[key]) for r in records for key in ("z_dpo", "z_guidance", "weight_sum_gap"))
+    assert all(r["weight_max"] >= max(r["chosen_weight_mean"], r["rejected_weight_mean"]) / 0.1 - 1e-6
+               for r in records)
+    assert any(r["z_guidance"] != 0.0 for r in records)
 
 
 def test_simpo_runs_without_any_scorer(runs):
@@ -279,7 +285,8 @@ def test_report_plots_and_summarises_a_run(runs, tmp_path, capsys):
     config, summary = runs["tgdpo"]
     assert main(["report", str(config.run_dir)]) == 0
     out = config.run_dir / "report"
-    for chart in ("loss", "rewards", "throughput", "data_wait", "guidance_weights", "guidance_weight_distribution"):
+    for chart in ("loss", "rewards", "throughput", "data_wait", "guidance_weights", "guidance_weight_distribution",
+                  "guidance_z"):
         assert (out / f"{chart}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
     text = (out / "report.md").read_text()
     assert f"optimizer steps: {summary['steps']}" in text and "reference scorers:" in text
@@ -287,6 +294,7 @@ def test_report_plots_and_summarises_a_run(runs, tmp_path, capsys):
     # TensorBoard event files hold every step's scalars (memory included).
     events = b"".join(p.read_bytes() for p in (config.run_dir / "tensorboard").iterdir())
     assert b"reward_margin" in events and b"host_memory_gb" in events and b"eval/loss" in events
+    assert b"z_guidance" in events and b"weight_sum_gap" in events
     assert b"reference_pairs_per_second" in events and b"guidance_pairs_per_second" in events
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err

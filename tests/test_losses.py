@@ -1,13 +1,14 @@
 import dataclasses
 import math
+import operator
 
 import pytest
 import torch
 
 from tgdpo_ray.config.job import LossSection
 from tgdpo_ray.kernels.logprobs import token_logps
-from tgdpo_ray.kernels.losses import (LOSSES, DPOLoss, IPOLoss, PairBatch, SFTLoss, SimPOLoss, TGDPOLoss, WEIGHT_BINS,
-                                      WEIGHT_RANGE, build_loss, finalize_metrics, metric_sums)
+from tgdpo_ray.kernels.losses import (LOSSES, MAX_KEYS, DPOLoss, IPOLoss, PairBatch, SFTLoss, SimPOLoss, TGDPOLoss,
+                                      WEIGHT_BINS, WEIGHT_RANGE, build_loss, finalize_metrics, metric_sums)
 
 
 def reference_token_logps(logits, labels):
@@ -153,6 +154,50 @@ def test_tgdpo_hand_computed():
     assert out.stats["chosen_weight_mean"].item() == pytest.approx(sum(ww) / 2, rel=1e-6)
     assert out.stats["rejected_weight_mean"].item() == pytest.approx(sum(wl) / 2, rel=1e-6)
     assert out.stats["negative_weight_fraction"].item() == 0.0
+    # What carries z: DPO's contrast, and the guidance's part alpha beta (sum r_w l_w + sum r_l l_l).
+    z_dpo = beta * (sum(lw) - sum(ll))
+    z_guidance = alpha * beta * (sum(r * l for r, l in zip(rw, lw)) + sum(r * l for r, l in zip(rl, ll)))
+    assert (z_dpo, z_guidance) == (pytest.approx(0.25), pytest.approx(-0.005))
+    assert out.stats["z_dpo_sum"].item() == pytest.approx(z_dpo, rel=1e-6)
+    assert out.stats["z_guidance_sum"].item() == pytest.approx(z_guidance, rel=1e-5)
+    assert out.stats["weight_sum_gap_sum"].item() == pytest.approx((sum(ww) - sum(wl)) / beta, rel=1e-5)  # 0.05
+    assert out.stats["weight_max"].item() == pytest.approx(max(ww + wl) / beta, rel=1e-6)  # 1.05
+
+
+def shifted(batch: PairBatch, delta: float) -> PairBatch:
+    """Every answer token's policy log-prob (so its log-ratio) moved by delta."""
+    return dataclasses.replace(batch, policy_chosen_logps=batch.policy_chosen_logps + delta,
+                               policy_rejected_logps=batch.policy_rejected_logps + delta)
+
+
+def z_of(out) -> torch.Tensor:
+    return out.stats["z_dpo_sum"] + out.stats["z_guidance_sum"]
+
+
+def test_a_uniform_shift_moves_z_by_the_weight_sum_gap_unless_the_guidance_is_centred():
+    beta, alpha, delta = 0.1, 0.5, -0.7
+    batch = random_batch(3, batch=1)
+    equal = torch.ones_like(batch.chosen_mask)  # both answers of the same length
+    batch = dataclasses.replace(batch, chosen_mask=equal, rejected_mask=equal)
+    authors = TGDPOLoss(beta=beta, alpha=alpha)
+    before, after = authors(batch), authors(shifted(batch, delta))
+    gap = before.stats["weight_sum_gap_sum"].item()
+    assert abs(gap) > 0.01  # the guidance's weights do not sum alike on the two answers
+    assert (z_of(after) - z_of(before)).item() == pytest.approx(delta * beta * gap, rel=1e-4)
+    # DPO's contrast does not move on equal lengths: all of the move is the guidance's part.
+    assert after.stats["z_dpo_sum"].item() == pytest.approx(before.stats["z_dpo_sum"].item(), abs=1e-6)
+
+    centred = TGDPOLoss(beta=beta, alpha=alpha, center_guidance=True)
+    before, after = centred(batch), centred(shifted(batch, delta))
+    assert before.stats["weight_sum_gap_sum"].item() == pytest.approx(0.0, abs=1e-6)
+    assert z_of(after).item() == pytest.approx(z_of(before).item(), abs=1e-6)
+    assert after.losses.item() == pytest.approx(before.losses.item(), abs=1e-6)
+    # Each answer's weights sum to beta times its length, as in DPO, whatever the lengths.
+    out = centred(random_batch(4))
+    assert out.stats["chosen_weight_sum"].item() == pytest.approx(beta * out.stats["chosen_tokens"].item(), rel=1e-5)
+    assert out.stats["rejected_weight_sum"].item() == pytest.approx(beta * out.stats["rejected_tokens"].item(),
+                                                                    rel=1e-5)
+    assert not torch.equal(centred(batch).losses, authors(batch).losses)  # the option is not a no-op
 
 
 # ---------------------------------------------------------------- random-input properties
@@ -313,7 +358,8 @@ def test_metric_sums_over_micro_batches_match_full_batch(loss_type):
     sums = {}
     for micro in (first, second):
         for key, value in metric_sums(loss(micro)).items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+            combine = max if key in MAX_KEYS else operator.add
+            sums[key] = combine(sums[key], float(value)) if key in sums else float(value)
     accumulated = finalize_metrics(sums)
 
     expected = batch_means(loss(full))
@@ -321,8 +367,10 @@ def test_metric_sums_over_micro_batches_match_full_batch(loss_type):
     for key in ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy"):
         assert accumulated[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     if loss_type == "tgdpo":
-        for key in ("chosen_weight_mean", "rejected_weight_mean", "negative_weight_fraction"):
+        for key in ("chosen_weight_mean", "rejected_weight_mean", "negative_weight_fraction", "weight_max"):
             assert accumulated[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        for key in ("z_dpo", "z_guidance", "weight_sum_gap"):  # means over the pairs
+            assert accumulated[key] == pytest.approx(expected[f"{key}_sum"] / 5, rel=1e-5, abs=1e-6), key
         assert 0.0 < expected["negative_weight_fraction"] < 1.0
     else:
         assert "negative_weight_fraction" not in accumulated

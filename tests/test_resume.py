@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.launch.pipeline import stage_config
-from tgdpo_ray.train.checkpoints import (CheckpointSpaceError, checkpoint_storage, local_storage, require_space,
-                                         resumed_epoch)
+from tgdpo_ray.train.checkpoints import (ChangedConfigError, CheckpointSpaceError, check_resumable, checkpoint_storage,
+                                         config_changes, local_storage, require_space, resumed_epoch)
 from tgdpo_ray.train.driver import run_train
 
 
@@ -149,6 +149,41 @@ def test_held_out_every_few_steps_and_a_finished_run_started_again_keeps_its_met
     again = run_train(make_job("uninterrupted", *UNINTERRUPTED, storage))
     assert again["steps"] == finished["steps"] == first["steps"]
     assert again["eval"] == finished["eval"] and again["eval_step"] == first["steps"]  # not nan, not missing
+
+
+def test_a_checkpoint_made_under_another_config_is_not_resumed(make_job, uninterrupted, tmp_path):
+    config, _, storage = uninterrupted
+    changed = make_job("uninterrupted", *UNINTERRUPTED, storage, "training.learning_rate=2e-3", "loss.beta=0.2")
+    # Refused before anything starts (no tokenization, no Ray Train run), naming each key that differs.
+    with pytest.raises(ChangedConfigError, match=r"run 'uninterrupted' would resume from .*step-.*made under another "
+                                                 r"config: loss\.beta: 0\.1 -> 0\.2; training\.learning_rate: "
+                                                 r"0\.001 -> 0\.002\. .*run\.resume=false.*run\.on_config_change"):
+        run_train(changed)
+    # Where it runs, how far it goes and what it logs may change.
+    longer = make_job("uninterrupted", *UNINTERRUPTED, storage, "training.max_steps=100", "training.log_every=5",
+                      "policy.cpus_per_worker=2", "reference.batch_size=4", "training.keep_checkpoints=3")
+    check_resumable(longer)
+    # Asked to, a changed config starts over: the checkpoints go (here those of a copy of the storage).
+    copy = tmp_path / "storage"
+    shutil.copytree(storage.split("=", 1)[1].removeprefix("file://"), copy)
+    restart = make_job("uninterrupted", *UNINTERRUPTED, f"run.checkpoint_storage=file://{copy}",
+                       "training.learning_rate=2e-3", "run.on_config_change=restart")
+    printed = []
+    check_resumable(restart, log=printed.append)
+    assert "learning_rate" in printed[0] and "starts over" in printed[0]
+    assert resumed_epoch(restart) == 0 and not (copy / "uninterrupted").exists()
+    assert list(checkpoints_folder(config).glob("step-*"))  # the original storage is untouched
+
+
+def test_config_changes_names_nested_keys_and_ignores_where_the_run_goes():
+    base = build_config({"loss": {"type": "dpo"}, "policy": {"model": "m"}, "data": {"train": "t.jsonl"}},
+                        check_paths=False)
+    saved = base.model_dump(mode="json")
+    assert config_changes(saved, base) == []
+    moved = build_config({"loss": {"type": "dpo"}, "policy": {"model": "m", "workers": 2},
+                          "data": {"train": "t.jsonl"}, "ray": {"num_cpus": 4}, "run": {"resume": False}},
+                         check_paths=False)
+    assert config_changes(saved, moved) == ["policy.workers: 1 -> 2"]
 
 
 def test_checkpoints_go_to_the_run_folder_or_to_the_configured_storage(make_job, tmp_path, monkeypatch):

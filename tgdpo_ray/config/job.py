@@ -25,6 +25,10 @@ class RunSection(Section):
                                              "evaluation's sampling and bootstrap")
     resume: bool = Field(default=True, description="a run whose checkpoints remain continues from the latest one; "
                                                    "false: they are deleted and the run starts over")
+    on_config_change: Literal["refuse", "restart"] = Field(
+        default="refuse", description="when the latest checkpoint was made under a config whose training differs "
+        "(train.checkpoints.RESUMABLE_KEYS may change): refuse stops naming the keys, restart deletes the "
+        "checkpoints and starts over")
     checkpoint_storage: Optional[str] = Field(default=None, description=(
         "where the run's checkpoints go, as <checkpoint_storage>/<name>/: a folder every node shares (NFS) or an "
         "s3:// / gs:// URI; null: the run folder (<run_dir>/checkpoints)"))
@@ -111,6 +115,9 @@ class LossSection(Section):
     alpha: float = Field(default=0.5, ge=0, description="TGDPO guidance strength α; 0 gives DPO exactly")
     simpo_gamma: float = Field(default=0.5, description="SimPO target margin γ")
     clamp_weights: bool = Field(default=False, description="clamp TGDPO token weights at 0 (the authors do not)")
+    center_guidance: bool = Field(default=False, description="subtract each answer's mean token reward before "
+                                  "TGDPO's weights are formed, so each answer's weights sum to β·length as in "
+                                  "DPO (the authors do not)")
 
 
 class ProbeSection(Section):

@@ -53,6 +53,11 @@ def _masked_mean(values, mask):
     return _masked(values, mask).sum(-1) / _token_count(mask)
 
 
+def _answer_max(values, mask):
+    """The largest value on the answer tokens (-inf when there are none)."""
+    return torch.where(mask.bool(), values, torch.full_like(values, -torch.inf)).max()
+
+
 def token_logratios(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_theta - log pi_ref of every chosen and every rejected answer token, 0 off the answers. Only the policy
     carries gradient: the reference is a constant."""
@@ -119,9 +124,20 @@ class SFTLoss:
 
 @dataclass(frozen=True)
 class TGDPOLoss:
+    """TGDPO's loss -log sigmoid(z), z = sum_t w_w,t l_w,t - sum_t w_l,t l_l,t, with l the policy's token log-ratio
+    against the reference and the token weights w_w = beta (1 + alpha r_w), w_l = beta (1 - alpha r_l).
+
+    z splits into DPO's contrast z_dpo = beta (sum l_w - sum l_l) and the guidance's part
+    z_guidance = alpha beta (sum r_w l_w + sum r_l l_l), which contrasts nothing: it pays for moving each token's
+    log-ratio along the guidance's own, in both answers. Both are in the stats, with the weight-sum gap
+    (sum w_w - sum w_l) / beta: when every log-ratio moves by d, z moves by d beta times that gap.
+    center_guidance subtracts each answer's mean r over its tokens first, so that sum_t w = beta |y| as in DPO and
+    a uniform shift of the log-ratios moves z as it moves DPO's."""
+
     beta: float = 0.1
     alpha: float = 0.5  # guidance strength; 0 gives DPO exactly
     clamp_weights: bool = False  # clamp the token weights at 0 (the authors do not)
+    center_guidance: bool = False  # each answer's token rewards less their mean (the authors do not)
 
     def token_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The token rewards r_hat, constants: given (a token reward model, or the data), or the paper's implicit
@@ -140,6 +156,10 @@ class TGDPOLoss:
 
         with torch.no_grad():
             chosen_token_reward, rejected_token_reward = self.token_rewards(batch)
+            if self.center_guidance:
+                chosen_token_reward = chosen_token_reward - _masked_mean(chosen_token_reward, chosen_mask)[:, None]
+                rejected_token_reward = (rejected_token_reward
+                                         - _masked_mean(rejected_token_reward, rejected_mask)[:, None])
             # Masking the weights too keeps garbage at masked positions out of z and its gradient.
             chosen_weights = _masked(beta * (1.0 + alpha * chosen_token_reward), chosen_mask)
             rejected_weights = _masked(beta * (1.0 - alpha * rejected_token_reward), rejected_mask)
@@ -152,6 +172,14 @@ class TGDPOLoss:
 
         z = (chosen_weights * chosen_logratio).sum(-1) - (rejected_weights * rejected_logratio).sum(-1)
         losses = -F.logsigmoid(z)
+
+        with torch.no_grad():
+            # What carries z (see the class docstring), per pair; z_guidance is the rest of z, clamping included.
+            z_dpo = beta * (chosen_logratio.sum(-1) - rejected_logratio.sum(-1))
+            z_guidance = z.detach() - z_dpo
+            weight_sum_gap = (chosen_weights.sum(-1) - rejected_weights.sum(-1)) / beta
+            weight_max = torch.maximum(_answer_max(chosen_weights, chosen_mask),
+                                       _answer_max(rejected_weights, rejected_mask)) / beta
 
         # Rewards are the usual DPO implicit rewards so runs are comparable across losses.
         chosen_rewards = (beta * chosen_logratio.sum(-1)).detach()
@@ -190,6 +218,11 @@ class TGDPOLoss:
             "rejected_tokens": rejected_tokens,
             "negative_weights": negative_weights,
             "weighted_tokens": weighted_tokens,
+            # Sums over the pairs, made means over a step's pairs by finalize_metrics; the max is of the step.
+            "z_dpo_sum": z_dpo.sum().float(),
+            "z_guidance_sum": z_guidance.sum().float(),
+            "weight_sum_gap_sum": weight_sum_gap.sum().float(),
+            "weight_max": weight_max.float(),
         }
         return LossOutput(losses, chosen_rewards, rejected_rewards, stats)
 
@@ -202,7 +235,7 @@ LOSSES = {
     "ipo": lambda section: IPOLoss(section.beta),
     "simpo": lambda section: SimPOLoss(section.beta, section.simpo_gamma),
     "sft": lambda section: SFTLoss(),
-    "tgdpo": lambda section: TGDPOLoss(section.beta, section.alpha, section.clamp_weights),
+    "tgdpo": lambda section: TGDPOLoss(section.beta, section.alpha, section.clamp_weights, section.center_guidance),
 }
 
 
@@ -225,13 +258,18 @@ TOKEN_SUM_KEYS = (
     "rejected_tokens",
     "negative_weights",
     "weighted_tokens",
+    "z_dpo_sum",
+    "z_guidance_sum",
+    "weight_sum_gap_sum",
 )
+# tgdpo stats combined across micro-batches and workers by their maximum.
+MAX_KEYS = ("weight_max",)
 
 
 def metric_sums(out, dpo_rewards=False):
     """Sums over pairs (and tokens, for tgdpo) that add up across micro-batches, as float64 scalars on the loss's
     device (the trainer reads them once a step: reading each micro-batch's would stall the GPU's queue), and the
-    pair count as a plain float. With dpo_rewards (the rewards are DPO's implicit ones, beta * summed log-ratio),
+    pair count as a plain float; the stats of MAX_KEYS are maxima, to be combined by their maximum. With dpo_rewards (the rewards are DPO's implicit ones, beta * summed log-ratio),
     also plain DPO's loss, whatever loss trained."""
     chosen = out.chosen_rewards.detach().double()
     rejected = out.rejected_rewards.detach().double()
@@ -245,7 +283,7 @@ def metric_sums(out, dpo_rewards=False):
     }
     if dpo_rewards:
         sums["dpo_loss_sum"] = -F.logsigmoid(chosen - rejected).sum()
-    for key in TOKEN_SUM_KEYS:
+    for key in TOKEN_SUM_KEYS + MAX_KEYS:
         if key in out.stats:
             sums[key] = out.stats[key].detach().double()
     return sums
@@ -269,4 +307,7 @@ def finalize_metrics(sums):
         metrics["chosen_weight_mean"] = sums["chosen_weight_sum"] / max(sums["chosen_tokens"], 1.0)
         metrics["rejected_weight_mean"] = sums["rejected_weight_sum"] / max(sums["rejected_tokens"], 1.0)
         metrics["negative_weight_fraction"] = sums["negative_weights"] / max(sums["weighted_tokens"], 1.0)
+        for name in ("z_dpo", "z_guidance", "weight_sum_gap"):
+            metrics[name] = sums[f"{name}_sum"] / pairs
+        metrics["weight_max"] = sums["weight_max"]
     return metrics

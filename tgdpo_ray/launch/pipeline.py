@@ -51,16 +51,18 @@ def last_train_loss(run_dir: Path) -> float:
 
 
 def summary_table(runs: dict[str, dict]) -> str:
-    """Held-out loss is each run's own loss; held-out DPO loss is plain DPO's for every run, so they compare."""
+    """Held-out loss is each run's own loss; held-out DPO loss is plain DPO's for every run, so they compare.
+    A run without held-out pairs says "none" in those columns."""
     lines = [f"{'run':<8} {'final train loss':>17} {'held-out loss':>14} {'held-out DPO loss':>18} "
              f"{'held-out reward acc':>20} {'tokens/s':>9}"]
     for name, summary in runs.items():
         held_out = summary.get("eval") or {}
-        lines.append(
-            f"{name:<8} {summary['final_train_loss']:>17.4f} {held_out.get('loss', float('nan')):>14.4f} "
-            f"{held_out.get('dpo_loss', float('nan')):>18.4f} {held_out.get('reward_accuracy', float('nan')):>20.3f} "
-            f"{summary['tokens_per_second']:>9.0f}"
-        )
+
+        def cell(key: str, width: int, decimals: int) -> str:
+            return f"{held_out[key]:>{width}.{decimals}f}" if key in held_out else f"{'none':>{width}}"
+
+        lines.append(f"{name:<8} {summary['final_train_loss']:>17.4f} {cell('loss', 14, 4)} {cell('dpo_loss', 18, 4)} "
+                     f"{cell('reward_accuracy', 20, 3)} {summary['tokens_per_second']:>9.0f}")
     return "\n".join(lines)
 
 

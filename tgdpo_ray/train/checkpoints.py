@@ -31,6 +31,20 @@ from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.scoring.cache import resolve_filesystem
 
 STATE_FILE = "state.json"
+CONFIG_FILE = "config.json"  # the job config the checkpoint was made under (rank 0 writes it)
+
+# What a resumed run may change: where and on what it runs, how far it goes, what it logs, keeps and evaluates.
+# Any other key changes what its steps compute, so a checkpoint made under another value is not resumed. A key
+# names itself and everything under it.
+RESUMABLE_KEYS = (
+    "kind", "run.resume", "run.on_config_change", "run.output_dir", "run.checkpoint_storage",
+    "training.max_steps", "training.keep_checkpoints", "training.max_failures", "training.log_every",
+    "training.checkpoint_every", "training.checkpoint_hf_export", "training.eval_every", "training.logp_chunk_size",
+    "policy.cpus_per_worker", "policy.node_labels", "policy.resources", "data.tokenize", "scoring", "tracking",
+    "ray", "eval", "pairs",
+    *(f"{scorer}.{key}" for scorer in ("reference", "guidance")
+      for key in ("replicas", "cpus_per_replica", "gpus_per_replica", "batch_size", "node_labels", "resources")),
+)
 
 
 def checkpoint_storage(config: JobConfig) -> tuple[str, str]:
@@ -78,11 +92,12 @@ class CheckpointSpaceError(UserError, RuntimeError):
     """A checkpoint that cannot fit on its disk, refused before the save starts."""
 
 
-def save_checkpoint(engine, state: dict, rank: int, also_write: Optional[Callable[[Path], None]] = None,
+def save_checkpoint(engine, state: dict, config: dict, rank: int, also_write: Optional[Callable[[Path], None]] = None,
                     expected_bytes: int = 0, storage: Optional[Path] = None) -> int:
     """A collective call: every worker saves its DeepSpeed shard and RNG, rank 0 the state of the loop (with the
-    ids of the pairs of its epoch already trained), and `also_write(folder)` adds what else every checkpoint holds
-    (the Hugging Face export); then every worker reports its folder to Ray Train, which copies it to storage.
+    ids of the pairs of its epoch already trained) and the job config (a dict) it was made under, and
+    `also_write(folder)` adds what else every checkpoint holds (the Hugging Face export); then every worker reports
+    its folder to Ray Train, which copies it to storage.
 
     Free space is checked first: in the temporary folder for `expected_bytes` (this worker's previous checkpoint;
     at least AdamW's moments of its share of the weights), then in `storage`, when local, for what was written.
@@ -98,6 +113,7 @@ def save_checkpoint(engine, state: dict, rank: int, also_write: Optional[Callabl
         torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
         if rank == 0:
             (folder / STATE_FILE).write_text(json.dumps(state))
+            (folder / CONFIG_FILE).write_text(json.dumps(config))
         if also_write is not None:
             also_write(folder)
         written = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
@@ -155,15 +171,74 @@ def load_checkpoint(engine, rank: int) -> Optional[tuple[str, dict]]:
         return checkpoint.path, json.loads((folder / STATE_FILE).read_text())
 
 
-def resumed_epoch(config: JobConfig) -> int:
-    """The epoch that the run's latest checkpoint goes on in, 0 when it has none: the trainers' stream starts
-    there, so that a resumed run scores no pair of the epochs it finished. Read from Ray Train's record of the
-    run's checkpoints, the same record that hands the latest one to the workers."""
+def latest_checkpoint(config: JobConfig):
+    """Ray Train's record of the run's latest checkpoint (a Result with a checkpoint), or None when it has none:
+    the same record that hands the latest checkpoint to the workers."""
     from ray.train import Result
 
     filesystem, folder = run_checkpoint_folder(config)
     try:
         result = Result.from_path(folder, storage_filesystem=filesystem)
     except (RuntimeError, OSError):  # no run folder or record yet, or a storage Ray Train will report on itself
-        return 0  # a stream from the first epoch: right whatever the workers resume from, only slower
-    return int(result.metrics["epoch"]) if result.checkpoint is not None else 0
+        return None
+    return result if result.checkpoint is not None else None
+
+
+def resumed_epoch(config: JobConfig) -> int:
+    """The epoch that the run's latest checkpoint goes on in, 0 when it has none: the trainers' stream starts
+    there, so that a resumed run scores no pair of the epochs it finished."""
+    latest = latest_checkpoint(config)
+    # No checkpoint (or none Ray Train could read): a stream from the first epoch is right whatever the workers
+    # resume from, only slower.
+    return int(latest.metrics["epoch"]) if latest is not None else 0
+
+
+def config_changes(saved: dict, config: JobConfig) -> list[str]:
+    """'key: saved value -> value now' for every key of `config` that differs from the config dict `saved`,
+    RESUMABLE_KEYS aside."""
+    changes: list[str] = []
+
+    def compare(before, now, key: str) -> None:
+        if any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_KEYS):
+            return
+        if isinstance(before, dict) and isinstance(now, dict):
+            for name in sorted(set(before) | set(now)):
+                compare(before.get(name), now.get(name), f"{key}.{name}" if key else name)
+        elif before != now:
+            changes.append(f"{key}: {before!r} -> {now!r}")
+
+    compare(saved, config.model_dump(mode="json"), "")
+    return changes
+
+
+class ChangedConfigError(UserError, RuntimeError):
+    """A run folder's checkpoint made under another config, which the run would have resumed."""
+
+
+def check_resumable(config: JobConfig, log=print) -> None:
+    """Before a run resumes from its latest checkpoint: that checkpoint was made under this config, RESUMABLE_KEYS
+    aside. Otherwise the run stops naming the keys that differ, or (run.on_config_change: restart) the
+    checkpoints are deleted and the run starts over. A checkpoint from before configs were saved in them is
+    resumed as it was."""
+    latest = latest_checkpoint(config)
+    if latest is None:
+        return
+    filesystem = latest.checkpoint.filesystem
+    saved_file = f"{latest.checkpoint.path}/{CONFIG_FILE}"
+    if filesystem.get_file_info(saved_file).type.name == "NotFound":
+        return
+    with filesystem.open_input_stream(saved_file) as stream:
+        saved = json.loads(stream.read())
+    changes = config_changes(saved, config)
+    if not changes:
+        return
+    where = latest.checkpoint.path
+    if config.run.on_config_change == "restart":
+        log(f"[run] the checkpoints of {config.run.name!r} were made under another config ({'; '.join(changes)}): "
+            "deleted, the run starts over")
+        delete_checkpoints(config)
+        return
+    raise ChangedConfigError(
+        f"run {config.run.name!r} would resume from {where}, made under another config: " + "; ".join(changes)
+        + ". Run it with the config it was made under, start it over (run.resume=false), or let a changed "
+        "config start it over (run.on_config_change=restart)")

@@ -145,12 +145,14 @@ def run_train(config: JobConfig, log=print) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tgdpo_ray.train.checkpoints import checkpoint_storage, delete_checkpoints, resumed_epoch
+    from tgdpo_ray.train.checkpoints import checkpoint_storage, check_resumable, delete_checkpoints, resumed_epoch
     from tgdpo_ray.train.worker import train_loop
 
     run_dir = config.run_dir
     # Here, not at config load: a pipeline's guidance model is its DPO stage's output, made during the run.
     check_models_agree(config)
+    if config.run.resume:  # before anything starts: a refused resume costs nothing
+        check_resumable(config, log)
     pad_id, train, held_out = start_run_dir(config, log)
     training = config.training
     orders = epoch_orders(train, config)

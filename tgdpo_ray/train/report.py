@@ -49,6 +49,12 @@ def plot(run: dict, out: Path) -> list[Path]:
             ("mean weight, chosen tokens", [r["chosen_weight_mean"] for r in steps]),
             ("mean weight, rejected tokens", [r["rejected_weight_mean"] for r in steps]),
             ("fraction of negative weights", [r["negative_weight_fraction"] for r in steps])])
+    if "z_dpo" in steps[0]:  # runs from before these were logged have none
+        charts["guidance_z.png"] = ("per pair (means over a step)", [
+            ("z_dpo: DPO's contrast", [r["z_dpo"] for r in steps]),
+            ("z_guidance: the guidance's part of z", [r["z_guidance"] for r in steps]),
+            ("weight-sum gap / beta (chosen - rejected)", [r["weight_sum_gap"] for r in steps]),
+            ("largest token weight / beta", [r["weight_max"] for r in steps])])
     written = []
     if "chosen_weight_histogram" in steps[0]:
         written.append(plot_weight_distribution(steps, out, plt))

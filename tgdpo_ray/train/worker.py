@@ -27,7 +27,8 @@ from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.loader import import_function
 from tgdpo_ray.kernels.batches import SCORED_KINDS, SCORED_PREFIXES, score_columns
-from tgdpo_ray.kernels.losses import TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, build_loss, finalize_metrics, metric_sums
+from tgdpo_ray.kernels.losses import (MAX_KEYS, TOKEN_SUM_KEYS, WEIGHT_BINS, Loss, build_loss, finalize_metrics,
+                                      metric_sums)
 from tgdpo_ray.kernels.step import StepSettings, micro_batch_loss, prepare_policy
 from tgdpo_ray.modeling.loading import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.runtime.placement import pick_device, record_placement
@@ -175,13 +176,18 @@ class MetricSums:
         self.keys = SUM_KEYS + (("dpo_loss_sum",) if self.dpo_rewards else ()) + (TOKEN_SUM_KEYS if tgdpo else ()) \
             + ("tokens",)
         self.histograms = ("chosen_weight_histogram", "rejected_weight_histogram") if tgdpo else ()
+        self.max_keys = MAX_KEYS if tgdpo else ()
         # Tensors on the device from the first micro-batch on: read once, in combined(), not per micro-batch.
         self.sums = dict.fromkeys(self.keys, 0.0)
+        self.maxima = dict.fromkeys(self.max_keys, -math.inf)
         self.counts = dict.fromkeys(self.histograms, 0.0)
 
     def add(self, out, tokens: int) -> None:
         for key, value in metric_sums(out, self.dpo_rewards).items():
-            self.sums[key] = self.sums[key] + value
+            if key in self.maxima:  # a maximum, not a sum
+                self.maxima[key] = torch.clamp(value, min=self.maxima[key])
+            else:
+                self.sums[key] = self.sums[key] + value
         self.sums["tokens"] += tokens
         for key in self.histograms:
             self.counts[key] = self.counts[key] + out.stats[key].double()
@@ -191,9 +197,14 @@ class MetricSums:
                           for key in self.keys]
                          + [torch.zeros(WEIGHT_BINS, dtype=torch.float64, device=device) + self.counts[key]
                             for key in self.histograms])
-        dist.all_reduce(flat)  # one collective for every number of the step
+        dist.all_reduce(flat)  # one collective for every sum of the step
         reduced = flat.tolist()
         totals = dict(zip(self.keys, reduced))
+        if self.max_keys:
+            maxima = torch.cat([torch.as_tensor(self.maxima[key], dtype=torch.float64, device=device).reshape(1)
+                                for key in self.max_keys])
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            totals.update(zip(self.max_keys, maxima.tolist()))
         metrics = {**finalize_metrics(totals), "pairs": int(totals["pairs"]), "tokens": int(totals["tokens"])}
         if "weighted_tokens" in totals:
             metrics["answer_tokens"] = int(totals["weighted_tokens"])
@@ -475,7 +486,8 @@ class Trainer:
                 save_hf_model(self.engine, self.tokenizer, folder / "hf", self.config.policy.zero_stage, self.rank)
 
             self.checkpoint_bytes = save_checkpoint(
-                self.engine, asdict(self.state), self.rank, hf_export if self.training.checkpoint_hf_export else None,
+                self.engine, asdict(self.state), self.config.model_dump(mode="json"), self.rank,
+                hf_export if self.training.checkpoint_hf_export else None,
                 expected_bytes=self.checkpoint_bytes, storage=self.storage)
         self.saved_step = self.state.step
 

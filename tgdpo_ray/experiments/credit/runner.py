@@ -41,6 +41,7 @@ from tgdpo_ray.experiments.credit.report import write_report
 from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, ExperimentSpec, Stage, arms, load_experiment
 from tgdpo_ray.experiments.credit.task import make_task, make_task_model, write_task_data, write_warm_start_data
 from tgdpo_ray.modeling.loading import load_tokenizer
+from tgdpo_ray.train.checkpoints import config_changes
 
 
 def merged(base: dict, update: dict) -> dict:
@@ -139,21 +140,13 @@ class Experiment:
 # ---------------------------------------------------------------- running them
 
 
-def saved_state(config: JobConfig) -> str:
-    """What the run's folder holds: "finished" (a complete run of this config), "interrupted" (a run of this
-    config that stopped early: it resumes from its checkpoint), or "other" (nothing, or a run of another config:
-    it starts over). run.resume aside: it says how a run starts."""
+def finished(config: JobConfig) -> bool:
+    """Whether the run's folder holds a complete run of this config (train.checkpoints.config_changes)."""
     files = RunDir(config.run_dir)
-    summary, saved = files.summary, files.config
-    if not saved.exists():
-        return "other"
-    before, now = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
-    for raw in (before, now):
-        raw["run"].pop("resume")
-    if before != now:
-        return "other"
-    complete = summary.exists() and json.loads(summary.read_text()).get("complete", False)
-    return "finished" if complete else "interrupted"
+    if not (files.summary.exists() and files.config.exists()):
+        return False
+    complete = json.loads(files.summary.read_text()).get("complete", False)
+    return complete and not config_changes(yaml.safe_load(files.config.read_text()), config)
 
 
 def probe_curve(run_dir: Path) -> list[dict]:
@@ -224,15 +217,15 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
     def execute(run: Run) -> None:
         begun = time.perf_counter()
         # A finished run is kept unless something it was made from (the warm start, a guidance model) was
-        # trained again; an interrupted one resumes; any other starts over (its checkpoints are of other inputs).
-        state = "other" if trained.intersection(run.made_from) else saved_state(run.config)
-        if state == "finished":
+        # trained again; an interrupted one resumes, unless its config changed: it then starts over.
+        retrained = bool(trained.intersection(run.made_from))
+        if not retrained and finished(run.config):
             note = "already finished"
         else:
             with lock:
                 trained.add(run.name)
-            resume = state == "interrupted"
-            config = run.config.model_copy(update={"run": run.config.run.model_copy(update={"resume": resume})})
+            starts = {"resume": not retrained, "on_config_change": "restart"}
+            config = run.config.model_copy(update={"run": run.config.run.model_copy(update=starts)})
             run_train(ready_to_run(config, experiment.source), log=lambda line: None)
             note = f"{time.perf_counter() - begun:.0f}s"
         curve = probe_curve(run.config.run_dir)
