@@ -1,15 +1,18 @@
 """Checkpoints and resume, on two workers: a run stopped part-way and started again trains the same pairs in the
 same steps as a run that was never interrupted, ends with its weights, and trains every pair of every epoch
-exactly once. Checkpoints go through Ray Train's storage: the run folder by default, or run.checkpoint_storage."""
+exactly once; a checkpoint made under another config is not resumed. Checkpoints go through Ray Train's storage:
+the run folder by default, or run.checkpoint_storage."""
 
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.launch.pipeline import stage_config
 from tgdpo_ray.train.checkpoints import (ChangedConfigError, CheckpointSpaceError, check_resumable, checkpoint_storage,
@@ -65,6 +68,23 @@ def checkpoints_folder(config) -> Path:
 UNINTERRUPTED = ("training.checkpoint_hf_export=true",)
 
 
+@dataclass
+class Uninterrupted:
+    """The run, and what it left before any test ran its folder again."""
+
+    config: JobConfig
+    summary: dict
+    storage: str  # the override that names its checkpoint storage
+    lines: list  # its metrics.jsonl: training steps and held-out evaluations
+    weights: dict
+    exports: list  # the checkpoints that hold a Hugging Face export
+
+    @property
+    def records(self) -> list:
+        """Its training steps."""
+        return [line for line in self.lines if "eval" not in line]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, make_job, tmp_path_factory):
     storage = f"run.checkpoint_storage=file://{tmp_path_factory.mktemp('storage')}"
@@ -75,33 +95,43 @@ def uninterrupted(ray_cluster, make_job, tmp_path_factory):
     broken.mkdir(parents=True)
     (broken / "rng-rank0.pt").write_bytes(b"partial")
     (broken / "state.json").write_text(json.dumps({"step": 4, "epoch": 0, "epoch_pairs_done": list(range(32))}))
-    return config, run_train(config), storage
+    summary = run_train(config)
+    exports = sorted(path.parent.parent.name for path in checkpoints_folder(config).glob("step-*/hf/model.safetensors"))
+    lines = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return Uninterrupted(config, summary, storage, lines, weights(config.run_dir), exports)
 
 
-def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninterrupted):
-    full_config, full, _ = uninterrupted
-    # Stopped one step into the second epoch: the resumed run's stream starts with that epoch.
-    stop_at = sum(record["epoch"] == 0 for record in train_records(full_config.run_dir)) + 1
-    stopped = run_train(make_job("resumed", f"training.max_steps={stop_at}"))
+def test_resume_off_starts_afresh_and_a_stopped_run_resumes_to_the_same_weights(make_job, uninterrupted):
+    full = uninterrupted
+    # The finished run's folder, started over (run.resume false) and stopped one step into the second epoch.
+    stop_at = sum(record["epoch"] == 0 for record in full.records) + 1
+    config = make_job("uninterrupted", *UNINTERRUPTED, full.storage)
+    started = time.time()
+    stopped = run_train(make_job("uninterrupted", *UNINTERRUPTED, full.storage, "run.resume=false",
+                                 f"training.max_steps={stop_at}"))
     assert stopped["steps"] == stop_at and stopped["complete"] is False
+    # Started afresh: the finished run's checkpoints and lines are gone (resumed from its final checkpoint, the
+    # run would have trained nothing and kept them).
+    assert [(r["step"], r["time"] > started) for r in train_records(config.run_dir)] == \
+        [(step, True) for step in range(1, stop_at + 1)]
 
-    config = make_job("resumed")
     latest = json.loads((max(checkpoints_folder(config).glob("step-*")) / "state.json").read_text())
     assert resumed_epoch(config) == latest["epoch"] == 1  # read from Ray Train's record of the checkpoints
     assert resumed_epoch(make_job("never-run")) == 0
-    started = time.time()
-    resumed = run_train(config)  # the same command again
-    assert resumed["complete"] and resumed["steps"] == full["steps"]
-    assert steps_pairs(config.run_dir) == steps_pairs(full_config.run_dir)  # the same pairs in the same steps
-    # Float noise bound: the resumed run replays the same micro-batches in the same order, so on CPU workers the
-    # weights agree to 1e-6 (they are usually bit-identical).
-    expected, got = weights(full_config.run_dir), weights(config.run_dir)
-    worst = max((expected[name] - got[name]).abs().max().item() for name in expected)
+    resumed_at = time.time()
+    resumed = run_train(config)  # the finished run's own command again: it resumes
+    assert resumed["complete"] and resumed["steps"] == full.summary["steps"]
+    # The same seed on two workers, stopped and resumed: the same pairs in the same steps as the uninterrupted
+    # run. Float noise bound: the resumed run replays the same micro-batches in the same order, so on CPU workers
+    # the weights agree to 1e-6 (they are usually bit-identical).
+    assert steps_pairs(config.run_dir) == [record["pair_ids"] for record in full.records]
+    got = weights(config.run_dir)
+    worst = max((full.weights[name] - got[name]).abs().max().item() for name in full.weights)
     assert worst <= 1e-6, f"resumed weights differ by {worst}"
 
     records = train_records(config.run_dir)
-    assert [r["step"] for r in records] == list(range(1, full["steps"] + 1))  # no step logged twice
-    assert [r["step"] for r in records if r["time"] < started] == list(range(1, stop_at + 1))  # not trained again
+    assert [r["step"] for r in records] == list(range(1, full.summary["steps"] + 1))  # no step logged twice
+    assert [r["step"] for r in records if r["time"] < resumed_at] == list(range(1, stop_at + 1))  # not trained again
     for epoch in (0, 1):  # every pair once per epoch, by id
         assert sorted(i for r in records if r["epoch"] == epoch for i in r["pair_ids"]) == list(range(64))
     # keep_checkpoints: only the newest two checkpoints remain.
@@ -109,50 +139,29 @@ def test_a_stopped_run_resumes_to_the_same_weights(ray_cluster, make_job, uninte
 
 
 def test_a_half_written_checkpoint_is_ignored(uninterrupted):
-    config, summary, _ = uninterrupted
-    assert summary["complete"] and train_records(config.run_dir)[0]["step"] == 1  # trained from the start
-    assert not (config.run_dir / "checkpoints").exists()  # nothing in the run folder
+    assert uninterrupted.summary["complete"] and uninterrupted.records[0]["step"] == 1  # trained from the start
+    assert not (uninterrupted.config.run_dir / "checkpoints").exists()  # nothing in the run folder
     # Each kept checkpoint also holds the policy in Hugging Face format.
-    exports = sorted(checkpoints_folder(config).glob("step-*/hf/model.safetensors"))
-    assert len(exports) == 2 and "step-00000004-epoch-0" not in {path.parent.parent.name for path in exports}
+    assert len(uninterrupted.exports) == 2 and "step-00000004-epoch-0" not in uninterrupted.exports
 
 
-def test_resume_off_starts_afresh_and_a_rerun_trains_the_same_steps(ray_cluster, make_job, uninterrupted):
-    full_config, full, storage = uninterrupted
-    before = weights(full_config.run_dir), steps_pairs(full_config.run_dir)
-    config = make_job("uninterrupted", *UNINTERRUPTED, storage, "run.resume=false")  # its storage: a final checkpoint
-    started = time.time()
-    summary = run_train(config)
-    records = train_records(config.run_dir)
-    # Resumed from that final checkpoint, the run would train nothing and keep the old lines.
-    assert [r["step"] for r in records] == list(range(1, full["steps"] + 1))
-    assert all(r["time"] > started for r in records)
-    assert summary["steps"] == full["steps"]
-    # The same seed on two workers: the same pairs in the same steps, and the same weights.
-    assert steps_pairs(config.run_dir) == before[1]
-    after = weights(config.run_dir)
-    assert max((before[0][name] - after[name]).abs().max().item() for name in after) <= 1e-6
-
-
-def test_held_out_every_few_steps_and_a_finished_run_started_again_keeps_its_metrics(ray_cluster, make_job,
-                                                                                     uninterrupted):
-    config, first, storage = uninterrupted
-    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [record["step"] for record in records if "eval" in record]
-    epoch_ends = {max(r["step"] for r in train_records(config.run_dir) if r["epoch"] == epoch) for epoch in (0, 1)}
+def test_held_out_every_few_steps_and_a_finished_run_started_again_keeps_its_metrics(make_job, uninterrupted):
+    config, first = uninterrupted.config, uninterrupted.summary
+    evaluated = [line["step"] for line in uninterrupted.lines if "eval" in line]
+    epoch_ends = {max(r["step"] for r in uninterrupted.records if r["epoch"] == epoch) for epoch in (0, 1)}
     # Every second step, and at each epoch's end unless that step was just evaluated.
     assert first["steps"] >= 3 and evaluated == sorted(set(range(2, first["steps"] + 1, 2)) | epoch_ends)
-    assert all(record["eval"]["pairs"] == 8 and "dpo_loss" in record["eval"] for record in records
-               if "eval" in record)
+    assert all(line["eval"]["pairs"] == 8 and "dpo_loss" in line["eval"] for line in uninterrupted.lines
+               if "eval" in line)
     # Started again (after any rerun of the same folder by the tests above), it resumes at its end: nothing to train.
     finished = json.loads((config.run_dir / "summary.json").read_text())
-    again = run_train(make_job("uninterrupted", *UNINTERRUPTED, storage))
+    again = run_train(make_job("uninterrupted", *UNINTERRUPTED, uninterrupted.storage))
     assert again["steps"] == finished["steps"] == first["steps"]
     assert again["eval"] == finished["eval"] and again["eval_step"] == first["steps"]  # not nan, not missing
 
 
 def test_a_checkpoint_made_under_another_config_is_not_resumed(make_job, uninterrupted, tmp_path):
-    config, _, storage = uninterrupted
+    config, storage = uninterrupted.config, uninterrupted.storage
     changed = make_job("uninterrupted", *UNINTERRUPTED, storage, "training.learning_rate=2e-3", "loss.beta=0.2")
     # Refused before anything starts (no tokenization, no Ray Train run), naming each key that differs.
     with pytest.raises(ChangedConfigError, match=r"run 'uninterrupted' would resume from .*step-.*made under another "
