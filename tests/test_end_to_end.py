@@ -21,6 +21,7 @@ import torch
 from conftest import local_pairs, planned_step_ids, trained_pair_ids
 from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.config.loader import build_config
+from tgdpo_ray.launch.pipeline import verdict
 from tgdpo_ray.train.driver import run_train
 
 EPOCHS = 2
@@ -63,9 +64,10 @@ def wait_until_serving(server: dict, timeout_s: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory):
+def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
     """dpo (2 workers, ZeRO-2, packed) -> tgdpo guided by it (2 workers, ZeRO-3, gradient accumulation 2, shared
-    prompt) -> simpo (1 worker, ZeRO-0, padded, gradient checkpointing). Scorers use their run's layout."""
+    prompt) -> simpo (1 worker, ZeRO-0, padded, gradient checkpointing). Scorers use their run's layout. The judge
+    server (used later by the evaluation) is started first, so that it loads while these train."""
     root = tmp_path_factory.mktemp("runs")
     train = root / "train-with-bad-rows.jsonl"
     # 256 of the demo's pairs (two epochs are plenty to see the loss fall), then the bad rows.
@@ -375,3 +377,7 @@ def test_pairwise_judging_through_vllm_serve_counts_what_it_cannot_parse(evaluat
     report = (config.eval_dir / "report.md").read_text()
     assert "unparseable" in report and (config.eval_dir / "win_tie_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((config.eval_dir / "report.json").read_text())["judgments"] == 10
+    # The pipeline's last line on tgdpo against dpo, from the same summary.
+    line = verdict(summary)
+    assert line.startswith("[pipeline] verdict: ") and "\n" not in line
+    assert ("tgdpo's net wins against dpo" in line) == (comparison["decided"] > 0)

@@ -56,13 +56,3 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
 
     assert summary["mt_bench"] is None and not (run_dir / "mtbench").exists()
 
-
-def test_the_training_table_says_none_where_a_run_had_no_held_out_pairs():
-    from tgdpo_ray.launch.pipeline import summary_table
-
-    table = summary_table({"dpo": {"final_train_loss": 0.5, "tokens_per_second": 100.0, "eval": None},
-                           "tgdpo": {"final_train_loss": 0.4, "tokens_per_second": 90.0,
-                                     "eval": {"loss": 0.6, "dpo_loss": 0.65, "reward_accuracy": 0.7}}})
-    dpo, tgdpo = table.splitlines()[1:]
-    assert dpo.split() == ["dpo", "0.5000", "none", "none", "none", "100"] and "nan" not in table
-    assert tgdpo.split() == ["tgdpo", "0.4000", "0.6000", "0.6500", "0.700", "90"]

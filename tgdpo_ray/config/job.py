@@ -397,8 +397,16 @@ class PairsSection(Section):
         return path_shorthand(value)
 
 
-# The pipeline evaluates its two trained policies under these names.
+# The pipeline evaluates its two trained policies under these names (and its SFT stage's policy, when it has one,
+# under SFT_MODEL).
 PIPELINE_MODELS = ("tgdpo", "dpo")
+SFT_MODEL = "sft"
+
+
+class SFTSection(Section):
+    epochs: int = Field(default=1, gt=0, description="passes over the chosen answers")
+    learning_rate: float = Field(gt=0, description="AdamW's peak learning rate of the SFT stage (the rest of "
+                                 "training applies)")
 
 
 class JobConfig(Section):
@@ -430,6 +438,10 @@ class JobConfig(Section):
                                         "policies at the end (see Evaluation)")
     pairs: Optional[PairsSection] = Field(default=None, description="kind pairs; pipeline: a first stage that "
                                           "generates the training pairs (then data.train is left out)")
+    sft: Optional[SFTSection] = Field(default=None, description="pipeline and demo: a first training stage, SFT on "
+                                      "the chosen answers (in <output_dir>/<name>/sft/); dpo and tgdpo then start "
+                                      "from its policy, which is also their reference. null: they start from "
+                                      "policy.model")
 
     @model_validator(mode="after")
     def _sections_for_the_kind(self) -> "JobConfig":
@@ -441,6 +453,8 @@ class JobConfig(Section):
             if self.eval is not None:
                 raise ValueError("kind pairs does not evaluate: remove the eval section")
             return self
+        if self.sft is not None and self.kind not in ("pipeline", "demo"):
+            raise ValueError(f"kind {self.kind} has no SFT stage: the sft section belongs to kind pipeline or demo")
         if self.pairs is not None and self.kind != "pipeline":
             raise ValueError(f"kind {self.kind} does not generate pairs: the pairs section belongs to kind pairs "
                              "or pipeline")
@@ -460,8 +474,13 @@ class JobConfig(Section):
             raise ValueError(f"kind {self.kind} does not evaluate: the eval section belongs to kind eval, "
                              "pipeline or demo")
         if self.eval is not None:
-            self.eval.check_models(self.eval.model_names(PIPELINE_MODELS))
+            self.eval.check_models(self.eval.model_names(self.pipeline_models))
         return self
+
+    @property
+    def pipeline_models(self) -> tuple[str, ...]:
+        """The names the pipeline evaluates its own policies under."""
+        return PIPELINE_MODELS + ((SFT_MODEL,) if self.sft is not None else ())
 
     @model_validator(mode="after")
     def _models_for_the_loss(self) -> "JobConfig":

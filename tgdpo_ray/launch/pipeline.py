@@ -1,9 +1,10 @@
 """Running a job spec by its kind: one training run, pairs generation, or the paper's experiment as one job.
 
-The pipeline (after a pairs stage that generates its training pairs, when it has one) trains the guidance
-model with DPO, then TGDPO from the same starting model guided by it, each stage in its own folder under
-<output_dir>/<name>/, and ends with a table comparing the two; with an `eval` section it then evaluates both
-policies (vLLM answers, an LLM judge) into <output_dir>/<name>/eval/.
+The pipeline (after a pairs stage that generates its training pairs, when it has one, and an SFT stage on their
+chosen answers, when it has an sft section) trains the guidance model with DPO, then TGDPO from the same starting
+model guided by it, each stage in its own folder under <output_dir>/<name>/, and ends with a table comparing
+them; with an `eval` section it then evaluates its policies (vLLM answers, an LLM judge) into
+<output_dir>/<name>/eval/ and says in one line what the difference between TGDPO and DPO does and does not show.
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ from pathlib import Path
 
 from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.common.run_dir import RunDir
-from tgdpo_ray.config.job import PIPELINE_MODELS, JobConfig
+from tgdpo_ray.config.job import SFT_MODEL, JobConfig
 from tgdpo_ray.config.loader import load_config, ready_to_run
 from tgdpo_ray.onpolicy.pairs import run_pairs
 from tgdpo_ray.train.driver import run_score, run_train
 
 
 def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None,
-                 pairs_file: str | None = None) -> JobConfig:
+                 pairs_file: str | None = None, start: str | None = None) -> JobConfig:
     """One stage of the pipeline: a train job in <pipeline run dir>/<loss_type>/, on the pairs its pairs stage
-    wrote when it has one (pairs_file)."""
+    wrote when it has one (pairs_file), from `start` when given (the SFT stage's policy: also the reference)."""
     raw = config.model_dump(mode="json")
-    raw["kind"] = "train"
+    raw.update(kind="train", sft=None)
     raw["loss"]["type"] = loss_type
+    if loss_type == SFT_MODEL:
+        raw["training"].update(epochs=config.sft.epochs, learning_rate=config.sft.learning_rate)
+    if start is not None:
+        raw["policy"]["model"] = raw["reference"]["model"] = start
     raw["run"].update(output_dir=str(config.run_dir), name=loss_type)
     if config.run.checkpoint_storage:  # each stage's checkpoints under the pipeline's name, as its run folder is
         raw["run"]["checkpoint_storage"] = f"{config.run.checkpoint_storage.rstrip('/')}/{config.run.name}"
@@ -40,7 +45,7 @@ def pairs_stage_config(config: JobConfig) -> JobConfig:
     """The pipeline's first stage, when it has a pairs section: a pairs job in <pipeline run dir>/pairs/, sampling
     from the policy's starting model unless pairs.model says otherwise."""
     raw = config.model_dump(mode="json")
-    raw.update(kind="pairs", eval=None, data=None)
+    raw.update(kind="pairs", eval=None, data=None, sft=None)
     raw["run"].update(output_dir=str(config.run_dir), name="pairs")
     return JobConfig.model_validate(raw)
 
@@ -73,12 +78,16 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
         stage = pairs_stage_config(config)
         log(f"[pipeline] stage pairs: {stage.run_dir}")
         pairs_file = run_pairs(stage, log)["pairs_file"]
-    for loss_type in ("dpo", "tgdpo"):
-        stage = stage_config(config, loss_type, guidance, pairs_file)
+    start = None
+    for loss_type in ((SFT_MODEL,) if config.sft is not None else ()) + ("dpo", "tgdpo"):
+        stage = stage_config(config, loss_type, guidance if loss_type == "tgdpo" else None, pairs_file, start)
         log(f"[pipeline] stage {loss_type}: {stage.run_dir}")
         runs[loss_type] = run_train(stage, log)
         runs[loss_type]["final_train_loss"] = last_train_loss(stage.run_dir)
-        guidance = runs[loss_type]["model_dir"]  # the DPO policy guides the TGDPO stage
+        if loss_type == SFT_MODEL:
+            start = runs[loss_type]["model_dir"]  # both preference stages start from it
+        if loss_type == "dpo":
+            guidance = runs[loss_type]["model_dir"]  # the DPO policy guides the TGDPO stage
     table = summary_table(runs)
     RunDir(config.run_dir).pipeline.write_text(json.dumps({"runs": runs, "table": table}, indent=2))
     log("\n" + table)
@@ -88,31 +97,36 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
     if config.eval is not None:
         log(f"\n[pipeline] stage eval: {config.eval_dir}")
         runs["eval"] = evaluate_policies(config, runs, log)
+        log(verdict(runs["eval"]))
     return runs
 
 
 def evaluate_policies(config: JobConfig, runs: dict[str, dict], log=print) -> dict:
-    """The last stage: both trained policies (and any eval.models) answer, the judge grades, into <run>/eval/."""
+    """The last stage: the pipeline's policies (and any eval.models) answer, the judge grades, into <run>/eval/."""
     from tgdpo_ray.eval.flow import run_eval
 
-    return run_eval(config, {name: runs[name]["model_dir"] for name in PIPELINE_MODELS}, log)
+    return run_eval(config, {name: runs[name]["model_dir"] for name in config.pipeline_models}, log)
 
 
-def run_job(config_path: str, overrides: list[str], kind: str | None = None, log=print) -> dict:
-    """Runs a job spec; `kind` (from the command) overrides the spec's own kind."""
-    # The command's kind is applied last, after the user's overrides.
-    overrides = list(overrides) + ([f"kind={kind}"] if kind else [])
-    # Keys and values first, then the paths: the same order as a demo job, whose paths exist only once
-    # experiments/demo.py has built its inputs.
-    config = ready_to_run(load_config(config_path, overrides, check_paths=False), config_path)
-    if config.kind == "train":
-        return run_train(config, log)
-    if config.kind == "score":
-        return run_score(config, log)
-    if config.kind == "eval":
-        from tgdpo_ray.eval.flow import run_eval
-
-        return run_eval(config, log=log)
-    if config.kind == "pairs":
-        return run_pairs(config, log)
-    return run_pipeline(config, log)
+def verdict(summary: dict) -> str:
+    """One line on TGDPO against DPO in the evaluation's summary, and what it does and does not show: the paired
+    difference of their mean scores over the questions (single mode), or TGDPO's net wins against DPO, (wins -
+    losses) / judged (pairwise mode), each with its 95% interval from resampling the questions."""
+    if summary.get("scores"):
+        rows, what = summary["scores"]["paired_differences"], "tgdpo - dpo mean score"
+        value_key, interval_key = "mean_difference", "ci"
+    else:
+        rows, what = summary["pairwise"]["comparisons"], "tgdpo's net wins against dpo"
+        value_key, interval_key = "net", "net_ci"
+    found = next((row for row in rows if {row["model_a"], row["model_b"]} == {"tgdpo", "dpo"}), None)
+    if found is None:
+        return "[pipeline] verdict: the evaluation holds no comparison of tgdpo and dpo"
+    if not found["n_questions"]:
+        return "[pipeline] verdict: the judge decided no question between tgdpo and dpo: nothing is shown"
+    sign = 1 if found["model_a"] == "tgdpo" else -1  # both statistics change sign with the order
+    value = sign * found[value_key]
+    low, high = sorted(sign * bound for bound in found[interval_key])
+    shown = ("the interval holds 0: no difference is shown" if low <= 0 <= high
+             else f"tgdpo did {'better' if value > 0 else 'worse'} than dpo on these questions")
+    return (f"[pipeline] verdict: {what} {value:+.3f} [{low:+.3f}, {high:+.3f}] over {found['n_questions']} "
+            f"questions: {shown}; one run of each on one data set does not say how often that would hold")
