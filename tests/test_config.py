@@ -176,6 +176,23 @@ def test_run_job_reads_and_validates_the_spec_once(raw, tmp_path, monkeypatch):
     assert config.run.name == "once" and config.loss.type == "dpo" and Path(config.run.output_dir).is_absolute()
 
 
+def test_one_run_of_a_pipeline_spec_leaves_its_pipeline_stages_out_and_says_so(raw, tmp_path, monkeypatch):
+    from tgdpo_ray.launch import pipeline
+
+    raw.pop("guidance")
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(yaml.safe_dump({**raw, "kind": "pipeline", "sft": {"learning_rate": 1e-4},
+                                    "eval": {"judge": {"model": "some-org/judge"}}}))
+    monkeypatch.setattr(pipeline, "run_train", lambda config, log: config)
+    printed = []
+    config = pipeline.run_job(str(spec), ["loss.type=dpo"], kind="train", log=printed.append)
+    assert config.kind == "train" and config.sft is None and config.eval is None
+    assert printed == [f"[train] one train run of {spec}: its pipeline stages (sft, eval) are left out"]
+    # Run as the pipeline it is, nothing is left out.
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config, log: config)
+    assert pipeline.run_job(str(spec), []).sft.learning_rate == 1e-4
+
+
 def test_a_chat_template_file_stays_a_path_and_the_tokenizer_reads_it(raw, tiny_model, tmp_path, monkeypatch):
     from tgdpo_ray.modeling.loading import load_tokenizer
     from tgdpo_ray.modeling.tiny import CHATML_TEMPLATE

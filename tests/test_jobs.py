@@ -55,12 +55,13 @@ def started_head(tmp_path_factory):
 
 
 def small_demo(outputs: Path, *extra: str) -> list[str]:
-    # The demo spec as one DPO training stage: what reaches the cluster and comes back is what these tests check.
+    # The demo spec as one DPO training stage (no SFT stage, no evaluation): what reaches the cluster and comes
+    # back is what these tests check.
     # The pipeline's stages, the held-out pairs and the evaluation run in tests/test_end_to_end.py, and the demo's
     # whole pipeline in `make demo`.
     return ["--set", f"run.output_dir={outputs}", "--set", "kind=train", "--set", "loss.type=dpo",
             "--set", "training.epochs=1", "--set", "data.train.limit=48", "--set", "data.eval=null",
-            "--set", "eval=null", *extra]
+            "--set", "eval=null", "--set", "sft=null", *extra]
 
 
 def test_submit_the_demo_wait_and_read_its_logs(head):

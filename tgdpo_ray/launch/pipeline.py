@@ -15,7 +15,7 @@ from pathlib import Path
 from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import SFT_MODEL, JobConfig
-from tgdpo_ray.config.loader import load_config, ready_to_run
+from tgdpo_ray.config.loader import load_config, read_raw_config, ready_to_run
 from tgdpo_ray.onpolicy.pairs import run_pairs
 from tgdpo_ray.train.driver import run_score, run_train
 
@@ -130,3 +130,31 @@ def verdict(summary: dict) -> str:
              else f"tgdpo did {'better' if value > 0 else 'worse'} than dpo on these questions")
     return (f"[pipeline] verdict: {what} {value:+.3f} [{low:+.3f}, {high:+.3f}] over {found['n_questions']} "
             f"questions: {shown}; one run of each on one data set does not say how often that would hold")
+
+
+def run_job(config_path: str, overrides: list[str], kind: str | None = None, log=print) -> dict:
+    """Runs a job spec; `kind` (from the command) overrides the spec's own kind."""
+    overrides = list(overrides)
+    if kind in ("train", "score"):
+        # One run of a pipeline's spec: its pipeline stages are not this command's, so they are left out, and said.
+        raw = read_raw_config(config_path)
+        stages = [name for name in ("sft", "eval") if isinstance(raw, dict) and raw.get(name) is not None]
+        if stages:
+            log(f"[{kind}] one {kind} run of {config_path}: its pipeline stages ({', '.join(stages)}) are left out")
+            overrides += [f"{name}=null" for name in stages]
+    # The command's kind is applied last, after the user's overrides.
+    overrides += [f"kind={kind}"] if kind else []
+    # Keys and values first, then the paths: the same order as a demo job, whose paths exist only once
+    # experiments/demo.py has built its inputs.
+    config = ready_to_run(load_config(config_path, overrides, check_paths=False), config_path)
+    if config.kind == "train":
+        return run_train(config, log)
+    if config.kind == "score":
+        return run_score(config, log)
+    if config.kind == "eval":
+        from tgdpo_ray.eval.flow import run_eval
+
+        return run_eval(config, log=log)
+    if config.kind == "pairs":
+        return run_pairs(config, log)
+    return run_pipeline(config, log)
