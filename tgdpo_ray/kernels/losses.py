@@ -269,8 +269,8 @@ MAX_KEYS = ("weight_max",)
 def metric_sums(out, dpo_rewards=False):
     """Sums over pairs (and tokens, for tgdpo) that add up across micro-batches, as float64 scalars on the loss's
     device (the trainer reads them once a step: reading each micro-batch's would stall the GPU's queue), and the
-    pair count as a plain float; the stats of MAX_KEYS are maxima, to be combined by their maximum. With dpo_rewards (the rewards are DPO's implicit ones, beta * summed log-ratio),
-    also plain DPO's loss, whatever loss trained."""
+    pair count as a plain float; the stats of MAX_KEYS are maxima, combined by their maximum. With dpo_rewards (the
+    rewards are DPO's implicit ones, beta * summed log-ratio), also plain DPO's loss, whatever loss trained."""
     chosen = out.chosen_rewards.detach().double()
     rejected = out.rejected_rewards.detach().double()
     sums = {
