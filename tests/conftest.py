@@ -13,8 +13,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # workers had finished (and more noticing they had started): a quarter second here saves over a minute of the
 # suite's two dozen runs. Processes Ray starts (controllers, the Ray Jobs head) inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Ray Train starts an actor per run that watches for node preemption; no test preempts a node, and on 2 cores the
-# extra process costs each run about half a second.
+# Ray Train starts an actor per run that watches for node preemption; no test preempts a node, so the suite spares
+# that process (about half a second a run here, within the noise: DEVELOPERS.md).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Modules that start a Ray cluster of their own. They run first, before the suite's local Ray has started: it
