@@ -173,23 +173,25 @@ class TGDPOLoss:
         z = (chosen_weights * chosen_logratio).sum(-1) - (rejected_weights * rejected_logratio).sum(-1)
         losses = -F.logsigmoid(z)
 
-        with torch.no_grad():
-            # What carries z (see the class docstring), per pair; z_guidance is the rest of z, clamping included.
-            z_dpo = beta * (chosen_logratio.sum(-1) - rejected_logratio.sum(-1))
-            z_guidance = z.detach() - z_dpo
-            weight_sum_gap = (chosen_weights.sum(-1) - rejected_weights.sum(-1)) / beta
-            weight_max = torch.maximum(_answer_max(chosen_weights, chosen_mask),
-                                       _answer_max(rejected_weights, rejected_mask)) / beta
-
         # Rewards are the usual DPO implicit rewards so runs are comparable across losses.
         chosen_rewards = (beta * chosen_logratio.sum(-1)).detach()
         rejected_rewards = (beta * rejected_logratio.sum(-1)).detach()
 
+        with torch.no_grad():
+            # What carries z (see the class docstring), per pair: DPO's contrast is the reward margin, and
+            # z_guidance the rest of z, clamping included.
+            z_dpo = chosen_rewards - rejected_rewards
+            z_guidance = z.detach() - z_dpo
+            chosen_pair_weights, rejected_pair_weights = chosen_weights.sum(-1), rejected_weights.sum(-1)
+            weight_sum_gap = (chosen_pair_weights - rejected_pair_weights) / beta
+            weight_max = torch.maximum(_answer_max(chosen_weights, chosen_mask),
+                                       _answer_max(rejected_weights, rejected_mask)) / beta
+
         # Token-level sums let a trainer recombine the means exactly across micro-batches.
         chosen_tokens = chosen_mask.sum().float()
         rejected_tokens = rejected_mask.sum().float()
-        chosen_weight_sum = chosen_weights.sum().float()
-        rejected_weight_sum = rejected_weights.sum().float()
+        chosen_weight_sum = chosen_pair_weights.sum().float()
+        rejected_weight_sum = rejected_pair_weights.sum().float()
         weighted_tokens = chosen_tokens + rejected_tokens
         negative_weights = negative_weights.float()
 

@@ -80,7 +80,7 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
         pairs_file = run_pairs(stage, log)["pairs_file"]
     start = None
     for loss_type in ((SFT_MODEL,) if config.sft is not None else ()) + ("dpo", "tgdpo"):
-        stage = stage_config(config, loss_type, guidance if loss_type == "tgdpo" else None, pairs_file, start)
+        stage = stage_config(config, loss_type, guidance, pairs_file, start)
         log(f"[pipeline] stage {loss_type}: {stage.run_dir}")
         runs[loss_type] = run_train(stage, log)
         runs[loss_type]["final_train_loss"] = last_train_loss(stage.run_dir)

@@ -220,12 +220,14 @@ def check_resumable(config: JobConfig, log=print) -> None:
     aside. Otherwise the run stops naming the keys that differ, or (run.on_config_change: restart) the
     checkpoints are deleted and the run starts over. A checkpoint from before configs were saved in them is
     resumed as it was."""
+    import pyarrow.fs
+
     latest = latest_checkpoint(config)
     if latest is None:
         return
     filesystem = latest.checkpoint.filesystem
     saved_file = f"{latest.checkpoint.path}/{CONFIG_FILE}"
-    if filesystem.get_file_info(saved_file).type.name == "NotFound":
+    if filesystem.get_file_info(saved_file).type == pyarrow.fs.FileType.NotFound:
         return
     with filesystem.open_input_stream(saved_file) as stream:
         saved = json.loads(stream.read())
