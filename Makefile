@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: setup demo demo-real test bench reproduce config-docs clean
+.PHONY: setup demo demo-real test bench reproduce reproduce-real config-docs clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ bench: setup
 # Its small results (numbers and plots) are copied to bench/results/, which is committed.
 reproduce: setup
 	$(VENV)/bin/tgdpo-ray reproduce --config jobs/reproduce.yaml --publish bench/results
+
+# The same on SmolLM2-135M-Instruct, pre-registered (docs/preregistration-smollm2.md): about an hour on 2 cores.
+reproduce-real: setup
+	$(VENV)/bin/tgdpo-ray reproduce --config jobs/reproduce-smollm2.yaml --publish bench/results
 
 config-docs: setup
 	$(PY) scripts/config_keys.py --write

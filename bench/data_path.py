@@ -18,12 +18,15 @@ import argparse
 import json
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tgdpo_ray.common.provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "data_path"
@@ -156,6 +159,8 @@ def main() -> None:
         "tokenize_speedup_2_vs_1_workers": round(throughput[1]["seconds"] / throughput[2]["seconds"], 3),
         "training_runs": {str(pairs): run for pairs, run in runs.items()},
         "driver_peak_rss_ratio_1m_vs_100k": round(large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"], 3),
+        # One training run per size, each in its own child process.
+        "provenance": provenance(shlex.join(["python", "bench/data_path.py", *sys.argv[1:]]), runs_trained=len(runs)),
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

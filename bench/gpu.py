@@ -18,11 +18,11 @@ math, chunks of 512 to 2048) and FlexAttention on the shared-prompt block masks 
 kernel options, next to a plain causal mask and SDPA's causal kernel); the sweep's finite winner runs as the *_tuned
 layout.
 
-Plain torch + transformers: it imports tgdpo_ray.kernels only, which needs no ray, deepspeed, vllm or pydantic
-(tests/test_layout.py checks both). Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a
-smoke test: it checks that every layout gives the padded layout's losses and that FlexAttention and the varlen
-sequences give the dense mask's log-probs, and measures nothing. On a GPU it also compares their gradients with the
-dense mask's.
+Plain torch + transformers: it imports tgdpo_ray.kernels, which needs no ray, deepspeed, vllm or pydantic
+(tests/test_layout.py checks both), and tgdpo_ray.common.provenance (standard library only) for the JSON's
+"provenance". Without a GPU (or with --toy) it runs at toy size on the CPU in fp32 as a smoke test: it checks
+that every layout gives the padded layout's losses and that FlexAttention and the varlen sequences give the dense
+mask's log-probs, and measures nothing. On a GPU it also compares their gradients with the dense mask's.
 Writes a JSON (--out) and prints a table.
 
     python3 bench/gpu.py [--out bench/results/gpu.json] [--pairs 128] [--max-tokens 16384] [--row-tokens 2048]
@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -151,6 +152,7 @@ import torch  # noqa: E402
 # Run as `python3 bench/gpu.py` from a checkout that is not pip-installed (the GPU image): find tgdpo_ray beside us.
 sys.path.insert(0, str(REPO))
 
+from tgdpo_ray.common.provenance import provenance  # noqa: E402  (standard library only)
 from tgdpo_ray.kernels import flex, varlen  # noqa: E402
 from tgdpo_ray.kernels import logprobs as logprobs_module  # noqa: E402
 from tgdpo_ray.kernels.batches import micro_batch_tokens, pack_by_token_budget, packed_tokens  # noqa: E402
@@ -781,6 +783,8 @@ def main(argv=None) -> int:
                  "bf16 forward + backward of the TGDPO micro-batch loss; no optimizer step"),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
+        # Written with the first partial JSON, so a run cut short still says which code and command it was.
+        "provenance": provenance(shlex.join(["python3", "bench/gpu.py", *(sys.argv[1:] if argv is None else argv)])),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "cuda": torch.version.cuda},
         "peak_tflops_measured": None, "mfu": None, "mfu_layout": None, "shared_prompt_flex_vs_padded": None,

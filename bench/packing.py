@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tgdpo_ray.common.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
@@ -181,6 +184,9 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged.update(numbers)
+    # latest.json holds the numbers of two scripts (this one and trl_compare.py): one provenance block each.
+    merged.setdefault("provenance", {})["bench/packing.py"] = provenance(
+        shlex.join(["python", "bench/packing.py", *sys.argv[1:]]))
     RESULTS.write_text(json.dumps(merged, indent=2))
     print(f"\n{'measure':<40} {'ratio':>7}")
     for key in ("packing_speedup", "shared_prompt_speedup", "tgdpo_step_vs_dpo_cached", "tgdpo_vs_inprocess_speedup",

@@ -13,9 +13,13 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
+
+from tgdpo_ray.common.provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -93,6 +97,7 @@ def main() -> None:
         "data_wait_seconds": {mode: round(wait, 2) for mode, (wait, _) in waits.items()},
         "data_wait_share": {mode: round(wait / max(total, 1e-9), 3) for mode, (wait, total) in waits.items()},
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "provenance": provenance(shlex.join(["python", "bench/scaling.py", *sys.argv[1:]]), runs_trained=len(waits)),
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

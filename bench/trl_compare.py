@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from tgdpo_ray.common.provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packing import make_model, make_pairs  # noqa: E402  (bench/packing.py, imported from its folder)
@@ -272,6 +275,9 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged.update(numbers)
+    # latest.json holds the numbers of two scripts (this one and packing.py): one provenance block each.
+    merged.setdefault("provenance", {})["bench/trl_compare.py"] = provenance(
+        shlex.join(["python", "bench/trl_compare.py", *sys.argv[1:]]))
     RESULTS.write_text(json.dumps(merged, indent=2))
 
     print(f"\n{'':<18} {'s/step':>8} {'pairs/s':>8} {'tokens/s':>9}  layout")

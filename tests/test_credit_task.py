@@ -114,9 +114,9 @@ def test_the_probe_matches_a_plain_computation_one_answer_at_a_time(task_model, 
 
 def test_a_bad_probe_line_names_its_file_and_line(task_model, tmp_path):
     path = tmp_path / "probe.jsonl"
-    path.write_text(json.dumps({"prompt": "key: amber", "answer": "the amber => basil", "key": "amber"}) + "\n"
-                    + json.dumps({"prompt": "key: amber"}) + "\n")
-    with pytest.raises(ValueError, match=rf"{path}, line 2: no \['answer', 'key'\]"):
+    path.write_text(json.dumps({"prompt": "key: amber", "answer": "the amber => basil", "key": "amber",
+                                "value": "basil"}) + "\n" + json.dumps({"prompt": "key: amber"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 2: no \['answer', 'key', 'value'\]"):
         encode_probe_set(str(path), load_tokenizer(str(task_model)))
 
 

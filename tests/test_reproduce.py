@@ -33,7 +33,7 @@ def test_the_headline_ratio_is_per_seed_then_averaged_and_says_why_a_seed_has_no
         GUIDED: {1: curve(0.1, 0.9, 0.9, 0.9), 2: curve(0.1, 0.2, 0.7, 0.9), 3: curve(0.2, 0.9, 0.9, 0.9),
                  4: curve(0.1, 0.2, 0.3, 0.5)},
     }
-    ratio = headline_ratio(runs, samples=500)
+    ratio = headline_ratio(runs)
     # Seed 1: DPO reached its final 0.8 at step 24, the guided arm at 8; seed 2: 0.7 at 16 against 16.
     assert ratio["per_seed"] == [pytest.approx(8 / 24), 1.0, None, None]
     assert ratio["mean"] == pytest.approx((1 / 3 + 1) / 2) and ratio["n"] == 2 and ratio["of"] == 4
@@ -71,7 +71,7 @@ def test_the_scheduler_keeps_the_order_runs_need_and_stops_at_the_first_failure(
 
 TOY = ["seeds=1", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
        "warm_start.epochs=1", "guidance.epochs=1", "arms.lr_multipliers=[1]", "probe_every=1",
-       "concurrent_runs=2", "bootstrap_samples=200", "job.training.max_pairs_per_batch=8",
+       "concurrent_runs=2", "job.training.max_pairs_per_batch=8",
        "arms.clamped_guidance=false", "arms.shuffled_control=false"]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -144,13 +145,14 @@ def run_command(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
     elif args.command == "reproduce":
-        from tgdpo_ray.experiments.credit.runner import PUBLISHED, publish, run_experiment
+        from tgdpo_ray.experiments.credit.runner import publish, run_experiment
         from tgdpo_ray.experiments.credit.spec import load_experiment
 
-        run_experiment(args.config, args.overrides, log=functools.partial(print, flush=True))
+        run_experiment(args.config, args.overrides, log=functools.partial(print, flush=True),
+                       command="tgdpo-ray " + shlex.join(sys.argv[1:]))
         if args.publish:
-            out = load_experiment(args.config, args.overrides).out_dir
-            print("published: " + ", ".join(map(str, publish(Path(args.publish), out, PUBLISHED))))
+            spec = load_experiment(args.config, args.overrides)
+            print("published: " + ", ".join(map(str, publish(Path(args.publish), spec.out_dir, spec.name))))
     elif args.command == "plan":
         print(plan_command(args))
     elif args.command == "report":

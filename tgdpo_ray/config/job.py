@@ -118,6 +118,9 @@ class LossSection(Section):
     center_guidance: bool = Field(default=False, description="subtract each answer's mean token reward before "
                                   "TGDPO's weights are formed, so each answer's weights sum to β·length as in "
                                   "DPO (the authors do not)")
+    shuffle_guidance: bool = Field(default=False, description="permute each answer's TGDPO token rewards over its "
+                                   "tokens before the weights are formed: a control that keeps the rewards and "
+                                   "loses their places (the same permutation for a batch every time)")
 
 
 class ProbeSection(Section):

@@ -53,6 +53,18 @@ def _masked_mean(values, mask):
     return _masked(values, mask).sum(-1) / _token_count(mask)
 
 
+def shuffled_within_answers(values, mask, seed: int = 0):
+    """Each row's values at its masked positions in a random order (the rest unchanged): the same numbers, their
+    places lost. The order comes from a generator seeded afresh on every call, so a batch is always shuffled the
+    same way and a resumed run repeats it."""
+    mask = mask.bool()
+    keys = torch.rand(values.shape, generator=torch.Generator().manual_seed(seed)).to(values.device)
+    # Masked positions first: in their own order (where to write) and in a random one (what to write there).
+    places = (~mask).to(torch.int8).argsort(dim=-1, stable=True)
+    order = keys.masked_fill(~mask, 2.0).argsort(dim=-1, stable=True)
+    return values.scatter(-1, places, values.gather(-1, order))
+
+
 def _answer_max(values, mask):
     """The largest value on the answer tokens (-inf when there are none)."""
     return torch.where(mask.bool(), values, torch.full_like(values, -torch.inf)).max()
@@ -132,12 +144,14 @@ class TGDPOLoss:
     log-ratio along the guidance's own, in both answers. Both are in the stats, with the weight-sum gap
     (sum w_w - sum w_l) / beta: when every log-ratio moves by d, z moves by d beta times that gap.
     center_guidance subtracts each answer's mean r over its tokens first, so that sum_t w = beta |y| as in DPO and
-    a uniform shift of the log-ratios moves z as it moves DPO's."""
+    a uniform shift of the log-ratios moves z as it moves DPO's. shuffle_guidance permutes each answer's r over its
+    tokens (a control: the same rewards, their places lost)."""
 
     beta: float = 0.1
     alpha: float = 0.5  # guidance strength; 0 gives DPO exactly
     clamp_weights: bool = False  # clamp the token weights at 0 (the authors do not)
     center_guidance: bool = False  # each answer's token rewards less their mean (the authors do not)
+    shuffle_guidance: bool = False  # each answer's token rewards in a random order over its tokens (a control)
 
     def token_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The token rewards r_hat, constants: given (a token reward model, or the data), or the paper's implicit
@@ -156,6 +170,9 @@ class TGDPOLoss:
 
         with torch.no_grad():
             chosen_token_reward, rejected_token_reward = self.token_rewards(batch)
+            if self.shuffle_guidance:
+                chosen_token_reward = shuffled_within_answers(chosen_token_reward, chosen_mask, seed=0)
+                rejected_token_reward = shuffled_within_answers(rejected_token_reward, rejected_mask, seed=1)
             if self.center_guidance:
                 chosen_token_reward = chosen_token_reward - _masked_mean(chosen_token_reward, chosen_mask)[:, None]
                 rejected_token_reward = (rejected_token_reward
@@ -237,7 +254,8 @@ LOSSES = {
     "ipo": lambda section: IPOLoss(section.beta),
     "simpo": lambda section: SimPOLoss(section.beta, section.simpo_gamma),
     "sft": lambda section: SFTLoss(),
-    "tgdpo": lambda section: TGDPOLoss(section.beta, section.alpha, section.clamp_weights, section.center_guidance),
+    "tgdpo": lambda section: TGDPOLoss(section.beta, section.alpha, section.clamp_weights, section.center_guidance,
+                                       section.shuffle_guidance),
 }
 
 

@@ -4,14 +4,16 @@ The experiment (jobs/reproduce.yaml) runs the credit-assignment task (task.py) t
 every run below is a `kind: train` job (Ray Train + DeepSpeed, the scorer pools, the score cache), and the
 trainer's probe (training.probe) records the slot metrics every few optimizer steps.
 
-1. warm start: one SFT run on the task's format (X drawn uniformly), the start and reference of every other run;
+1. the start of every run, also its reference: the tiny task's SFT warm start on the format (X drawn uniformly),
+   or the colours task's pretrained model (`model`, imported from a GGUF when asked);
 2. for every seed (its own bijection f, data and pair order, shared by all arms: the arms are paired):
-   - guidance: DPO trained longer (guidance.epochs), the guidance model of arm tgdpo-dpo-guided, whose final slot
-     accuracy must reach guidance.min_slot_accuracy (the report flags a seed where it does not);
+   - guidance: the DPO model that guides arm tgdpo-dpo-guided: a separate, longer DPO run when the spec has a
+     `guidance` section (its final slot accuracy must reach guidance.min_slot_accuracy; the report flags a seed
+     where it does not), else the seed's dpo arm itself (the paper's recipe);
    - the arms, all with the same data, steps and hyperparameters unless named: dpo (and dpo-lrM for each
      arms.lr_multipliers M other than 1), tgdpo-oracle (+c on X, -c on X' through guidance.source: column),
-     tgdpo-dpo-guided (the paper's recipe), tgdpo-dpo-guided-clamped (the same, token weights clamped at 0) and
-     tgdpo-shuffled (the oracle rewards shuffled across positions).
+     tgdpo-dpo-guided (the paper's recipe) and its variants (-clamped, -shuffled, -centred: loss options), and
+     tgdpo-shuffled (the oracle rewards shuffled across positions); arms.repeat runs one arm twice in seed 1.
 
 Runs go `concurrent_runs` at a time, each as soon as what it needs is done. A run whose folder holds a finished
 run of the same config is not run again, so an interrupted experiment resumes where it stopped.
@@ -38,7 +40,8 @@ from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import DataSection, JobConfig
 from tgdpo_ray.config.loader import build_config, ready_to_run
 from tgdpo_ray.experiments.credit.report import write_report
-from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, ExperimentSpec, Stage, arms, load_experiment
+from tgdpo_ray.experiments.credit.colours import make_colour_task
+from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, ExperimentSpec, Stage, arms, load_experiment
 from tgdpo_ray.experiments.credit.task import make_task, make_task_model, write_task_data, write_warm_start_data
 from tgdpo_ray.modeling.loading import load_tokenizer
 from tgdpo_ray.train.checkpoints import config_changes
@@ -73,20 +76,22 @@ class Experiment:
 
     def job(self, folder: Path, name: str, seed: int, loss: str, train: Path, model: str, stage: Stage,
             lr_multiplier: float = 1.0, probe: Optional[Path] = None, guidance: Optional[dict] = None,
-            clamp: bool = False) -> JobConfig:
+            loss_options: Optional[dict] = None) -> JobConfig:
         """One run's job config, <folder>/<name>: the spec's shared sections, then what this run sets. Its paths
         are checked when it starts (ready_to_run): the models it needs are made by earlier runs."""
         training = {"epochs": stage.epochs, "learning_rate": stage.learning_rate * lr_multiplier}
         if stage.min_lr_ratio is not None:
             training["min_lr_ratio"] = stage.min_lr_ratio
-        if probe is not None:  # the reference of every probed run is the warm start, which it starts from
+        if probe is not None:  # the reference of every probed run is its start
+            task = self.task(0)
             training["probe"] = {"function": "tgdpo_ray.experiments.credit.task:slot_probe",
                                  "every": self.spec.probe_every,
-                                 "arguments": {"examples": str(probe), "reference": model}}
+                                 "arguments": {"examples": str(probe), "reference": model, "marker": task.marker,
+                                               "slot_line_tokens": task.slot_line_tokens}}
         defaults = {"scoring": {"cache_dir": str(self.out / "cache")}}
         raw = merged(merged(defaults, self.spec.job), {
             "kind": "train", "run": {"name": name, "output_dir": str(folder), "seed": seed},
-            "data": {"train": {"path": str(train)}}, "loss": {"type": loss, "clamp_weights": clamp},
+            "data": {"train": {"path": str(train)}}, "loss": {"type": loss, **(loss_options or {})},
             "training": training,
             "policy": {"model": model}, "guidance": guidance or {}})
         return build_config(raw, f"{self.source} (run {folder.name}/{name})", check_paths=False)
@@ -95,13 +100,33 @@ class Experiment:
     def init_model(self) -> Path:
         return self.out / "init-model"
 
-    @property
-    def warm_start_model(self) -> str:
-        return str(self.out / "warm-start" / "model")
+    def task(self, seed: int):
+        if self.spec.task.kind == "colours":
+            return make_colour_task(seed, self.spec.task.keys)
+        return make_task(seed, self.spec.task.keys, self.spec.task.filler_words)
 
-    def prepare(self, log=print) -> Run:
-        """The tiny model and the warm start's data; returns the warm-start run."""
+    @property
+    def start_model(self) -> str:
+        """Every run's start and reference: the warm start's model, or the pretrained `model`."""
+        if self.spec.task.kind == "tiny":
+            return str(self.out / "warm-start" / "model")
+        return str(Path(self.spec.model).resolve()) if Path(self.spec.model).exists() else self.spec.model
+
+    @property
+    def tokenizer_source(self) -> str:
+        # The warm start keeps the tiny model's tokenizer, so the data can be written before it has run.
+        return str(self.init_model) if self.spec.task.kind == "tiny" else self.start_model
+
+    def prepare(self, log=print) -> Optional[Run]:
+        """The start: the tiny model and the warm start's data, returning the warm-start run; or the pretrained
+        model, imported from its GGUF when asked and missing (no run)."""
         spec = self.spec
+        if spec.task.kind == "colours":
+            if spec.model_from_gguf and not (Path(spec.model) / "config.json").exists():
+                from tgdpo_ray.modeling.gguf_import import import_gguf
+
+                import_gguf(spec.model_from_gguf, spec.model, log=log)
+            return None
         init = self.init_model
         if not (init / "config.json").exists():
             log(f"[reproduce] building the tiny model in {init}")
@@ -111,29 +136,44 @@ class Experiment:
         return Run("warm-start", self.job(self.out, "warm-start", 0, "sft", pairs, str(init), spec.warm_start))
 
     def seed_runs(self, seed: int) -> list[Run]:
-        """The guidance run and every arm of one seed, after writing the seed's data."""
-        spec, start = self.spec, self.warm_start_model
-        task = make_task(seed, spec.task.keys, spec.task.filler_words)
+        """The guidance run (when separate) and every arm of one seed, after writing the seed's data."""
+        spec, start = self.spec, self.start_model
+        start_runs = ["warm-start"] if spec.task.kind == "tiny" else []
         folder = self.out / f"seed-{seed}"
-        # The warm start keeps the tiny model's tokenizer, so the data can be written before it has run.
-        paths = write_task_data(folder / "data", task, seed, spec.task.train_pairs, spec.task.probe_answers_per_key,
-                                load_tokenizer(str(self.init_model)), self.data, spec.task.oracle_reward)
-        guidance = Run(f"seed-{seed}/{GUIDANCE_RUN}", self.job(folder, GUIDANCE_RUN, seed, "dpo", paths["train"], start,
-                                                             spec.guidance, probe=paths["probe"]), ["warm-start"])
-        runs = [guidance]
-        for arm in arms(spec):
+        paths = write_task_data(folder / "data", self.task(seed), seed, spec.task.train_pairs,
+                                spec.task.probe_answers_per_key, load_tokenizer(self.tokenizer_source), self.data,
+                                spec.task.oracle_reward)
+        runs = []
+        if spec.guidance is not None:
+            runs.append(Run(f"seed-{seed}/{GUIDANCE_RUN}", self.job(folder, GUIDANCE_RUN, seed, "dpo", paths["train"],
+                                                                    start, spec.guidance, probe=paths["probe"]),
+                            start_runs))
+        guidance_name = f"seed-{seed}/{GUIDANCE_RUN if spec.guidance is not None else 'dpo'}"
+        guidance_model = str(RunDir(folder / (GUIDANCE_RUN if spec.guidance is not None else "dpo")).model)
+        repeated = [arm for arm in arms(spec) if seed == spec.first_seed and arm.name == spec.arms.repeat]
+        for arm, name in [(arm, arm.name) for arm in arms(spec)] + [(arm, f"{arm.name}-repeat") for arm in repeated]:
             source = {}
             if arm.rewards:
                 source = {"source": "column", "reward_columns": {"chosen": f"{arm.rewards}_chosen",
                                                                  "rejected": f"{arm.rewards}_rejected"}}
             if arm.guided:
-                source = {"source": "implicit", "model": str(RunDir(guidance.config.run_dir).model)}
-            config = self.job(folder, arm.name, seed, arm.loss, paths["train"], start, spec.arms, arm.lr_multiplier,
-                              paths["probe"], source, arm.clamp)
-            # The guided arm reads the guidance model; the dpo arms read the reference scores the guidance run
-            # cached (same data, same reference), so they wait for it: no two runs write one cache.
-            runs.append(Run(f"seed-{seed}/{arm.name}", config, ["warm-start"] + ([guidance.name] if arm.guided else []),
-                            after=[guidance.name] if arm.loss == "dpo" else []))
+                source = {"source": "implicit", "model": guidance_model}
+            config = self.job(folder, name, seed, arm.loss, paths["train"], start, spec.arms, arm.lr_multiplier,
+                              paths["probe"], source, arm.loss_options)
+            # Runs that score the same data with the same models share a cache entry, so they wait for the first
+            # of them, which writes it (no two runs write one cache): the dpo arms for the guidance run (or the
+            # dpo arm), the guided variants for the guided arm, a repeat for its arm.
+            if name != arm.name:
+                after = [f"seed-{seed}/{arm.name}"]
+            elif arm.loss == "dpo":
+                after = [guidance_name]
+            elif arm.guided:
+                after = [f"seed-{seed}/{GUIDED}"]
+            else:
+                after = []
+            after = [other for other in after if other != f"seed-{seed}/{name}"]  # the first waits for none
+            runs.append(Run(f"seed-{seed}/{name}", config, start_runs + ([guidance_name] if arm.guided else []),
+                            after=after))
         return runs
 
 
@@ -200,7 +240,8 @@ class Scheduler:
             raise ExperimentError(f"run {name} failed: {error}") from error
 
 
-def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=print) -> dict:
+def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=print,
+                   command: Optional[str] = None) -> dict:
     """Every run of the experiment, then the report (report.py); returns the results."""
     from tgdpo_ray.runtime.ray_start import start_ray
     from tgdpo_ray.train.driver import run_train
@@ -210,8 +251,9 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
     experiment.out.mkdir(parents=True, exist_ok=True)
     (experiment.out / "experiment.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     started = time.perf_counter()
-    runs = [experiment.prepare(log)]
-    runs += [run for seed in range(1, spec.seeds + 1) for run in experiment.seed_runs(seed)]
+    start = experiment.prepare(log)
+    runs = [start] if start is not None else []
+    runs += [run for seed in spec.seed_numbers for run in experiment.seed_runs(seed)]
     done, trained, lock = [], set(), threading.Lock()
 
     def execute(run: Run) -> None:
@@ -244,15 +286,19 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
     for run in runs:
         scheduler.submit(run)
     scheduler.wait()
-    curves = {run.name: probe_curve(run.config.run_dir) for run in runs[1:]}
-    return write_report(spec, experiment.out, curves, time.perf_counter() - started, len(trained), log)
+    curves = {run.name: probe_curve(run.config.run_dir) for run in runs if run.name != "warm-start"}
+    command = command or " ".join(["tgdpo-ray reproduce --config", config_path, *[f"--set {o}" for o in overrides or []]])
+    return write_report(spec, experiment.out, curves, time.perf_counter() - started, len(trained), command, log)
 
 
-# The small results that are committed (bench/results): the numbers and the plots.
-PUBLISHED = ("reproduce.json", "curves.png", "accuracy_vs_kl.png")
+# The small results that are committed (bench/results): the numbers, the per-run curves they come from and the
+# plots, each as <experiment name><suffix>.
+PUBLISHED = {"reproduce.json": ".json", "curves.jsonl": "_curves.jsonl", "curves.png": "_curves.png",
+             "accuracy_vs_kl.png": "_accuracy_vs_kl.png"}
 
 
-def publish(results_dir: Path, experiment_dir: Path, files: tuple[str, ...]) -> list[Path]:
-    """Copies the small results (the JSON and the plots) into a folder that is committed, e.g. bench/results."""
+def publish(results_dir: Path, experiment_dir: Path, name: str) -> list[Path]:
+    """Copies the small results into a folder that is committed, e.g. bench/results/<name>.json."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(experiment_dir / name, results_dir / name)) for name in files]
+    return [Path(shutil.copy2(experiment_dir / file, results_dir / f"{name}{suffix}"))
+            for file, suffix in PUBLISHED.items()]

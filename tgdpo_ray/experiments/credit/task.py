@@ -38,15 +38,29 @@ ARROW = "=>"
 
 @dataclass(frozen=True)
 class Task:
+    """The tiny task. Every task (also colours.ColourTask) has keys, values, a bijection `mapping` from keys to
+    values, prompt(key), answer(rng, key, value, held_out), slot_prefix(key): the text just before the value, whose
+    last token is `marker`, and slot_line_tokens: how many tokens that prefix has (the filler ends before them)."""
+
     keys: tuple[str, ...]  # the set A
     mapping: dict  # f: key -> value, a bijection over A
     filler: tuple[str, ...]
+    marker = f" {ARROW}"
+    slot_line_tokens = 2  # " K", " =>"
 
-    def slot_line(self, key: str, value: str) -> str:
-        return f"{key} {ARROW} {value}"
+    @property
+    def values(self) -> tuple[str, ...]:
+        return self.keys
 
-    def answer(self, rng: random.Random, key: str, value: str) -> str:
-        return " ".join(rng.choices(self.filler, k=FILLER_LENGTH) + [self.slot_line(key, value)])
+    def prompt(self, key: str) -> str:
+        return f"key: {key}"
+
+    def slot_prefix(self, key: str) -> str:
+        return f" {key} {ARROW}"
+
+    def answer(self, rng: random.Random, key: str, value: str, held_out: bool = False) -> str:
+        """16 filler words, then `K => X`; a held-out answer draws new word sequences from the same words."""
+        return " ".join(rng.choices(self.filler, k=FILLER_LENGTH) + [f"{key} {ARROW} {value}"])
 
 
 def make_task(seed: int, keys: int = 16, filler_words: int = 24) -> Task:
@@ -61,36 +75,53 @@ def make_task(seed: int, keys: int = 16, filler_words: int = 24) -> Task:
     return Task(keys=chosen, mapping=dict(zip(chosen, values)), filler=tuple(FILLER_WORDS[:filler_words]))
 
 
-def prompt(key: str) -> str:
-    return f"key: {key}"
-
-
-def preference_pair(task: Task, rng: random.Random, key: str) -> dict:
+def preference_pair(task, rng: random.Random, key: str) -> dict:
     value = task.mapping[key]
-    wrong = rng.choice([other for other in task.keys if other != value])
-    return {"prompt": prompt(key), "chosen": task.answer(rng, key, value), "rejected": task.answer(rng, key, wrong),
-            "key": key, "value": value, "wrong_value": wrong}
+    wrong = rng.choice([other for other in task.values if other != value])
+    return {"prompt": task.prompt(key), "chosen": task.answer(rng, key, value),
+            "rejected": task.answer(rng, key, wrong), "key": key, "value": value, "wrong_value": wrong}
 
 
 def warm_start_pair(task: Task, rng: random.Random, key: str) -> dict:
     """The format alone: X is drawn uniformly (f is never shown), so the start knows the filler and the slot's
     place, and is near uniform over A there."""
     first, second = rng.sample(task.keys, 2)
-    return {"prompt": prompt(key), "chosen": task.answer(rng, key, first), "rejected": task.answer(rng, key, second)}
+    return {"prompt": task.prompt(key), "chosen": task.answer(rng, key, first),
+            "rejected": task.answer(rng, key, second)}
+
+
+def check_task_tokens(task, tokenizer) -> None:
+    """Every key and value is one token after a space, and every slot prefix is slot_line_tokens tokens ending in
+    the marker: the probe and the oracle rewards find the slot by these ids."""
+    for word in task.keys + task.values:
+        pieces = tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            raise ValueError(f"the tokenizer splits {word!r} into {len(pieces)} tokens; the task needs one")
+    marker = marker_id(tokenizer, task.marker)
+    for key in task.keys:
+        pieces = tokenizer(task.slot_prefix(key), add_special_tokens=False)["input_ids"]
+        if len(pieces) != task.slot_line_tokens or pieces[-1] != marker:
+            raise ValueError(f"the slot prefix {task.slot_prefix(key)!r} is {len(pieces)} tokens ending in "
+                             f"{pieces[-1]}; the task needs {task.slot_line_tokens} ending in {task.marker!r}")
 
 
 # ---------------------------------------------------------------- token rewards
 
 
-def slot_index(answer_ids: list[int], tokenizer) -> int:
-    """The place of X among an answer's tokens: the token after the last `=>`."""
-    arrow = tokenizer(f" {ARROW}", add_special_tokens=False)["input_ids"]
-    if len(arrow) != 1:
-        raise ValueError(f"the tokenizer splits {ARROW!r} into {len(arrow)} tokens; the task needs one")
-    return len(answer_ids) - answer_ids[::-1].index(arrow[0])
+def marker_id(tokenizer, marker: str) -> int:
+    pieces = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    if len(pieces) != 1:
+        raise ValueError(f"the tokenizer splits {marker!r} into {len(pieces)} tokens; the task needs one")
+    return pieces[0]
 
 
-def oracle_rewards(pair: dict, tokenizer, data: DataSection, reward: float, rng: random.Random) -> dict:
+def slot_index(answer_ids: list[int], marker: int) -> int:
+    """The place of X among an answer's tokens: the token after the last marker (e.g. `=>`)."""
+    return len(answer_ids) - answer_ids[::-1].index(marker)
+
+
+def oracle_rewards(pair: dict, tokenizer, data: DataSection, reward: float, rng: random.Random,
+                   marker: str = f" {ARROW}") -> dict:
     """Per answer token, in exactly the tokenization the trainer uses (data.tokenize_pair): +reward on X,
     -reward on X', 0 elsewhere; and the control, each answer's rewards shuffled across its positions."""
     tokens, _ = tokenize_pair(tokenizer, pair, data)
@@ -98,7 +129,7 @@ def oracle_rewards(pair: dict, tokenizer, data: DataSection, reward: float, rng:
     for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
         ids = tokens[f"{side}_ids"]
         values = [0.0] * len(ids)
-        values[slot_index(ids, tokenizer)] = sign * reward
+        values[slot_index(ids, marker_id(tokenizer, marker))] = sign * reward
         shuffled = list(values)
         rng.shuffle(shuffled)
         columns[f"oracle_{side}"], columns[f"shuffled_{side}"] = values, shuffled
@@ -115,17 +146,18 @@ def task_keys(task: Task, count: int, rng: random.Random) -> list[str]:
     return keys
 
 
-def write_task_data(out_dir: Path, task: Task, seed: int, train_pairs: int, probe_answers_per_key: int,
+def write_task_data(out_dir: Path, task, seed: int, train_pairs: int, probe_answers_per_key: int,
                     tokenizer, data: DataSection, reward: float) -> dict[str, Path]:
     """train.jsonl (pairs with oracle and shuffled token rewards) and probe.jsonl (held-out chosen answers: every
     key, fillers never trained on) under out_dir."""
+    check_task_tokens(task, tokenizer)
     rng = random.Random(seed)
     train = []
     for key in task_keys(task, train_pairs, rng):
         pair = preference_pair(task, rng, key)
-        train.append(pair | oracle_rewards(pair, tokenizer, data, reward, rng))
-    probe = [{"prompt": prompt(key), "answer": task.answer(rng, key, task.mapping[key]), "key": key,
-              "value": task.mapping[key]} for key in task.keys for _ in range(probe_answers_per_key)]
+        train.append(pair | oracle_rewards(pair, tokenizer, data, reward, rng, task.marker))
+    probe = [{"prompt": task.prompt(key), "answer": task.answer(rng, key, task.mapping[key], held_out=True),
+              "key": key, "value": task.mapping[key]} for key in task.keys for _ in range(probe_answers_per_key)]
     paths = {"train": out_dir / "train.jsonl", "probe": out_dir / "probe.jsonl"}
     out_dir.mkdir(parents=True, exist_ok=True)
     rewrite_records(paths["train"], train)
@@ -158,7 +190,8 @@ def make_task_model(out_dir: Path, task: Task, seed: int = 0, hidden_size: int =
 
     make_tiny_model(str(out_dir), tokenizer_corpus(task, seed), seed=seed, hidden_size=hidden_size, layers=layers)
     tokenizer = load_tokenizer(str(out_dir))
-    for word in task.keys + task.filler + (ARROW,):
+    check_task_tokens(task, tokenizer)
+    for word in task.filler:
         pieces = tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
         if len(pieces) != 1:
             raise ValueError(f"the task tokenizer splits {word!r} into {len(pieces)} tokens")
@@ -168,7 +201,7 @@ def make_task_model(out_dir: Path, task: Task, seed: int = 0, hidden_size: int =
 # ---------------------------------------------------------------- the probe
 
 
-PROBE_FIELDS = ("prompt", "answer", "key")
+PROBE_FIELDS = ("prompt", "answer", "key", "value")
 
 
 @dataclass
@@ -178,13 +211,15 @@ class ProbeSet:
     slot_positions: torch.Tensor  # [n]: the position whose logits predict X
     values: torch.Tensor  # [n]: the token id of X
     filler_mask: torch.Tensor  # [n, L]: True where the logits predict a filler token
-    slot_ids: torch.Tensor  # [|A|]: the token ids of A at the slot
+    slot_ids: torch.Tensor  # [|values|]: the token ids of the allowed values at the slot
 
 
-def encode_probe_set(path: str, tokenizer) -> ProbeSet:
-    """Each held-out answer in the trainer's tokenization (chat template, answer tokens after the prompt)."""
+def encode_probe_set(path: str, tokenizer, marker: str = f" {ARROW}", slot_line_tokens: int = 2) -> ProbeSet:
+    """Each held-out answer in the trainer's tokenization (chat template, answer tokens after the prompt); the
+    slot is the token after the answer's last `marker`, and the filler ends `slot_line_tokens` before it."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    sequences, slots, values, fillers, keys = [], [], [], [], set()
+    marker = marker_id(tokenizer, marker)
+    sequences, slots, values, fillers, allowed = [], [], [], [], set()
     for number, record in numbered_lines(path):
         missing = [key for key in PROBE_FIELDS if key not in record] if isinstance(record, dict) else None
         if missing is None or missing:
@@ -193,13 +228,13 @@ def encode_probe_set(path: str, tokenizer) -> ProbeSet:
             tokenizer, [{"role": "user", "content": record["prompt"]}],
             [[{"role": "assistant", "content": record["answer"]}]])
         prompt_ids, answer_ids = encode(prompt_text), encode(answer_text)
-        slot = slot_index(answer_ids, tokenizer)
+        slot = slot_index(answer_ids, marker)
         sequences.append(prompt_ids + answer_ids)
         slots.append(len(prompt_ids) + slot - 1)
         values.append(answer_ids[slot])
-        # The filler is every answer token before `K =>`.
-        fillers.append(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + slot - 2))
-        keys.add(record["key"])
+        # The filler is every answer token before the slot line (e.g. `K =>`).
+        fillers.append(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + slot - slot_line_tokens))
+        allowed.add(record["value"])
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -208,17 +243,17 @@ def encode_probe_set(path: str, tokenizer) -> ProbeSet:
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         filler_mask[row, list(fillers[row])] = True
-    slot_ids = [encode(f" {key}")[0] for key in sorted(keys)]
+    slot_ids = [encode(f" {value}")[0] for value in sorted(allowed)]
     return ProbeSet(input_ids, attention_mask, torch.tensor(slots), torch.tensor(values), filler_mask,
                     torch.tensor(slot_ids))
 
 
 @functools.lru_cache(maxsize=4)
-def probe_inputs(path: str, reference: str, device: str):
+def probe_inputs(path: str, reference: str, device: str, marker: str, slot_line_tokens: int):
     """The probe set and the reference's log-probs on it, computed once per process (the reference is frozen)."""
     from tgdpo_ray.modeling.loading import load_causal_lm, load_tokenizer
 
-    probe_set = encode_probe_set(path, load_tokenizer(reference))
+    probe_set = encode_probe_set(path, load_tokenizer(reference), marker, slot_line_tokens)
     model = load_causal_lm(reference, "fp32").to(device).eval()
     with torch.no_grad():
         reference_logps = sequence_logps(model, probe_set, device)
@@ -232,18 +267,26 @@ def sequence_logps(model, probe_set: ProbeSet, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def slot_probe(model, tokenizer, device, examples: str, reference: str) -> dict[str, float]:
-    """Teacher-forced on held-out chosen answers: the probability of f(K) at the slot, the argmax accuracy over A
-    there, and the policy's KL from the reference on the filler positions (mean per position).
+def slot_probe(model, tokenizer, device, examples: str, reference: str, marker: str = f" {ARROW}",
+               slot_line_tokens: int = 2) -> dict[str, float]:
+    """Teacher-forced on held-out chosen answers, means over the answers: at the slot, the probability of f(K), the
+    argmax accuracy over the allowed values, the slot margin log P(f(K)) - log sum_{v != f(K)} P(v) over the
+    other allowed values, and the probability mass on all allowed values; and the policy's KL from the reference
+    on the filler positions (mean per position).
     The trainer's probe (training.probe): `examples` is a probe.jsonl, `reference` the policy's start."""
-    probe_set, reference_logps = probe_inputs(examples, reference, str(device))
+    probe_set, reference_logps = probe_inputs(examples, reference, str(device), marker, slot_line_tokens)
     logps = sequence_logps(model, probe_set, device)
     rows = torch.arange(len(probe_set.values))
     at_slot = logps[rows, probe_set.slot_positions.to(device)]  # [n, V]
-    values = probe_set.values.to(device)
-    predicted = probe_set.slot_ids.to(device)[at_slot[:, probe_set.slot_ids.to(device)].argmax(dim=-1)]
+    values, slot_ids = probe_set.values.to(device), probe_set.slot_ids.to(device)
+    allowed = at_slot[:, slot_ids]  # [n, |values|]
+    predicted = slot_ids[allowed.argmax(dim=-1)]
+    right = at_slot.gather(1, values[:, None])[:, 0]
+    wrong = allowed.masked_fill(slot_ids[None, :] == values[:, None], float("-inf")).logsumexp(dim=-1)
     mask = probe_set.filler_mask.to(device)
     kl = (logps.exp() * (logps - reference_logps)).sum(dim=-1)  # [n, L]
-    return {"slot_probability": float(at_slot.gather(1, values[:, None]).exp().mean()),
+    return {"slot_probability": float(right.exp().mean()),
             "slot_accuracy": float((predicted == values).float().mean()),
+            "slot_margin": float((right - wrong).mean()),
+            "allowed_mass": float(allowed.exp().sum(dim=-1).mean()),
             "filler_kl": float(kl[mask].mean())}
