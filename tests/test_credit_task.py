@@ -1,6 +1,7 @@
 """The credit-assignment task of `tgdpo-ray reproduce`: its pairs, its oracle rewards in the trainer's own
 tokenization, and the probe's metrics against a plain per-example computation."""
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from tgdpo_ray.config.job import DataSection, RewardColumns
 from tgdpo_ray.data.preference import prepare_pairs
+from tgdpo_ray.experiments.credit.colours import filler_sentences, make_colour_task
 from tgdpo_ray.experiments.credit.task import (FILLER_LENGTH, encode_probe_set, make_task, make_task_model,
                                                preference_pair, slot_probe, warm_start_pair, write_task_data,
                                                write_warm_start_data)
@@ -88,7 +90,7 @@ def test_the_probe_matches_a_plain_computation_one_answer_at_a_time(task_model, 
 
     records = [json.loads(line) for line in task_data["probe"].read_text().splitlines()]
     key_ids = [tokenizer(f" {key}", add_special_tokens=False)["input_ids"][0] for key in sorted(make_task(3).keys)]
-    probabilities, hits, kls = [], [], []
+    probabilities, hits, kls, margins, masses = [], [], [], [], []
     for record in records:
         conversation = [{"role": "user", "content": record["prompt"]}, {"role": "assistant",
                                                                           "content": record["answer"]}]
@@ -100,12 +102,17 @@ def test_the_probe_matches_a_plain_computation_one_answer_at_a_time(task_model, 
         value_id = tokenizer(f" {record['value']}", add_special_tokens=False)["input_ids"][0]
         slot = max(i for i, token in enumerate(ids[0].tolist()) if token == value_id) - 1
         probabilities.append(logps[slot, value_id].exp())
+        others = [logps[slot, key_id].exp() for key_id in key_ids if key_id != value_id]
+        margins.append(logps[slot, value_id] - torch.stack(others).sum().log())
+        masses.append(logps[slot, key_ids].exp().sum())
         hits.append(key_ids[int(logps[slot, key_ids].argmax())] == value_id)
         filler = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + FILLER_LENGTH)
         kls += [(logps[p].exp() * (logps[p] - ref_logps[p])).sum() for p in filler]
     assert measured["slot_probability"] == pytest.approx(float(torch.stack(probabilities).mean()), rel=1e-4)
     assert measured["slot_accuracy"] == pytest.approx(sum(hits) / len(hits))
     assert measured["filler_kl"] == pytest.approx(float(torch.stack(kls).mean()), rel=1e-4)
+    assert measured["slot_margin"] == pytest.approx(float(torch.stack(margins).mean()), rel=1e-4)
+    assert measured["allowed_mass"] == pytest.approx(float(torch.stack(masses).mean()), rel=1e-4)
     assert measured["filler_kl"] > 1e-4
     # The reference against itself: no drift.
     assert slot_probe(reference, tokenizer, "cpu", examples=probe, reference=str(task_model))["filler_kl"] == \
@@ -125,3 +132,34 @@ def test_the_warm_start_file_holds_every_key_equally_often(tmp_path):
     path = write_warm_start_data(tmp_path / "warm.jsonl", task, seed=0, pairs=48)
     keys = Counter(json.loads(line)["prompt"].split(": ")[1] for line in path.read_text().splitlines())
     assert set(keys.values()) == {48 // len(task.keys)} and set(keys) == set(task.keys)
+
+
+def test_the_colours_task_is_a_bijection_in_single_tokens_of_smollm2_with_held_out_fillers(smollm2, tmp_path):
+    task = make_colour_task(1)
+    assert sorted(task.mapping) == sorted(task.keys) and sorted(task.mapping.values()) == sorted(task.values)
+    assert make_colour_task(2).mapping != task.mapping and make_colour_task(1) == task
+    assert not set(filler_sentences(held_out=True)) & set(filler_sentences(held_out=False))
+    tokenizer = load_tokenizer(smollm2)
+    data = DataSection.model_validate({"train": "unused", "max_length": 128, "max_prompt_length": 96})
+    paths = write_task_data(tmp_path, task, 1, train_pairs=16, probe_answers_per_key=2, tokenizer=tokenizer,
+                            data=data, reward=1.0)
+    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    probe = [json.loads(line) for line in paths["probe"].read_text().splitlines()]
+    trained_fillers = {row[side].split(" The ")[0] for row in train for side in ("chosen", "rejected")}
+    assert trained_fillers <= set(filler_sentences(held_out=False))
+    assert {row["answer"].split(" The ")[0] for row in probe} <= set(filler_sentences(held_out=True))
+    for row in train:
+        assert row["chosen"].endswith(f"The {row['key']}'s colour is {task.mapping[row['key']]}.")
+        assert row["wrong_value"] != row["value"] and row["rejected"].endswith(f"is {row['wrong_value']}.")
+        assert sorted(row["oracle_chosen"])[-1] == 1.0 and sorted(row["oracle_rejected"])[0] == -1.0
+    # The pre-registered reference check: the start puts at least half of its slot probability on the colours.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    measured = slot_probe(model, tokenizer, "cpu", examples=str(paths["probe"]), reference=smollm2,
+                          marker=task.marker, slot_line_tokens=task.slot_line_tokens)
+    assert measured["allowed_mass"] >= 0.5 and measured["filler_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert measured["slot_margin"] < 0  # the start does not know f: below an even split with the other colours
+    with pytest.raises(ValueError, match="splits 'yak' into 2 tokens"):
+        write_task_data(tmp_path, dataclasses.replace(task, keys=("yak",) + task.keys[1:]), 1, 4, 1, tokenizer,
+                        data, 1.0)

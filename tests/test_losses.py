@@ -7,8 +7,9 @@ import torch
 
 from tgdpo_ray.config.job import LossSection
 from tgdpo_ray.kernels.logprobs import token_logps
-from tgdpo_ray.kernels.losses import (LOSSES, MAX_KEYS, DPOLoss, IPOLoss, PairBatch, SFTLoss, SimPOLoss, TGDPOLoss,
-                                      WEIGHT_BINS, WEIGHT_RANGE, build_loss, finalize_metrics, metric_sums)
+from tgdpo_ray.kernels.losses import (LOSSES, MAX_KEYS, WEIGHT_BINS, WEIGHT_RANGE, DPOLoss, IPOLoss, PairBatch, SFTLoss,
+                                      SimPOLoss, TGDPOLoss, build_loss, finalize_metrics, metric_sums,
+                                      shuffled_within_answers)
 
 
 def reference_token_logps(logits, labels):
@@ -198,6 +199,26 @@ def test_a_uniform_shift_moves_z_by_the_weight_sum_gap_unless_the_guidance_is_ce
     assert out.stats["rejected_weight_sum"].item() == pytest.approx(beta * out.stats["rejected_tokens"].item(),
                                                                     rel=1e-5)
     assert not torch.equal(centred(batch).losses, authors(batch).losses)  # the option is not a no-op
+
+
+def test_shuffling_moves_each_answers_rewards_within_its_tokens_and_keeps_their_sums():
+    values = torch.arange(12.0).reshape(2, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]]).bool()
+    shuffled = shuffled_within_answers(values, mask)
+    for row in range(2):  # the same numbers on the answer's tokens, the rest untouched
+        assert sorted(shuffled[row][mask[row]].tolist()) == sorted(values[row][mask[row]].tolist())
+        assert torch.equal(shuffled[row][~mask[row]], values[row][~mask[row]])
+    assert not torch.equal(shuffled, values)
+    assert torch.equal(shuffled_within_answers(values, mask), shuffled)  # a batch is shuffled the same way each time
+
+    beta, alpha = 0.1, 0.5
+    batch = random_batch(5, batch=3, seq=8)
+    authors, control = TGDPOLoss(beta=beta, alpha=alpha), TGDPOLoss(beta=beta, alpha=alpha, shuffle_guidance=True)
+    plain, moved = authors(batch), control(batch)
+    # Same weights per answer (sums, so the weight-sum gap), placed elsewhere: z changes.
+    for key in ("chosen_weight_sum", "rejected_weight_sum", "weight_sum_gap_sum", "weight_max"):
+        assert moved.stats[key].item() == pytest.approx(plain.stats[key].item(), rel=1e-5)
+    assert not torch.allclose(moved.losses, plain.losses)
 
 
 # ---------------------------------------------------------------- random-input properties
@@ -391,3 +412,27 @@ def test_tgdpo_weight_histograms_are_histc_of_the_answer_tokens():
                                max=WEIGHT_RANGE[1])
         assert torch.equal(out.stats[f"{side}_weight_histogram"], expected), side
         assert out.stats[f"{side}_weight_histogram"].sum() == (mask & ~weights.isnan()).sum()
+
+
+def test_the_guarded_form_pushes_every_chosen_token_up_and_every_rejected_one_down_with_dpos_weight_sums():
+    beta = 0.1
+    batch = random_batch(9, batch=4, seq=8)
+    # Guidance far from the reference, so that some authors' weights are negative.
+    batch = dataclasses.replace(batch, guidance_chosen_logps=batch.guidance_chosen_logps * 8,
+                                guidance_rejected_logps=batch.guidance_rejected_logps * 8)
+    assert TGDPOLoss(beta=beta, alpha=0.5)(batch).stats["negative_weights"].item() > 0
+    guarded = TGDPOLoss(beta=beta, alpha=0.5, center_guidance=True, clamp_weights=True, normalize_weights=True)
+    out = guarded(batch)
+    assert out.stats["chosen_weight_sum"].item() == pytest.approx(beta * out.stats["chosen_tokens"].item(), rel=1e-5)
+    assert out.stats["rejected_weight_sum"].item() == pytest.approx(beta * out.stats["rejected_tokens"].item(),
+                                                                    rel=1e-5)
+    assert out.stats["weight_sum_gap_sum"].item() == pytest.approx(
+        (out.stats["chosen_tokens"] - out.stats["rejected_tokens"]).item(), rel=1e-5)
+    # The gradient of the loss: down on every chosen token's log-prob (it rises), up on every rejected one's.
+    chosen = batch.policy_chosen_logps.clone().requires_grad_()
+    rejected = batch.policy_rejected_logps.clone().requires_grad_()
+    guarded(dataclasses.replace(batch, policy_chosen_logps=chosen, policy_rejected_logps=rejected)).losses.sum() \
+        .backward()
+    chosen_mask, rejected_mask = batch.chosen_mask.bool(), batch.rejected_mask.bool()
+    assert (chosen.grad[chosen_mask] <= 0).all() and (rejected.grad[rejected_mask] >= 0).all()
+    assert (chosen.grad[~chosen_mask] == 0).all() and chosen.grad[chosen_mask].abs().max() > 0

@@ -43,10 +43,14 @@ def test_the_headline_ratio_is_per_seed_then_averaged_and_says_why_a_seed_has_no
 
 
 def test_the_arms_follow_the_spec_and_its_errors_name_the_key(tmp_path):
-    spec = load_experiment(SPEC, ["arms.lr_multipliers=[1, 3]"])
+    spec = load_experiment(SPEC, ["arms.lr_multipliers=[1, 3]", "arms.clamped_guidance=true"])
     assert [arm.name for arm in arms(spec)] == ["dpo", "dpo-lr3", "tgdpo-oracle", GUIDED, f"{GUIDED}-clamped",
+                                                f"{GUIDED}-shuffled", f"{GUIDED}-centred", f"{GUIDED}-guarded",
                                                 "tgdpo-shuffled"]
-    assert [arm.clamp for arm in arms(spec)] == [False, False, False, False, True, False]
+    options = [tuple(arm.loss_options.values()) for arm in arms(spec)]  # clamp, center, shuffle, normalize
+    assert options == [(False,) * 4] * 4 + [(True, False, False, False), (False, False, True, False),
+                                            (False, True, False, False), (True, True, False, True), (False,) * 4]
+    assert [arm.name for arm in arms(load_experiment(SPEC, ["arms.dpo_only=true", "arms.repeat=null"]))] == ["dpo"]
     with pytest.raises(ConfigError, match=r"arms.lr_multipliers: lr_multipliers must .* including 1 \(got \[2, 4\]\)"):
         load_experiment(SPEC, ["arms.lr_multipliers=[2, 4]"])
     with pytest.raises(ConfigError, match="task.keyz: unknown key"):
@@ -72,7 +76,9 @@ def test_the_scheduler_keeps_the_order_runs_need_and_stops_at_the_first_failure(
 TOY = ["seeds=1", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
        "warm_start.epochs=1", "guidance.epochs=1", "arms.lr_multipliers=[1]", "probe_every=1",
        "concurrent_runs=2", "job.training.max_pairs_per_batch=8",
-       "arms.clamped_guidance=false", "arms.shuffled_control=false"]
+       "arms.clamped_guidance=false", "arms.shuffled_control=false", "arms.shuffled_guidance=false",
+       "arms.centred_guidance=false", "arms.guarded_guidance=false", "arms.repeat=null"]
+REAL_SPEC = str(Path(SPEC).with_name("reproduce-smollm2.yaml"))
 
 
 def test_every_arm_of_every_seed_is_a_run_of_its_own_config(tmp_path):
@@ -120,7 +126,8 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
         assert (out / name).stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "reproduce.json").read_text())["seeds"] == results["seeds"]
-    assert results["headline"] in printed[-2]  # the table, then the headline
+    assert "Primary: " + GUIDED + " minus dpo" in printed[-2]  # the table, then the primary analysis
+    assert results["primary"]["p_value"] in (0.5, 1.0)  # one seed: the sign-flip test has two outcomes
 
     seed_one = out / "seed-1"
     # The oracle's rewards came with the data: no guidance pool ran. The dpo arms read the reference scores
@@ -147,3 +154,28 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     again = []
     assert run_experiment(SPEC, TOY + [f"output_dir={tmp_path}"], log=again.append)["runs"] == results["runs"]
     assert sum("already finished" in line for line in again) == 1 + len(names)
+
+
+def test_the_real_spec_is_guided_by_its_dpo_arm_and_orders_the_runs_that_share_a_cache(smollm2, tmp_path):
+    spec = load_experiment(REAL_SPEC, [f"output_dir={tmp_path}", f"model={smollm2}", "seeds=2"])
+    experiment = Experiment(spec, REAL_SPEC)
+    assert experiment.prepare(log=lambda _: None) is None  # no warm start: the pretrained model is the start
+    runs = {run.name: run for seed in spec.seed_numbers for run in experiment.seed_runs(seed)}
+    assert list(runs) == [f"seed-{seed}/{name}" for seed in (1, 2) for name in
+                          ("dpo", "tgdpo-oracle", GUIDED, f"{GUIDED}-shuffled", f"{GUIDED}-centred")
+                          + ((f"{GUIDED}-repeat",) if seed == 1 else ())]
+    dpo, guided = runs["seed-1/dpo"].config, runs[f"seed-1/{GUIDED}"]
+    assert runs["seed-1/dpo"].after == [] and dpo.policy.model == smollm2 and dpo.training.min_lr_ratio == 0.0
+    assert guided.config.guidance.model == str(tmp_path / "reproduce_real" / "seed-1" / "dpo" / "model")
+    assert guided.after == ["seed-1/dpo"]  # made from the dpo arm's final model
+    for variant, option in (("shuffled", "shuffle_guidance"), ("centred", "center_guidance")):
+        run = runs[f"seed-1/{GUIDED}-{variant}"]
+        assert getattr(run.config.loss, option) and run.after == ["seed-1/dpo", f"seed-1/{GUIDED}"]
+    assert runs[f"seed-1/{GUIDED}-repeat"].config.run.name == f"{GUIDED}-repeat"
+    assert runs[f"seed-1/{GUIDED}-repeat"].after == ["seed-1/dpo", f"seed-1/{GUIDED}"]
+    probe = dpo.training.probe.arguments
+    assert (probe["marker"], probe["slot_line_tokens"], probe["reference"]) == (" is", 5, smollm2)
+    with pytest.raises(ConfigError, match="colours starts from a pretrained model"):
+        load_experiment(REAL_SPEC, ["model=null"])
+    with pytest.raises(ConfigError, match="arms.repeat: no arm named 'dpo-lr9'"):
+        load_experiment(REAL_SPEC, ["arms.repeat=dpo-lr9"])

@@ -121,6 +121,10 @@ class LossSection(Section):
     shuffle_guidance: bool = Field(default=False, description="permute each answer's TGDPO token rewards over its "
                                    "tokens before the weights are formed: a control that keeps the rewards and "
                                    "loses their places (the same permutation for a batch every time)")
+    normalize_weights: bool = Field(default=False, description="scale each answer's TGDPO token weights (after "
+                                    "clamp_weights) to sum to β·length, as DPO's do; with center_guidance and "
+                                    "clamp_weights: the guarded form (README), where every chosen token is pushed "
+                                    "up and every rejected one down")
 
 
 class ProbeSection(Section):

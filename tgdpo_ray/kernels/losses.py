@@ -65,6 +65,12 @@ def shuffled_within_answers(values, mask, seed: int = 0):
     return values.scatter(-1, places, values.gather(-1, order))
 
 
+def _sums_to(weights, totals):
+    """Each row of (nonnegative) weights scaled to sum to its total; a row of zeros stays zero."""
+    sums = weights.sum(-1, keepdim=True)
+    return torch.where(sums > 0, weights * totals[:, None] / sums.clamp(min=1e-12), weights)
+
+
 def _answer_max(values, mask):
     """The largest value on the answer tokens (-inf when there are none)."""
     return torch.where(mask.bool(), values, torch.full_like(values, -torch.inf)).max()
@@ -145,13 +151,16 @@ class TGDPOLoss:
     (sum w_w - sum w_l) / beta: when every log-ratio moves by d, z moves by d beta times that gap.
     center_guidance subtracts each answer's mean r over its tokens first, so that sum_t w = beta |y| as in DPO and
     a uniform shift of the log-ratios moves z as it moves DPO's. shuffle_guidance permutes each answer's r over its
-    tokens (a control: the same rewards, their places lost)."""
+    tokens (a control: the same rewards, their places lost). normalize_weights scales each answer's weights (after
+    clamping) to sum to beta |y|: with clamp_weights too, every chosen token is pushed up and every rejected one
+    down, as in DPO, and only how hard is the guidance's (README "A guarded form")."""
 
     beta: float = 0.1
     alpha: float = 0.5  # guidance strength; 0 gives DPO exactly
     clamp_weights: bool = False  # clamp the token weights at 0 (the authors do not)
     center_guidance: bool = False  # each answer's token rewards less their mean (the authors do not)
     shuffle_guidance: bool = False  # each answer's token rewards in a random order over its tokens (a control)
+    normalize_weights: bool = False  # each answer's weights scaled to sum to beta |y| (the authors do not)
 
     def token_rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The token rewards r_hat, constants: given (a token reward model, or the data), or the paper's implicit
@@ -186,6 +195,9 @@ class TGDPOLoss:
             if self.clamp_weights:
                 chosen_weights = chosen_weights.clamp(min=0.0)
                 rejected_weights = rejected_weights.clamp(min=0.0)
+            if self.normalize_weights:
+                chosen_weights = _sums_to(chosen_weights, beta * _token_count(chosen_mask))
+                rejected_weights = _sums_to(rejected_weights, beta * _token_count(rejected_mask))
 
         z = (chosen_weights * chosen_logratio).sum(-1) - (rejected_weights * rejected_logratio).sum(-1)
         losses = -F.logsigmoid(z)
@@ -255,7 +267,7 @@ LOSSES = {
     "simpo": lambda section: SimPOLoss(section.beta, section.simpo_gamma),
     "sft": lambda section: SFTLoss(),
     "tgdpo": lambda section: TGDPOLoss(section.beta, section.alpha, section.clamp_weights, section.center_guidance,
-                                       section.shuffle_guidance),
+                                       section.shuffle_guidance, section.normalize_weights),
 }
 
 

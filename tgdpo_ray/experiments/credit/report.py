@@ -201,6 +201,21 @@ def plot_accuracy_against_kl(runs: dict[str, dict[int, list[dict]]], path: Path)
 # ---------------------------------------------------------------- the report
 
 
+def what_carries_the_loss(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict]:
+    """Per TGDPO arm: the means over its probed steps (after step 0) of z_dpo, z_guidance and the weight-sum gap,
+    and its last training loss, each summarised over seeds (issue #31: a negative gap pays for pushing every
+    token down)."""
+    table = {}
+    for name, seeds in runs.items():
+        curves = [[point for point in curve if point["step"] > 0] for curve in seeds.values()]
+        if not all(curve and "z_guidance" in curve[0] for curve in curves):
+            continue
+        table[name] = {key: summary([float(np.mean([point[key] for point in curve])) for curve in curves])
+                       for key in ("z_dpo", "z_guidance", "weight_sum_gap")}
+        table[name]["final_loss"] = summary([curve[-1]["loss"] for curve in curves])
+    return table
+
+
 def guidance_run(spec: ExperimentSpec) -> str:
     return GUIDANCE_RUN if spec.guidance is not None else "dpo"
 
@@ -286,6 +301,14 @@ def markdown(spec: ExperimentSpec, results: dict, table_text: str) -> str:
             f"{seed}: {mass:.2f}" if mass is not None else f"{seed}: n/a"
             for seed, mass in results["reference_check"]["allowed_mass_at_step_0"].items()), "",
     ]
+    carried = results["what_carries_the_loss"]
+    if carried:
+        lines += ["What carries TGDPO's loss (means over the probed steps, then over seeds): "
+                  "`z_dpo | z_guidance | weight-sum gap | final loss`", ""]
+        lines += [f"- {name}: " + " | ".join(summary_text(row[key], 3) for key in
+                                             ("z_dpo", "z_guidance", "weight_sum_gap", "final_loss"))
+                  for name, row in carried.items()]
+        lines += [""]
     if results["repeat"]:
         repeat = results["repeat"]
         lines += [f"Repeat: {repeat['arm']} run twice in seed {repeat['seed']}: slot-margin area {repeat['area_slot_margin'][0]:+.4f} "
@@ -338,6 +361,7 @@ def write_report(spec: ExperimentSpec, out: Path, curves: dict[str, list[dict]],
         "seeds": {name: sorted(seeds) for name, seeds in runs.items()},
         "primary": primary | {"metric": "area under the held-out slot-margin curve", "test": "exact sign-flip"},
         "contrasts": contrasts,
+        "what_carries_the_loss": what_carries_the_loss(runs),
         "steps_to_margin_0": [censored_comparison(runs, name, "dpo", 0.0) for name in runs if name != "dpo"],
         "guidance_check": guidance,
         "reference_check": reference_check(runs),

@@ -189,10 +189,19 @@ def finished(config: JobConfig) -> bool:
     return complete and not config_changes(yaml.safe_load(files.config.read_text()), config)
 
 
+# The training metrics kept beside the probe's: the loss and the parts of TGDPO's z (issue #31).
+TRAINING_KEYS = ("loss", "z_dpo", "z_guidance", "weight_sum_gap")
+
+
 def probe_curve(run_dir: Path) -> list[dict]:
-    """The probe records of a run: [{step, slot_probability, slot_accuracy, filler_kl}], by step."""
-    return [{"step": record["step"], **record["probe"]} for record in read_records(RunDir(run_dir).metrics)
-            if "probe" in record]
+    """The probe records of a run: [{step, slot_probability, slot_accuracy, slot_margin, ...}], by step; and the
+    training step's loss and what carries it (z_dpo, z_guidance, weight_sum_gap: TGDPO only) at each probed
+    step."""
+    records = list(read_records(RunDir(run_dir).metrics))
+    steps = {record["step"]: record for record in records if "loss" in record}
+    return [{"step": record["step"], **record["probe"],
+             **{key: steps[record["step"]][key] for key in TRAINING_KEYS if key in steps.get(record["step"], {})}}
+            for record in records if "probe" in record]
 
 
 class ExperimentError(UserError, RuntimeError):

@@ -53,6 +53,9 @@ class ArmsSpec(Stage):
                                     "with loss.shuffle_guidance (the guidance's rewards permuted within each answer)")
     centred_guidance: bool = Field(default=False, description="also run tgdpo-dpo-guided-centred: the guided arm "
                                    "with loss.center_guidance")
+    guarded_guidance: bool = Field(default=False, description="also run tgdpo-dpo-guided-guarded: the guided arm "
+                                   "with center_guidance, clamp_weights and normalize_weights (README \"A guarded "
+                                   "form\")")
     dpo_only: bool = Field(default=False, description="run the dpo arms alone (lr_multipliers): a learning-rate "
                            "pilot, before any TGDPO arm")
     repeat: Optional[str] = Field(default=None, description="an arm run a second time in seed 1, as <arm>-repeat: "
@@ -138,10 +141,12 @@ class Arm:
     clamp: bool = False  # loss.clamp_weights
     center: bool = False  # loss.center_guidance
     shuffle: bool = False  # loss.shuffle_guidance
+    normalize: bool = False  # loss.normalize_weights
 
     @property
     def loss_options(self) -> dict:
-        return {"clamp_weights": self.clamp, "center_guidance": self.center, "shuffle_guidance": self.shuffle}
+        return {"clamp_weights": self.clamp, "center_guidance": self.center, "shuffle_guidance": self.shuffle,
+                "normalize_weights": self.normalize}
 
 
 GUIDANCE_RUN = "guidance-dpo"
@@ -156,6 +161,8 @@ def arms(spec: ExperimentSpec) -> list[Arm]:
     guided += [Arm(f"{GUIDED}-clamped", "tgdpo", guided=True, clamp=True)] if chosen.clamped_guidance else []
     guided += [Arm(f"{GUIDED}-shuffled", "tgdpo", guided=True, shuffle=True)] if chosen.shuffled_guidance else []
     guided += [Arm(f"{GUIDED}-centred", "tgdpo", guided=True, center=True)] if chosen.centred_guidance else []
+    guided += ([Arm(f"{GUIDED}-guarded", "tgdpo", guided=True, center=True, clamp=True, normalize=True)]
+               if chosen.guarded_guidance else [])
     shuffled = [Arm("tgdpo-shuffled", "tgdpo", rewards="shuffled")] if chosen.shuffled_control else []
     if chosen.dpo_only:
         return dpo
