@@ -242,9 +242,11 @@ def test_every_shipped_job_spec_is_valid():
     from tgdpo_ray.experiments.credit.spec import load_experiment
 
     # The experiment spec of `tgdpo-ray reproduce` is not a job: it holds the job sections its runs share.
-    experiment = load_experiment(str(REPO / "jobs" / "reproduce.yaml"))
-    assert experiment.seeds >= 5 and experiment.job["loss"] == {"beta": 0.1, "alpha": 0.5}
-    specs = sorted(set((REPO / "jobs").glob("*.yaml")) - {REPO / "jobs" / "reproduce.yaml"})
+    experiments = {REPO / "jobs" / name for name in ("reproduce.yaml", "reproduce-smollm2.yaml")}
+    for path in experiments:
+        experiment = load_experiment(str(path))
+        assert experiment.seeds >= 5 and experiment.job["loss"] == {"beta": 0.1, "alpha": 0.5}
+    specs = sorted(set((REPO / "jobs").glob("*.yaml")) - experiments)
     assert specs
     for spec in specs:
         # Schema only: the demo's model and data are built by `make demo`, so their paths may not exist yet.

@@ -1,6 +1,7 @@
 """Evaluation statistics and report: hand-computed scores and win rates, the judge's position bias, win rates on
-similar-length answers, the question bootstrap against a direct numpy computation and against cases with known
-intervals, and the written report (pure numpy/matplotlib)."""
+similar-length answers, the question bootstrap (10 or more questions) against a direct numpy computation and against
+cases with known intervals, the t-interval of the per-question means (fewer than 10) against a hand computation, and
+the written report (pure numpy/matplotlib)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 
 from tgdpo_ray.common.intervals import bootstrap_ci, mean_interval, ratio
 from tgdpo_ray.eval.report import format_table, write_eval_report
-from tgdpo_ray.eval.stats import (combine_orders, length_difference, length_summary, pairwise_summary, pairwise_units,
-                                  single_summary)
+from tgdpo_ray.eval.stats import (BOOTSTRAP_MIN_QUESTIONS, combine_orders, length_difference, length_summary,
+                                  pairwise_summary, pairwise_units, single_summary)
+
+T_975_DF1, T_975_DF3 = 12.706204736174707, 3.182446305284263  # Student-t 97.5% quantiles, from a t table
 
 # --- helpers ----------------------------------------------------------------------------------------------------
 
@@ -34,6 +37,12 @@ def direct_bootstrap(sums, counts, samples, seed, level=0.95):
     means = sums[index].sum(axis=1) / counts[index].sum(axis=1)
     tail = (1 - level) / 2 * 100
     return np.percentile(means, [tail, 100 - tail])
+
+
+def copies(records, count):
+    """`count` copies of some judgments, each copy's questions renamed ("q1" -> "q1-0", "q1-1", ...): as many
+    times the questions, in the same order of first appearance, so a bootstrap over them has enough groups."""
+    return [{**record, "question_id": f"{record['question_id']}-{i}"} for i in range(count) for record in records]
 
 
 def assert_plain_json(value):
@@ -89,24 +98,54 @@ def test_single_means_per_turn_per_category_and_unparseable_counts():
     assert bad["mean"] == pytest.approx(4.0)
     assert (bad["n_scored"], bad["n_unparseable"]) == (4, 2)
     # A category with no parsed score: None, not NaN and not a crash.
-    assert bad["by_category"]["math"] == {"mean": None, "ci": None, "n_scored": 0, "n_unparseable": 2,
-                                          "n_questions": 0}
+    assert bad["by_category"]["math"] == {"mean": None, "ci": None, "ci_method": "t", "n_scored": 0,
+                                          "n_unparseable": 2, "n_questions": 0}
 
     # Paired per question, only where both were scored: q1 7 - 4 = 3, q2 9 - 4 = 5 (q3 has no `bad` score).
+    # Two questions: the t-interval of 3 and 5, 4 +- t(0.975, 1 df) * sd / sqrt(2) with sd = sqrt(2).
     (difference,) = summary["paired_differences"]
     assert (difference["model_a"], difference["model_b"], difference["n_questions"]) == ("good", "bad", 2)
     assert difference["mean_difference"] == pytest.approx(4.0)
-    assert difference["ci"][0] == pytest.approx(3.0) and difference["ci"][1] == pytest.approx(5.0)
+    assert difference["ci"] == pytest.approx([4.0 - T_975_DF1, 4.0 + T_975_DF1])
+    assert difference["ci_method"] == "t"
 
     assert_plain_json(summary)
     assert json.loads(json.dumps(summary)) == summary
 
 
-def test_single_ci_matches_a_direct_numpy_bootstrap():
-    summary = single_summary(SINGLE, samples=500, seed=3)
+def test_single_ci_matches_a_direct_numpy_bootstrap_from_10_questions():
+    # SINGLE four times over: 12 questions, enough for the bootstrap.
+    summary = single_summary(copies(SINGLE, 4), samples=500, seed=3)
+    good = summary["models"]["good"]
+    assert good["n_questions"] == 12 >= BOOTSTRAP_MIN_QUESTIONS and good["ci_method"] == "bootstrap"
     # `good`'s questions in order of appearance: score sums and counts of parsed judgments.
-    low, high = direct_bootstrap([14.0, 9.0, 12.0], [2, 1, 2], samples=500, seed=3)
-    assert summary["models"]["good"]["ci"] == pytest.approx([low, high])
+    low, high = direct_bootstrap([14.0, 9.0, 12.0] * 4, [2, 1, 2] * 4, samples=500, seed=3)
+    assert good["ci"] == pytest.approx([low, high])
+    (difference,) = summary["paired_differences"]  # 8 questions both were scored on: still a t-interval
+    assert (difference["n_questions"], difference["ci_method"]) == (8, "t")
+
+
+def test_under_10_questions_a_mean_gets_the_t_interval_of_the_per_question_means():
+    # Four questions; q2's second turn is unparseable. Per-question means 7, 9, 6, 5.
+    judgments = [single("m", "q1", "writing", 1, 8.0), single("m", "q1", "writing", 2, 6.0),
+                 single("m", "q2", "writing", 1, 9.0), single("m", "q2", "writing", 2, None),
+                 single("m", "q3", "math", 1, 7.0), single("m", "q3", "math", 2, 5.0),
+                 single("m", "q4", "math", 1, 4.0), single("m", "q4", "math", 2, 6.0)]
+    block = single_summary(judgments, samples=500, seed=3)["models"]["m"]
+    # By hand: mean 6.75; squared deviations 0.0625 + 5.0625 + 0.5625 + 3.0625 = 8.75, sd = sqrt(8.75 / 3),
+    # half-width t(0.975, 3 df) * sd / sqrt(4).
+    half_width = T_975_DF3 * np.sqrt(8.75 / 3) / 2
+    assert block["ci_method"] == "t" and block["n_questions"] == 4
+    assert block["ci"] == pytest.approx([6.75 - half_width, 6.75 + half_width])
+    # The mean stays the mean of every parsed score, 45 / 7; the interval is centred on the per-question means'.
+    assert block["mean"] == pytest.approx(45 / 7)
+    # Per category (two questions each) too: writing's means 7 and 9, math's 6 and 5.
+    assert block["by_category"]["writing"]["ci"] == pytest.approx([8.0 - T_975_DF1, 8.0 + T_975_DF1])
+    assert block["by_category"]["math"]["ci"] == pytest.approx([5.5 - T_975_DF1 / 2, 5.5 + T_975_DF1 / 2])
+    assert block["by_turn"]["2"]["ci_method"] == "t"
+    # One question has no spread: no interval, said to be for want of questions.
+    lone = single_summary(judgments[:2])["models"]["m"]
+    assert (lone["mean"], lone["ci"], lone["ci_method"]) == (7.0, None, "t")
 
 
 def test_no_parsed_judgment_gives_none_not_a_crash():
@@ -151,12 +190,12 @@ def test_the_mean_of_plain_values_resamples_each_value_alone():
 
 def test_resampling_is_by_question_not_by_judgment():
     # Each question gets the same score on both turns, so the two turns carry one question's worth of evidence.
-    values = [2.0, 9.0, 4.0, 8.0, 3.0, 7.0]
+    values = [2.0, 9.0, 4.0, 8.0, 3.0, 7.0, 5.0, 6.0, 1.0, 10.0, 4.0, 8.0]
     judgments = [single("m", f"q{i}", "writing", turn, v) for i, v in enumerate(values) for turn in (1, 2)]
     low, high = single_summary(judgments, samples=2000, seed=0)["models"]["m"]["ci"]
 
     per_question = direct_bootstrap([2 * v for v in values], [2] * len(values), samples=2000, seed=0)
-    per_judgment = direct_bootstrap([v for v in values for _ in (1, 2)], [1] * 12, samples=2000, seed=0)
+    per_judgment = direct_bootstrap([v for v in values for _ in (1, 2)], [1] * 24, samples=2000, seed=0)
     assert [low, high] == pytest.approx(list(per_question))
     assert high - low > 1.2 * (per_judgment[1] - per_judgment[0])
 
@@ -201,14 +240,22 @@ def test_pairwise_counts_rates_and_position_consistency():
     assert (math["wins"], math["losses"], math["ties"], math["unparseable"]) == (1, 0, 0, 1)
     assert math["net"] == pytest.approx(1.0) and math["position_consistency"] == pytest.approx(1.0)
 
-    # Net's CI: the question bootstrap over per-question (wins - losses, decided units).
-    # q1: W1 L1, q2: T2, q3: W1, q4: W1.
-    low, high = direct_bootstrap([0, 0, 1, 1], [2, 2, 1, 1], samples=300, seed=1)
-    assert c["net_ci"] == pytest.approx([low, high])
-    low, high = direct_bootstrap([1, 0, 1, 1], [2, 2, 1, 1], samples=300, seed=1)
-    assert c["win_rate_ci"] == pytest.approx([low, high])
+    # Four questions: rates over units are no per-question means, so no t-interval, and no bootstrap either.
+    assert (c["win_rate_ci"], c["adjusted_win_rate_ci"], c["net_ci"], c["ci_method"]) == (None, None, None, "none")
+    assert writing["ci_method"] == "none"
 
     assert_plain_json(summary)
+
+
+def test_pairwise_ci_matches_a_direct_numpy_bootstrap_from_10_questions():
+    (c,) = pairwise_summary(copies(PAIRWISE, 3), samples=300, seed=1)["comparisons"]
+    assert c["n_questions"] == 12 and c["ci_method"] == "bootstrap"
+    # Net's CI: the question bootstrap over per-question (wins - losses, decided units).
+    # q1: W1 L1, q2: T2, q3: W1, q4: W1; three times over.
+    low, high = direct_bootstrap([0, 0, 1, 1] * 3, [2, 2, 1, 1] * 3, samples=300, seed=1)
+    assert c["net_ci"] == pytest.approx([low, high])
+    low, high = direct_bootstrap([1, 0, 1, 1] * 3, [2, 2, 1, 1] * 3, samples=300, seed=1)
+    assert c["win_rate_ci"] == pytest.approx([low, high])
 
 
 def test_pairwise_with_nothing_decided_gives_none():
@@ -323,8 +370,7 @@ def both_orders(question, turn, winner, model_a="new", model_b="old"):
 
 def test_length_controlled_win_rate_and_interval_on_hand_cases():
     # q1, q2: similar lengths, new wins q1 and loses q2. q3: new's answer is twice as long and wins; it is
-    # out of the length-controlled rate. Resampled over q1 and q2 the win rate is 0, 1/2 or 1 (a quarter of the
-    # draws at each end), so the 95% interval is exactly [0, 1], and net's is [-1, 1].
+    # out of the length-controlled rate. Two questions: rates but no interval.
     judgments = both_orders("q1", 1, "new") + both_orders("q2", 1, "old") + both_orders("q3", 1, "new")
     answers = [answer("new", "q1", [100]), answer("old", "q1", [95]), answer("new", "q2", [100]),
                answer("old", "q2", [110]), answer("new", "q3", [400]), answer("old", "q3", [200])]
@@ -333,18 +379,21 @@ def test_length_controlled_win_rate_and_interval_on_hand_cases():
     lc = c["length_controlled"]
     assert (lc["units"], lc["units_with_lengths"], lc["decided"], lc["n_questions"]) == (2, 3, 2, 2)
     assert (lc["wins"], lc["losses"], lc["ties"]) == (1, 1, 0)
-    assert (lc["win_rate"], lc["win_rate_ci"]) == (0.5, [0.0, 1.0])
-    assert (lc["net"], lc["net_ci"]) == (0.0, [-1.0, 1.0])
+    assert (lc["win_rate"], lc["win_rate_ci"], lc["net"], lc["net_ci"]) == (0.5, None, 0.0, None)
+    assert lc["ci_method"] == "none"
 
-    # Every similar-length unit a win: the interval collapses to 1.
+    # Every similar-length unit a win, over 10 such questions (and 5 long-answer losses): the bootstrap interval
+    # collapses to 1.
     judgments = both_orders("q1", 1, "new") + both_orders("q2", 1, "new") + both_orders("q3", 1, "old")
-    (c,) = pairwise_summary(judgments, samples=500, answers=answers)["comparisons"]
-    assert (c["length_controlled"]["win_rate"], c["length_controlled"]["win_rate_ci"]) == (1.0, [1.0, 1.0])
+    (c,) = pairwise_summary(copies(judgments, 5), samples=500, answers=copies(answers, 5))["comparisons"]
+    lc = c["length_controlled"]
+    assert (lc["n_questions"], lc["ci_method"], lc["win_rate"], lc["win_rate_ci"]) == (10, "bootstrap", 1.0, [1.0, 1.0])
     assert c["win_rate"] == pytest.approx(2 / 3)
 
 
 def test_length_controlled_interval_matches_a_direct_numpy_bootstrap():
-    # Four similar-length questions (two turns each) and one long-answer question that is left out.
+    # Four similar-length questions (two turns each) and one long-answer question that is left out; three times
+    # over, so 12 questions are resampled.
     # Per question (wins, decided) over similar-length units: q1 (2, 2), q2 (0, 2), q3 (1, 2), q4 (1, 1).
     judgments = (both_orders("q1", 1, "new") + both_orders("q1", 2, "new") + both_orders("q2", 1, "old")
                  + both_orders("q2", 2, "tie") + both_orders("q3", 1, "new") + both_orders("q3", 2, "old")
@@ -354,13 +403,13 @@ def test_length_controlled_interval_matches_a_direct_numpy_bootstrap():
                answer("new", "q3", [100, 100]), answer("old", "q3", [100, 85]),
                answer("new", "q4", [100, 100]), answer("old", "q4", [100, 50]),   # q4 turn 2: out
                answer("new", "q5", [100]), answer("old", "q5", [10])]             # out
-    (c,) = pairwise_summary(judgments, samples=400, seed=5, answers=answers)["comparisons"]
+    (c,) = pairwise_summary(copies(judgments, 3), samples=400, seed=5, answers=copies(answers, 3))["comparisons"]
     lc = c["length_controlled"]
-    assert (lc["units"], lc["units_with_lengths"], lc["wins"], lc["losses"], lc["ties"]) == (7, 9, 4, 2, 1)
-    assert lc["win_rate"] == pytest.approx(4 / 7)
-    assert lc["win_rate_ci"] == pytest.approx(list(direct_bootstrap([2, 0, 1, 1], [2, 2, 2, 1], 400, 5)))
+    assert (lc["units"], lc["units_with_lengths"], lc["wins"], lc["losses"], lc["ties"]) == (21, 27, 12, 6, 3)
+    assert lc["win_rate"] == pytest.approx(4 / 7) and lc["ci_method"] == "bootstrap"
+    assert lc["win_rate_ci"] == pytest.approx(list(direct_bootstrap([2, 0, 1, 1] * 3, [2, 2, 2, 1] * 3, 400, 5)))
     # net per question: q1 +2, q2 -1 (a loss and a tie), q3 0, q4 +1
-    assert lc["net_ci"] == pytest.approx(list(direct_bootstrap([2, -1, 0, 1], [2, 2, 2, 1], 400, 5)))
+    assert lc["net_ci"] == pytest.approx(list(direct_bootstrap([2, -1, 0, 1] * 3, [2, 2, 2, 1] * 3, 400, 5)))
 
 
 def test_single_score_length_correlation():
@@ -376,13 +425,25 @@ def test_single_score_length_correlation():
     correlation = summary["models"]["m"]["length_correlation"]
     assert correlation["r"] == pytest.approx(0.8) and correlation["n"] == 4
     assert correlation["r"] == pytest.approx(np.corrcoef([10, 20, 30, 40], [1, 3, 2, 4])[0, 1])
-    # Resampling the two questions: some draws hold q1 twice, whose lengths 10 and 20 scored 1 and 3 (r = 1);
-    # q2 alone gives r = 1 too; q1 and q2 give 0.8. The interval is [0.8, 1].
-    assert correlation["ci"] == pytest.approx([0.8, 1.0])
+    # Two questions: r is no mean, so no t-interval, and no bootstrap either.
+    assert (correlation["ci"], correlation["ci_method"]) == (None, "none")
     # Every answer the same length: r is undefined, not NaN.
-    assert summary["models"]["flat"]["length_correlation"] == {"r": None, "ci": None, "n": 2}
+    assert summary["models"]["flat"]["length_correlation"] == {"r": None, "ci": None, "n": 2, "ci_method": "none"}
     assert single_summary(judgments)["models"]["m"]["length_correlation"] is None  # no answers
     assert_plain_json(summary)
+
+
+def test_score_length_correlation_ci_matches_a_direct_numpy_bootstrap_from_10_questions():
+    rng = np.random.default_rng(4)
+    lengths, scores = rng.integers(10, 300, size=(10, 2)), rng.integers(1, 11, size=(10, 2)).astype(float)
+    judgments = [single("m", f"q{i}", "writing", turn + 1, scores[i, turn]) for i in range(10) for turn in (0, 1)]
+    answers = [answer("m", f"q{i}", [int(t) for t in lengths[i]]) for i in range(10)]
+    correlation = single_summary(judgments, samples=300, seed=2, answers=answers)["models"]["m"]["length_correlation"]
+    assert correlation["ci_method"] == "bootstrap"
+    # The same draws of questions, r of each draw's (length, score) pairs.
+    draws = np.random.default_rng(2).integers(0, 10, size=(300, 10))
+    rs = [np.corrcoef(lengths[draw].ravel(), scores[draw].ravel())[0, 1] for draw in draws]
+    assert correlation["ci"] == pytest.approx(list(np.percentile(rs, [2.5, 97.5])))
 
 
 # --- lengths ----------------------------------------------------------------------------------------------------
@@ -434,10 +495,33 @@ def test_single_report(tmp_path):
     assert "Judge `judge-model`, judge prompts `fastchat`." in verdict
     assert "score-length r" not in text  # no answers given
     assert is_png(tmp_path / "eval" / "scores_by_category.png")
+    # Three questions: t-intervals, and the report says so where it gives them.
+    assert "Highest mean score: **good** (7.00, 95% t-interval (n < 10 questions) [" in text
+    assert "(95% t-interval (n < 10 questions) [-8.71, 16.71], paired over 2 questions" in text
+    scores = text.split("## Scores")[1].split("##")[0]
+    assert "| good | 7.00 | [" in scores and "] (t) |" in scores and "(t): t-interval (n < 10 questions)" in scores
+    assert "(t): t-interval (n < 10 questions)" in text.split("## By category")[1]
+    assert "| math | 6.00 n/a (one question) | n/a |" in text  # one question: no spread, no interval
 
     table = format_table(summary).splitlines()
     assert table[0] == "judge judge-model, judge prompts fastchat"
-    assert len(table) == 4 and table[2].split()[:2] == ["good", "7.00"]
+    assert len(table) == 5 and table[2].split()[:2] == ["good", "7.00"] and table[2].split()[4] == "(t)"
+    assert table[4] == "(t): t-interval (n < 10 questions)"
+
+
+def test_single_report_names_the_bootstrap_from_10_questions(tmp_path):
+    summary = {"mode": "single", "judge": "j", "judge_prompts": "fastchat", "questions": 12,
+               "models": ["good", "bad"], "scores": single_summary(copies(SINGLE, 4), samples=200), "pairwise": None,
+               "lengths": {}}
+    text = write_eval_report(tmp_path, summary).read_text()
+    # `good` has 12 scored questions, `bad` 8 (its q3 copies are unparseable), as has their paired difference.
+    assert "Highest mean score: **good** (7.00, 95% CI [" in text
+    rows = {line.split(" | ")[0]: line for line in text.split("## Scores")[1].split("\n## ")[0].splitlines()
+            if line.startswith("| ")}
+    assert "(t)" not in rows["| good"] and "] (t) |" in rows["| bad"]
+    assert "scores 4.00 points higher than `bad` (95% t-interval (n < 10 questions) [" in text
+    table = format_table(summary).splitlines()
+    assert "(t)" not in table[2] and "(t)" in table[3] and table[4] == "(t): t-interval (n < 10 questions)"
 
 
 def test_single_report_shows_the_score_length_correlation(tmp_path):
@@ -448,7 +532,7 @@ def test_single_report_shows_the_score_length_correlation(tmp_path):
                "scores": single_summary(judgments, samples=100, answers=answers), "pairwise": None,
                "lengths": length_summary(answers)}
     text = write_eval_report(tmp_path, summary).read_text()
-    assert "score-length r (95% CI) |" in text and "| +0.80 [+0.80, +1.00], n=4 |" in text
+    assert "score-length r (95% CI) |" in text and "| +0.80 n/a (fewer than 10 questions), n=4 |" in text
 
 
 def test_pairwise_report(tmp_path):
@@ -501,14 +585,17 @@ def test_pairwise_report_shows_position_bias_and_the_length_controlled_win_rate(
     assert (lc["units"], lc["units_with_lengths"], lc["wins"], lc["ties"]) == (4, 8, 1, 3)
     section = text.split("## Length-controlled win rate")[1].split("\n## ")[0]
     assert "differ by less than 20.0%: |tokens_a - tokens_b| / max(tokens_a, tokens_b) < 0.2" in section
-    assert "| new vs old | 4 of 8 | 4 | 1 | 0 | 3 | 25.0% [" in section
-    assert "| new vs base | 2 of 2 | 2 | 1 | 0 | 1 | 50.0% [" in section
+    assert "| new vs old | 4 of 8 | 4 | 1 | 0 | 3 | 25.0% n/a (fewer than 10 questions) |" in section
+    assert "| new vs base | 2 of 2 | 2 | 1 | 0 | 1 | 50.0% n/a (fewer than 10 questions) |" in section
     assert ("Length-controlled, on the 4 of 8 units whose answers' lengths differ by less than 20.0% "
             "(4 decided)") in text
+
+    assert "with no interval at this number of questions the difference is not clear" in text
 
     table = format_table(summary).splitlines()
     assert table[0] == "judge judge-model, judge prompts fastchat"
     assert table[2].split()[-1] == "62.5%" and table[3].split()[-1] == "75.0%"  # (W + T/2) / decided
+    assert "n/a (fewer than 10 questions)" in table[2]
 
 
 def test_reports_with_nothing_scored_do_not_crash(tmp_path):

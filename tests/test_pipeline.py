@@ -67,3 +67,15 @@ def test_the_verdict_reads_tgdpo_against_dpo_whichever_order_and_says_what_its_i
     undecided = {"scores": None, "pairwise": {"comparisons": [
         {"model_a": "tgdpo", "model_b": "dpo", "net": float("nan"), "net_ci": [None, None], "n_questions": 0}]}}
     assert "decided no question" in verdict(undecided)
+
+
+def test_the_verdict_names_a_t_interval_and_says_when_there_is_none():
+    # Under 10 questions: the mean difference has a t-interval, and says so; net wins have no interval.
+    summary = single("tgdpo", "dpo", 0.5, 0.1, 0.9)
+    summary["scores"]["paired_differences"][1].update(ci_method="t", n_questions=4)
+    assert "+0.500 [+0.100, +0.900] t-interval (n < 10 questions) over 4 questions: tgdpo did better" in \
+        verdict(summary)
+    pairwise = {"scores": None, "pairwise": {"comparisons": [
+        {"model_a": "dpo", "model_b": "tgdpo", "net": -0.25, "net_ci": None, "ci_method": "none", "n_questions": 4}]}}
+    assert verdict(pairwise) == ("[pipeline] verdict: tgdpo's net wins against dpo +0.250 over 4 questions, too few "
+                                 "for an interval: no difference is shown")

@@ -51,7 +51,9 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
     # The held-out rates of the three models, with intervals, and the table that says them.
     rates = summary["constraint_following"]
     assert set(rates) == {"start", "dpo", "tgdpo"}
-    assert all(row["prompts"] == 2 and 0 <= row["ci"][0] <= row["rate"] <= row["ci"][1] <= 1 for row in rates.values())
+    # Two prompts: a t-interval (fewer than 10 questions), which may reach past [0, 1].
+    assert all(row["prompts"] == 2 and 0 <= row["rate"] <= 1 and row["ci"][0] <= row["rate"] <= row["ci"][1]
+               for row in rates.values())
     assert any("held-out constraint-following rate" in line for line in lines)
 
     assert summary["mt_bench"] is None and not (run_dir / "mtbench").exists()

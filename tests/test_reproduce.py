@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from tgdpo_ray.config.base import ConfigError
-from tgdpo_ray.experiments.credit.report import headline_ratio, steps_to
+from tgdpo_ray.experiments.credit.report import (area, censored_comparison, contrast, headline_ratio, steps_to,
+                                                 what_carries_the_loss)
 from tgdpo_ray.experiments.credit.runner import Experiment, ExperimentError, Run, Scheduler, run_experiment
 from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, arms, load_experiment
 
@@ -40,6 +41,46 @@ def test_the_headline_ratio_is_per_seed_then_averaged_and_says_why_a_seed_has_no
     assert ratio["interval"][0] <= ratio["mean"] <= ratio["interval"][1]
     assert ratio["notes"] == ["seed 3: DPO ended no higher than it started (slot accuracy 0.10); no ratio",
                               f"seed 4: {GUIDED} never reached DPO's final slot accuracy 0.90 (DPO took 24 steps)"]
+
+
+def margins(*values, every=4, **training):
+    return [{"step": index * every, "slot_margin": value, **{key: series[index] for key, series in training.items()}}
+            for index, value in enumerate(values)]
+
+
+def test_the_primary_analysis_is_a_paired_area_difference_with_an_exact_sign_flip_test():
+    # Trapezoids over steps 0, 4, 8, divided by 8: (0 + 2)/2 * 4 + (2 + 2)/2 * 4 = 12, /8 = 1.5.
+    assert area(margins(0.0, 2.0, 2.0)) == pytest.approx(1.5)
+    runs = {"dpo": {seed: margins(-1.0, -1.0, -1.0) for seed in (1, 2, 3, 4, 5)},
+            GUIDED: {seed: margins(-1.0, -1.0 + gain, -1.0 + gain) for seed, gain in
+                     zip((1, 2, 3, 4, 5), (0.8, 0.4, 0.0, 0.4, -0.2))}}
+    primary = contrast(runs, GUIDED, "dpo", alternative="greater")
+    differences = [0.6, 0.3, 0.0, 0.3, -0.15]  # 3/4 of each gain: the area is 0 at step 0
+    assert primary["per_seed"] == pytest.approx(differences)
+    assert primary["mean"] == pytest.approx(sum(differences) / 5)
+    assert primary["interval"][0] < primary["mean"] < primary["interval"][1]
+    # 32 sign flips; a sum at least the observed 1.05: (+ + . + -) and (+ + . + +), each for both signs of the 0.
+    assert primary["p_value"] == pytest.approx(4 / 32)
+
+
+def test_steps_to_a_margin_keep_the_runs_that_never_reach_it_as_the_slowest():
+    runs = {"dpo": {1: margins(-1, -0.5, 0.2), 2: margins(-1, -1, -1), 3: margins(-1, 0.1, 0.3)},
+            GUIDED: {1: margins(-1, 0.1, 0.2), 2: margins(-1, -1, 0.5), 3: margins(-1, -1, -1)}}
+    found = censored_comparison(runs, GUIDED, "dpo", target=0.0)
+    assert found["per_seed"] == [[4, 8], [8, None], [None, 4]]
+    assert (found["sooner"], found["later"], found["tied"]) == (2, 1, 0)
+    assert found["p_value"] == pytest.approx(1.0)  # 2 of 3 differing seeds: exact two-sided sign test
+
+
+def test_what_carries_the_loss_is_averaged_over_the_steps_after_the_start():
+    parts = {"loss": [0.69, 0.5, 0.1], "z_dpo": [0.0, 0.2, 0.4], "z_guidance": [0.0, 1.0, 3.0],
+             "weight_sum_gap": [0.0, -0.5, -1.5]}
+    runs = {"dpo": {1: margins(0, 0, 0)}, GUIDED: {1: margins(0, 0, 0, **parts), 2: margins(0, 0, 0, **parts)}}
+    table = what_carries_the_loss(runs)
+    assert list(table) == [GUIDED]  # dpo logs no z parts
+    assert table[GUIDED]["z_guidance"]["mean"] == pytest.approx(2.0)
+    assert table[GUIDED]["weight_sum_gap"]["mean"] == pytest.approx(-1.0)
+    assert table[GUIDED]["final_loss"]["per_seed"] == [0.1, 0.1]
 
 
 def test_the_arms_follow_the_spec_and_its_errors_name_the_key(tmp_path):

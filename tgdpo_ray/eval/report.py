@@ -10,6 +10,11 @@ evaluation job builds:
 `judge_prompts` names the judge prompt set ("tgdpo-ray", "fastchat" or a file path); a summary without it (an
 older report.json) reads "not recorded". Summaries built without answers have no length-controlled numbers, and
 the report says so.
+
+Intervals say how they were made (their `ci_method`, see eval_stats): a t-interval (under 10 questions) is named
+"t-interval (n < 10 questions)" in sentences and marked "(t)" in tables, with that note under the table; a rate
+without an interval for want of questions reads "n/a (fewer than 10 questions)". A summary without `ci_method` (an
+older report.json) reads as the bootstrap it then was.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from tgdpo_ray.common.plotting import pyplot
 
 LENGTH_NOTE = ("Note: LLM judges tend to favour longer answers, so read score differences next to the answer "
                "lengths.")
+T_INTERVAL = "t-interval (n < 10 questions)"
+T_NOTE = (f"(t): {T_INTERVAL}, Student's t over the per-question values: a bootstrap over so few questions "
+          "would be too narrow. Other intervals resample questions.")
+NO_INTERVAL = "n/a (fewer than 10 questions)"
 
 
 # --- number formatting ------------------------------------------------------------------------------------------
@@ -36,14 +45,29 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def _interval(ci: list[float] | None, digits: int = 2, sign: bool = False) -> str:
+def _interval(ci: list[float] | None, digits: int = 2, sign: bool = False, method: str | None = None) -> str:
+    """An interval for a table: "(t)" marks a t-interval; "none" is a statistic left without one (too few
+    questions); `method` None (a sentence names the method itself) prints the bare interval."""
+    if ci is None:  # "t" without an interval: one question, no spread
+        return {"none": NO_INTERVAL, "t": "n/a (one question)"}.get(method, "n/a")
+    return interval_text(ci[0], ci[1], digits, sign) + (" (t)" if method == "t" else "")
+
+
+def _percent_interval(ci: list[float] | None, method: str | None = None) -> str:
     if ci is None:
-        return "n/a"
-    return interval_text(ci[0], ci[1], digits, sign)
+        return NO_INTERVAL if method == "none" else "n/a"
+    return f"[{_percent(ci[0])}, {_percent(ci[1])}]"
 
 
-def _percent_interval(ci: list[float] | None) -> str:
-    return "n/a" if ci is None else f"[{_percent(ci[0])}, {_percent(ci[1])}]"
+def _ci_name(level: str, method: str | None) -> str:
+    """What a sentence calls an interval: "95% CI", or "95% t-interval (n < 10 questions)"."""
+    return f"{level} {T_INTERVAL}" if method == "t" else f"{level} CI"
+
+
+def _t_note(blocks) -> list[str]:
+    """The note under a table that marked a t-interval with "(t)"; nothing when none was."""
+    marked = any(b.get("ci_method") == "t" and b.get("ci") is not None for b in blocks)
+    return ["", T_NOTE] if marked else []
 
 
 def _with_interval(value: str, interval: str) -> str:
@@ -74,16 +98,21 @@ def _difference_sentence(difference: dict, level: str) -> str:
     """One paired difference, said with the better model first."""
     a, b = difference["model_a"], difference["model_b"]
     value, ci, n = difference["mean_difference"], difference["ci"], difference["n_questions"]
+    name = _ci_name(level, difference.get("ci_method"))
     if value is None:
         return f"- `{a}` vs `{b}`: no question where both were scored."
     if value < 0:  # state it from the better model's side
-        a, b, value, ci = b, a, -value, [-ci[1], -ci[0]]
+        a, b, value = b, a, -value
+        ci = None if ci is None else [-ci[1], -ci[0]]
     if value == 0:
-        return f"- `{a}` and `{b}` score the same on average ({level} CI {_interval(ci)}, {n} questions)."
-    clear = ci[0] > 0
-    verdict = (f"the interval excludes 0, so **{a}** is better" if clear
-               else "the interval includes 0, so the difference is not clear at this number of questions")
-    return (f"- **{a}** scores {value:.2f} points higher than `{b}` ({level} CI {_interval(ci)}, "
+        return f"- `{a}` and `{b}` score the same on average ({name} {_interval(ci)}, {n} questions)."
+    if ci is None:  # one question: no spread, no interval
+        verdict = "with no interval at this number of questions, the difference is not clear"
+    elif ci[0] > 0:
+        verdict = f"the interval excludes 0, so **{a}** is better"
+    else:
+        verdict = "the interval includes 0, so the difference is not clear at this number of questions"
+    return (f"- **{a}** scores {value:.2f} points higher than `{b}` ({name} {_interval(ci)}, "
             f"paired over {n} questions both were scored on); {verdict}.")
 
 
@@ -94,12 +123,13 @@ def _single_sections(summary: dict) -> list[str]:
     lines = ["## Verdict", "", _judged_by(summary), ""]
     if ranked:
         best = models[ranked[0]]
-        lines.append(f"Highest mean score: **{ranked[0]}** ({_number(best['mean'])}, {level} CI "
-                     f"{_interval(best['ci'])}).")
+        lines.append(f"Highest mean score: **{ranked[0]}** ({_number(best['mean'])}, "
+                     f"{_ci_name(level, best.get('ci_method'))} {_interval(best['ci'])}).")
     else:
         lines.append("No model has a parsed score.")
     if scores["paired_differences"]:
-        lines += ["", "Paired differences (per question, then averaged; CIs resample questions):", ""]
+        lines += ["", "Paired differences (per question, then averaged; CIs resample questions, or are t-intervals "
+                  "of the per-question differences under 10 questions):", ""]
         lines += [_difference_sentence(d, level) for d in scores["paired_differences"]]
 
     lines += ["", "## Scores", ""]
@@ -107,12 +137,13 @@ def _single_sections(summary: dict) -> list[str]:
     rows = []
     for model in models:
         block, length = models[model], lengths.get(model, {})
-        rows.append([model, _number(block["mean"]), _interval(block["ci"]), str(block["n_scored"]),
-                     str(block["n_unparseable"]), _number(length.get("mean_tokens"), 0),
+        rows.append([model, _number(block["mean"]), _interval(block["ci"], method=block.get("ci_method")),
+                     str(block["n_scored"]), str(block["n_unparseable"]), _number(length.get("mean_tokens"), 0),
                      _number(length.get("mean_words"), 0)]
                     + ([_correlation_cell(block.get("length_correlation"))] if correlated else []))
     lines += _table(["model", "mean score", f"{level} CI", "scored", "unparseable", "mean tokens/turn",
                      "mean words/turn"] + ([f"score-length r ({level} CI)"] if correlated else []), rows)
+    lines += _t_note(models.values())
     lines += ["", LENGTH_NOTE]
     if correlated:
         lines.append("Score-length r: Pearson's correlation between a model's scores and the generated tokens of "
@@ -131,25 +162,29 @@ def _single_sections(summary: dict) -> list[str]:
     lines += ["", "## By turn", ""]
     rows = [[model] + [_cell(models[model]["by_turn"].get(turn)) for turn in turns] for model in models]
     lines += _table(["model"] + [f"turn {turn}" for turn in turns], rows)
+    lines += _t_note(b for m in models for b in models[m]["by_turn"].values())
 
     categories = list(dict.fromkeys(c for m in models for c in models[m]["by_category"]))
-    lines += ["", "## By category", "", f"Mean score and {level} CI (resampling that category's questions).", ""]
+    lines += ["", "## By category", "", f"Mean score and {level} CI (resampling that category's questions; where it "
+              f"has fewer than 10, a {T_INTERVAL} of its per-question means).", ""]
     rows = [[category] + [_cell(models[m]["by_category"].get(category)) for m in models] for category in categories]
     lines += _table(["category"] + list(models), rows)
+    lines += _t_note(b for m in models for b in models[m]["by_category"].values())
     return lines
 
 
 def _correlation_cell(correlation: dict | None) -> str:
     if not correlation or correlation["r"] is None:
         return "n/a"
-    return f"{_number(correlation['r'], sign=True)} {_interval(correlation['ci'], sign=True)}, n={correlation['n']}"
+    interval = _interval(correlation["ci"], sign=True, method=correlation.get("ci_method"))
+    return f"{_number(correlation['r'], sign=True)} {interval}, n={correlation['n']}"
 
 
 def _cell(block: dict | None) -> str:
     if block is None or block["mean"] is None:
         return "n/a"
     unparseable = f", {block['n_unparseable']} unparseable" if block["n_unparseable"] else ""
-    return f"{_number(block['mean'])} {_interval(block['ci'])}{unparseable}"
+    return f"{_number(block['mean'])} {_interval(block['ci'], method=block.get('ci_method'))}{unparseable}"
 
 
 # --- pairwise mode ----------------------------------------------------------------------------------------------
@@ -161,15 +196,17 @@ def _comparison_sentence(c: dict, level: str) -> str:
         return f"- `{a}` vs `{b}`: no unit was judged in both orders; nothing to compare."
     counts = (f"`{a}` wins {c['wins']}, loses {c['losses']}, ties {c['ties']} of {c['decided']} decided units "
               f"over {c['n_questions']} questions")
+    method = c.get("ci_method")
     rates = (f"adjusted win rate {_percent(c['adjusted_win_rate'])} ({level} CI "
-             f"{_percent_interval(c['adjusted_win_rate_ci'])}), net {_number(c['net'], sign=True)} "
-             f"({level} CI {_interval(c['net_ci'], sign=True)})")
-    low, high = c["net_ci"]
+             f"{_percent_interval(c['adjusted_win_rate_ci'], method)}), net {_number(c['net'], sign=True)} "
+             f"({level} CI {_interval(c['net_ci'], sign=True, method=method)})")
     ahead = a if c["net"] > 0 else b
-    if low > 0 or high < 0:
-        verdict = f"the net interval excludes 0, so **{ahead}** is better"
-    elif c["net"] == 0:
+    if c["net"] == 0:
         verdict = "the two are level"
+    elif c["net_ci"] is None:  # fewer than 10 questions: no interval to read a difference from
+        verdict = f"`{ahead}` is ahead, but with no interval at this number of questions the difference is not clear"
+    elif c["net_ci"][0] > 0 or c["net_ci"][1] < 0:
+        verdict = f"the net interval excludes 0, so **{ahead}** is better"
     else:
         verdict = (f"`{ahead}` is ahead, but the net interval includes 0, so the difference is not clear at this "
                    "number of questions")
@@ -180,7 +217,9 @@ def _pairwise_sections(summary: dict) -> list[str]:
     pairwise, lengths = summary["pairwise"], summary.get("lengths") or {}
     comparisons, level = pairwise["comparisons"], _level(pairwise)
     explanation = ("Each unit is one (question, turn), judged in both answer orders; an order-dependent verdict "
-                   "counts as a tie. Net = (wins - losses) / decided units; CIs resample questions.")
+                   "counts as a tie. Net = (wins - losses) / decided units; CIs resample questions. With fewer "
+                   "than 10 questions the rates get no CI: a bootstrap over so few is too narrow, and these rates "
+                   "are no per-question means for a t-interval.")
     lines = ["## Verdict", "", _judged_by(summary), "", explanation, ""]
     for c in comparisons:
         lines.append(_comparison_sentence(c, level))
@@ -190,9 +229,7 @@ def _pairwise_sections(summary: dict) -> list[str]:
 
     lines += ["", "## Comparisons", ""]
     rows = [[f"{c['model_a']} vs {c['model_b']}", str(c["wins"]), str(c["losses"]), str(c["ties"]),
-             _with_interval(_percent(c["win_rate"]), _percent_interval(c["win_rate_ci"])),
-             _with_interval(_percent(c["adjusted_win_rate"]), _percent_interval(c["adjusted_win_rate_ci"])),
-             _with_interval(_number(c["net"], sign=True), _interval(c["net_ci"], sign=True)),
+             *_rate_cells(c),
              _percent(c["position_consistency"]), f"{c['unparseable']} of {c['units']}"] for c in comparisons]
     lines += _table(["comparison", "W", "L", "T", f"win rate ({level} CI)", "adjusted win rate", "net",
                      "position consistency", "unparseable units"], rows)
@@ -229,11 +266,7 @@ def _pairwise_sections(summary: dict) -> list[str]:
                 continue
             rows.append([f"{c['model_a']} vs {c['model_b']}", f"{lc['units']} of {lc['units_with_lengths']}",
                          str(lc["decided"]), str(lc["wins"]), str(lc["losses"]), str(lc["ties"]),
-                         _with_interval(_percent(lc["win_rate"]), _percent_interval(lc["win_rate_ci"])),
-                         _with_interval(_percent(lc["adjusted_win_rate"]),
-                                        _percent_interval(lc["adjusted_win_rate_ci"])),
-                         _with_interval(_number(lc["net"], sign=True), _interval(lc["net_ci"], sign=True)),
-                         _percent(c["adjusted_win_rate"])])
+                         *_rate_cells(lc), _percent(c["adjusted_win_rate"])])
         lines += _table(["comparison", "similar-length units (of units with lengths)", "decided", "W", "L", "T",
                          f"win rate ({level} CI)", "adjusted win rate", "net", "adjusted win rate, all units"],
                         rows)
@@ -251,6 +284,15 @@ def _pairwise_sections(summary: dict) -> list[str]:
         lines += _table(["category", "W", "L", "T", "adjusted win rate", "net", "position consistency",
                          "unparseable"], rows)
     return lines
+
+
+def _rate_cells(block: dict) -> list[str]:
+    """Win rate, adjusted win rate and net of a pairwise block, each with its interval."""
+    method = block.get("ci_method")
+    return [_with_interval(_percent(block["win_rate"]), _percent_interval(block["win_rate_ci"], method)),
+            _with_interval(_percent(block["adjusted_win_rate"]),
+                           _percent_interval(block["adjusted_win_rate_ci"], method)),
+            _with_interval(_number(block["net"], sign=True), _interval(block["net_ci"], sign=True, method=method))]
 
 
 def _position_sentence(block: dict) -> str:
@@ -275,10 +317,11 @@ def _length_controlled_sentence(c: dict, pairwise: dict, level: str) -> str:
              f"{_percent(tolerance)}")
     if not lc["decided"]:
         return f"Length-controlled: no decided unit {where}."
+    method = lc.get("ci_method")
     return (f"Length-controlled, {where} ({lc['decided']} decided): `{c['model_a']}` W {lc['wins']} L "
             f"{lc['losses']} T {lc['ties']}, adjusted win rate {_percent(lc['adjusted_win_rate'])} ({level} CI "
-            f"{_percent_interval(lc['adjusted_win_rate_ci'])}), net {_number(lc['net'], sign=True)} ({level} CI "
-            f"{_interval(lc['net_ci'], sign=True)}).")
+            f"{_percent_interval(lc['adjusted_win_rate_ci'], method)}), net {_number(lc['net'], sign=True)} "
+            f"({level} CI {_interval(lc['net_ci'], sign=True, method=method)}).")
 
 
 def _length_table(models: list[str], lengths: dict) -> list[str]:
@@ -311,10 +354,16 @@ def plot_scores_by_category(scores: dict, path: Path) -> Path:
         shown = [(x, b) for x, b in enumerate(blocks) if b is not None and b["mean"] is not None]
         xs = [x + (i - (len(models) - 1) / 2) * width for x, _ in shown]
         heights = [b["mean"] for _, b in shown]
-        errors = [[b["mean"] - b["ci"][0] for _, b in shown], [b["ci"][1] - b["mean"] for _, b in shown]]
+        # A one-question block has no interval: no error bar. A t-interval is centred on the per-question means'
+        # mean, which can differ a little from the mean over judgments: matplotlib refuses negative bars.
+        errors = [[max(0.0, b["mean"] - b["ci"][0]) if b["ci"] else 0.0 for _, b in shown],
+                  [max(0.0, b["ci"][1] - b["mean"]) if b["ci"] else 0.0 for _, b in shown]]
         axis.bar(xs, heights, width=width, yerr=errors, capsize=3, label=model)
     axis.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-    axis.set_ylabel(f"mean judge score ({_level(scores)} CI)")
+    blocks = [b for m in models for b in (models[m], *models[m]["by_category"].values())]
+    t_used = bool(_t_note(blocks))
+    axis.set_ylabel(f"mean judge score ({_level(scores)} CI" + ("; t-interval where n < 10 questions)" if t_used
+                                                               else ")"))
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -388,21 +437,26 @@ def _format_rows(summary: dict) -> str:
         ci = _level(summary["scores"]) + " CI"
         lines = [f"{'model':<{width}}  {'mean':>6}  {ci:>16}  {'scored':>6}  {'unparsed':>8}  {'tokens':>6}"]
         for model, block in models.items():
-            lines.append(f"{model:<{width}}  {_number(block['mean']):>6}  {_interval(block['ci']):>16}  "
+            lines.append(f"{model:<{width}}  {_number(block['mean']):>6}  "
+                         f"{_interval(block['ci'], method=block.get('ci_method')):>16}  "
                          f"{block['n_scored']:>6}  {block['n_unparseable']:>8}  "
                          f"{_number(lengths.get(model, {}).get('mean_tokens'), 0):>6}")
+        if _t_note(models.values()):
+            lines.append(f"(t): {T_INTERVAL}")
         return "\n".join(lines)
     comparisons = summary["pairwise"]["comparisons"]
     names = [f"{c['model_a']} vs {c['model_b']}" for c in comparisons]
     width = max([len("comparison")] + [len(n) for n in names])
     ci = "net " + _level(summary["pairwise"]) + " CI"
+    intervals = [_interval(c["net_ci"], sign=True, method=c.get("ci_method")) for c in comparisons]
+    ci_width = max([16] + [len(text) for text in intervals])  # "n/a (fewer than 10 questions)" is wider
     header = (f"{'comparison':<{width}}  {'W':>4}  {'L':>4}  {'T':>4}  {'adj.win':>7}  {'net':>6}  "
-              f"{ci:>16}  {'consist':>7}  {'unparsed':>8}  {'adj.win<20%':>11}")
+              f"{ci:>{ci_width}}  {'consist':>7}  {'unparsed':>8}  {'adj.win<20%':>11}")
     lines = [header]
-    for name, c in zip(names, comparisons):
+    for name, c, interval in zip(names, comparisons, intervals):
         controlled = (c.get("length_controlled") or {}).get("adjusted_win_rate")  # similar-length units only
         lines.append(f"{name:<{width}}  {c['wins']:>4}  {c['losses']:>4}  {c['ties']:>4}  "
                      f"{_percent(c['adjusted_win_rate']):>7}  {_number(c['net'], sign=True):>6}  "
-                     f"{_interval(c['net_ci'], sign=True):>16}  {_percent(c['position_consistency']):>7}  "
+                     f"{interval:>{ci_width}}  {_percent(c['position_consistency']):>7}  "
                      f"{c['unparseable']:>8}  {_percent(controlled):>11}")
     return "\n".join(lines)

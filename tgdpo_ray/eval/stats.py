@@ -1,5 +1,5 @@
 """Statistics for the MT-Bench-style evaluation: mean judge scores, pairwise win rates and answer lengths, with
-bootstrap confidence intervals that resample questions.
+confidence intervals over questions.
 
 Why resample questions: the two turns of a question (and, in pairwise mode, the two presentation orders) are not
 independent draws - a hard question lowers both turns. Resampling single judgments would treat them as
@@ -10,6 +10,14 @@ The core, `bootstrap_ci`, works on per-question totals: one row per question hol
 count; or win, loss and tie counts), and a statistic that turns column totals into a number (a ratio of sums).
 Every statistic here is such a ratio, so one core serves both modes.
 
+Fewer than 10 questions (BOOTSTRAP_MIN_QUESTIONS; e.g. jobs/smollm2-mtbench.yaml's `limit: 4`, and most categories
+of a small run): a percentile bootstrap over so few groups under-covers badly (tgdpo_ray/common/intervals.py). There,
+a mean score's interval is the Student-t interval (`t_interval`) of the per-question mean scores, and a paired
+difference's the t-interval of the per-question differences. The other statistics (win rates with ties, Pearson's r)
+are not means of per-question values, so a t-interval does not apply: below 10 questions they get no interval
+(None). Every interval says how it was made in its `ci_method`: "bootstrap" (10 or more questions), "t" (a mean,
+fewer than 10; ci is None with one question, which has no spread) or "none" (not a mean, fewer than 10).
+
 Returned structures (plain JSON types only: float, int, str, list, dict, None; turn keys are the strings "1"
 and "2" so the dicts read the same before and after a JSON round trip):
 
@@ -17,18 +25,22 @@ single_summary(judgments, samples, seed, level, answers=None) ->
     {"models": {model: {**score_block,
                         "by_turn": {"1": score_block, "2": score_block},
                         "by_category": {category: score_block},
-                        "length_correlation": {"r": float|None, "ci": [low, high]|None, "n": int} | None}},
+                        "length_correlation": {"r": float|None, "ci": [low, high]|None, "n": int,
+                                               "ci_method": "bootstrap"|"none"} | None}},
      "paired_differences": [{"model_a", "model_b", "mean_difference": float|None, "ci": [low, high]|None,
-                             "n_questions": int}],
+                             "ci_method": "bootstrap"|"t", "n_questions": int}],
      "samples": int, "seed": int, "level": float}
-    score_block = {"mean": float|None, "ci": [low, high]|None, "n_scored": int, "n_unparseable": int,
-                   "n_questions": int}
-    `mean` is the mean over all parsed judgments; `n_questions` counts questions with at least one parsed score;
+    score_block = {"mean": float|None, "ci": [low, high]|None, "ci_method": "bootstrap"|"t", "n_scored": int,
+                   "n_unparseable": int, "n_questions": int}
+    `mean` is the mean over all parsed judgments; `n_questions` counts questions with at least one parsed score.
+    Below 10 questions `ci` is the t-interval of the per-question mean scores: centred on their mean, which is
+    `mean` when every question has as many parsed scores.
     `mean_difference` is the mean over questions (where both models have a parsed score) of
     (mean score of model_a on the question - mean score of model_b on it).
     `length_correlation` (None without answers): Pearson's r between a parsed score and the generated tokens of
     the answer turn it grades, over the model's judgments that have both; n counts them. Its CI resamples
-    questions too; it is None when some draw has no spread in scores or lengths (r undefined).
+    questions too; it is None when some draw has no spread in scores or lengths (r undefined), or with fewer
+    than 10 questions.
 
 pairwise_summary(judgments, samples, seed, level, answers=None, length_tolerance=0.2) ->
     {"comparisons": [{"model_a", "model_b", **pairwise_block, "by_category": {category: pairwise_block},
@@ -43,7 +55,8 @@ pairwise_summary(judgments, samples, seed, level, answers=None, length_tolerance
     pairwise_block = {**position_block, "wins": int, "losses": int, "ties": int, "n_questions": int,
                       "win_rate": float|None, "win_rate_ci": [low, high]|None,
                       "adjusted_win_rate": float|None, "adjusted_win_rate_ci": [low, high]|None,
-                      "net": float|None, "net_ci": [low, high]|None}
+                      "net": float|None, "net_ci": [low, high]|None,
+                      "ci_method": "bootstrap"|"none"}      # the three CIs': "none" (all None) below 10 questions
     verdict_row = {"model_a", "model_b", "question_id", "category", "turn",
                    "winner_ab": str|None, "winner_ba": str|None,      # a model name, "tie", or None (unparseable)
                    "outcome": "win"|"loss"|"tie"|None,               # model_a's view, both orders combined
@@ -80,26 +93,59 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tgdpo_ray.common.intervals import bootstrap_ci, ratio
+from tgdpo_ray.common.intervals import bootstrap_ci, ratio, t_interval
+
+# Below this many questions a percentile bootstrap over them under-covers badly: means get a t-interval instead,
+# and the other statistics no interval.
+BOOTSTRAP_MIN_QUESTIONS = 10
+
 
 def _interval(low: float | None, high: float | None) -> list[float] | None:
     return None if low is None else [low, high]
+
+
+def mean_with_interval(per_question: list[list[float]], samples: int, seed: int, level: float
+                       ) -> tuple[float | None, list[float] | None, str]:
+    """A mean from per-question [value sum, value count] rows (all sums over all counts) with its interval over
+    questions, and how it was made: the question bootstrap ("bootstrap") from 10 questions on, below that the
+    t-interval of the per-question means ("t")."""
+    if len(per_question) >= BOOTSTRAP_MIN_QUESTIONS:
+        value, low, high = bootstrap_ci(per_question, ratio, samples, seed, level)
+        return value, _interval(low, high), "bootstrap"
+    if not per_question:
+        return None, None, "t"
+    totals = np.asarray(per_question, dtype=float).sum(axis=0)
+    _, low, high = t_interval([total / count for total, count in per_question], level)
+    return float(totals[0] / totals[1]), _interval(low, high), "t"
+
+
+def statistic_with_interval(groups: list[list[float]], statistic: Callable[[np.ndarray], np.ndarray],
+                            samples: int, seed: int, level: float) -> tuple[float | None, list[float] | None, str]:
+    """A statistic that is not a mean of per-question values (a win rate over units, Pearson's r) with its
+    question-bootstrap interval from 10 questions on ("bootstrap"). Below that no interval ("none"): the percentile
+    bootstrap under-covers there, and a t-interval does not apply."""
+    if len(groups) >= BOOTSTRAP_MIN_QUESTIONS:
+        value, low, high = bootstrap_ci(groups, statistic, samples, seed, level)
+        return value, _interval(low, high), "bootstrap"
+    if not groups:
+        return None, None, "none"
+    return float(statistic(np.asarray(groups, dtype=float).sum(axis=0))), None, "none"
 
 
 # --- single mode ------------------------------------------------------------------------------------------------
 
 
 def _score_block(records: list[dict], samples: int, seed: int, level: float) -> dict:
-    """Mean score of some judgments with a question-resampled CI. Groups only hold questions with a parsed
-    score, so no bootstrap sample has a zero count."""
+    """Mean score of some judgments with its CI over questions (see mean_with_interval). Groups only hold
+    questions with a parsed score, so no bootstrap sample has a zero count."""
     scored = [r for r in records if r["score"] is not None]
     per_question: dict[str, list[float]] = {}  # question id -> [score sum, count]
     for record in scored:
         row = per_question.setdefault(record["question_id"], [0.0, 0])
         row[0] += float(record["score"])
         row[1] += 1
-    mean, low, high = bootstrap_ci(list(per_question.values()), ratio, samples, seed, level)
-    return {"mean": mean, "ci": _interval(low, high), "n_scored": len(scored),
+    mean, interval, method = mean_with_interval(list(per_question.values()), samples, seed, level)
+    return {"mean": mean, "ci": interval, "ci_method": method, "n_scored": len(scored),
             "n_unparseable": len(records) - len(scored), "n_questions": len(per_question)}
 
 
@@ -125,7 +171,8 @@ def pearson(totals: np.ndarray) -> np.ndarray:
 
 
 def _length_correlation(records: list[dict], tokens: dict, samples: int, seed: int, level: float) -> dict:
-    """Score against the tokens of the graded answer turn, over judgments with both; CI resamples questions."""
+    """Score against the tokens of the graded answer turn, over judgments with both; CI resamples questions (none
+    below 10 questions: r is no mean, so no t-interval)."""
     per_question: dict[str, list[float]] = {}  # question id -> [n, sum x, sum y, sum x^2, sum y^2, sum xy]
     for record in records:
         length = tokens.get((record["model"], record["question_id"], record["turn"]))
@@ -136,11 +183,12 @@ def _length_correlation(records: list[dict], tokens: dict, samples: int, seed: i
         for i, value in enumerate((1.0, x, y, x * x, y * y, x * y)):
             row[i] += value
     n = int(sum(row[0] for row in per_question.values()))
-    value, low, high = bootstrap_ci(list(per_question.values()), pearson, samples, seed, level)
+    value, interval, method = statistic_with_interval(list(per_question.values()), pearson, samples, seed, level)
     if value is None or not np.isfinite(value):
-        return {"r": None, "ci": None, "n": n}
-    interval = None if not (np.isfinite(low) and np.isfinite(high)) else [low, high]
-    return {"r": value, "ci": interval, "n": n}
+        return {"r": None, "ci": None, "n": n, "ci_method": method}
+    if interval is not None and not np.all(np.isfinite(interval)):
+        interval = None
+    return {"r": value, "ci": interval, "n": n, "ci_method": method}
 
 
 def single_summary(judgments: list[dict], samples: int = 1000, seed: int = 0, level: float = 0.95,
@@ -173,10 +221,11 @@ def single_summary(judgments: list[dict], samples: int = 1000, seed: int = 0, le
         for model_b in names[i + 1:]:
             means_a, means_b = _question_means(by_model[model_a]), _question_means(by_model[model_b])
             # Only questions both models were scored on: the difference is paired per question.
+            # Each row's mean is that question's difference: below 10 questions, their t-interval.
             rows = [[means_a[q] - means_b[q], 1] for q in means_a if q in means_b]
-            value, low, high = bootstrap_ci(rows, ratio, samples, seed, level)
+            value, interval, method = mean_with_interval(rows, samples, seed, level)
             differences.append({"model_a": model_a, "model_b": model_b, "mean_difference": value,
-                                "ci": _interval(low, high), "n_questions": len(rows)})
+                                "ci": interval, "ci_method": method, "n_questions": len(rows)})
     return {"models": models, "paired_differences": differences, "samples": samples, "seed": seed, "level": level}
 
 
@@ -242,8 +291,9 @@ def _position_block(units: list[dict]) -> dict:
 
 
 def _pairwise_block(units: list[dict], samples: int, seed: int, level: float) -> dict:
-    """Counts, position bias and rates with question-resampled CIs. Groups only hold questions with a decided
-    unit, so no bootstrap sample has W + L + T = 0."""
+    """Counts, position bias and rates with question-resampled CIs (none below 10 questions, see
+    statistic_with_interval). Groups only hold questions with a decided unit, so no bootstrap sample has
+    W + L + T = 0."""
     decided = [u for u in units if u["outcome"] is not None]
     per_question: dict[str, list[int]] = {}  # question id -> [wins, losses, ties]
     for unit in decided:
@@ -255,8 +305,8 @@ def _pairwise_block(units: list[dict], samples: int, seed: int, level: float) ->
              "n_questions": len(per_question)}
     groups = list(per_question.values())
     for name, statistic in RATES.items():
-        value, low, high = bootstrap_ci(groups, statistic, samples, seed, level)
-        block[name], block[f"{name}_ci"] = value, _interval(low, high)
+        block[name], block[f"{name}_ci"], block["ci_method"] = statistic_with_interval(groups, statistic, samples,
+                                                                                       seed, level)
     return block
 
 

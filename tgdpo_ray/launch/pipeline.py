@@ -111,7 +111,8 @@ def evaluate_policies(config: JobConfig, runs: dict[str, dict], log=print) -> di
 def verdict(summary: dict) -> str:
     """One line on TGDPO against DPO in the evaluation's summary, and what it does and does not show: the paired
     difference of their mean scores over the questions (single mode), or TGDPO's net wins against DPO, (wins -
-    losses) / judged (pairwise mode), each with its 95% interval from resampling the questions."""
+    losses) / judged (pairwise mode), each with its 95% interval over the questions: from resampling them, or under
+    10 questions a t-interval (a mean difference) or none (net wins)."""
     if summary.get("scores"):
         rows, what = summary["scores"]["paired_differences"], "tgdpo - dpo mean score"
         value_key, interval_key = "mean_difference", "ci"
@@ -125,11 +126,16 @@ def verdict(summary: dict) -> str:
         return "[pipeline] verdict: the judge decided no question between tgdpo and dpo: nothing is shown"
     sign = 1 if found["model_a"] == "tgdpo" else -1  # both statistics change sign with the order
     value = sign * found[value_key]
+    if found[interval_key] is None:  # too few questions for an interval (see eval_stats)
+        return (f"[pipeline] verdict: {what} {value:+.3f} over {found['n_questions']} questions, too few for an "
+                "interval: no difference is shown")
     low, high = sorted(sign * bound for bound in found[interval_key])
+    named = " t-interval (n < 10 questions)" if found.get("ci_method") == "t" else ""
     shown = ("the interval holds 0: no difference is shown" if low <= 0 <= high
              else f"tgdpo did {'better' if value > 0 else 'worse'} than dpo on these questions")
-    return (f"[pipeline] verdict: {what} {value:+.3f} [{low:+.3f}, {high:+.3f}] over {found['n_questions']} "
-            f"questions: {shown}; one run of each on one data set does not say how often that would hold")
+    return (f"[pipeline] verdict: {what} {value:+.3f} [{low:+.3f}, {high:+.3f}]{named} over "
+            f"{found['n_questions']} questions: {shown}; one run of each on one data set does not say how often "
+            "that would hold")
 
 
 def run_job(config_path: str, overrides: list[str], kind: str | None = None, log=print) -> dict:

@@ -127,7 +127,9 @@ def arm_table(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict]:
 def summary_text(block: dict, digits: int = 2) -> str:
     if block["mean"] is None:
         return f"none of {block['of']}"
-    text = f"{block['mean']:.{digits}f}" + (f" {interval_text(*block['interval'], digits)}" if block["interval"] else "")
+    text = f"{block['mean']:.{digits}f}"
+    if block["interval"]:
+        text += f" {interval_text(*block['interval'], digits)}"
     return text + (f" ({block['n']}/{block['of']})" if block["n"] != block["of"] else "")
 
 
@@ -311,9 +313,9 @@ def markdown(spec: ExperimentSpec, results: dict, table_text: str) -> str:
         lines += [""]
     if results["repeat"]:
         repeat = results["repeat"]
-        lines += [f"Repeat: {repeat['arm']} run twice in seed {repeat['seed']}: slot-margin area {repeat['area_slot_margin'][0]:+.4f} "
-                  f"and {repeat['area_slot_margin'][1]:+.4f}" + (" (identical curves)" if repeat["identical_curves"]
-                                                                 else ""), ""]
+        first, again = repeat["area_slot_margin"]
+        lines += [f"Repeat: {repeat['arm']} run twice in seed {repeat['seed']}: slot-margin area {first:+.4f} and "
+                  f"{again:+.4f}" + (" (identical curves)" if repeat["identical_curves"] else ""), ""]
     lines += [f"Toy headline (issue #14's goal): {results['headline']}", ""]
     lines += [f"- {note}" for note in results["tgdpo_steps_to_dpo_final_ratio"]["notes"]]
     lines += ["", "![learning curves](curves.png)", "", "![slot accuracy against filler KL](accuracy_vs_kl.png)",
@@ -333,17 +335,16 @@ def preregistration_commit(spec: ExperimentSpec) -> Optional[str]:
     return found.stdout.strip() or None
 
 
-def write_report(spec: ExperimentSpec, out: Path, curves: dict[str, list[dict]], seconds: float, trained: int,
-                 command: str, log=print) -> dict:
-    """curves.jsonl, curves.png, accuracy_vs_kl.png, reproduce.json and report.md under `out`; prints the table."""
-    from tgdpo_ray.common.provenance import provenance
-
+def write_report(spec: ExperimentSpec, out: Path, curves: dict[str, list[dict]], seconds: float, record: dict,
+                 log=print) -> dict:
+    """curves.jsonl, curves.png, accuracy_vs_kl.png, reproduce.json and report.md under `out`; prints the table.
+    `record`: the invocation's provenance (common.provenance), made before its runs."""
     runs = by_arm(spec, curves)
     rewrite_records(out / "curves.jsonl", [{"run": name, "seed": seed, **point} for name, seeds in curves_by_run(
         runs, curves, spec).items() for seed, curve in seeds.items() for point in curve])
     table = arm_table(runs)
     if GUIDED not in runs:  # a pilot of the dpo arms alone (arms.dpo_only): their table and curves only
-        return write_pilot_report(spec, out, runs, table, provenance(command, trained), log)
+        return write_pilot_report(spec, out, runs, table, record, log)
     ratio = headline_ratio(runs)
     guidance = guidance_check(spec, runs)
     passed = [seed for seed in guidance["final_slot_accuracy"] if seed not in guidance["seeds_below"]]
@@ -352,7 +353,6 @@ def write_report(spec: ExperimentSpec, out: Path, curves: dict[str, list[dict]],
     contrasts = [contrast(runs, name, "dpo") for name in others]
     if f"{GUIDED}-shuffled" in runs:
         contrasts.append(contrast(runs, GUIDED, f"{GUIDED}-shuffled"))
-    record = provenance(command, trained)
     results = {
         "preregistration": spec.preregistration,
         "preregistration_commit": preregistration_commit(spec),

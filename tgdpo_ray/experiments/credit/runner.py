@@ -13,7 +13,8 @@ trainer's probe (training.probe) records the slot metrics every few optimizer st
    - the arms, all with the same data, steps and hyperparameters unless named: dpo (and dpo-lrM for each
      arms.lr_multipliers M other than 1), tgdpo-oracle (+c on X, -c on X' through guidance.source: column),
      tgdpo-dpo-guided (the paper's recipe) and its variants (-clamped, -shuffled, -centred: loss options), and
-     tgdpo-shuffled (the oracle rewards shuffled across positions); arms.repeat runs one arm twice in seed 1.
+     tgdpo-shuffled (the oracle rewards shuffled across positions); arms.repeat runs one arm twice in the first
+     seed.
 
 Runs go `concurrent_runs` at a time, each as soon as what it needs is done. A run whose folder holds a finished
 run of the same config is not run again, so an interrupted experiment resumes where it stopped.
@@ -148,8 +149,8 @@ class Experiment:
             runs.append(Run(f"seed-{seed}/{GUIDANCE_RUN}", self.job(folder, GUIDANCE_RUN, seed, "dpo", paths["train"],
                                                                     start, spec.guidance, probe=paths["probe"]),
                             start_runs))
-        guidance_name = f"seed-{seed}/{GUIDANCE_RUN if spec.guidance is not None else 'dpo'}"
-        guidance_model = str(RunDir(folder / (GUIDANCE_RUN if spec.guidance is not None else "dpo")).model)
+        guidance = GUIDANCE_RUN if spec.guidance is not None else "dpo"
+        guidance_name, guidance_model = f"seed-{seed}/{guidance}", str(RunDir(folder / guidance).model)
         repeated = [arm for arm in arms(spec) if seed == spec.first_seed and arm.name == spec.arms.repeat]
         for arm, name in [(arm, arm.name) for arm in arms(spec)] + [(arm, f"{arm.name}-repeat") for arm in repeated]:
             source = {}
@@ -255,7 +256,13 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
     from tgdpo_ray.runtime.ray_start import start_ray
     from tgdpo_ray.train.driver import run_train
 
+    from tgdpo_ray.common.provenance import provenance
+
     spec = load_experiment(config_path, overrides)
+    # Recorded before any run: the code the runs come from (commit, uncommitted changes) and the machine.
+    command = command or " ".join(["tgdpo-ray reproduce --config", config_path,
+                                   *[f"--set {override}" for override in overrides or []]])
+    record = provenance(command)
     experiment = Experiment(spec, config_path)
     experiment.out.mkdir(parents=True, exist_ok=True)
     (experiment.out / "experiment.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -296,8 +303,8 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
         scheduler.submit(run)
     scheduler.wait()
     curves = {run.name: probe_curve(run.config.run_dir) for run in runs if run.name != "warm-start"}
-    command = command or " ".join(["tgdpo-ray reproduce --config", config_path, *[f"--set {o}" for o in overrides or []]])
-    return write_report(spec, experiment.out, curves, time.perf_counter() - started, len(trained), command, log)
+    record["runs_trained"] = len(trained)
+    return write_report(spec, experiment.out, curves, time.perf_counter() - started, record, log)
 
 
 # The small results that are committed (bench/results): the numbers, the per-run curves they come from and the
