@@ -1,6 +1,7 @@
 """`tgdpo-ray reproduce`: the statistics on curves worked by hand, the spec's errors, and the whole experiment at
 toy size through the real trainer (Ray Train + DeepSpeed, scorer pools, the score cache)."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import yaml
 from tgdpo_ray.config.base import ConfigError
 from tgdpo_ray.experiments.credit.report import (area, censored_comparison, contrast, headline_ratio, steps_to,
                                                  what_carries_the_loss)
-from tgdpo_ray.experiments.credit.runner import Experiment, ExperimentError, Run, Scheduler, run_experiment
+from tgdpo_ray.experiments.credit.runner import (Experiment, ExperimentError, Run, Scheduler, publish,
+                                                 run_experiment)
 from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, arms, load_experiment
 
 SPEC = str(Path(__file__).resolve().parent.parent / "jobs" / "reproduce.yaml")
@@ -167,6 +169,17 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
         assert (out / name).stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "reproduce.json").read_text())["seeds"] == results["seeds"]
+    # Published: the JSON and plots as they are, the curves one line per run (what the committed copy holds).
+    published = publish(tmp_path / "results", out, "toy")
+    assert [path.name for path in published] == ["toy.json", "toy_curves.jsonl.gz", "toy_curves.png",
+                                                 "toy_accuracy_vs_kl.png"]
+    with gzip.open(published[1], "rt") as handle:
+        compact = {(line["run"], line["seed"]): line for line in map(json.loads, handle)}
+    assert set(compact) == {(name, 1) for name in names}
+    assert compact[("dpo", 1)]["step"] == [0, 1, 2]
+    dpo_margins = [r["slot_margin"] for r in records if r["run"] == "dpo"]
+    assert compact[("dpo", 1)]["slot_margin"] == pytest.approx(dpo_margins, rel=1e-3)
+    assert results["provenance"]["runs_trained"] == 1 + len(names) and results["code_commit"]
     assert "Primary: " + GUIDED + " minus dpo" in printed[-2]  # the table, then the primary analysis
     assert results["primary"]["p_value"] in (0.5, 1.0)  # one seed: the sign-flip test has two outcomes
 

@@ -23,6 +23,7 @@ run of the same config is not run again, so an interrupted experiment resumes wh
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import logging
 import shutil
@@ -309,12 +310,32 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
 
 # The small results that are committed (bench/results): the numbers, the per-run curves they come from and the
 # plots, each as <experiment name><suffix>.
-PUBLISHED = {"reproduce.json": ".json", "curves.jsonl": "_curves.jsonl", "curves.png": "_curves.png",
+PUBLISHED = {"reproduce.json": ".json", "curves.jsonl": "_curves.jsonl.gz", "curves.png": "_curves.png",
              "accuracy_vs_kl.png": "_accuracy_vs_kl.png"}
+
+
+def compact_curves(source: Path, target: Path) -> Path:
+    """curves.jsonl (one line per probe) as one line per run, {"run", "seed", metric: [values by step]}, to 4
+    significant digits and gzipped: the copy that is committed stays small."""
+    runs: dict[tuple, dict] = {}
+    for record in read_records(source):
+        run = runs.setdefault((record["run"], record["seed"]), {"run": record["run"], "seed": record["seed"]})
+        for key, value in record.items():
+            if key not in ("run", "seed"):
+                run.setdefault(key, []).append(float(f"{value:.4g}") if isinstance(value, float) else value)
+    with gzip.open(target, "wt") as handle:
+        handle.writelines(json.dumps(run) + "\n" for run in runs.values())
+    return target
 
 
 def publish(results_dir: Path, experiment_dir: Path, name: str) -> list[Path]:
     """Copies the small results into a folder that is committed, e.g. bench/results/<name>.json."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(experiment_dir / file, results_dir / f"{name}{suffix}"))
-            for file, suffix in PUBLISHED.items()]
+    published = []
+    for file, suffix in PUBLISHED.items():
+        target = results_dir / f"{name}{suffix}"
+        if file == "curves.jsonl":
+            published.append(compact_curves(experiment_dir / file, target))
+        else:
+            published.append(Path(shutil.copy2(experiment_dir / file, target)))
+    return published
