@@ -251,16 +251,20 @@ def repeat_check(spec: ExperimentSpec, runs: dict, curves: dict[str, list[dict]]
             "identical_curves": first == again}
 
 
+def signed_interval(block: dict) -> str:
+    """A contrast's 95% t-interval as text; one seed has none."""
+    return interval_text(*block["interval"], 3, sign=True) if block["interval"] else "n/a (one seed)"
+
+
 def primary_line(primary: dict) -> str:
     return (f"{GUIDED} minus dpo, area under the held-out slot-margin curve (nats): {primary['mean']:+.3f} "
-            f"(95% t-interval {interval_text(*primary['interval'], 3, sign=True)}, {primary['of']} seeds; per seed "
+            f"(95% t-interval {signed_interval(primary)}, {primary['of']} seeds; per seed "
             + ", ".join(f"{value:+.3f}" for value in primary["per_seed"])
             + f"); exact one-sided sign-flip p = {primary['p_value']:.3f}")
 
 
 def contrast_line(block: dict) -> str:
-    interval = interval_text(*block["interval"], 3, sign=True) if block["interval"] else "n/a"
-    return (f"{block['arm']} minus {block['against']}: {block['mean']:+.3f} {interval}, sign-flip p = "
+    return (f"{block['arm']} minus {block['against']}: {block['mean']:+.3f} {signed_interval(block)}, sign-flip p = "
             f"{block['p_value']:.3f} ({block['alternative']})")
 
 
