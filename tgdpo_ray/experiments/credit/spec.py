@@ -58,8 +58,8 @@ class ArmsSpec(Stage):
                                    "form\")")
     dpo_only: bool = Field(default=False, description="run the dpo arms alone (lr_multipliers): a learning-rate "
                            "pilot, before any TGDPO arm")
-    repeat: Optional[str] = Field(default=None, description="an arm run a second time in seed 1, as <arm>-repeat: "
-                                  "how far two runs of the same thing land apart")
+    repeat: Optional[str] = Field(default=None, description="an arm run a second time in the first seed, as "
+                                  "<arm>-repeat: how far two runs of the same thing land apart")
 
     @field_validator("lr_multipliers")
     @classmethod
@@ -78,7 +78,8 @@ class ExperimentSpec(Section):
     concurrent_runs: int = Field(default=2, gt=0, description="training runs at once on the cluster")
     probe_every: int = Field(default=8, gt=0, description="optimizer steps between slot probes")
     preregistration: Optional[str] = Field(default=None, description="the file that fixed the design and the "
-                                           "analysis before the runs; the results record the commit that added it")
+                                           "analysis before the runs; the results record the last commit that "
+                                           "changed it")
     min_guidance_slot_accuracy: float = Field(default=0.5, ge=0, le=1, description="with no guidance section: the "
                                               "dpo arm, which guides, passes its check when its final held-out slot "
                                               "accuracy reaches this (reported per seed; no seed is dropped)")
@@ -157,6 +158,8 @@ def arms(spec: ExperimentSpec) -> list[Arm]:
     """Every arm of a seed, in the order they are listed; the guided variants follow the guided arm."""
     chosen = spec.arms
     dpo = [Arm("dpo" if m == 1 else f"dpo-lr{m:g}", "dpo", m) for m in chosen.lr_multipliers]
+    if chosen.dpo_only:
+        return dpo
     guided = [Arm(GUIDED, "tgdpo", guided=True)]
     guided += [Arm(f"{GUIDED}-clamped", "tgdpo", guided=True, clamp=True)] if chosen.clamped_guidance else []
     guided += [Arm(f"{GUIDED}-shuffled", "tgdpo", guided=True, shuffle=True)] if chosen.shuffled_guidance else []
@@ -164,6 +167,4 @@ def arms(spec: ExperimentSpec) -> list[Arm]:
     guided += ([Arm(f"{GUIDED}-guarded", "tgdpo", guided=True, center=True, clamp=True, normalize=True)]
                if chosen.guarded_guidance else [])
     shuffled = [Arm("tgdpo-shuffled", "tgdpo", rewards="shuffled")] if chosen.shuffled_control else []
-    if chosen.dpo_only:
-        return dpo
     return dpo + [Arm("tgdpo-oracle", "tgdpo", rewards="oracle")] + guided + shuffled
