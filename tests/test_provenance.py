@@ -32,3 +32,11 @@ def test_provenance_without_git(monkeypatch):
     block = provenance("python bench/gpu.py")
     assert block["code_commit"] is None and block["dirty"] is None
     assert block["machine"]["cpus"] >= 1
+
+
+def test_the_last_commit_of_a_file_is_found_from_the_repository_root():
+    from tgdpo_ray.common.provenance import last_commit_of
+
+    commit = last_commit_of("README.md")
+    assert commit is not None and len(commit) == 40 and set(commit) <= set("0123456789abcdef")
+    assert last_commit_of("no/such/file.md") is None

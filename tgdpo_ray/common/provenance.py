@@ -44,6 +44,13 @@ def _gpu() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def last_commit_of(path: str) -> str | None:
+    """The last commit that changed a file, named from the repository's root (e.g. a pre-registration); None
+    outside git."""
+    found = _git("log", "-1", "--format=%H", "--", f":(top){path}")
+    return (found.strip() or None) if found else None
+
+
 def provenance(command: str, runs_trained: int | None = None) -> dict:
     """The provenance block of a result: {"code_commit", "dirty", "command", "date", "machine", "runs_trained"}.
 

@@ -13,16 +13,16 @@ with an exact one-sided sign-flip test over the seeds.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from tgdpo_ray.common.intervals import interval_text, sign_flip_test, t_interval
+from tgdpo_ray.common.provenance import last_commit_of
 from tgdpo_ray.common.jsonl import rewrite_records
 from tgdpo_ray.common.plotting import pyplot, save_small_png
-from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, ExperimentSpec, arms
+from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, ExperimentSpec, arms, guidance_run
 
 METRICS = ("slot_accuracy", "slot_probability", "slot_margin", "filler_kl")
 TARGET_ACCURACY = 0.9
@@ -81,9 +81,10 @@ def censored_comparison(runs: dict[str, dict[int, list[dict]]], arm: str, agains
     sooner = sum((a if a is not None else never) < (b if b is not None else never) for a, b in pairs)
     later = sum((a if a is not None else never) > (b if b is not None else never) for a, b in pairs)
     differing = sooner + later
-    tail = sum(math.comb(differing, k) for k in range(min(sooner, later) + 1)) / 2 ** differing if differing else 1.0
+    # The sign test is the sign-flip test of the signs: +1 for each seed sooner, -1 for each later.
+    p_value = sign_flip_test([1.0] * sooner + [-1.0] * later, "two-sided") if differing else 1.0
     return {"target": target, "arm": arm, "against": against, "per_seed": [list(pair) for pair in pairs],
-            "sooner": sooner, "later": later, "tied": len(pairs) - differing, "p_value": min(1.0, 2 * tail)}
+            "sooner": sooner, "later": later, "tied": len(pairs) - differing, "p_value": p_value}
 
 
 def headline_ratio(runs: dict[str, dict[int, list[dict]]], seeds: Optional[list[int]] = None) -> dict:
@@ -218,10 +219,6 @@ def what_carries_the_loss(runs: dict[str, dict[int, list[dict]]]) -> dict[str, d
     return table
 
 
-def guidance_run(spec: ExperimentSpec) -> str:
-    return GUIDANCE_RUN if spec.guidance is not None else "dpo"
-
-
 def guidance_check(spec: ExperimentSpec, runs: dict[str, dict[int, list[dict]]]) -> dict:
     """The guidance model's final held-out slot accuracy per seed against the spec's threshold."""
     threshold = spec.guidance.min_slot_accuracy if spec.guidance is not None else spec.min_guidance_slot_accuracy
@@ -328,17 +325,6 @@ def markdown(spec: ExperimentSpec, results: dict, table_text: str) -> str:
     return "\n".join(lines)
 
 
-def preregistration_commit(spec: ExperimentSpec) -> Optional[str]:
-    """The last commit that changed the spec's pre-registration file, if it names one (None outside git)."""
-    if not spec.preregistration:
-        return None
-    import subprocess
-
-    found = subprocess.run(["git", "log", "-1", "--format=%H", "--", spec.preregistration], capture_output=True,
-                           text=True)
-    return found.stdout.strip() or None
-
-
 def write_report(spec: ExperimentSpec, out: Path, curves: dict[str, list[dict]], seconds: float, record: dict,
                  log=print) -> dict:
     """curves.jsonl, curves.png, accuracy_vs_kl.png, reproduce.json and report.md under `out`; prints the table.
@@ -359,7 +345,7 @@ def write_report(spec: ExperimentSpec, out: Path, curves: dict[str, list[dict]],
         contrasts.append(contrast(runs, GUIDED, f"{GUIDED}-shuffled"))
     results = {
         "preregistration": spec.preregistration,
-        "preregistration_commit": preregistration_commit(spec),
+        "preregistration_commit": last_commit_of(spec.preregistration) if spec.preregistration else None,
         "code_commit": record["code_commit"],
         "provenance": record,
         "seeds": {name: sorted(seeds) for name, seeds in runs.items()},

@@ -43,7 +43,8 @@ from tgdpo_ray.config.job import DataSection, JobConfig
 from tgdpo_ray.config.loader import build_config, ready_to_run
 from tgdpo_ray.experiments.credit.report import write_report
 from tgdpo_ray.experiments.credit.colours import make_colour_task
-from tgdpo_ray.experiments.credit.spec import GUIDANCE_RUN, GUIDED, ExperimentSpec, Stage, arms, load_experiment
+from tgdpo_ray.experiments.credit.spec import (GUIDANCE_RUN, GUIDED, ExperimentSpec, Stage, arms, guidance_run,
+                                               load_experiment)
 from tgdpo_ray.experiments.credit.task import make_task, make_task_model, write_task_data, write_warm_start_data
 from tgdpo_ray.modeling.loading import load_tokenizer
 from tgdpo_ray.train.checkpoints import config_changes
@@ -150,7 +151,7 @@ class Experiment:
             runs.append(Run(f"seed-{seed}/{GUIDANCE_RUN}", self.job(folder, GUIDANCE_RUN, seed, "dpo", paths["train"],
                                                                     start, spec.guidance, probe=paths["probe"]),
                             start_runs))
-        guidance = GUIDANCE_RUN if spec.guidance is not None else "dpo"
+        guidance = guidance_run(spec)
         guidance_name, guidance_model = f"seed-{seed}/{guidance}", str(RunDir(folder / guidance).model)
         repeated = [arm for arm in arms(spec) if seed == spec.first_seed and arm.name == spec.arms.repeat]
         for arm, name in [(arm, arm.name) for arm in arms(spec)] + [(arm, f"{arm.name}-repeat") for arm in repeated]:

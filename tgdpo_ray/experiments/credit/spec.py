@@ -154,6 +154,11 @@ GUIDANCE_RUN = "guidance-dpo"
 GUIDED = "tgdpo-dpo-guided"  # the paper's recipe: the arm of the headline
 
 
+def guidance_run(spec: ExperimentSpec) -> str:
+    """The run whose model guides tgdpo-dpo-guided: the separate guidance run, or the seed's dpo arm."""
+    return GUIDANCE_RUN if spec.guidance is not None else "dpo"
+
+
 def arms(spec: ExperimentSpec) -> list[Arm]:
     """Every arm of a seed, in the order they are listed; the guided variants follow the guided arm."""
     chosen = spec.arms
