@@ -91,9 +91,11 @@ class Experiment:
                                  "every": self.spec.probe_every,
                                  "arguments": {"examples": str(probe), "reference": model, "marker": task.marker,
                                                "slot_line_tokens": task.slot_line_tokens}}
-        defaults = {"scoring": {"cache_dir": str(self.out / "cache")}}
+        # With trackers on, every run is one of the experiment's group, its arm the job type.
+        defaults = {"scoring": {"cache_dir": str(self.out / "cache")}, "tracking": {"group": self.out.name}}
         raw = merged(merged(defaults, self.spec.job), {
             "kind": "train", "run": {"name": name, "output_dir": str(folder), "seed": seed},
+            "tracking": {"job_type": name},
             "data": {"train": {"path": str(train)}}, "loss": {"type": loss, **(loss_options or {})},
             "training": training,
             "policy": {"model": model}, "guidance": guidance or {}})
