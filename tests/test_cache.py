@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,10 +34,16 @@ def roles(run_dir: Path) -> set:
     return found - {"tokenize"}
 
 
-def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp_path):
+def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp_path, monkeypatch):
+    import tgdpo_ray.scoring.cache
+
+    monkeypatch.setattr(tgdpo_ray.scoring.cache, "PROGRESS_EVERY", 0.5)
     printed = []
     scored = run_score(job(tiny_model, demo_data, tmp_path, "score"), log=printed.append)
     assert scored["pairs"] == {"train": 64, "eval": 16}
+    # While a split is scored, each pool's pairs of that split so far, and the time left.
+    progress = [line for line in printed if line.startswith("[cache] train: pairs scored: ")]
+    assert any(re.search(r"guidance \d+/64, reference \d+/64; \d+ s so far ETA", line) for line in progress), printed
     folders = sorted(p for p in (tmp_path / "cache").iterdir())
     assert len(folders) == 2 and all((folder / MARKER).exists() for folder in folders)
     assert roles(tmp_path / "runs" / "score") == {"reference", "guidance"}

@@ -254,12 +254,14 @@ def test_every_shipped_job_spec_is_valid():
         assert (config.eval.models if config.kind == "eval" else config.policy.model), spec
 
 
-def test_a_tracker_whose_package_is_missing_fails_at_start(raw):
+def test_a_tracker_whose_package_is_missing_fails_at_start(raw, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
-    assert "tracking.wandb_project: needs the wandb package" in error_of(raw, ["tracking.wandb_project=p"])
+    # make setup installs both trackers: hide one, as on a machine without the extra.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a))
+    assert "tracking.mlflow_experiment: needs the mlflow package (pip install 'tgdpo-ray[mlflow]')" in \
+        error_of(raw, ["tracking.mlflow_experiment=e"])
 
 
 def test_a_probe_names_an_importable_function_and_needs_whole_weights(raw):
@@ -371,3 +373,15 @@ def test_the_loss_defaults_are_the_kernels_and_the_gpu_benchs():
     from tgdpo_ray.kernels.losses import TGDPOLoss, build_loss
 
     assert build_loss(LossSection()) == TGDPOLoss() == TGDPOLoss(beta=0.1, alpha=0.5, clamp_weights=False)
+
+
+def test_keeping_the_best_checkpoint_needs_what_it_ranks_and_exports(raw):
+    best = "training.keep_best={metric: eval/dpo_loss, mode: min}"
+    assert "is a held-out metric, and data.eval is null" in error_of(raw, [best])
+    assert "export best copies the best checkpoint's Hugging Face folder" in error_of(
+        raw, ["training.keep_best={metric: loss, mode: min}", "training.export=best"])
+    assert "keep_best chooses among checkpoints" in error_of(
+        raw, ["training.keep_best={metric: loss, mode: min}", "training.keep_checkpoints=0"])
+    config = build_config(copy.deepcopy(raw), "job.yaml", ["training.keep_best={metric: loss, mode: min}",
+                                                           "training.export=best", "training.checkpoint_hf_export=true"])
+    assert config.training.keep_best.metric == "loss" and config.training.export == "best"

@@ -74,7 +74,8 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
     pairs = demo_data["train"].read_text().splitlines(keepends=True)[:256]
     train.write_text("".join(pairs) + "".join(json.dumps(row) + "\n" for row in BAD_ROWS))
 
-    def config(name, loss, zero_stage, workers, accumulation=1, packing="padded", checkpointing=False, **extra):
+    def config(name, loss, zero_stage, workers, accumulation=1, packing="padded", checkpointing=False,
+               training=None, **extra):
         raw = {
             "run": {"name": name, "output_dir": str(root), "seed": 0},
             "data": {"train": str(train), "eval": str(demo_data["test"]), "bad_rows": "skip",
@@ -82,7 +83,8 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
             "loss": {"type": loss, "beta": 0.1},
             "training": {"epochs": EPOCHS, "learning_rate": 1e-3, "warmup_ratio": 0.0,
                          "max_tokens_per_batch": 768, "gradient_accumulation_steps": accumulation,
-                         "packing": packing, "packed_row_tokens": 256, "gradient_checkpointing": checkpointing},
+                         "packing": packing, "packed_row_tokens": 256, "gradient_checkpointing": checkpointing,
+                         **(training or {})},
             "policy": {"model": tiny_model, "workers": workers, "gpus_per_worker": 1, "zero_stage": zero_stage},
             "reference": {"gpus_per_replica": 1, "batch_size": 16},
             "guidance": {"gpus_per_replica": 1, "batch_size": 16, **extra.pop("guidance", {})},
@@ -95,8 +97,10 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
     tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, accumulation=2, packing="shared_prompt",
                    guidance={"model": dpo_summary["model_dir"]})
     tgdpo_summary = run_train(tgdpo)
-    simpo = config("simpo", "simpo", zero_stage=0, workers=1, checkpointing=True)
-    simpo.training.epochs = 1
+    # One epoch, a checkpoint every 4 steps; the best by held-out loss is kept (with the newest) and exported.
+    simpo = config("simpo", "simpo", zero_stage=0, workers=1, checkpointing=True,
+                   training={"epochs": 1, "checkpoint_every": 4, "keep_checkpoints": 1, "checkpoint_hf_export": True,
+                             "keep_best": {"metric": "eval/loss", "mode": "min"}, "export": "best"})
     simpo_summary = run_train(simpo)
     return {"dpo": (dpo, dpo_summary), "tgdpo": (tgdpo, tgdpo_summary), "simpo": (simpo, simpo_summary)}
 
@@ -221,6 +225,31 @@ def test_simpo_runs_without_any_scorer(runs):
     assert summary["steps"] > 0
 
 
+def test_the_best_checkpoint_by_a_held_out_metric_is_kept_reported_and_exported(runs):
+    from ray.train import Result
+    from safetensors.torch import load_file
+
+    from tgdpo_ray.train.checkpoints import checkpoint_storage
+
+    config, summary = runs["simpo"]
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    held_out = {record["step"]: record["eval"]["loss"] for record in records if "eval" in record}
+    checkpointed = [step for step in held_out if step % 4 == 0 or step == summary["steps"]]
+    assert len(checkpointed) >= 3  # each checkpoint was scored on a fresh evaluation
+    best = min(checkpointed, key=held_out.get)
+    assert summary["best_checkpoint"]["step"] == best and summary["best_checkpoint"]["eval/loss"] == held_out[best]
+    # Ray's own Result of the run: the kept checkpoints' metrics, the training loss among them.
+    result = Result.from_path(str(Path(*checkpoint_storage(config))))
+    frame = result.metrics_dataframe
+    assert {"loss", "eval/loss", "reward_accuracy", "step"} <= set(frame.columns) and best in set(frame["step"])
+    # <run>/model is the best checkpoint's policy, and its card says so.
+    [folder] = [c.path for c, m in result.best_checkpoints if m["step"] == best]
+    exported, kept = (load_file(str(Path(path) / "model.safetensors")) for path in (summary["model_dir"],
+                                                                                      Path(folder) / "hf"))
+    assert exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+    assert "Exported: the best checkpoint by eval/loss" in (Path(summary["model_dir"]) / "README.md").read_text()
+
+
 @pytest.mark.parametrize("name", ["dpo", "tgdpo", "simpo"])
 def test_saved_policy_loads_with_transformers_and_generates(runs, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -336,6 +365,23 @@ def evaluation(runs, judge_server, tmp_path_factory):
     summaries = {"pairwise": evaluate_policies(pipeline, {name: runs[name][1] for name in ("dpo", "tgdpo")},
                                                log=logs["pairwise"].append)}
     return {"configs": {"pairwise": pipeline}, "summaries": summaries, "logs": logs}
+
+
+def test_fastchats_show_result_reads_the_evaluations_judgments_as_our_report_counts_them(evaluation):
+    from test_fastchat import SHOW_RESULT, fastchat_root
+
+    eval_dir = evaluation["configs"]["pairwise"].eval_dir
+    assert sorted(path.name for path in (eval_dir / "model_answer").iterdir()) == ["dpo.jsonl", "tgdpo.jsonl"]
+    [judgments] = (eval_dir / "model_judgment").glob("*_pair.jsonl")
+    done = subprocess.run([sys.executable, str(fastchat_root() / SHOW_RESULT), "--mode", "pairwise-all",
+                           "--input-file", str(judgments)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = {words[0]: tuple(int(w) for w in words[1:4]) for words in map(str.split, done.stdout.splitlines())
+               if words and words[0] in ("dpo", "tgdpo")}
+    # One comparison: show_result.py counts each model's wins, losses and ties from its own side.
+    [ours] = evaluation["summaries"]["pairwise"]["pairwise"]["comparisons"]
+    wins, losses, ties = ours["wins"], ours["losses"], ours["ties"]
+    assert printed == {ours["model_a"]: (wins, losses, ties), ours["model_b"]: (losses, wins, ties)}
 
 
 def jsonl(path: Path) -> list[dict]:

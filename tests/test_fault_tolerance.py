@@ -94,6 +94,7 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny
         "training": {"epochs": 2, "learning_rate": 1e-4, "max_tokens_per_batch": 256, "checkpoint_every": 4,
                      "max_failures": 1},
         "policy": {"model": tiny_model},
+        "tracking": {"wandb_project": "tgdpo-test"},  # offline (conftest.py)
     })
     thread, outcome = start_run(config)
     metrics = config.run_dir / "metrics.jsonl"
@@ -109,3 +110,10 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny
     assert [r["step"] for r in records] == list(range(1, outcome["summary"]["steps"] + 1))  # no step twice
     assert any(r["time"] < killed for r in records)  # resumed from a checkpoint: the lines up to it were kept
     assert trained_pair_ids(config.run_dir) == {0: list(range(128)), 1: list(range(128))}
+    # The restarted worker continued the run's own W&B run (one id, kept in tracking.json) from its checkpoint.
+    runs = wandb_runs(config.run_dir)
+    assert len(runs) == 2 and {run["id"] for run in runs} == {json.loads((config.run_dir / "tracking.json")
+                                                                          .read_text())["wandb_run_id"]}
+    resumed_from = runs[1]["steps"][0] - 1
+    assert resumed_from % 4 == 0 and runs[1]["steps"] == list(range(resumed_from + 1, outcome["summary"]["steps"] + 1))
+    assert runs[1]["exit_code"] == 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import without_local_ray
+from conftest import wandb_runs, without_local_ray
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -65,16 +66,27 @@ def small_demo(outputs: Path, *extra: str) -> list[str]:
 
 
 def test_submit_the_demo_wait_and_read_its_logs(head):
-    done = cli("submit", "jobs/demo.yaml", "--address", head["address"], "--wait", *small_demo(head["outputs"]))
+    # --env copies variables of the submitting shell (not the head's) into the job: W&B reads WANDB_TAGS in the
+    # trainer, so the run's tags show it arrived; the secret must reach no file and not the entrypoint.
+    secret = "tgdpo-test-secret-5b1e0c"
+    shell = {**os.environ, "WANDB_TAGS": "from-submit-env", "TGDPO_TEST_SECRET": secret}
+    done = cli("submit", "jobs/demo.yaml", "--address", head["address"], "--wait", "--env", "WANDB_TAGS",
+               "--env", "TGDPO_TEST_SECRET", *small_demo(head["outputs"], "--set", "tracking.wandb_project=tgdpo-test"),
+               env=shell)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [run] = wandb_runs(head["outputs"] / "demo")
+    assert run["tags"] == ["from-submit-env"] and run["exit_code"] == 0
+    written = [path for path in (head["outputs"] / "demo").rglob("*") if path.is_file()]
+    assert written and not [path for path in written if secret.encode() in path.read_bytes()]
     job_id = done.stdout.split("submitted: ")[1].split()[0]
     assert f"job {job_id}: SUCCEEDED" in done.stdout
 
     status = cli("status", job_id, "--address", head["address"])
-    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout and secret not in status.stdout
     logs = cli("logs", job_id, "--address", head["address"])
-    # The driver's lines, and the trainer's.
-    assert "[run] dpo on 1 policy worker(s)" in logs.stdout and "[train] step 1/" in logs.stdout
+    # The driver's lines, and the trainer's, which say the time left.
+    assert "[run] dpo on 1 policy worker(s)" in logs.stdout
+    assert re.search(r"\[train\] step 1/\d+ .* ETA \d", logs.stdout), logs.stdout
 
     # The outputs are where the job's config sent them.
     assert (head["outputs"] / "demo" / "model" / "model.safetensors").exists()
@@ -88,6 +100,9 @@ def test_a_bad_config_is_refused_locally(head):
     refused = cli("submit", "jobs/demo.yaml", "--address", head["address"], "--set", "training.epochs=0")
     assert refused.returncode == 2
     assert "training.epochs" in refused.stderr and "Traceback" not in refused.stderr
+    unset = cli("submit", "jobs/demo.yaml", "--address", head["address"], "--env", "TGDPO_NOT_SET_ANYWHERE",
+                env={key: value for key, value in os.environ.items() if key != "TGDPO_NOT_SET_ANYWHERE"})
+    assert unset.returncode == 2 and "--env TGDPO_NOT_SET_ANYWHERE: not set in this shell" in unset.stderr
     assert cli("list", "--address", head["address"]).stdout.count("tgdpo-") == before  # nothing was sent
 
 

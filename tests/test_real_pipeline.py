@@ -6,6 +6,7 @@ make demo-real runs after them is left out here)."""
 import json
 
 import yaml
+from conftest import wandb_runs
 
 from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.experiments.demo_real import run_demo_real
@@ -21,7 +22,10 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
                  f"pairs.prompts={data['prompts']}", "pairs.max_new_tokens=32", "training.epochs=1",
                  "training.max_steps=1", "training.max_pairs_per_batch=2", "training.gradient_accumulation_steps=1",
                  f"eval.questions.path={data['questions']}", f"eval.models.0.path={smollm2}",
-                 "eval.generation.max_new_tokens=16"]
+                 "eval.generation.max_new_tokens=16",
+                 # Both trackers, in their local modes (W&B offline: conftest.py).
+                 "tracking.wandb_project=tgdpo-test", "tracking.mlflow_experiment=tgdpo-test",
+                 f"tracking.mlflow_tracking_uri=file:{tmp_path / 'mlruns'}"]
     lines: list[str] = []
     # The MT-Bench job is left out (four more engines, about 40 s of the suite's 15 minutes): the eval job itself
     # is tested in test_engines.py and test_end_to_end.py, and make demo-real runs it.
@@ -58,3 +62,28 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
 
     assert summary["mt_bench"] is None and not (run_dir / "mtbench").exists()
 
+    # Each exported model carries a card the Hub's own parser reads, with how it was made and how it scored.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run_dir / "tgdpo" / "model" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.tags == ["tgdpo-ray", "tgdpo"]
+    assert card.data.base_model is None  # a local start: named in the body, not as a Hub id
+    assert f"Started from: `{smollm2}`" in card.text
+    assert "tgdpo, β 0.1, α 0.5" in card.text and f"guidance {run_dir / 'dpo' / 'model'}" in card.text
+    assert f"fingerprint `{pipeline['runs']['tgdpo']['data_fingerprint']}`" in card.text
+    assert f"Mean score {rates['tgdpo']['rate']:.2f}" in card.text and "evaluated as 'tgdpo'" in card.text
+
+    # One tracker run per stage, the stages one group named after the pipeline, each run ended.
+    from mlflow import MlflowClient
+
+    for stage in ("dpo", "tgdpo"):
+        [run] = wandb_runs(run_dir / stage)
+        ids = json.loads((run_dir / stage / "tracking.json").read_text())
+        assert run == {"id": ids["wandb_run_id"], "group": "smollm2", "job_type": stage, "name": stage, "tags": [],
+                       "steps": [1], "exit_code": 0}
+    assert wandb_runs(run_dir / "dpo")[0]["id"] != wandb_runs(run_dir / "tgdpo")[0]["id"]
+    client = MlflowClient(f"file:{tmp_path / 'mlruns'}")
+    runs = client.search_runs([client.get_experiment_by_name("tgdpo-test").experiment_id])
+    assert sorted((r.info.run_name, r.info.status, r.data.tags["tgdpo_ray.group"], r.data.tags["tgdpo_ray.job_type"])
+                  for r in runs) == [("dpo", "FINISHED", "smollm2", "dpo"), ("tgdpo", "FINISHED", "smollm2", "tgdpo")]
+    assert all([m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1] for r in runs)

@@ -203,6 +203,9 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     assert not (seed_one / "dpo" / "scoring").exists() or not list((seed_one / "dpo" / "scoring").iterdir())
     guided = yaml.safe_load((seed_one / GUIDED / "config.yaml").read_text())
     assert guided["guidance"]["model"] == str(seed_one / GUIDANCE_RUN / "model")
+    # A finished run keeps its model and metrics, not its checkpoints (1.5 GB each for SmolLM2).
+    assert all((seed_one / name / "model").is_dir() and not (seed_one / name / "checkpoints" / name).exists()
+               for name in names)
 
     # Started again, the experiment trains nothing and reports the same numbers.
     again = []

@@ -260,3 +260,23 @@ def test_sft_trains_the_chosen_answers_likelihood(one_process_group, tiny_model,
     losses = [train_step(engine, share, config, sft, pad_id, torch.device("cpu"), 1).metrics["loss"] for _ in range(4)]
     assert losses[0] == pytest.approx(chosen_answer_nll(tiny_model, train.rows), rel=1e-5)
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_sft_trains_on_messages_only_rows(one_process_group, tiny_model, demo_data, tmp_path):
+    # TRL's SFT form: one conversation per row and no rejected answer (its ids are empty in the step).
+    from tgdpo_ray.kernels.losses import build_loss
+    from tgdpo_ray.train.schedule import deal_step
+    from tgdpo_ray.train.worker import build_engine, load_policy, train_step
+
+    pairs = [json.loads(line) for line in Path(demo_data["train"]).read_text().splitlines()[:PAIRS]]
+    conversations = tmp_path / "messages.jsonl"
+    conversations.write_text("".join(json.dumps({"messages": [{"role": "user", "content": pair["prompt"]},
+                                                              {"role": "assistant", "content": pair["chosen"]}]}) + "\n"
+                                     for pair in pairs))
+    config = one_step_config(tiny_model, {"train": conversations}, tmp_path, loss="sft", max_tokens_per_batch=10**5)
+    pad_id, train, _ = local_pairs(config)
+    assert len(train.rows) == PAIRS and all(row["rejected_ids"] == [] for row in train.rows)
+    engine = build_engine(load_policy(config, torch.device("cpu")), config, total_steps=1, world_size=1)
+    share = deal_step(plan_steps(train.rows, config.training, 1), rank=0, world_size=1)
+    loss = train_step(engine, share, config, build_loss(config.loss), pad_id, torch.device("cpu"), 1).metrics["loss"]
+    assert loss == pytest.approx(chosen_answer_nll(tiny_model, train.rows), rel=1e-5)

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".", help="what travels to the cluster (default: .)")
     submit.add_argument("--python", default="python", help="the Python on the cluster (default: python)")
     submit.add_argument("--id", dest="submission_id", default=None, help="a submission id of your choice")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="copy this variable of your shell into the job's environment (repeatable): "
+                             "WANDB_API_KEY, HF_TOKEN, a judge's API key; never written to any file")
 
     for name, text in (("status", "a job's status"), ("stop", "stop a job")):
         command = commands.add_parser(name, help=text)
@@ -222,7 +225,7 @@ def run_jobs_command(args: argparse.Namespace) -> int:
 
     if args.command == "submit":
         job_id = ray_jobs.submit(args.spec, args.overrides, args.address, args.working_dir, args.python,
-                             args.submission_id)
+                                 args.submission_id, tuple(args.env))
         print(f"submitted: {job_id}", flush=True)
         if not args.wait:
             print(f"watch it with: tgdpo-ray logs {job_id} --follow", flush=True)

@@ -50,6 +50,11 @@ class RunDir:
         return self.path / "tensorboard"
 
     @property
+    def tracking(self) -> Path:
+        """The run's W&B and MLflow run ids: a resumed run continues the same tracker runs."""
+        return self.path / "tracking.json"
+
+    @property
     def checkpoints(self) -> Path:
         """Ray Train's storage of the run's checkpoints, unless run.checkpoint_storage names another."""
         return self.path / "checkpoints"

@@ -142,8 +142,14 @@ class JudgeSection(EngineSection):
         "questions.path mt_bench, else tgdpo-ray")
     max_tokens: int = Field(default=1024, gt=0, description="tokens per judgment at most")
     temperature: float = Field(default=0.0, ge=0, description="the judge's sampling temperature")
-    parse_retries: int = Field(default=2, ge=0, description="ask again when the verdict cannot be parsed, up to "
-                                                            "this many times ...")
+    parse: Literal["tgdpo-ray", "fastchat"] = Field(
+        default="tgdpo-ray", description="how a verdict is read. tgdpo-ray: exactly one distinct [[N]] with 1 <= N "
+        "<= 10 (single) or one distinct [[A]], [[B]] or [[C]] (pairwise), asked again per parse_retries. fastchat: "
+        "FastChat's own rules, for numbers comparable with FastChat's: the first [[N]], else the first [N], any N; "
+        "the first of [[A]], [[B]], [[C]] found, checked in that order; asked up to 5 times in all at the judge's "
+        "temperature (single), once (pairwise); then kept unparseable (FastChat's score -1 or \"error\")")
+    parse_retries: int = Field(default=2, ge=0, description="parse tgdpo-ray: ask again when the verdict cannot be "
+                                                            "parsed, up to this many times ...")
     retry_temperature: float = Field(default=0.7, ge=0, description="... sampling at this temperature, so the new "
                                                                     "answer can differ")
     request_retries: int = Field(default=5, ge=0, description="openai: failed or timed-out requests (timeouts, "

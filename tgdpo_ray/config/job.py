@@ -55,6 +55,9 @@ class Columns(Section):
                                                       "messages (which may repeat the prompt's first)")
     rejected: str = Field(default="rejected", description="the column holding the dispreferred answer, shaped "
                                                           "as chosen")
+    messages: str = Field(default="messages", description="loss.type sft only: a column holding a whole "
+                          "conversation, read when a row has no prompt and no chosen; its last assistant message "
+                          "is the answer")
 
 
 class TokenizeSection(Placement):
@@ -144,6 +147,13 @@ class ProbeSection(Section):
         return value
 
 
+class KeepBest(Section):
+    metric: str = Field(description="a metric of the checkpoint's report: a training step's (loss, "
+                        "reward_accuracy, ...) or a held-out one (eval/dpo_loss, eval/reward_accuracy, ...)")
+    mode: Literal["min", "max"] = Field(description="min: the lowest is best (a loss); max: the highest (an "
+                                                    "accuracy)")
+
+
 class TrainingSection(Section):
     epochs: int = Field(default=1, gt=0, description="passes over the training pairs")
     learning_rate: float = Field(default=5e-7, gt=0, description="AdamW's peak learning rate, reached after warmup")
@@ -205,6 +215,13 @@ class TrainingSection(Section):
                                   "none is saved (a stopped run started again starts over)")
     checkpoint_hf_export: bool = Field(default=False, description="also write each checkpoint's policy in "
                                                                   "Hugging Face format (<checkpoint>/hf)")
+    keep_best: Optional[KeepBest] = Field(default=None, description="keep the keep_checkpoints best checkpoints "
+                                          "by this metric (Ray Train's CheckpointConfig scoring; the newest is "
+                                          "kept too, for resuming); a held-out metric is evaluated afresh before "
+                                          "each checkpoint. null: the newest")
+    export: Literal["last", "best"] = Field(default="last", description="what <run>/model holds: the policy at the "
+                                            "run's end, or the best checkpoint's by keep_best (needs "
+                                            "checkpoint_hf_export)")
     max_steps: Optional[int] = Field(default=None, gt=0, description="stop after this many optimizer steps, with "
                                                                      "a checkpoint (run again to resume); null: "
                                                                      "every epoch")
@@ -218,6 +235,11 @@ class TrainingSection(Section):
         if self.max_failures != 0 and self.keep_checkpoints == 0:
             raise ValueError("max_failures restarts the workers from the last checkpoint, and keep_checkpoints 0 "
                              "saves none: set keep_checkpoints >= 1 or max_failures 0")
+        if self.keep_best is not None and self.keep_checkpoints == 0:
+            raise ValueError("keep_best chooses among checkpoints, and keep_checkpoints 0 saves none")
+        if self.export == "best" and (self.keep_best is None or not self.checkpoint_hf_export):
+            raise ValueError("export best copies the best checkpoint's Hugging Face folder: it needs keep_best and "
+                             "checkpoint_hf_export true")
         return self
 
 
@@ -315,6 +337,10 @@ class TrackingSection(Section):
                                                                        "the mlflow package)")
     mlflow_tracking_uri: Optional[str] = Field(default=None, description="the MLflow tracking server; null: "
                                                                          "mlflow's default")
+    group: Optional[str] = Field(default=None, description="the W&B group (an MLflow tag) of the run; a pipeline "
+                                 "sets its own name for its stages, an experiment its name; null: none")
+    job_type: Optional[str] = Field(default=None, description="the W&B job type (an MLflow tag); null: the loss "
+                                    "type (a pipeline's stages: sft, dpo, tgdpo)")
 
 
 class RaySection(Section):
@@ -482,6 +508,15 @@ class JobConfig(Section):
                              "pipeline or demo")
         if self.eval is not None:
             self.eval.check_models(self.eval.model_names(self.pipeline_models))
+        return self
+
+    @model_validator(mode="after")
+    def _best_by_a_metric_that_exists(self) -> "JobConfig":
+        best = self.training.keep_best
+        if best is not None and best.metric.startswith("eval/") and self.data.eval is None \
+                and self.kind in ("train", "pipeline", "demo"):
+            raise ValueError(f"training.keep_best.metric {best.metric} is a held-out metric, and data.eval is "
+                             "null: there are no held-out pairs to evaluate")
         return self
 
     @property

@@ -131,7 +131,7 @@ def check_trackers(config: JobConfig, source: str) -> None:
     for key, package in (("wandb_project", "wandb"), ("mlflow_experiment", "mlflow")):
         if getattr(config.tracking, key) and importlib.util.find_spec(package) is None:
             raise ConfigError(f"invalid job config {source}:\n  tracking.{key}: needs the {package} package "
-                              f"(pip install {package})")
+                              f"(pip install 'tgdpo-ray[{package}]')")
 
 
 def import_function(spec: str, key: str):

@@ -24,7 +24,10 @@ from tgdpo_ray.kernels.batches import score_columns
 BAD_ROW_REASONS = {
     "missing_field": "a prompt, chosen or rejected field is missing or null",
     "empty_field": "a prompt, chosen or rejected field is empty",
-    "non_string_content": "a field or message content is not a string, or a message is not {role, content}",
+    "non_string_content": "a field or message content is not a string or text parts, or a message is not {role, "
+                          "content}",
+    "no_common_prompt": "a row without a prompt field whose chosen and rejected conversations share no prompt (TRL's "
+                        "implicit-prompt form: the prompt is their common beginning)",
     "identical_responses": "chosen and rejected are identical",
     "prompt_too_long": "the prompt is longer than max_prompt_length (data.long_prompts: bad_row)",
     "bad_token_rewards": "per-token rewards missing, not numbers, or not one per answer token (guidance.source: column)",
@@ -206,7 +209,8 @@ def load_hf_dataset(source: DataSource):
 
 
 def to_messages(value: Any, field_name: str, default_role: str) -> list[dict]:
-    """A plain string becomes one message; a list must hold {role, content} messages with string content."""
+    """A plain string becomes one message; a list must hold {role, content} messages whose content is a string or
+    a list of text parts ({"type": "text", "text": ...}, as TRL and OpenAI write it)."""
     if value is None:
         raise BadRow("missing_field", f"{field_name} is null")
     if isinstance(value, str):
@@ -221,23 +225,51 @@ def to_messages(value: Any, field_name: str, default_role: str) -> list[dict]:
     for index, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRow("non_string_content", f"{field_name}[{index}] is not a {{role, content}} message")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise BadRow("non_string_content", f"{field_name}[{index}].content is {type(content).__name__}")
+        content = message_text(message.get("content"), f"{field_name}[{index}].content")
         if not content.strip():
             raise BadRow("empty_field", f"{field_name}[{index}].content is empty")
         messages.append({"role": message["role"], "content": content})
     return messages
 
 
-def normalize_pair(row: dict, columns: Columns) -> tuple[list[dict], list[dict], list[dict]]:
-    """(prompt messages, chosen answer messages, rejected answer messages) of one raw row."""
+def message_text(content: Any, where: str) -> str:
+    """A message's content as one string: text parts are joined by newlines, as vLLM joins them for a
+    text-only model; any other part (an image, audio) is a bad row, since the models here read text only."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRow("non_string_content", f"{where} is {type(content).__name__}")
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadRow("non_string_content", f"{where}[{index}] is a {kind!r} part; only text parts are read")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def normalize_pair(row: dict, columns: Columns, chosen_only: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt messages, chosen answer messages, rejected answer messages) of one raw row, in any of the forms
+    TRL reads: an explicit prompt; no prompt field, the prompt being the common beginning of two whole
+    conversations (the implicit-prompt form, as in Anthropic HH); or, when only chosen answers are needed
+    (loss.type sft), a messages column alone, whose last assistant message is the answer (rejected is then
+    empty)."""
+    if columns.prompt not in row and columns.chosen in row and columns.rejected in row:
+        return implicit_prompt_pair(row, columns)
+    if chosen_only and columns.messages in row and not {columns.prompt, columns.chosen} & row.keys():
+        return conversation_as_answer(row[columns.messages], columns.messages)
     for name in (columns.prompt, columns.chosen, columns.rejected):
         if name not in row:
-            raise BadRow("missing_field", f"no {name!r} field (fields: {sorted(row)})")
+            hint = (f"; a {columns.messages!r}-only row serves loss.type sft only"
+                    if columns.messages in row and not chosen_only else "")
+            raise BadRow("missing_field", f"no {name!r} field (fields: {sorted(row)}){hint}")
     prompt = to_messages(row[columns.prompt], columns.prompt, "user")
     chosen = _strip_prompt(to_messages(row[columns.chosen], columns.chosen, "assistant"), prompt)
     rejected = _strip_prompt(to_messages(row[columns.rejected], columns.rejected, "assistant"), prompt)
+    return checked_answers(prompt, chosen, rejected)
+
+
+def checked_answers(prompt: list[dict], chosen: list[dict], rejected: list[dict]):
     if not chosen or not rejected:
         raise BadRow("empty_field", "an answer holds only the prompt messages")
     if chosen == rejected:
@@ -248,6 +280,56 @@ def normalize_pair(row: dict, columns: Columns) -> tuple[list[dict], list[dict],
 def _strip_prompt(answer: list[dict], prompt: list[dict]) -> list[dict]:
     # UltraFeedback-style answers repeat the whole conversation: keep what follows the prompt.
     return answer[len(prompt):] if answer[: len(prompt)] == prompt else answer
+
+
+def implicit_prompt_pair(row: dict, columns: Columns):
+    """TRL's implicit-prompt form: chosen and rejected are whole conversations (message lists, or strings such
+    as Anthropic HH's "\n\nHuman: ...\n\nAssistant: ..."), and the prompt is what they share at the start."""
+    chosen_value, rejected_value = row[columns.chosen], row[columns.rejected]
+    if isinstance(chosen_value, str) and isinstance(rejected_value, str):
+        prompt_text, chosen_text, rejected_text = split_common_text(chosen_value, rejected_value)
+        return checked_answers(to_messages(prompt_text, "the common prompt", "user"),
+                               to_messages(chosen_text, columns.chosen, "assistant"),
+                               to_messages(rejected_text, columns.rejected, "assistant"))
+    chosen = to_messages(chosen_value, columns.chosen, "assistant")
+    rejected = to_messages(rejected_value, columns.rejected, "assistant")
+    if isinstance(chosen_value, str) or isinstance(rejected_value, str):
+        raise BadRow("non_string_content", f"with no {columns.prompt!r} field, {columns.chosen!r} and "
+                     f"{columns.rejected!r} must both be strings or both conversations")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise BadRow("no_common_prompt", "the two conversations differ from their first message")
+    for name, answer in ((columns.chosen, chosen[shared:]), (columns.rejected, rejected[shared:])):
+        if answer and answer[0]["role"] != "assistant":
+            raise BadRow("no_common_prompt", f"after the {shared} messages the conversations share, {name} goes on "
+                         f"with a {answer[0]['role']!r} message, not the assistant's answer")
+    return checked_answers(chosen[:shared], chosen[shared:], rejected[shared:])
+
+
+def split_common_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) of two whole conversations as text. The prompt is their common
+    beginning, cut back to a word boundary so no word is split; words both answers start with stay in the
+    prompt (as in TRL), which cannot be told from the prompt without knowing the format."""
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    if shared < min(len(chosen), len(rejected)) and shared and not chosen[shared - 1].isspace():
+        shared = max(chosen.rfind(" ", 0, shared), chosen.rfind("\n", 0, shared)) + 1
+    if not chosen[:shared].strip():
+        raise BadRow("no_common_prompt", "the two conversations share no words at their start")
+    return chosen[:shared].rstrip(), chosen[shared:].lstrip(), rejected[shared:].lstrip()
+
+
+def conversation_as_answer(value: Any, field_name: str):
+    """A messages-only row for SFT: the prompt is every message before the last assistant message, which is the
+    answer; there is no rejected answer."""
+    messages = to_messages(value, field_name, "user")
+    last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
+    if last is None:
+        raise BadRow("missing_field", f"{field_name} holds no assistant message to learn")
+    if last == 0:
+        raise BadRow("missing_field", f"{field_name} has no message before its first assistant message")
+    return messages[:last], [messages[last]], []
 
 
 # ---------------------------------------------------------------- tokenization
@@ -289,15 +371,17 @@ def token_rewards(row: dict, name: str, tokens: int) -> list[float]:
     return [float(v) for v in values]
 
 
-def tokenize_pair(tokenizer, row: dict, data: DataSection,
-                  reward_columns: Optional[RewardColumns] = None) -> tuple[dict, bool]:
-    prompt, chosen, rejected = normalize_pair(row, data.columns)
-    prompt_text, (chosen_text, rejected_text) = template_pair(tokenizer, prompt, [chosen, rejected])
+def tokenize_pair(tokenizer, row: dict, data: DataSection, reward_columns: Optional[RewardColumns] = None,
+                  chosen_only: bool = False) -> tuple[dict, bool]:
+    """The pair's token ids. chosen_only (loss.type sft) also accepts messages-only rows, whose rejected ids
+    are empty."""
+    prompt, chosen, rejected = normalize_pair(row, data.columns, chosen_only)
+    prompt_text, answer_texts = template_pair(tokenizer, prompt, [answer for answer in (chosen, rejected) if answer])
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt_ids = encode(prompt_text)
     if data.long_prompts == "bad_row" and len(prompt_ids) > data.max_prompt_length:
         raise BadRow("prompt_too_long", f"prompt has {len(prompt_ids)} tokens > max_prompt_length")
-    answers = [encode(chosen_text), encode(rejected_text)]
+    answers = [encode(text) for text in answer_texts] + [[]] * (not rejected)
     # Rewards from the data are one per answer token of exactly this tokenization, checked before truncation.
     rewards = [token_rewards(row, name, len(ids)) for name, ids in
                zip((reward_columns.chosen, reward_columns.rejected), answers)] if reward_columns else None
@@ -316,16 +400,16 @@ def unit_of(source: DataSource) -> str:
     return "line" if source.path.endswith(".jsonl") else "row"
 
 
-def prepare_row(tokenizer, row: dict | BadRow, data: DataSection,
-                reward_columns: Optional[RewardColumns] = None) -> tuple[dict, bool]:
+def prepare_row(tokenizer, row: dict | BadRow, data: DataSection, reward_columns: Optional[RewardColumns] = None,
+                chosen_only: bool = False) -> tuple[dict, bool]:
     """tokenize_pair of a row as read: a record that could not be read is a BadRow already."""
     if isinstance(row, BadRow):
         raise row
-    return tokenize_pair(tokenizer, row, data, reward_columns)
+    return tokenize_pair(tokenizer, row, data, reward_columns, chosen_only)
 
 
 def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print,
-                  reward_columns: Optional[RewardColumns] = None) -> PreparedData:
+                  reward_columns: Optional[RewardColumns] = None, chosen_only: bool = False) -> PreparedData:
     """Validates and tokenizes every row of one source here; bad rows stop the run or are counted, per
     data.bad_rows."""
     prepared = PreparedData(rows=[], tally=RowTally(source.path, data.bad_rows))
@@ -335,7 +419,7 @@ def prepare_pairs(source: DataSource, data: DataSection, tokenizer, log=print,
             break
         tally.total += 1
         try:
-            tokens, truncated = prepare_row(tokenizer, row, data, reward_columns)
+            tokens, truncated = prepare_row(tokenizer, row, data, reward_columns, chosen_only)
         except BadRow as bad:
             tally.bad(unit, number, bad.reason, bad.detail)
             continue

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.progress import every_few_seconds, time_left
 from tgdpo_ray.common.jsonl import append_records, line_starts, read_records, text_lines
 from tgdpo_ray.config.job import DataSection, DataSource, JobConfig, RewardColumns, TokenizeSection
 from tgdpo_ray.data.preference import (BadRow, DataError, RowTally, iter_arrow, iter_json_items, iter_jsonl,
@@ -178,7 +179,7 @@ def worker_tokenizer(model: str, trust_remote_code: bool, chat_template: Optiona
 
 
 def tokenize_shards(batch: dict, shards: list[Shard], data: DataSection, tokenizer_args: tuple,
-                    reward_columns: Optional[RewardColumns], run_dir: str, progress: str):
+                    reward_columns: Optional[RewardColumns], chosen_only: bool, run_dir: str, progress: str):
     """A Ray Data map_batches function: every row of the shards named by `batch["id"]`, as one Arrow table of
     tokens (empty for a bad row) and notes."""
     import pyarrow as pa
@@ -190,7 +191,8 @@ def tokenize_shards(batch: dict, shards: list[Shard], data: DataSection, tokeniz
         rows_before = len(columns["pair_id"])
         for index, number, row in shard_rows(shards[int(shard_index)]):
             try:
-                tokens, truncated = prepare_row(worker_tokenizer(*tokenizer_args), row, data, reward_columns)
+                tokens, truncated = prepare_row(worker_tokenizer(*tokenizer_args), row, data, reward_columns,
+                                                chosen_only)
                 bad = ("", "")
             except BadRow as err:
                 tokens, truncated, bad = {}, False, (err.reason, err.detail)
@@ -258,16 +260,12 @@ class TokenizedSplit:
 def watch_progress(folder: Path, name: str, shards: int, log, every: float = 20.0) -> threading.Event:
     """A line every `every` seconds from the shards' records in `folder`, until the returned event is set (a long
     pass says how far it is; on a cluster without a shared run folder it stays silent)."""
-    stop, began = threading.Event(), time.monotonic()
+    def report(seconds: float) -> None:
+        done = [record for path in folder.glob("*.jsonl") for record in read_records(path)]
+        log(f"[data] {name}: {len(done)}/{shards} shards tokenized, {sum(r['rows'] for r in done)} rows, "
+            f"{seconds:.0f} s so far {time_left(len(done), shards, seconds)}".rstrip())
 
-    def report() -> None:
-        while not stop.wait(every):
-            done = [record for path in folder.glob("*.jsonl") for record in read_records(path)]
-            log(f"[data] {name}: {len(done)}/{shards} shards tokenized, {sum(r['rows'] for r in done)} rows, "
-                f"{time.monotonic() - began:.0f} s so far")
-
-    threading.Thread(target=report, daemon=True).start()
-    return stop
+    return every_few_seconds(report, every)
 
 
 def tokenizer_args(config: JobConfig) -> tuple:
@@ -310,7 +308,8 @@ def run_pass(name: str, source: DataSource, config: JobConfig, rewards: Optional
     try:
         return ray.data.range(len(shards), override_num_blocks=len(shards)).map_batches(
             partial(tokenize_shards, shards=shards, data=config.data, tokenizer_args=tokenizer_args(config),
-                    reward_columns=rewards, run_dir=str(config.run_dir), progress=str(progress)),
+                    reward_columns=rewards, chosen_only=config.loss.type == "sft", run_dir=str(config.run_dir),
+                    progress=str(progress)),
             batch_size=1, batch_format="numpy", compute=TaskPoolStrategy(size=section.workers),
             **placement(section),
         ).materialize()

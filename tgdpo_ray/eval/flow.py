@@ -3,6 +3,7 @@
     answers.jsonl     one record per model and question (every turn's text and token count)
     judgments.jsonl   one record per judgment, the judge's raw text kept, unparseable verdicts included
     report.json       the statistics (eval_stats), report.md and PNG charts (eval_report)
+    model_answer/, model_judgment/   the same answers and judgments in FastChat's layout (fastchat_export)
 
 Both JSONL files are appended as work finishes, so a re-run (or a job that died) only computes what is missing.
 A record is reused only while everything it depends on is unchanged: an answer carries the model's weights
@@ -25,9 +26,10 @@ from tgdpo_ray.common.jsonl import append_records, json_digest, read_records, re
 from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.config.eval import EvalModel, EvalSection, JudgeSection
 from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.eval.fastchat_export import write_fastchat_files
 from tgdpo_ray.eval.generation import answer_questions, engine_group, start_engine, wait_started
-from tgdpo_ray.eval.judge import (OpenAIJudge, RuleJudge, VLLMJudge, check_references, load_prompts, parse_choice,
-                                  parse_rating, render)
+from tgdpo_ray.eval.judge import (FASTCHAT_ASKS, PARSERS, OpenAIJudge, RuleJudge, VLLMJudge, check_references,
+                                  load_prompts, render)
 from tgdpo_ray.eval.questions import Question, load_questions
 from tgdpo_ray.eval.report import format_table, write_eval_report
 from tgdpo_ray.eval.stats import length_summary, pairwise_summary, single_summary
@@ -126,6 +128,9 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
     question, reference and answers a rule judge scores (prompts is None)."""
     by_key = {(record["model"], record["question_id"]): record for record in answers}
     mode, judge_id = evaluation.judge.mode, evaluation.judge.identity
+    # A verdict read by other rules is another judgment: switching judge.parse judges again. The default adds
+    # nothing, so judgments made before judge.parse existed are still reused.
+    parse = [] if evaluation.judge.parse == "tgdpo-ray" else [evaluation.judge.parse]
     if mode == "single":
         shown = [({"model": name}, [name]) for name in names]
     else:  # every comparison in both orders: "ab" shows model_a's answer first, "ba" model_b's
@@ -148,7 +153,8 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
                 where = [mode, fields, question.question_id, turn]
                 tasks.append({
                     "mode": mode, **fields, "question_id": question.question_id, "category": question.category,
-                    "turn": turn, "prompt": prompt, "judge": judge_id, "digest": json_digest([where, messages, judge_id]),
+                    "turn": turn, "prompt": prompt, "judge": judge_id,
+                    "digest": json_digest([where, messages, judge_id, *parse]),
                     # An answer that could not be generated is not sent to the judge (see judge_all).
                     "answer_errors": [r["errors"][turn - 1] for r in records if r["errors"][turn - 1]],
                     "messages": messages,
@@ -156,8 +162,10 @@ def judgment_tasks(evaluation: EvalSection, questions: list[Question], answers: 
     return tasks
 
 
-def read_verdict(task: dict, text: str) -> tuple[dict, Optional[str]]:
-    """The verdict fields of a judgment record, and why parsing failed (None when it did not)."""
+def read_verdict(task: dict, text: str, parse: str = "tgdpo-ray") -> tuple[dict, Optional[str]]:
+    """The verdict fields of a judgment record, and why parsing failed (None when it did not); `parse` is
+    judge.parse, whose rules read the text (judge.PARSERS)."""
+    parse_rating, parse_choice = PARSERS[parse]
     if task["mode"] == "single":
         score, why = parse_rating(text)
         return {"score": score}, why
@@ -208,24 +216,28 @@ def judge_all(start_backend, evaluation: EvalSection, tasks: list[dict], path: P
 
 
 def ask_llm_judge(backend, judge: JudgeSection, asking: list[dict]) -> list[dict]:
-    """Judgment records for tasks, asking again (sampling) while a verdict cannot be parsed."""
+    """Judgment records for tasks, asking again while a verdict cannot be parsed: ours sample at
+    retry_temperature, up to parse_retries times; judge.parse fastchat asks as FastChat does (FASTCHAT_ASKS)."""
     finished = []
     earlier: dict[str, list[str]] = {task["digest"]: [] for task in asking}
-    for attempt in range(1, judge.parse_retries + 2):
-        temperature = judge.temperature if attempt == 1 else judge.retry_temperature
+    fastchat = judge.parse == "fastchat"
+    attempt = 0
+    while asking:
+        attempt += 1
+        # FastChat repeats the same request; ours samples warmer so the judge can answer differently.
+        temperature = judge.temperature if attempt == 1 or fastchat else judge.retry_temperature
         replies = backend.complete([(task["messages"], temperature, zlib.crc32(f"{task['digest']}/{attempt}"
                                                                                  .encode())) for task in asking])
         again = []
         for task, (text, error) in zip(asking, replies):
-            fields, why = read_verdict(task, text) if error is None else ({}, error)
-            if why is not None and error is None and attempt <= judge.parse_retries:
+            fields, why = read_verdict(task, text, judge.parse) if error is None else ({}, error)
+            asks = FASTCHAT_ASKS[task["mode"]] if fastchat else judge.parse_retries + 1
+            if why is not None and error is None and attempt < asks:
                 earlier[task["digest"]].append(text)
                 again.append(task)
                 continue
             finished.append(judgment_record(task, text, fields, attempt, why, earlier[task["digest"]]))
         asking = again
-        if not asking:
-            break
     return finished
 
 
@@ -312,7 +324,8 @@ def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=pr
 
     samples, seed = evaluation.bootstrap_samples, config.run.seed
     summary = {
-        "mode": judge.mode, "judge": judge.identity, "judge_prompts": prompt_set, "questions": len(questions),
+        "mode": judge.mode, "judge": judge.identity, "judge_prompts": prompt_set, "judge_parse": judge.parse,
+        "questions": len(questions),
         "models": names,
         "scores": single_summary(judgments, samples, seed, answers=answers) if judge.mode == "single" else None,
         "pairwise": (pairwise_summary(judgments, samples, seed, answers=answers) if judge.mode == "pairwise"
@@ -327,4 +340,7 @@ def run_eval(config: JobConfig, trained: Optional[dict[str, str]] = None, log=pr
     log("\n" + format_table(summary))
     log(f"\n[eval] {summary['unparseable_judgments']} of {len(judgments)} judgments unparseable or failed "
         f"(kept in judgments.jsonl); report: {report}")
+    fastchat_files = write_fastchat_files(eval_dir, answers, judgments, tasks)
+    log(f"[eval] FastChat's layout (for its show_result.py --input-file): {eval_dir / 'model_answer'}/, "
+        + ", ".join(str(path) for path in fastchat_files["judgments"]))
     return summary

@@ -2,8 +2,9 @@
 
 Templates use FastChat's judge_prompts.jsonl format (name, type, system_prompt, prompt_template, output_format),
 so a user can point judge.prompts at FastChat's file; ours (assets/judge_prompts.jsonl) are written for this
-project under the same names. A verdict is read only from the exact `[[...]]` form the prompt asks for; anything
-else is unparseable, and says why.
+project under the same names. By default (eval.judge.parse tgdpo-ray) a verdict is read only from the exact `[[...]]`
+form the prompt asks for; anything else is unparseable, and says why. eval.judge.parse fastchat reads it as
+FastChat does (PARSERS).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ PLACEHOLDERS = ("question", "answer", "answer_a", "answer_b", "ref_answer_1", "r
                 "question_2", "answer_1", "answer_2", "answer_a_1", "answer_a_2", "answer_b_1", "answer_b_2")
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 CHOICE = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# eval.judge.parse fastchat reads verdicts with FastChat's own patterns (fastchat/llm_judge/common.py): the first
+# [[N]], else the first [N]. Its third pattern ("Rating: N") is computed there but its result never becomes the
+# rating, so it changes nothing and is left out here.
+FASTCHAT_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+FASTCHAT_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+# FastChat checks the pairwise markers in this order: the first one present wins, whatever else the text holds.
+FASTCHAT_CHOICES = (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"))
+# How often FastChat asks its judge for one verdict while none parses: run_judge_single's retries=5 (single mode),
+# run_judge_pair asks once. It asks again with the same request at the same temperature, never sampling warmer.
+FASTCHAT_ASKS = {"single": 5, "pairwise": 1}
 
 
 class JudgeError(UserError, RuntimeError):
@@ -139,6 +150,30 @@ def parse_choice(text: str) -> tuple[Optional[str], Optional[str]]:
         return None, f"several different verdicts: {sorted(found)}"
     choice = found.pop()
     return ("tie" if choice == "C" else choice), None
+
+
+def parse_rating_fastchat(text: str) -> tuple[Optional[float], Optional[str]]:
+    """FastChat's reading of a score: the first [[N]], else the first [N], whatever N is (no 1-10 check, so
+    [[11]] is 11); (None, why) where FastChat records score -1."""
+    match = FASTCHAT_RATING.search(text) or FASTCHAT_RATING_BACKUP.search(text)
+    if match is None:
+        return None, "no [[rating]] or [rating] in the judgment (FastChat records score -1)"
+    # FastChat turns the text into a number with ast.literal_eval, which raises on a leading zero ("[[07]]") and
+    # stops its run; float reads 7.
+    return float(match.group(1)), None
+
+
+def parse_choice_fastchat(text: str) -> tuple[Optional[str], Optional[str]]:
+    """FastChat's reading of a pairwise verdict: the first of [[A]], [[B]], [[C]] (tie) found in the text, checked
+    in that order; (None, why) where FastChat records "error"."""
+    for marker, choice in FASTCHAT_CHOICES:
+        if marker in text:
+            return choice, None
+    return None, 'no [[A]], [[B]] or [[C]] in the judgment (FastChat records "error")'
+
+
+# eval.judge.parse -> (single-mode parser, pairwise parser); each returns (verdict, None) or (None, why).
+PARSERS = {"tgdpo-ray": (parse_rating, parse_choice), "fastchat": (parse_rating_fastchat, parse_choice_fastchat)}
 
 
 class VLLMJudge:

@@ -1,14 +1,16 @@
 """The MT-Bench-style evaluation's report: report.md, PNG charts and a short console table, from the summary the
 evaluation job builds:
 
-    summary = {"mode": "single" | "pairwise", "judge": str, "judge_prompts": str, "questions": int,
+    summary = {"mode": "single" | "pairwise", "judge": str, "judge_prompts": str,
+               "judge_parse": "tgdpo-ray" | "fastchat", "questions": int,
                "models": [names],
                "scores": eval_stats.single_summary(..., answers=answers) or None,
                "pairwise": eval_stats.pairwise_summary(..., answers=answers) or None,
                "lengths": eval_stats.length_summary(...)}
 
 `judge_prompts` names the judge prompt set ("tgdpo-ray", "fastchat" or a file path); a summary without it (an
-older report.json) reads "not recorded". Summaries built without answers have no length-controlled numbers, and
+older report.json) reads "not recorded"; `judge_parse` is eval.judge.parse, the rules verdicts were read by (an
+older report.json's were ours, tgdpo-ray). Summaries built without answers have no length-controlled numbers, and
 the report says so.
 
 Intervals say how they were made (their `ci_method`, see eval_stats): a t-interval (under 10 questions) is named
@@ -405,6 +407,7 @@ def write_eval_report(eval_dir: Path, summary: dict) -> Path:
     lines = ["# MT-Bench evaluation", "",
              f"- mode: {summary['mode']}", f"- judge: `{summary['judge']}`",
              f"- judge prompts: `{_prompts(summary)}`",
+             f"- verdicts parsed by: `{summary.get('judge_parse') or 'tgdpo-ray'}` rules",
              f"- questions: {summary['questions']}",
              f"- models: {', '.join(f'`{m}`' for m in summary.get('models') or [])}", ""]
     if summary.get("answer_errors"):

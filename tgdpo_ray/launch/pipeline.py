@@ -18,6 +18,7 @@ from tgdpo_ray.config.job import SFT_MODEL, JobConfig
 from tgdpo_ray.config.loader import load_config, read_raw_config, ready_to_run
 from tgdpo_ray.onpolicy.pairs import run_pairs
 from tgdpo_ray.train.driver import run_score, run_train
+from tgdpo_ray.train.model_card import write_model_card
 
 
 def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None,
@@ -32,6 +33,7 @@ def stage_config(config: JobConfig, loss_type: str, guidance: str | None = None,
     if start is not None:
         raw["policy"]["model"] = raw["reference"]["model"] = start
     raw["run"].update(output_dir=str(config.run_dir), name=loss_type)
+    raw["tracking"]["group"] = config.tracking.group or config.run.name  # the stages are one group of runs
     if config.run.checkpoint_storage:  # each stage's checkpoints under the pipeline's name, as its run folder is
         raw["run"]["checkpoint_storage"] = f"{config.run.checkpoint_storage.rstrip('/')}/{config.run.name}"
     raw["guidance"]["model"] = guidance
@@ -78,9 +80,9 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
         stage = pairs_stage_config(config)
         log(f"[pipeline] stage pairs: {stage.run_dir}")
         pairs_file = run_pairs(stage, log)["pairs_file"]
-    start = None
+    start, stages = None, {}
     for loss_type in ((SFT_MODEL,) if config.sft is not None else ()) + ("dpo", "tgdpo"):
-        stage = stage_config(config, loss_type, guidance, pairs_file, start)
+        stage = stages[loss_type] = stage_config(config, loss_type, guidance, pairs_file, start)
         log(f"[pipeline] stage {loss_type}: {stage.run_dir}")
         runs[loss_type] = run_train(stage, log)
         runs[loss_type]["final_train_loss"] = last_train_loss(stage.run_dir)
@@ -97,6 +99,8 @@ def run_pipeline(config: JobConfig, log=print) -> dict[str, dict]:
     if config.eval is not None:
         log(f"\n[pipeline] stage eval: {config.eval_dir}")
         runs["eval"] = evaluate_policies(config, runs, log)
+        for name, stage in stages.items():  # each policy's card gains its scores
+            write_model_card(runs[name]["model_dir"], stage, runs[name], runs["eval"], evaluated_as=name)
         log(verdict(runs["eval"]))
     return runs
 

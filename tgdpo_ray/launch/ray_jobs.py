@@ -64,10 +64,21 @@ def build_entrypoint(spec: str, overrides: list[str], python: str) -> str:
     return shlex.join(words)
 
 
+def job_env_vars(names: list[str]) -> dict[str, str]:
+    """The named variables of this shell, for the job's runtime environment: keys (W&B, a judge's API, the Hub)
+    reach every process of the job this way, and never a job config, a run folder or the entrypoint."""
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise JobsError(f"--env {', '.join(missing)}: not set in this shell (export it, or leave out --env)")
+    return {name: os.environ[name] for name in names}
+
+
 def submit(spec: str, overrides: list[str], address: Optional[str], working_dir: str = ".",
-           python: str = "python", submission_id: Optional[str] = None, log=print) -> str:
-    """Validates the spec locally, sends the job, returns its submission id."""
+           python: str = "python", submission_id: Optional[str] = None, env: tuple[str, ...] = (), log=print) -> str:
+    """Validates the spec locally, sends the job, returns its submission id. `env` names variables of this shell
+    copied into the job's runtime environment."""
     config = load_config(spec, overrides, check_paths=False)  # its paths are the cluster's, not ours
+    env_vars = job_env_vars(list(env))
     work = Path(working_dir).resolve()
     spec_in_work = Path(spec).resolve()
     if work not in spec_in_work.parents:
@@ -83,7 +94,7 @@ def submit(spec: str, overrides: list[str], address: Optional[str], working_dir:
         client.submit_job,
         entrypoint=build_entrypoint(str(spec_in_work.relative_to(work)), overrides, python),
         submission_id=submission_id,
-        runtime_env={"working_dir": str(work), "excludes": EXCLUDES},
+        runtime_env={"working_dir": str(work), "excludes": EXCLUDES, **({"env_vars": env_vars} if env_vars else {})},
         metadata={"tgdpo_kind": config.kind, "tgdpo_run": config.run.name, "tgdpo_spec": spec},
     )
     return submission_id

@@ -17,6 +17,11 @@ class ClusterError(UserError, RuntimeError):
 
 # Seconds to wait for a TCP connection to the cluster's address before calling it unreachable.
 RAY_CONNECT_TIMEOUT_S = 5.0
+# What the trackers and the Hub read from the environment. A driver that joins a running cluster from a shell
+# hands those that are set to the job's processes through Ray's runtime environment (the cluster's processes
+# never saw this shell); a Ray job already has its own (tgdpo-ray submit --env), and a local Ray inherits them.
+FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY", "MLFLOW_TRACKING_URI",
+                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
 
 
 def start_ray(config: JobConfig, log_to_driver: bool = True) -> None:
@@ -30,9 +35,18 @@ def start_ray(config: JobConfig, log_to_driver: bool = True) -> None:
         return
     if config.ray.address or os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job RAY_ADDRESS names the cluster; local-only settings do not apply there.
-        connect_to_cluster(config, log_to_driver=log_to_driver)
+        connect_to_cluster(config, log_to_driver=log_to_driver, **forwarded_env())
     else:
         ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, log_to_driver=log_to_driver)
+
+
+def forwarded_env() -> dict:
+    """ray.init's runtime_env with FORWARDED_ENV's variables that are set, for a driver outside a Ray job (inside
+    one, Ray would refuse a second value for a variable the job already sets)."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set in a Ray job's driver
+        return {}
+    present = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    return {"runtime_env": {"env_vars": present}} if present else {}
 
 
 def connect_to_cluster(config: JobConfig, **init_options) -> None:

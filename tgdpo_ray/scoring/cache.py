@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tgdpo_ray.common.model_files import weights_identity
+from tgdpo_ray.common.progress import every_few_seconds, time_left
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 
 CACHE_FORMAT = 2  # bump when the meaning of the cached columns changes
@@ -26,6 +27,7 @@ ROWS_PER_FILE = 20_000
 # A cache of at most this many bytes is read by the driver itself: each of Ray Data's read tasks costs a process
 # start, seconds that dwarf reading a few MB. Larger caches are read by Ray Data's tasks, never whole here.
 DRIVER_READ_BYTES = 64 * 2**20
+PROGRESS_EVERY = 20.0  # seconds between the lines of a split being scored into the cache
 
 
 def resolve_filesystem(uri: str):
@@ -92,14 +94,37 @@ def cached_scored_dataset(split, config: JobConfig, pad_id: int, log=print):
         clear_partial(filesystem, folder, log)
         log(f"[cache] {split.name}: scoring {len(split)} pairs into {where}")
         started = time.perf_counter()
-        # Few large files: every read task costs a process start, which dwarfs reading a small file.
-        scored_dataset(split.pairs, len(split), config, pad_id).write_parquet(folder, filesystem=filesystem,
-                                                                              min_rows_per_file=ROWS_PER_FILE)
+        watching = watch_scoring(config, split.name, len(split), log)
+        try:
+            # Few large files: every read task costs a process start, which dwarfs reading a small file.
+            scored_dataset(split.pairs, len(split), config, pad_id).write_parquet(folder, filesystem=filesystem,
+                                                                                  min_rows_per_file=ROWS_PER_FILE)
+        finally:
+            watching.set()
         write_marker(filesystem, folder, {"pairs": len(split), "split": split.name, "fingerprint": key,
                                           "scorers": identity, "seconds": time.perf_counter() - started})
         log(f"[cache] {split.name}: scored in {time.perf_counter() - started:.1f}s")
     # Read once into the object store (spilled to disk if large): later epochs start without read tasks.
     return read_cache(filesystem, folder)
+
+
+def watch_scoring(config: JobConfig, name: str, pairs: int, log):
+    """A line every PROGRESS_EVERY seconds while a split is scored into the cache: each pool's pairs so far, from the
+    pools' batch logs in the run folder (silent on a cluster without a shared run folder), and the time left at
+    the slowest pool's rate."""
+    from tgdpo_ray.train.tracking import ScorerThroughput
+
+    throughput = ScorerThroughput(config.run_dir)
+    before = {pool: totals.pairs for pool, totals in throughput.read().items()}  # an earlier split's pairs
+
+    def report(seconds: float) -> None:
+        done = {pool: totals.pairs - before.get(pool, 0) for pool, totals in throughput.read().items()}
+        slowest = min(done.values(), default=0)
+        scored = ", ".join(f"{pool} {count}/{pairs}" for pool, count in sorted(done.items())) or f"0/{pairs}"
+        log(f"[cache] {name}: pairs scored: {scored}; {seconds:.0f} s so far {time_left(slowest, pairs, seconds)}"
+            .rstrip())
+
+    return every_few_seconds(report, PROGRESS_EVERY)
 
 
 def read_cache(filesystem, folder: str):

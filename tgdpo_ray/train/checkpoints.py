@@ -93,11 +93,11 @@ class CheckpointSpaceError(UserError, RuntimeError):
 
 
 def save_checkpoint(engine, state: dict, config: dict, rank: int, also_write: Optional[Callable[[Path], None]] = None,
-                    expected_bytes: int = 0, storage: Optional[Path] = None) -> int:
+                    expected_bytes: int = 0, storage: Optional[Path] = None, metrics: Optional[dict] = None) -> int:
     """A collective call: every worker saves its DeepSpeed shard and RNG, rank 0 the state of the loop (with the
     ids of the pairs of its epoch already trained) and the job config (a dict) it was made under, and
     `also_write(folder)` adds what else every checkpoint holds (the Hugging Face export); then every worker reports
-    its folder to Ray Train, which copies it to storage.
+    its folder to Ray Train, which copies it to storage, with `metrics` (rank 0's are the ones Ray keeps).
 
     Free space is checked first: in the temporary folder for `expected_bytes` (this worker's previous checkpoint;
     at least AdamW's moments of its share of the weights), then in `storage`, when local, for what was written.
@@ -120,7 +120,7 @@ def save_checkpoint(engine, state: dict, config: dict, rank: int, also_write: Op
         if storage is not None:
             require_space(storage, written, what)
         # Returns once this worker's files are in storage; the checkpoint counts when every worker's are.
-        ray.train.report({"step": state["step"], "epoch": state["epoch"]},
+        ray.train.report({**(metrics or {}), "step": state["step"], "epoch": state["epoch"]},
                          checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
     return written
 

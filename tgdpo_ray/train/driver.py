@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from tgdpo_ray.config.loader import dump_config
 from tgdpo_ray.data.tokenize_pass import TokenizedSplit, tokenize_split
 from tgdpo_ray.modeling.loading import check_models_agree, load_tokenizer
 from tgdpo_ray.runtime.placement import check_fits, torch_backend, training_groups
+from tgdpo_ray.train.model_card import write_model_card
 from tgdpo_ray.train.schedule import HELD_OUT, STREAM, epoch_order, epoch_shape
 
 
@@ -142,7 +144,7 @@ def run_score(config: JobConfig, log=print) -> dict:
 
 def run_train(config: JobConfig, log=print) -> dict:
     """One training run; returns the summary that the trainer wrote to <run_dir>/summary.json."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tgdpo_ray.train.checkpoints import checkpoint_storage, check_resumable, delete_checkpoints, resumed_epoch
@@ -187,21 +189,53 @@ def run_train(config: JobConfig, log=print) -> dict:
         # Ray Train stores the checkpoints, keeps the newest few and hands the latest to restarted workers and
         # to a new run of the same job (checkpoints.py).
         run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints or None),
+                             checkpoint_config=checkpoint_config(training),
                              failure_config=FailureConfig(max_failures=config.training.max_failures)),
     )
     log(f"[run] {config.loss.type} on {policy.workers} policy worker(s), ZeRO-{policy.zero_stage}, "
         f"{total_steps} optimizer steps; outputs in {run_dir}")
     started = time.perf_counter()
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; surface its message, keep the chain
         raise RunError(f"training run {config.run.name!r} failed{worker_error(err)}") from err
     summary_file = RunDir(run_dir).summary  # written by the trainers' rank 0
     summary = json.loads(summary_file.read_text())
     summary["wall_seconds"] = time.perf_counter() - started
+    summary["data_fingerprint"] = train.digest
+    if training.keep_best is not None:
+        summary["best_checkpoint"] = export_best(result, config, log)
     summary_file.write_text(json.dumps(summary, indent=2))
+    write_model_card(summary["model_dir"], config, summary)
     return summary
+
+
+def checkpoint_config(training):
+    """Ray Train's retention: the newest keep_checkpoints, or the best by keep_best (Ray keeps the newest as
+    well, which a resumed run needs)."""
+    from ray.train import CheckpointConfig
+
+    best = training.keep_best
+    return CheckpointConfig(num_to_keep=training.keep_checkpoints or None,
+                            checkpoint_score_attribute=best.metric if best else None,
+                            checkpoint_score_order=best.mode if best else "max")
+
+
+def export_best(result, config: JobConfig, log=print) -> dict:
+    """The best checkpoint by keep_best, from Ray's Result: its name and metric; with export best, its Hugging
+    Face folder replaces <run>/model (the tokenizer files come with it)."""
+    best = config.training.keep_best
+    checkpoint = result.get_best_checkpoint(best.metric, best.mode)
+    metrics = dict(next(m for c, m in result.best_checkpoints if c.path == checkpoint.path))
+    chosen = {"checkpoint": Path(checkpoint.path).name, "step": metrics["step"], best.metric: metrics[best.metric]}
+    if config.training.export == "best":
+        model = RunDir(config.run_dir).model
+        with checkpoint.as_directory() as folder:
+            shutil.rmtree(model, ignore_errors=True)
+            shutil.copytree(Path(folder) / "hf", model)
+        log(f"[run] exported the best checkpoint, step {chosen['step']} ({best.metric} {chosen[best.metric]:.4g}), "
+            f"to {model}")
+    return chosen
 
 
 def worker_error(err: Exception) -> str:

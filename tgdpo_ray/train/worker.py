@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tgdpo_ray.common.progress import time_left
 from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.loader import import_function
@@ -34,7 +35,7 @@ from tgdpo_ray.modeling.loading import disable_dropout, load_causal_lm, load_tok
 from tgdpo_ray.runtime.placement import pick_device, record_placement
 from tgdpo_ray.train.checkpoints import load_checkpoint, local_storage, save_checkpoint
 from tgdpo_ray.train.schedule import HELD_OUT, STREAM, StepShare, StreamParts, deal_step, plan_steps
-from tgdpo_ray.train.tracking import MetricsLog, ScorerThroughput, memory_metrics
+from tgdpo_ray.train.tracking import MetricsLog, ScorerThroughput, memory_metrics, scalars
 
 SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
 
@@ -333,12 +334,16 @@ def load_policy(config: JobConfig, device):
     return model
 
 
-def step_line(state: TrainState, total_steps: int, result: StepResult, record: dict) -> str:
+def step_line(state: TrainState, total_steps: int, result: StepResult, record: dict, steps_here: int,
+              last_step: int) -> str:
+    """The step's progress line; the time left to last_step (max_steps or the schedule's end) is at the rate of
+    this process's steps so far (evaluations, probes and checkpoints included)."""
     metrics = result.metrics
     norm = "" if result.grad_norm is None else f" grad norm {result.grad_norm:.3f}"
+    eta = time_left(steps_here, steps_here + last_step - state.step, record["elapsed_seconds"])
     return (f"[train] step {state.step}/{total_steps} epoch {state.epoch} loss {metrics['loss']:.4f} "
             f"acc {metrics['reward_accuracy']:.2f} margin {metrics['reward_margin']:.4f} lr {result.lr:.2e}{norm} "
-            f"tok/s {record['tokens_per_second']:.0f} data wait {record['data_wait_seconds']:.2f}s")
+            f"tok/s {record['tokens_per_second']:.0f} data wait {record['data_wait_seconds']:.2f}s {eta}")
 
 
 def eval_line(state: TrainState, metrics: dict) -> str:
@@ -388,6 +393,9 @@ class Trainer:
             self.rows = Waited(stream)
             self.parts = StreamParts(self.rows)
             self.held_out_rows = list(self.parts.rows_of(HELD_OUT)) if has_eval else None
+        self.last_step_scalars: dict = {}  # rank 0: the numbers of the last step, reported with a checkpoint
+        self.first_step = self.state.step  # where this process began: its steps give the time left
+        self.last_step = min(total_steps, self.training.max_steps or total_steps)
         self.started = time.perf_counter()
 
     def fit(self) -> None:
@@ -451,10 +459,12 @@ class Trainer:
                       "data_wait_seconds": self.rows.take_seconds(), "step_seconds": step_seconds,
                       "elapsed_seconds": time.perf_counter() - self.started, "time": time.time(),
                       "pair_ids": share.step_pair_ids, **memory_metrics()}
+            self.last_step_scalars = scalars(record)
             line = None
             if state.step % self.training.log_every == 0 or state.step == 1:
                 record.update(self.scorer_throughput())
-                line = step_line(state, self.total_steps, result, record)
+                line = step_line(state, self.total_steps, result, record, state.step - self.first_step,
+                                 self.last_step)
             self.log.write(record, line)
         return share
 
@@ -480,16 +490,29 @@ class Trainer:
         self.probed_step = self.state.step
 
     def checkpoint(self) -> None:
-        """A checkpoint of the engine and the state (none with keep_checkpoints 0)."""
+        """A checkpoint of the engine and the state (none with keep_checkpoints 0), reported to Ray Train with the
+        last step's metrics and the last held-out ones (Result.metrics_dataframe, and keep_best's scoring, which
+        gets a fresh evaluation when it ranks by a held-out metric)."""
         if self.training.keep_checkpoints:
+            best = self.training.keep_best
+            if best and best.metric.startswith("eval/") and self.has_eval \
+                    and self.state.last_eval_step != self.state.step:
+                self.evaluate()
+
             def hf_export(folder: Path) -> None:
                 save_hf_model(self.engine, self.tokenizer, folder / "hf", self.config.policy.zero_stage, self.rank)
 
             self.checkpoint_bytes = save_checkpoint(
                 self.engine, asdict(self.state), self.config.model_dump(mode="json"), self.rank,
                 hf_export if self.training.checkpoint_hf_export else None,
-                expected_bytes=self.checkpoint_bytes, storage=self.storage)
+                expected_bytes=self.checkpoint_bytes, storage=self.storage, metrics=self.reported_metrics())
         self.saved_step = self.state.step
+
+    def reported_metrics(self) -> dict:
+        """What a checkpoint reports to Ray Train (rank 0's counts): the step, the epoch, the last step's scalars
+        and the last held-out metrics as eval/<name>."""
+        held_out = {f"eval/{key}": value for key, value in scalars(self.state.last_eval or {}).items()}
+        return {**self.last_step_scalars, **held_out, "step": self.state.step, "epoch": self.state.epoch}
 
     def finish(self, complete: bool) -> None:
         """The policy in Hugging Face format in <run>/model, and the run's summary.json."""
@@ -521,4 +544,8 @@ def train_loop(loop_config: dict) -> None:
         stream = read_ahead(ray.train.get_dataset_shard(STREAM).iter_rows())
     trainer = Trainer(config, loop_config["total_steps"], loop_config["has_eval"], stream, rank, world_size,
                       pick_device())
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        trainer.log.close(failed=True)  # the trackers' runs end marked failed; a restart resumes them
+        raise

@@ -91,9 +91,11 @@ class Experiment:
                                  "every": self.spec.probe_every,
                                  "arguments": {"examples": str(probe), "reference": model, "marker": task.marker,
                                                "slot_line_tokens": task.slot_line_tokens}}
-        defaults = {"scoring": {"cache_dir": str(self.out / "cache")}}
+        # With trackers on, every run is one of the experiment's group, its arm the job type.
+        defaults = {"scoring": {"cache_dir": str(self.out / "cache")}, "tracking": {"group": self.out.name}}
         raw = merged(merged(defaults, self.spec.job), {
             "kind": "train", "run": {"name": name, "output_dir": str(folder), "seed": seed},
+            "tracking": {"job_type": name},
             "data": {"train": {"path": str(train)}}, "loss": {"type": loss, **(loss_options or {})},
             "training": training,
             "policy": {"model": model}, "guidance": guidance or {}})
@@ -256,6 +258,7 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
                    command: Optional[str] = None) -> dict:
     """Every run of the experiment, then the report (report.py); returns the results."""
     from tgdpo_ray.runtime.ray_start import start_ray
+    from tgdpo_ray.train.checkpoints import delete_checkpoints
     from tgdpo_ray.train.driver import run_train
 
     from tgdpo_ray.common.provenance import provenance
@@ -287,6 +290,9 @@ def run_experiment(config_path: str, overrides: Optional[list[str]] = None, log=
             starts = {"resume": not retrained, "on_config_change": "restart"}
             config = run.config.model_copy(update={"run": run.config.run.model_copy(update=starts)})
             run_train(ready_to_run(config, experiment.source), log=lambda line: None)
+            # Kept runs need their model and metrics only: a SmolLM2 checkpoint is 1.5 GB, and 26 of them filled
+            # this machine's disk during the real experiment.
+            delete_checkpoints(config)
             note = f"{time.perf_counter() - begun:.0f}s"
         curve = probe_curve(run.config.run_dir)
         with lock:
