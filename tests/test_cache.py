@@ -41,9 +41,11 @@ def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp
     printed = []
     scored = run_score(job(tiny_model, demo_data, tmp_path, "score"), log=printed.append)
     assert scored["pairs"] == {"train": 64, "eval": 16}
-    # While a split is scored, each pool's pairs of that split so far, and the time left.
+    # While a split is scored, a line every PROGRESS_EVERY seconds: each pool's pairs of that split so far (the
+    # count itself: tests/test_progress.py), and the time left once a batch is in.
     progress = [line for line in printed if line.startswith("[cache] train: pairs scored: ")]
-    assert any(re.search(r"guidance \d+/64, reference \d+/64; \d+ s so far ETA", line) for line in progress), printed
+    assert progress and all(re.fullmatch(r"\[cache\] train: pairs scored: guidance \d+/64, reference \d+/64; "
+                                         r"\d+ s so far( ETA \d+s)?", line) for line in progress), printed
     folders = sorted(p for p in (tmp_path / "cache").iterdir())
     assert len(folders) == 2 and all((folder / MARKER).exists() for folder in folders)
     assert roles(tmp_path / "runs" / "score") == {"reference", "guidance"}

@@ -38,6 +38,10 @@ def fastchat_root() -> Path:
 
 @pytest.fixture(scope="module")
 def common():
+    return fastchat_common()
+
+
+def fastchat_common():
     """FastChat's fastchat/llm_judge/common.py, imported as FastChat's own scripts import it (`fastchat` on the
     path: it imports fastchat.model.model_adapter)."""
     root = str(fastchat_root())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import trained_pair_ids
+from conftest import trained_pair_ids, wandb_runs
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.experiments.demo import make_demo_model
 from tgdpo_ray.train.checkpoints import checkpoint_storage
@@ -110,10 +110,11 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint(ray_cluster, tiny
     assert [r["step"] for r in records] == list(range(1, outcome["summary"]["steps"] + 1))  # no step twice
     assert any(r["time"] < killed for r in records)  # resumed from a checkpoint: the lines up to it were kept
     assert trained_pair_ids(config.run_dir) == {0: list(range(128)), 1: list(range(128))}
-    # The restarted worker continued the run's own W&B run (one id, kept in tracking.json) from its checkpoint.
+    # The restarted worker continued the run's own W&B run (the id kept in tracking.json) from its checkpoint. The
+    # killed worker's offline file may lack its records: W&B's service died with it before writing them.
     runs = wandb_runs(config.run_dir)
-    assert len(runs) == 2 and {run["id"] for run in runs} == {json.loads((config.run_dir / "tracking.json")
-                                                                          .read_text())["wandb_run_id"]}
+    run_id = json.loads((config.run_dir / "tracking.json").read_text())["wandb_run_id"]
+    assert len(runs) == 2 and runs[1]["id"] == run_id and runs[0].get("id", run_id) == run_id
     resumed_from = runs[1]["steps"][0] - 1
     assert resumed_from % 4 == 0 and runs[1]["steps"] == list(range(resumed_from + 1, outcome["summary"]["steps"] + 1))
     assert runs[1]["exit_code"] == 0

@@ -69,7 +69,7 @@ def test_every_stage_of_the_real_pipeline_runs_with_the_real_model(ray_cluster, 
     assert card.data.library_name == "transformers" and card.data.tags == ["tgdpo-ray", "tgdpo"]
     assert card.data.base_model is None  # a local start: named in the body, not as a Hub id
     assert f"Started from: `{smollm2}`" in card.text
-    assert "tgdpo, β 0.1, α 0.5" in card.text and f"guidance {run_dir / 'dpo' / 'model'}" in card.text
+    assert "tgdpo, β 0.1, α 0.5" in card.text and f"guidance {run_dir / 'dpo' / 'model'} (implicit)" in card.text
     assert f"fingerprint `{pipeline['runs']['tgdpo']['data_fingerprint']}`" in card.text
     assert f"Mean score {rates['tgdpo']['rate']:.2f}" in card.text and "evaluated as 'tgdpo'" in card.text
 

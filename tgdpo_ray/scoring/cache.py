@@ -116,11 +116,13 @@ def watch_scoring(config: JobConfig, name: str, pairs: int, log):
 
     throughput = ScorerThroughput(config.run_dir)
     before = {pool: totals.pairs for pool, totals in throughput.read().items()}  # an earlier split's pairs
+    pools = ["reference"] * config.needs_reference + ["guidance"] * (config.guidance_kind in SCORED_GUIDANCE)
 
     def report(seconds: float) -> None:
-        done = {pool: totals.pairs - before.get(pool, 0) for pool, totals in throughput.read().items()}
-        slowest = min(done.values(), default=0)
-        scored = ", ".join(f"{pool} {count}/{pairs}" for pool, count in sorted(done.items())) or f"0/{pairs}"
+        totals = throughput.read()
+        done = {pool: (totals[pool].pairs if pool in totals else 0) - before.get(pool, 0) for pool in pools}
+        slowest = min(done.values(), default=0)  # a pool that has not logged yet has scored none
+        scored = ", ".join(f"{pool} {count}/{pairs}" for pool, count in sorted(done.items()))
         log(f"[cache] {name}: pairs scored: {scored}; {seconds:.0f} s so far {time_left(slowest, pairs, seconds)}"
             .rstrip())
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.config.loader import looks_local
 
 CARD = "README.md"
@@ -36,7 +36,9 @@ def loss_parameters(config: JobConfig) -> str:
         parts.append(f"α {loss.alpha:g}")
         parts += [name for name in ("clamp_weights", "center_guidance", "shuffle_guidance", "normalize_weights")
                   if getattr(loss, name)]
-        parts.append(f"guidance {config.guidance.model if config.guidance_kind == 'model' else config.guidance_kind}")
+        kind = config.guidance_kind  # implicit or token_reward_model: a guidance model scores; column: the data
+        parts.append(f"guidance {config.guidance.model} ({kind})" if kind in SCORED_GUIDANCE
+                     else "guidance rewards from the data's columns")
     if loss.type == "simpo":
         parts.append(f"γ {loss.simpo_gamma:g}")
     return ", ".join(parts)
