@@ -97,9 +97,9 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
     tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, accumulation=2, packing="shared_prompt",
                    guidance={"model": dpo_summary["model_dir"]})
     tgdpo_summary = run_train(tgdpo)
-    # One epoch, a checkpoint every 4 steps; the best by held-out loss is kept (with the newest) and exported.
+    # One epoch, a checkpoint every 16 steps; the best by held-out loss is kept (with the newest) and exported.
     simpo = config("simpo", "simpo", zero_stage=0, workers=1, checkpointing=True,
-                   training={"epochs": 1, "checkpoint_every": 4, "keep_checkpoints": 1, "checkpoint_hf_export": True,
+                   training={"epochs": 1, "checkpoint_every": 16, "keep_checkpoints": 1, "checkpoint_hf_export": True,
                              "keep_best": {"metric": "eval/loss", "mode": "min"}, "export": "best"})
     simpo_summary = run_train(simpo)
     return {"dpo": (dpo, dpo_summary), "tgdpo": (tgdpo, tgdpo_summary), "simpo": (simpo, simpo_summary)}
@@ -234,8 +234,8 @@ def test_the_best_checkpoint_by_a_held_out_metric_is_kept_reported_and_exported(
     config, summary = runs["simpo"]
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     held_out = {record["step"]: record["eval"]["loss"] for record in records if "eval" in record}
-    checkpointed = [step for step in held_out if step % 4 == 0 or step == summary["steps"]]
-    assert len(checkpointed) >= 3  # each checkpoint was scored on a fresh evaluation
+    checkpointed = [step for step in held_out if step % 16 == 0 or step == summary["steps"]]
+    assert len(checkpointed) >= 2  # each checkpoint was scored on a fresh evaluation
     best = min(checkpointed, key=held_out.get)
     assert summary["best_checkpoint"]["step"] == best and summary["best_checkpoint"]["eval/loss"] == held_out[best]
     # Ray's own Result of the run: the kept checkpoints' metrics, the training loss among them.

@@ -20,6 +20,7 @@ from pathlib import Path
 from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.common.progress import every_few_seconds, time_left
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
+from tgdpo_ray.scoring.throughput import ScorerThroughput
 
 CACHE_FORMAT = 2  # bump when the meaning of the cached columns changes
 MARKER = "_COMPLETE.json"
@@ -112,8 +113,6 @@ def watch_scoring(config: JobConfig, name: str, pairs: int, log):
     """A line every PROGRESS_EVERY seconds while a split is scored into the cache: each pool's pairs so far, from the
     pools' batch logs in the run folder (silent on a cluster without a shared run folder), and the time left at
     the slowest pool's rate."""
-    from tgdpo_ray.train.tracking import ScorerThroughput
-
     throughput = ScorerThroughput(config.run_dir)
     before = {pool: totals.pairs for pool, totals in throughput.read().items()}  # an earlier split's pairs
     pools = ["reference"] * config.needs_reference + ["guidance"] * (config.guidance_kind in SCORED_GUIDANCE)

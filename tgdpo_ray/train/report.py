@@ -10,7 +10,7 @@ from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.common.plotting import pyplot
 from tgdpo_ray.common.run_dir import RunDir
-from tgdpo_ray.train.tracking import ScorerThroughput
+from tgdpo_ray.scoring.throughput import ScorerThroughput
 
 
 class ReportError(UserError):

@@ -33,9 +33,10 @@ from tgdpo_ray.kernels.losses import (MAX_KEYS, TOKEN_SUM_KEYS, WEIGHT_BINS, Los
 from tgdpo_ray.kernels.step import StepSettings, micro_batch_loss, prepare_policy
 from tgdpo_ray.modeling.loading import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
 from tgdpo_ray.runtime.placement import pick_device, record_placement
+from tgdpo_ray.scoring.throughput import ScorerThroughput
 from tgdpo_ray.train.checkpoints import load_checkpoint, local_storage, save_checkpoint
 from tgdpo_ray.train.schedule import HELD_OUT, STREAM, StepShare, StreamParts, deal_step, plan_steps
-from tgdpo_ray.train.tracking import MetricsLog, ScorerThroughput, memory_metrics, scalars
+from tgdpo_ray.train.tracking import MetricsLog, memory_metrics, scalars
 
 SUM_KEYS = ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "correct_sum", "pairs")
 
