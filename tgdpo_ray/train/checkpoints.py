@@ -40,6 +40,7 @@ RESUMABLE_KEYS = (
     "kind", "run.resume", "run.on_config_change", "run.output_dir", "run.checkpoint_storage",
     "training.max_steps", "training.keep_checkpoints", "training.max_failures", "training.log_every",
     "training.checkpoint_every", "training.checkpoint_hf_export", "training.eval_every", "training.logp_chunk_size",
+    "training.keep_best", "training.export",
     "policy.cpus_per_worker", "policy.node_labels", "policy.resources", "data.tokenize", "scoring", "tracking",
     "ray", "eval", "pairs",
     *(f"{scorer}.{key}" for scorer in ("reference", "guidance")
