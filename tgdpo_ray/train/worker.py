@@ -394,7 +394,7 @@ class Trainer:
             self.rows = Waited(stream)
             self.parts = StreamParts(self.rows)
             self.held_out_rows = list(self.parts.rows_of(HELD_OUT)) if has_eval else None
-        self.last_step_scalars: dict = {}  # rank 0: the numbers of the last step, reported with a checkpoint
+        self.last_step_record: dict = {}  # rank 0: the last step's record, whose numbers a checkpoint reports
         self.first_step = self.state.step  # where this process began: its steps give the time left
         self.last_step = min(total_steps, self.training.max_steps or total_steps)
         self.started = time.perf_counter()
@@ -460,7 +460,7 @@ class Trainer:
                       "data_wait_seconds": self.rows.take_seconds(), "step_seconds": step_seconds,
                       "elapsed_seconds": time.perf_counter() - self.started, "time": time.time(),
                       "pair_ids": share.step_pair_ids, **memory_metrics()}
-            self.last_step_scalars = scalars(record)
+            self.last_step_record = record
             line = None
             if state.step % self.training.log_every == 0 or state.step == 1:
                 record.update(self.scorer_throughput())
@@ -513,7 +513,7 @@ class Trainer:
         """What a checkpoint reports to Ray Train (rank 0's counts): the step, the epoch, the last step's scalars
         and the last held-out metrics as eval/<name>."""
         held_out = {f"eval/{key}": value for key, value in scalars(self.state.last_eval or {}).items()}
-        return {**self.last_step_scalars, **held_out, "step": self.state.step, "epoch": self.state.epoch}
+        return {**scalars(self.last_step_record), **held_out, "step": self.state.step, "epoch": self.state.epoch}
 
     def finish(self, complete: bool) -> None:
         """The policy in Hugging Face format in <run>/model, and the run's summary.json."""
