@@ -46,6 +46,29 @@ def test_cache_mode_never_starves_training(tiny_model, demo_data, big_guidance):
     assert make_plan(job(tiny_model, demo_data, big_guidance, "scoring.mode=cache"))["warnings"] == []
 
 
+def test_the_memory_of_a_full_and_a_lora_run_per_worker(tiny_model, demo_data, big_guidance):
+    from tgdpo_ray.config.job import LoraSection
+    from tgdpo_ray.modeling.loading import load_causal_lm
+    from tgdpo_ray.modeling.lora import add_adapters
+
+    plan = make_plan(job(tiny_model, demo_data, big_guidance, "policy.lora={r: 4}", "policy.zero_stage=3"))
+    memory = plan["memory"]
+    # Counted on the meta device, exactly as many as the real model and its adapters have.
+    real = add_adapters(load_causal_lm(tiny_model), LoraSection(r=4), seed=0)
+    trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert memory["lora_trainable"] == trainable
+    assert memory["parameters"] == sum(p.numel() for p in real.parameters()) - trainable
+    # Six bf16 workers (GPU workers, precision auto) under ZeRO-3: 2 + 2 + 12 bytes per trainable weight, and 2
+    # per frozen one, all split six ways.
+    gib = memory["gib_per_worker"]
+    full, base = gib["full"] * 2**30, memory["parameters"]
+    assert full == pytest.approx(16 * base / 6, abs=1)
+    assert gib["lora"] * 2**30 == pytest.approx((2 * base + 16 * trainable) / 6, abs=1)
+    lines = format_plan(plan).splitlines()
+    assert any(line.startswith("  LoRA r 4") and line.endswith("<- this job") for line in lines)
+    assert make_plan(job(tiny_model, demo_data, big_guidance))["memory"]["this_job"] == "full"
+
+
 def test_cluster_too_small(tiny_model, demo_data, big_guidance):
     plan = make_plan(job(tiny_model, demo_data, big_guidance, "scoring.mode=cache"), parse_cluster("gpus=4,cpus=64"))
     assert plan["warnings"] == ["the job needs at least 8 GPUs at once; the cluster has 4"]

@@ -36,6 +36,11 @@ class RunDir:
         return self.path / "model"
 
     @property
+    def adapter(self) -> Path:
+        """A LoRA run's adapters alone, in peft's layout (<run>/model holds them merged)."""
+        return self.path / "adapter"
+
+    @property
     def placement(self) -> Path:
         """One JSON file per process: its role, node and GPUs."""
         return self.path / "placement"

@@ -246,6 +246,31 @@ class TrainingSection(Section):
 Precision = Literal["auto", "bf16", "fp32"]
 
 
+# Llama's, Qwen's and Mistral's linear layers: every projection of attention and of the MLP.
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The log-prob kernels read the output head's weight directly, and small models tie it to the embeddings: an
+# adapter on either would be skipped or would change both.
+LORA_REFUSED_TARGETS = ("lm_head", "embed_tokens")
+
+
+class LoraSection(Section):
+    r: int = Field(default=16, gt=0, description="the adapters' rank")
+    alpha: float = Field(default=32, gt=0, description="the adapters' scale is alpha / r")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] = Field(
+        default=list(LORA_DEFAULT_TARGETS), min_length=1,
+        description="names of the linear layers that get adapters (a module matches when its name ends with one)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_head_or_embeddings(cls, value: list[str]) -> list[str]:
+        refused = sorted(set(value) & set(LORA_REFUSED_TARGETS))
+        if refused:
+            raise ValueError(f"{', '.join(refused)} cannot take adapters here: the log-prob kernels read the output "
+                             "head's weight directly, and tied embeddings share it")
+        return value
+
+
 class PolicySection(Placement):
     model: str = Field(description="the model to train: a Hugging Face hub name or a local path")
     trust_remote_code: bool = Field(default=False, description="let transformers run the model's own code")
@@ -260,6 +285,9 @@ class PolicySection(Placement):
         "gloo otherwise")
     disable_dropout: bool = Field(default=True, description="dropout off in the policy, as the authors' trainer "
                                   "and TRL do for DPO: training log-probs match eval's")
+    lora: Optional[LoraSection] = Field(
+        default=None, description="train low-rank adapters (peft's LoRA) instead of every weight; null: a full "
+        "fine-tune. The export is the merged model, with the adapters beside it in <run>/adapter")
 
 
 class ScorerSection(Placement):

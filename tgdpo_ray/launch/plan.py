@@ -1,9 +1,15 @@
-"""`tgdpo-ray plan`: the GPUs each group of a job takes, and the scorer replicas that keep the trainers fed.
+"""`tgdpo-ray plan`: the GPUs each group of a job takes, the scorer replicas that keep the trainers fed, and the
+memory each policy worker's model states take, full fine-tune against LoRA.
 
 The rule of thumb: a frozen forward costs about a third of a training step per token (a step is a forward
 and a backward twice its cost). Every pair goes once through each scorer pool and once through the trainers,
 so a pool whose model is as large as the policy needs a third of the trainers' GPUs, scaled by its model's
 size relative to the policy's.
+
+Model states follow ZeRO's accounting (Rajbhandari et al., 2020): the working weights, their gradients, and
+AdamW's two fp32 moments (with an fp32 master copy under bf16), of which ZeRO-1 splits the optimizer state over
+the workers, ZeRO-2 the gradients too, ZeRO-3 the weights too. Under LoRA only the adapters have gradients and
+optimizer state; the frozen base costs its weights alone. Activations come on top.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Optional
 
 from tgdpo_ray.common.model_files import model_files
 from tgdpo_ray.config.base import ConfigError
-from tgdpo_ray.config.job import JobConfig
+from tgdpo_ray.config.job import JobConfig, LoraSection
 from tgdpo_ray.runtime.placement import training_groups
 
 FORWARD_SHARE_OF_STEP = 1 / 3
@@ -37,6 +43,52 @@ def parameter_count(name_or_path: str) -> Optional[int]:
     mlp = 3 * hidden * intermediate
     embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
     return layers * (attention + mlp) + embeddings
+
+
+def adapted_counts(name_or_path: str, lora: LoraSection, trust_remote_code: bool = False) -> Optional[dict]:
+    """{parameters, trainable_parameters} of the policy with `lora`'s adapters, counted exactly on a copy of the
+    model built on the meta device (no weights read); None when its config is not at hand."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tgdpo_ray.modeling.lora import add_adapters, parameter_counts
+
+    folder = model_files(name_or_path)
+    if folder is None or not (folder / "config.json").exists():
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=
+                                                                           trust_remote_code))
+    return parameter_counts(add_adapters(model, lora, seed=0))
+
+
+def model_state_bytes(parameters: int, trainable: int, workers: int, zero_stage: int, bf16: bool) -> int:
+    """Bytes of one worker's weights, gradients and optimizer state (the module docstring's accounting)."""
+    weight = 2 if bf16 else 4
+    optimizer = 8 + (4 if bf16 else 0)  # AdamW's moments, and the fp32 master copy of bf16 weights
+    return int(weight * parameters / (workers if zero_stage == 3 else 1)
+               + weight * trainable / (workers if zero_stage >= 2 else 1)
+               + optimizer * trainable / (workers if zero_stage >= 1 else 1))
+
+
+def training_memory(config: JobConfig) -> Optional[dict]:
+    """Each policy worker's model-state GiB as a full fine-tune and with LoRA (policy.lora, or its defaults), at
+    the job's workers, ZeRO stage and precision (auto: bf16 on GPU workers); None when the model's config is not
+    at hand."""
+    policy = config.policy
+    lora = policy.lora or LoraSection()
+    adapted = adapted_counts(policy.model, lora, policy.trust_remote_code)
+    if adapted is None:
+        return None
+    base = adapted["parameters"] - adapted["trainable_parameters"]
+    bf16 = policy.precision == "bf16" or (policy.precision == "auto" and policy.gpus_per_worker > 0)
+    each = {"full": model_state_bytes(base, base, policy.workers, policy.zero_stage, bf16),
+            "lora": model_state_bytes(adapted["parameters"], adapted["trainable_parameters"], policy.workers,
+                                      policy.zero_stage, bf16)}
+    return {"parameters": base, "lora_trainable": adapted["trainable_parameters"], "lora_r": lora.r,
+            "gib_per_worker": {key: value / 2**30 for key, value in each.items()},
+            "this_job": "lora" if policy.lora else "full", "dtype": "bf16" if bf16 else "fp32",
+            "workers": policy.workers, "zero_stage": policy.zero_stage}
 
 
 def parse_cluster(text: str) -> dict[str, float]:
@@ -80,7 +132,8 @@ def make_plan(config: JobConfig, cluster: Optional[dict[str, float]] = None) -> 
         warnings.append(f"the scorer pools can only grow to {cluster.get('GPU', 0) - total[0]:g} spare GPUs of the "
                         f"{total[1] - total[0]:g} their maximum sizes ask for")
     return {"groups": rows, "total_gpus": total, "pools": pools, "cluster": cluster, "warnings": warnings,
-            "sizes_known": policy_params is not None, "pairs_stage": pairs_stage(config)}
+            "sizes_known": policy_params is not None, "pairs_stage": pairs_stage(config),
+            "memory": training_memory(config)}
 
 
 def pairs_stage(config: JobConfig) -> Optional[str]:
@@ -129,6 +182,16 @@ def format_data(data: dict) -> list[str]:
     return lines
 
 
+def format_memory(memory: dict) -> list[str]:
+    gib = memory["gib_per_worker"]
+    mark = {key: " <- this job" if memory["this_job"] == key else "" for key in gib}
+    return [f"policy model states per worker ({memory['dtype']}, ZeRO-{memory['zero_stage']}, {memory['workers']} "
+            "worker(s); weights, gradients and AdamW state, activations on top):",
+            f"  full fine-tune {gib['full']:>10.2f} GiB  ({memory['parameters']:,} trainable){mark['full']}",
+            f"  LoRA r {memory['lora_r']:<7} {gib['lora']:>10.2f} GiB  ({memory['lora_trainable']:,} trainable)"
+            f"{mark['lora']}"]
+
+
 def format_plan(plan: dict) -> str:
     span = lambda pair: f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}-{pair[1]:g}"  # noqa: E731
     lines = [f"{'group':<10} {'processes':>9} {'GPUs each':>9} {'GPUs':>7}  labels"]
@@ -145,6 +208,10 @@ def format_plan(plan: dict) -> str:
                      f"(model size x{pool['size_ratio']:g} of the policy) = {needed}; pool max {pool['max_replicas']}")
     if not plan["sizes_known"]:
         lines.append("(model sizes unknown here: scorer models assumed as large as the policy)")
+    if plan["memory"]:
+        lines += format_memory(plan["memory"])
+    else:
+        lines.append("(policy memory unknown here: policy.model's config.json is not at hand)")
     if plan["pairs_stage"]:
         lines.append(plan["pairs_stage"])
     if plan.get("data"):

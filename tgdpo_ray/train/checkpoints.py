@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.scoring.cache import resolve_filesystem
@@ -109,7 +110,9 @@ def save_checkpoint(engine, state: dict, config: dict, rank: int, also_write: Op
     what = f"checkpoint {name} (worker {rank}'s part)"
     require_space(Path(tempfile.gettempdir()), max(expected_bytes, least_checkpoint_bytes(engine, rank)), what)
     with tempfile.TemporaryDirectory(prefix="tgdpo-checkpoint-") as staging:
-        engine.save_checkpoint(staging, tag=name, save_latest=False)
+        # A LoRA policy's frozen base is not saved: the run loads it again from policy.model (check_resumable
+        # refuses a base whose files changed).
+        engine.save_checkpoint(staging, tag=name, save_latest=False, exclude_frozen_parameters=has_frozen(engine))
         folder = Path(staging) / name
         torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
         if rank == 0:
@@ -124,6 +127,11 @@ def save_checkpoint(engine, state: dict, config: dict, rank: int, also_write: Op
         ray.train.report({**(metrics or {}), "step": state["step"], "epoch": state["epoch"]},
                          checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
     return written
+
+
+def has_frozen(engine) -> bool:
+    """The policy has frozen weights (a LoRA base), which checkpoints leave out."""
+    return any(not param.requires_grad for param in engine.module.parameters())
 
 
 def least_checkpoint_bytes(engine, rank: int) -> int:
@@ -165,7 +173,7 @@ def load_checkpoint(engine, rank: int) -> Optional[tuple[str, dict]]:
         return None
     with checkpoint.as_directory() as local:  # object storage: downloaded once per node
         folder = Path(local)
-        engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=not has_frozen(engine))
         rng_file = folder / f"rng-rank{rank}.pt"
         if rng_file.exists():  # absent when the worker count changed: the seeds then start afresh
             restore_rng(torch.load(rng_file, weights_only=False))
@@ -233,6 +241,12 @@ def check_resumable(config: JobConfig, log=print) -> None:
     with filesystem.open_input_stream(saved_file) as stream:
         saved = json.loads(stream.read())
     changes = config_changes(saved, config)
+    if config.policy.lora is not None:
+        with filesystem.open_input_stream(f"{latest.checkpoint.path}/{STATE_FILE}") as stream:
+            before = json.loads(stream.read()).get("base_weights")
+        now = weights_identity(config.policy.model)
+        if before != now:  # the checkpoint holds adapters only: on another base they mean something else
+            changes.append(f"the files of policy.model (the LoRA base): {str(before)[:12]} -> {now[:12]}")
     if not changes:
         return
     where = latest.checkpoint.path

@@ -16,6 +16,7 @@ from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.runtime.ray_start import start_ray
 
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
 from tgdpo_ray.config.loader import dump_config
 from tgdpo_ray.data.tokenize_pass import TokenizedSplit, tokenize_split
@@ -173,7 +174,8 @@ def run_train(config: JobConfig, log=print) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "has_eval": held_out is not None,
-                           "total_steps": total_steps, "has_stream": stream is not None},
+                           "total_steps": total_steps, "has_stream": stream is not None,
+                           "base_weights": weights_identity(policy.model) if policy.lora else None},
         scaling_config=ScalingConfig(
             num_workers=policy.workers,
             use_gpu=policy.gpus_per_worker > 0,
@@ -229,10 +231,13 @@ def export_best(result, config: JobConfig, log=print) -> dict:
     metrics = dict(next(m for c, m in result.best_checkpoints if c.path == checkpoint.path))
     chosen = {"checkpoint": Path(checkpoint.path).name, "step": metrics["step"], best.metric: metrics[best.metric]}
     if config.training.export == "best":
-        model = RunDir(config.run_dir).model
+        files = RunDir(config.run_dir)
+        exported = [("hf", files.model)] + ([("adapter", files.adapter)] if config.policy.lora else [])
         with checkpoint.as_directory() as folder:
-            shutil.rmtree(model, ignore_errors=True)
-            shutil.copytree(Path(folder) / "hf", model)
+            for name, target in exported:
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(Path(folder) / name, target)
+        model = files.model
         log(f"[run] exported the best checkpoint, step {chosen['step']} ({best.metric} {chosen[best.metric]:.4g}), "
             f"to {model}")
     return chosen

@@ -19,7 +19,8 @@ CARD = "README.md"
 def front_matter(config: JobConfig) -> dict:
     """The Hub's metadata: base_model and datasets only where they are Hub names (a local path means nothing
     there; the body names it)."""
-    meta: dict = {"library_name": "transformers", "tags": ["tgdpo-ray", config.loss.type]}
+    meta: dict = {"library_name": "transformers",
+                  "tags": ["tgdpo-ray", config.loss.type] + (["lora"] if config.policy.lora else [])}
     if not looks_local(config.policy.model):
         meta["base_model"] = config.policy.model
     if config.data.train is not None and not looks_local(config.data.train.path):
@@ -42,6 +43,14 @@ def loss_parameters(config: JobConfig) -> str:
     if loss.type == "simpo":
         parts.append(f"γ {loss.simpo_gamma:g}")
     return ", ".join(parts)
+
+
+def trained_weights(config: JobConfig) -> str:
+    lora = config.policy.lora
+    if lora is None:
+        return "all (a full fine-tune)"
+    return (f"LoRA adapters (r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}) on "
+            f"{', '.join(lora.target_modules)}, merged into these weights; the adapters alone are in ../adapter")
 
 
 def evaluation_lines(name: str, evaluation: dict) -> list[str]:
@@ -79,6 +88,7 @@ def card_text(config: JobConfig, summary: dict, evaluation: Optional[dict] = Non
              f"- Data: `{data.train.path if data.train else 'generated pairs'}` (fingerprint `{summary.get('data_fingerprint')}`, "
              "an order-free digest of every kept pair's tokens)",
              f"- Loss: {loss_parameters(config)}",
+             f"- Weights trained: {trained_weights(config)}",
              f"- Optimizer: AdamW, learning rate {training.learning_rate:g}, warmup ratio {training.warmup_ratio:g}, "
              f"{training.epochs} epoch(s), seed {config.run.seed}",
              f"- Steps: {summary['steps']} ({'complete' if summary['complete'] else 'stopped early'}), "

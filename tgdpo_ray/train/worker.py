@@ -32,6 +32,7 @@ from tgdpo_ray.kernels.losses import (MAX_KEYS, TOKEN_SUM_KEYS, WEIGHT_BINS, Los
                                       metric_sums)
 from tgdpo_ray.kernels.step import StepSettings, micro_batch_loss, prepare_policy
 from tgdpo_ray.modeling.loading import disable_dropout, load_causal_lm, load_tokenizer, resolve_dtype
+from tgdpo_ray.modeling.lora import add_adapters, adapter_summary, merged_state, parameter_counts, save_adapter
 from tgdpo_ray.runtime.placement import pick_device, record_placement
 from tgdpo_ray.scoring.throughput import ScorerThroughput
 from tgdpo_ray.train.checkpoints import load_checkpoint, local_storage, save_checkpoint
@@ -92,8 +93,10 @@ def build_engine(model, config: JobConfig, total_steps: int, world_size: int):
     skip_inference_comm_op()
 
     bf16 = resolve_dtype(config.policy.precision) == torch.bfloat16
+    # Every weight of a full fine-tune; the adapters alone under LoRA (the frozen base has no optimizer state).
+    trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.training.learning_rate, weight_decay=config.training.weight_decay
+        trainable, lr=config.training.learning_rate, weight_decay=config.training.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, config.training.warmup_ratio, config.training.min_lr_ratio)
@@ -281,13 +284,19 @@ def held_out_metrics(engine, rows, config: JobConfig, loss: Loss, pad_id: int, d
     return meter.combined(device)
 
 
-def save_hf_model(engine, tokenizer, out_dir: Path, zero_stage: int, rank: int) -> None:
-    """Hugging Face format (safetensors) with the tokenizer: loadable by transformers and vLLM."""
+def save_hf_model(engine, tokenizer, out_dir: Path, config: JobConfig, rank: int,
+                  adapter_dir: Optional[Path] = None) -> None:
+    """Hugging Face format (safetensors) with the tokenizer: loadable by transformers and vLLM. A LoRA policy is
+    saved merged, and its adapters alone in `adapter_dir` (modeling/lora.py)."""
     # Under ZeRO-3 every rank holds a slice of the weights: gathering them is a collective call.
-    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    state = engine._zero3_consolidated_16bit_state_dict() if config.policy.zero_stage == 3 else None
     if rank == 0:
         if state is None:
             state = engine.module.state_dict()
+        lora = config.policy.lora
+        if lora is not None:
+            save_adapter(adapter_dir, state, lora, config.policy.model)
+            state = merged_state(state, lora)
         engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     dist.barrier()
@@ -304,6 +313,7 @@ class TrainState:
     epoch_pairs_done: list[int] = field(default_factory=list)  # pairs of `epoch` already trained
     last_eval: Optional[dict] = None  # the latest held-out metrics, kept for a run resumed after its end
     last_eval_step: Optional[int] = None
+    base_weights: Optional[str] = None  # a LoRA run's: the identity of policy.model's files (its adapters' base)
 
 
 def resume_state(engine, rank: int) -> TrainState:
@@ -325,6 +335,8 @@ def load_policy(config: JobConfig, device):
     model = load_causal_lm(config.policy.model, "fp32", config.policy.trust_remote_code).to(device)
     if config.policy.disable_dropout:
         disable_dropout(model)
+    if config.policy.lora is not None:
+        add_adapters(model, config.policy.lora, config.run.seed)
     training = config.training
     prepare_policy(model, training.packing, training.attention, device,
                    dtype=resolve_dtype(config.policy.precision),  # the dtype DeepSpeed computes in
@@ -365,19 +377,22 @@ class Trainer:
     from the latest), and the steps last checkpointed and last probed."""
 
     def __init__(self, config: JobConfig, total_steps: int, has_eval: bool, stream, rank: int, world_size: int,
-                 device):
+                 device, base_weights: Optional[str] = None):
         self.config, self.training = config, config.training
         self.total_steps, self.has_eval = total_steps, has_eval
         self.rank, self.world_size, self.device = rank, world_size, device
         self.tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
         self.engine = build_engine(load_policy(config, device), config, total_steps, world_size)
+        if rank == 0 and config.policy.lora is not None:
+            print(f"[train] {adapter_summary(config.policy.lora, parameter_counts(self.engine.module))}", flush=True)
         if rank == 0:
             print(f"[train] {self.training.packing} layout, attention "
                   f"{self.engine.module.config._attn_implementation}"
                   f"{', compiled decoder layers' if self.training.compile else ''}, on {device.type}", flush=True)
         self.loss = build_loss(config.loss)
         self.state = resume_state(self.engine, rank)
+        self.state.base_weights = base_weights
         self.log = MetricsLog(config, rank, resumed_step=self.state.step or None)
         self.scorer_throughput = ScorerThroughput(config.run_dir)
         self.storage = local_storage(config)
@@ -501,7 +516,7 @@ class Trainer:
                 self.evaluate()
 
             def hf_export(folder: Path) -> None:
-                save_hf_model(self.engine, self.tokenizer, folder / "hf", self.config.policy.zero_stage, self.rank)
+                save_hf_model(self.engine, self.tokenizer, folder / "hf", self.config, self.rank, folder / "adapter")
 
             self.checkpoint_bytes = save_checkpoint(
                 self.engine, asdict(self.state), self.config.model_dump(mode="json"), self.rank,
@@ -519,7 +534,7 @@ class Trainer:
         """The policy in Hugging Face format in <run>/model, and the run's summary.json."""
         state, files = self.state, RunDir(self.config.run_dir)
         train_seconds = time.perf_counter() - self.started
-        save_hf_model(self.engine, self.tokenizer, files.model, self.config.policy.zero_stage, self.rank)
+        save_hf_model(self.engine, self.tokenizer, files.model, self.config, self.rank, files.adapter)
         summary = {"steps": state.step, "complete": complete, "train_seconds": train_seconds,
                    "tokens": state.tokens, "tokens_per_second": state.tokens / max(state.step_seconds, 1e-9),
                    "eval": state.last_eval, "eval_step": state.last_eval_step, "model_dir": str(files.model)}
@@ -544,7 +559,7 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0 and loop_config["has_stream"]:
         stream = read_ahead(ray.train.get_dataset_shard(STREAM).iter_rows())
     trainer = Trainer(config, loop_config["total_steps"], loop_config["has_eval"], stream, rank, world_size,
-                      pick_device())
+                      pick_device(), loop_config["base_weights"])
     try:
         trainer.fit()
     except BaseException:
