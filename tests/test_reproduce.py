@@ -116,11 +116,14 @@ def test_the_scheduler_keeps_the_order_runs_need_and_stops_at_the_first_failure(
     assert ran[0] == "first" and "needs-bad" not in ran
 
 
-TOY = ["seeds=1", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
+SMALL = ["seeds=1", "task.train_pairs=16", "task.probe_answers_per_key=2", "warm_start.pairs=16",
        "warm_start.epochs=1", "guidance.epochs=1", "arms.lr_multipliers=[1]", "probe_every=1",
        "concurrent_runs=2", "job.training.max_pairs_per_batch=8",
        "arms.clamped_guidance=false", "arms.shuffled_control=false", "arms.shuffled_guidance=false",
        "arms.centred_guidance=false", "arms.guarded_guidance=false", "arms.repeat=null"]
+# The toy run below: the dpo arm guides, as in the real spec (one training run fewer than a separate guidance run,
+# whose configs test_every_arm_of_every_seed_is_a_run_of_its_own_config checks).
+TOY = SMALL + ["guidance=null"]
 REAL_SPEC = str(Path(SPEC).with_name("reproduce-smollm2.yaml"))
 
 
@@ -128,7 +131,7 @@ def test_every_arm_of_every_seed_is_a_run_of_its_own_config(tmp_path):
     """What the toy experiment below leaves out to save time: a second seed, dpo at other learning rates, the
     clamped arm, the shuffled control (its rewards: tests/test_credit_task.py)."""
     every_arm = ["seeds=2", "arms.lr_multipliers=[1, 2]", "arms.clamped_guidance=true", "arms.shuffled_control=true"]
-    experiment = Experiment(load_experiment(SPEC, TOY + [f"output_dir={tmp_path}"] + every_arm), SPEC)
+    experiment = Experiment(load_experiment(SPEC, SMALL + [f"output_dir={tmp_path}"] + every_arm), SPEC)
     experiment.prepare(log=lambda _: None)
     runs = {run.name.split("/")[1]: run for run in experiment.seed_runs(1)}
     second = {run.name.split("/")[1]: run for run in experiment.seed_runs(2)}
@@ -154,7 +157,7 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     printed = []
     results = run_experiment(SPEC, TOY + [f"output_dir={tmp_path}"], log=printed.append)
     out = tmp_path / "reproduce"
-    names = [GUIDANCE_RUN, "dpo", "tgdpo-oracle", GUIDED]
+    names = ["dpo", "tgdpo-oracle", GUIDED]
     assert results["seeds"] == {name: [1] for name in names}
     records = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
     for name in names:
@@ -184,8 +187,7 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     assert results["primary"]["p_value"] in (0.5, 1.0)  # one seed: the sign-flip test has two outcomes
 
     seed_one = out / "seed-1"
-    # The oracle's rewards came with the data: no guidance pool ran. The dpo arms read the reference scores
-    # the guidance run cached: no scorer ran at all.
+    # The oracle's rewards came with the data: no guidance pool ran.
     oracle = yaml.safe_load((seed_one / "tgdpo-oracle" / "config.yaml").read_text())
     assert oracle["guidance"]["source"] == "column"
     assert oracle["guidance"]["reward_columns"]["chosen"] == "oracle_chosen"
@@ -200,9 +202,9 @@ def test_the_whole_experiment_at_toy_size_gives_every_arm_its_curve(ray_cluster,
     steps = [json.loads(line) for line in (seed_one / "tgdpo-oracle" / "metrics.jsonl").read_text().splitlines()]
     for step in (record for record in steps if "loss" in record):
         assert step["chosen_weight_mean"] == pytest.approx(expected) == step["rejected_weight_mean"]
-    assert not (seed_one / "dpo" / "scoring").exists() or not list((seed_one / "dpo" / "scoring").iterdir())
     guided = yaml.safe_load((seed_one / GUIDED / "config.yaml").read_text())
-    assert guided["guidance"]["model"] == str(seed_one / GUIDANCE_RUN / "model")
+    assert guided["guidance"]["model"] == str(seed_one / "dpo" / "model")  # the seed's dpo arm guides
+    assert results["guidance_check"]["run"] == "dpo"
     # A finished run keeps its model and metrics, not its checkpoints (1.5 GB each for SmolLM2).
     assert all((seed_one / name / "model").is_dir() and not (seed_one / name / "checkpoints" / name).exists()
                for name in names)
