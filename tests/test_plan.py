@@ -69,6 +69,20 @@ def test_the_memory_of_a_full_and_a_lora_run_per_worker(tiny_model, demo_data, b
     assert make_plan(job(tiny_model, demo_data, big_guidance))["memory"]["this_job"] == "full"
 
 
+def test_a_model_whose_layers_lora_defaults_miss_gets_the_full_figure_alone(tmp_path):
+    from transformers import GPT2Config
+
+    from tgdpo_ray.modeling.lora import LoraTargetError
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100).save_pretrained(tmp_path)  # c_attn, c_proj, ...
+    raw = {"data": {"train": "unused.jsonl"}, "loss": {"type": "dpo"}, "policy": {"model": str(tmp_path)}}
+    memory = make_plan(build_config(raw, check_paths=False))["memory"]
+    assert memory["gib_per_worker"]["lora"] is None and memory["parameters"] > 0
+    assert "LoRA: its default target_modules name no layer" in format_plan(make_plan(build_config(raw, check_paths=False)))
+    with pytest.raises(LoraTargetError, match=r"policy.lora.target_modules \['q_proj'\]"):
+        make_plan(build_config(raw, check_paths=False, overrides=["policy.lora.target_modules=[q_proj]"]))
+
+
 def test_cluster_too_small(tiny_model, demo_data, big_guidance):
     plan = make_plan(job(tiny_model, demo_data, big_guidance, "scoring.mode=cache"), parse_cluster("gpus=4,cpus=64"))
     assert plan["warnings"] == ["the job needs at least 8 GPUs at once; the cluster has 4"]

@@ -45,21 +45,21 @@ def parameter_count(name_or_path: str) -> Optional[int]:
     return layers * (attention + mlp) + embeddings
 
 
-def adapted_counts(name_or_path: str, lora: LoraSection, trust_remote_code: bool = False) -> Optional[dict]:
-    """{parameters, trainable_parameters} of the policy with `lora`'s adapters, counted exactly on a copy of the
-    model built on the meta device (no weights read); None when its config is not at hand."""
+def meta_model(name_or_path: str, trust_remote_code: bool = False):
+    """The model built from its config.json on the meta device (no weights read), to count its parameters;
+    None when the config is not at hand or transformers cannot read it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tgdpo_ray.modeling.lora import add_adapters, parameter_counts
 
     folder = model_files(name_or_path)
     if folder is None or not (folder / "config.json").exists():
         return None
+    try:
+        model_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=
-                                                                           trust_remote_code))
-    return parameter_counts(add_adapters(model, lora, seed=0))
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
 
 
 def model_state_bytes(parameters: int, trainable: int, workers: int, zero_stage: int, bf16: bool) -> int:
@@ -74,19 +74,27 @@ def model_state_bytes(parameters: int, trainable: int, workers: int, zero_stage:
 def training_memory(config: JobConfig) -> Optional[dict]:
     """Each policy worker's model-state GiB as a full fine-tune and with LoRA (policy.lora, or its defaults), at
     the job's workers, ZeRO stage and precision (auto: bf16 on GPU workers); None when the model's config is not
-    at hand."""
+    at hand. LoRA's figure is left out (None) when the default targets name no layer of this model."""
+    from tgdpo_ray.modeling.lora import LoraTargetError, add_adapters, parameter_counts
+
     policy = config.policy
-    lora = policy.lora or LoraSection()
-    adapted = adapted_counts(policy.model, lora, policy.trust_remote_code)
-    if adapted is None:
+    model = meta_model(policy.model, policy.trust_remote_code)
+    if model is None:
         return None
-    base = adapted["parameters"] - adapted["trainable_parameters"]
+    base = parameter_counts(model)["parameters"]
+    lora = policy.lora or LoraSection()
+    try:
+        adapters = parameter_counts(add_adapters(model, lora, seed=0))["trainable_parameters"]
+    except LoraTargetError:
+        if policy.lora is not None:  # the job's own targets: an error it would meet at its start
+            raise
+        adapters = None
     bf16 = policy.precision == "bf16" or (policy.precision == "auto" and policy.gpus_per_worker > 0)
-    each = {"full": model_state_bytes(base, base, policy.workers, policy.zero_stage, bf16),
-            "lora": model_state_bytes(adapted["parameters"], adapted["trainable_parameters"], policy.workers,
-                                      policy.zero_stage, bf16)}
-    return {"parameters": base, "lora_trainable": adapted["trainable_parameters"], "lora_r": lora.r,
-            "gib_per_worker": {key: value / 2**30 for key, value in each.items()},
+    shape = (policy.workers, policy.zero_stage, bf16)
+    each = {"full": model_state_bytes(base, base, *shape),
+            "lora": model_state_bytes(base + adapters, adapters, *shape) if adapters is not None else None}
+    return {"parameters": base, "lora_trainable": adapters, "lora_r": lora.r,
+            "gib_per_worker": {key: value / 2**30 if value is not None else None for key, value in each.items()},
             "this_job": "lora" if policy.lora else "full", "dtype": "bf16" if bf16 else "fp32",
             "workers": policy.workers, "zero_stage": policy.zero_stage}
 
@@ -185,11 +193,14 @@ def format_data(data: dict) -> list[str]:
 def format_memory(memory: dict) -> list[str]:
     gib = memory["gib_per_worker"]
     mark = {key: " <- this job" if memory["this_job"] == key else "" for key in gib}
-    return [f"policy model states per worker ({memory['dtype']}, ZeRO-{memory['zero_stage']}, {memory['workers']} "
-            "worker(s); weights, gradients and AdamW state, activations on top):",
-            f"  full fine-tune {gib['full']:>10.2f} GiB  ({memory['parameters']:,} trainable){mark['full']}",
-            f"  LoRA r {memory['lora_r']:<7} {gib['lora']:>10.2f} GiB  ({memory['lora_trainable']:,} trainable)"
-            f"{mark['lora']}"]
+    lines = [f"policy model states per worker ({memory['dtype']}, ZeRO-{memory['zero_stage']}, {memory['workers']} "
+             "worker(s); weights, gradients and AdamW state, activations on top):",
+             f"  full fine-tune {gib['full']:>10.2f} GiB  ({memory['parameters']:,} trainable){mark['full']}"]
+    if gib["lora"] is None:
+        return lines + ["  LoRA: its default target_modules name no layer of this model (set policy.lora."
+                        "target_modules to see its figure)"]
+    return lines + [f"  LoRA r {memory['lora_r']:<7} {gib['lora']:>10.2f} GiB  ({memory['lora_trainable']:,} "
+                    f"trainable){mark['lora']}"]
 
 
 def format_plan(plan: dict) -> str:
