@@ -233,3 +233,21 @@ def test_the_manifests_pass_kuberays_crd_schemas_with_no_unknown_field(kind):
     misspelt = copy.deepcopy(manifest)
     misspelt["spec"]["shutdownAfterJobFinishs" if kind == "RayJob" else "enableInTreeAutoscalng"] = True
     assert len(unknown_fields(misspelt, schema)) == 1
+
+
+def test_every_cluster_path_turns_on_rays_token_authentication():
+    """An open Jobs API runs whatever it is sent: the RayCluster asks KubeRay for Ray's token authentication, in
+    a form its CRD accepts (a mode it does not know is refused); the launcher's containers run in token mode with
+    the token the user sets. (cluster/local-head.sh starts the head tests/test_jobs.py submits to.)"""
+    options = yaml.safe_load((REPO / "cluster/launcher.yaml").read_text())["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in options and "-e RAY_AUTH_TOKEN=SET_ME" in options
+    import copy
+
+    import jsonschema
+
+    cluster = raycluster()
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    wrong = copy.deepcopy(cluster)
+    wrong["spec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError, match="'tokens' is not one of \\['disabled', 'token'\\]"):
+        jsonschema.Draft7Validator(crd_schema("RayCluster")).validate(wrong)

@@ -1,8 +1,10 @@
-"""Ray Jobs through the CLI against a real Ray head started here (`ray start --head`, dashboard on loopback)."""
+"""Ray Jobs through the CLI against a real Ray head started here by cluster/local-head.sh (dashboard on loopback),
+with Ray's token authentication on, as every cluster path we ship has it."""
 
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -23,7 +25,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cli(*args, timeout=600, env=None):
+def cli(*args, timeout=600, env=None, token="~/.ray/auth_token"):
+    """The tgdpo-ray CLI in a shell whose token is the head's (~/.ray/auth_token, which cluster/local-head.sh
+    made); token=None: a shell that sends none; another value: another cluster's, in RAY_AUTH_TOKEN."""
+    env = {key: value for key, value in (env or os.environ).items() if not key.startswith("RAY_AUTH_")}
+    if token is None:
+        env["RAY_AUTH_MODE"] = "disabled"  # not even this machine's ~/.ray/auth_token
+    elif token != "~/.ray/auth_token":
+        env["RAY_AUTH_TOKEN"] = token
     return subprocess.run([str(VENV_BIN / "tgdpo-ray"), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -37,14 +46,11 @@ def head(tmp_path_factory):
 
 
 def started_head(tmp_path_factory):
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     port, dashboard = free_port(), free_port()
-    started = subprocess.run(
-        [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=8", "--num-gpus=0",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
+    env = {**{key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH_")},
+           "PORT": str(port), "DASHBOARD_PORT": str(dashboard), "NUM_CPUS": "8"}
+    started = subprocess.run(["bash", str(REPO / "cluster/local-head.sh")], env=env, capture_output=True, text=True,
+                             timeout=180)
     assert started.returncode == 0, started.stderr[-3000:]
     address = f"http://127.0.0.1:{dashboard}"
     for _ in range(60):  # the dashboard's job API comes up a little after `ray start` returns
@@ -122,6 +128,19 @@ def test_a_long_job_is_stopped(head):
             break
         time.sleep(1)
     assert "long-demo: STOPPED" in status
+
+
+def test_a_caller_without_the_clusters_token_is_refused_in_one_line(head):
+    before = cli("list", "--address", head["address"]).stdout.count("tgdpo-")
+    for token, says in ((None, "requires a token (Ray's token authentication) and this shell sent none"),
+                        (secrets.token_hex(32), "refused the token from RAY_AUTH_TOKEN: it is another cluster's")):
+        refused = cli("submit", "jobs/demo.yaml", "--address", head["address"], *small_demo(head["outputs"]),
+                      token=token)
+        assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, \
+            refused.stderr[-2000:]
+        assert "ray get-auth-token" in refused.stderr and "RAY_AUTH_TOKEN_PATH" in refused.stderr
+        assert cli("list", "--address", head["address"], token=token).returncode == 2
+    assert cli("list", "--address", head["address"]).stdout.count("tgdpo-") == before  # nothing was sent
 
 
 def test_unknown_job_and_missing_address_are_clear_errors(head):

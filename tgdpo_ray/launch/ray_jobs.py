@@ -2,8 +2,9 @@
 
 The job runs `python -m tgdpo_ray.cli run --config <spec>` on the cluster's head; the working directory (this
 repository, with the package and jobs/) travels in the runtime environment. The spec is validated here first,
-so a typo never costs a cluster round trip. The address comes from --address or RAY_ADDRESS; Ray's token
-authentication (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is picked up by Ray's own client.
+so a typo never costs a cluster round trip. The address comes from --address or RAY_ADDRESS; the token of a
+cluster with Ray's token authentication comes from where Ray's own CLI reads it (RAY_AUTH_TOKEN, the file
+RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token), and a cluster that refuses the caller says so in one line.
 """
 
 from __future__ import annotations
@@ -28,16 +29,36 @@ class JobsError(UserError):
     """A cluster that cannot be reached, a job that does not exist, a spec that cannot be sent."""
 
 
-def token_available() -> bool:
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+def token_source() -> Optional[str]:
+    """Where Ray's client reads this shell's token from, in Ray's order; None when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    return "~/.ray/auth_token" if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) else None
+
+
+class AuthRefusedError(JobsError):
+    """A cluster with token authentication that refused this shell: no token, or another cluster's."""
+
+
+def refused(address: str) -> AuthRefusedError:
+    source = token_source() if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" else None
+    where = ("get it where the cluster runs (`ray get-auth-token` on its head; KubeRay: the Secret named after the "
+             "RayCluster, key auth_token) and set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file that holds it")
+    if source is None:
+        return AuthRefusedError(f"the Ray cluster at {address} requires a token (Ray's token authentication) and "
+                                f"this shell sent none: {where}")
+    return AuthRefusedError(f"the Ray cluster at {address} refused the token from {source}: it is another "
+                            f"cluster's; {where}")
 
 
 def job_client(address: Optional[str]):
     # Ray's client sends its token only in token mode, which is off unless asked for: ask whenever a token
     # is at hand (a cluster without authentication ignores it).
-    if "RAY_AUTH_MODE" not in os.environ and token_available():
+    if "RAY_AUTH_MODE" not in os.environ and token_source() is not None:
         os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -45,6 +66,8 @@ def job_client(address: Optional[str]):
         raise JobsError("no cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS")
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:  # the first request (Ray's version check) already needs the token
+        raise refused(address) from None
     except Exception as err:  # Ray raises ConnectionError, RuntimeError or ValueError here
         raise JobsError(f"cannot reach the Ray dashboard at {address}: {err}") from None
 
