@@ -206,3 +206,17 @@ def wandb_runs(run_dir) -> list[dict]:
                 run["exit_code"] = record.exit.exit_code
         runs.append(run)
     return runs
+
+
+def kill_engines() -> int:
+    """SIGKILLs every vLLM engine actor on this machine (a crash, as a lost node or the OOM killer would): the
+    processes Ray titles ray::VLLMEngine...; returns how many."""
+    import signal
+
+    import psutil
+
+    engines = [process for process in psutil.process_iter(["cmdline"])
+               if (process.info["cmdline"] or [""])[0].startswith("ray::VLLMEngine")]
+    for process in engines:
+        os.kill(process.pid, signal.SIGKILL)
+    return len(engines)

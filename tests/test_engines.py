@@ -1,7 +1,7 @@
 """Real vLLM engines (the CPU build) in Ray actors, as the evaluation starts them.
 
 The demo's own engine settings start on any machine (the KV cache is a size, not a share of host memory), an engine
-that cannot fit fails with one line, seeded sampling survives prompts longer than vLLM's batched-token limit, and
+killed mid-job is started again and its batch sent again, an engine that cannot fit fails with one line, seeded sampling survives prompts longer than vLLM's batched-token limit, and
 FastChat's real MT-Bench runs end to end with FastChat's judge prompts, on tiny models.
 """
 
@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import kill_engines
 
 from tgdpo_ray.config.eval import GenerationSection
 from tgdpo_ray.config.loader import build_config, read_raw_config
 from tgdpo_ray.eval.flow import run_eval
-from tgdpo_ray.eval.generation import GenerationError, actor_options, engine_args, start_engine, wait_started
+from tgdpo_ray.eval.generation import Engine, GenerationError, actor_options, engine_args
 from tgdpo_ray.experiments.demo import rule_score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,10 @@ def test_cpu_engines_compute_with_the_threads_of_the_cpus_they_hold():
 
 def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_cluster, tiny_model, demo_data, tmp_path):
     """jobs/demo.yaml's eval section as it is (its questions written by the demo data, its models the tiny one):
-    two CPU engines at once with the default KV cache size, answers written batch by batch, graded by the rule."""
+    two CPU engines at once with the default KV cache size, answers written batch by batch, graded by the rule.
+    Both engines are killed once tgdpo's first batch is on disk: tgdpo's engine between its batches, dpo's most
+    likely in the middle of one; each lost engine is started again, its batch sent again, and every question is
+    answered once, as an engine never killed answers it (both models are the same model, with the same seeds)."""
     section = read_raw_config(ROOT / "jobs" / "demo.yaml")["eval"]
     section["questions"]["path"] = str(demo_data["questions"])
     section["generation"]["questions_per_batch"] = 8
@@ -59,12 +63,14 @@ def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_cluster
                            "eval": {**section, "models": [{"name": "tgdpo", "path": tiny_model},
                                                           {"name": "dpo", "path": tiny_model}]}})
     answers_path = config.eval_dir / "answers.jsonl"
-    lines, on_disk = [], []
+    lines, on_disk, killed = [], [], []
 
     def log(line: str) -> None:
         lines.append(line)
         if ": answered" in line:  # how many answers were on disk when progress was reported
             on_disk.append(len(answers_path.read_text().splitlines()))
+        if "tgdpo: answered 8/32" in line:
+            killed.append(kill_engines())
 
     summary = run_eval(config, log=log)
     questions = jsonl(demo_data["questions"])
@@ -86,15 +92,34 @@ def test_the_demo_evaluation_runs_with_the_demos_own_engine_settings(ray_cluster
     assert set(scores) == {"tgdpo", "dpo"} and all(model["n_scored"] == 32 for model in scores.values())
     assert summary["judge"] == "rule:tgdpo_ray.experiments.demo:rule_score"
 
+    restarts = [line for line in lines if "was lost (" in line]
+    assert killed[0] >= 1 and 1 <= len(restarts) <= killed[0], lines
+    assert all(line.endswith("starting it again (restart 1 of 3)") for line in restarts)
+    assert any("with 8 conversation(s) to answer, which go to the new one" in line for line in restarts)
+    assert len(answers) == len(jsonl(answers_path)) == 64  # one record per model and question
+    assert all(answers[("tgdpo", key)]["turns"] == answers[("dpo", key)]["turns"]
+               for key in by_id)
+
+
+def test_an_engine_lost_more_often_than_max_restarts_ends_the_job_with_one_line(ray_cluster, tiny_model):
+    import ray
+
+    section = GenerationSection(on_gpus=False, max_model_len=512, enforce_eager=True, max_restarts=0)
+    engine = Engine(tiny_model, section, seed=0, key="eval.generation")
+    ray.kill(engine.actor)  # lost before it had loaded its model
+    with pytest.raises(GenerationError, match=r"^vLLM engine for .* was lost \(\w+\) while it loaded its model, "
+                                              r"after 0 restart\(s\): eval.generation.max_restarts is 0$"):
+        engine.wait_started()
+
 
 def test_an_engine_that_cannot_fit_fails_with_one_line_naming_model_memory_and_key(ray_cluster, tiny_model):
     section = GenerationSection(on_gpus=False, max_model_len=512, enforce_eager=True, kv_cache_memory_bytes="64TiB")
-    engine = start_engine(tiny_model, section, seed=0)
+    engine = Engine(tiny_model, section, seed=0, key="eval.generation")
     try:
         with pytest.raises(GenerationError) as raised:
-            wait_started(engine, tiny_model, section, "eval.generation")
+            engine.wait_started()
     finally:
-        ray_cluster.kill(engine)
+        engine.release()
     message = str(raised.value)
     assert "\n" not in message and message.startswith(f"vLLM engine for {tiny_model} could not start")
     assert "Available memory on node" in message  # vLLM's own reason, from its engine process's log
@@ -104,20 +129,18 @@ def test_an_engine_that_cannot_fit_fails_with_one_line_naming_model_memory_and_k
 def test_seeded_sampling_survives_prompts_longer_than_the_batched_token_limit(ray_cluster, long_model, tokenizer):
     """vLLM's CPU build crashed ("CPU Generator does not use offset") when a seeded request's prompt was prefilled
     in chunks, i.e. was longer than its batched-token limit (4096 on CPU)."""
-    import ray
-
     section = GenerationSection(on_gpus=False, max_model_len=8192, enforce_eager=True)
-    engine = start_engine(long_model, section, seed=0)
+    engine = Engine(long_model, section, seed=0, key="eval.generation")
     try:
-        wait_started(engine, long_model, section, "eval.generation")
+        engine.wait_started()
         conversation = [{"role": "user", "content": "apple river stone cloud " * 1200}]
         length = len(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                                    return_dict=False))
         assert 4096 < length < 8000
-        replies = ray.get(engine.chat.remote([conversation] * 3, [{"temperature": 1.0, "max_tokens": 8, "seed": seed}
-                                                                  for seed in range(3)]))
+        replies = engine.chat([conversation] * 3, [{"temperature": 1.0, "max_tokens": 8, "seed": seed}
+                                                   for seed in range(3)])
     finally:
-        ray.kill(engine)
+        engine.release()
     assert [reply["error"] for reply in replies] == [None] * 3
     assert all(reply["prompt_tokens"] == length and reply["tokens"] > 0 for reply in replies)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_engines
 
 from tgdpo_ray.common.jsonl import read_records
 from tgdpo_ray.config.loader import build_config
@@ -82,18 +83,29 @@ def test_the_best_and_the_worst_of_each_prompts_answers_become_chosen_and_reject
 
 
 def test_a_stopped_job_resumes_without_sampling_finished_prompts_again(by_rule, tmp_path):
+    """And its engine, killed between its two batches, is started again: the samples are still those of a job
+    never stopped, each prompt's once."""
     first = by_rule["run_dir"]
     config = by_rule["config"].model_copy(deep=True)
     config.run.output_dir = str(tmp_path)
+    config.pairs.prompts_per_batch = 2  # the four prompts left in two batches
     resumed = config.run_dir
     resumed.mkdir(parents=True)
     # Stopped while sampling its second batch (a half-written line at the end) and before ranking anything.
     first_batch = (first / "samples.jsonl").read_text().splitlines()[:4]
     (resumed / "samples.jsonl").write_text("\n".join(first_batch) + '\n{"prompt_index": 5, "answ')
     lines: list[str] = []
-    run_pairs(config, log=lines.append)
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "[pairs] sampled 2/4 prompts" in line:  # the engine's first batch is on disk
+            assert kill_engines() == 1
+
+    run_pairs(config, log=log)
     assert "[pairs] samples: 4 of 8 prompts already on disk, reused" in lines
     assert "[pairs] sampled 4/4 prompts" in " ".join(lines)
+    [restart] = [line for line in lines if "was lost (" in line]
+    assert restart.startswith("[pairs] vLLM engine for ") and restart.endswith("starting it again (restart 1 of 3)")
     # Every answer has its own seed: the resumed job wrote the same samples and pairs as the uninterrupted one.
     assert len((resumed / "samples.jsonl").read_text().splitlines()) == PROMPTS + 1  # the cut line stays, alone
     same = [sorted(map(json.dumps, jsonl(run / "samples.jsonl"))) for run in (resumed, first)]

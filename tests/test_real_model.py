@@ -10,7 +10,7 @@ from tgdpo_ray.cli import main
 from tgdpo_ray.config.eval import GenerationSection
 from tgdpo_ray.config.job import DataSection
 from tgdpo_ray.data.preference import tokenize_pair
-from tgdpo_ray.eval.generation import call_engine, start_engine, wait_started
+from tgdpo_ray.eval.generation import Engine
 from tgdpo_ray.kernels.logprobs import answer_logps
 from tgdpo_ray.modeling.gguf_import import GGUFImportError, find_gguf
 from tgdpo_ray.modeling.loading import load_causal_lm, load_tokenizer
@@ -31,12 +31,12 @@ def test_the_imported_folder_is_a_plain_model_with_its_chat_template(smollm2):
 
 def test_it_answers_the_france_question_through_our_vllm_engine(ray_cluster, smollm2):
     section = GenerationSection(on_gpus=False, max_model_len=512, enforce_eager=True)
-    engine = start_engine(smollm2, section, seed=0)
+    engine = Engine(smollm2, section, seed=0, key="eval.generation")
     try:
-        wait_started(engine, smollm2, section, "eval.generation")
-        (reply,) = call_engine(smollm2, engine.chat.remote([FRANCE], [{"temperature": 0.0, "max_tokens": 24}]))
+        engine.wait_started()
+        (reply,) = engine.chat([FRANCE], [{"temperature": 0.0, "max_tokens": 24}])
     finally:
-        ray_cluster.kill(engine)
+        engine.release()
     assert reply["error"] is None and "Paris" in reply["text"], reply
     assert reply["finish_reason"] == "stop"  # it ends its turn with <|im_end|>, vLLM's stop token
 

@@ -81,6 +81,8 @@ class EngineSection(Placement):
         "gpu_memory_utilization leaves")
     enforce_eager: bool = Field(default=False, description="skip CUDA graph capture: faster start, slower "
                                                            "decoding")
+    max_restarts: int = Field(default=3, ge=0, description="times an engine lost mid-job (its node gone, out of "
+                              "memory, a crash) is started again, its batch sent again; 0: a lost engine ends the job")
 
     @field_validator("kv_cache_memory_bytes", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.config.eval import EvalModel, EvalSection, JudgeSection
 from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.eval.fastchat_export import write_fastchat_files
-from tgdpo_ray.eval.generation import answer_questions, engine_group, start_engine, wait_started
+from tgdpo_ray.eval.generation import Engine, answer_questions, engine_group
 from tgdpo_ray.eval.judge import (FASTCHAT_ASKS, PARSERS, OpenAIJudge, RuleJudge, VLLMJudge, check_references,
                                   load_prompts, render)
 from tgdpo_ray.eval.questions import Question, load_questions
@@ -65,7 +65,7 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
 
     def answer(model: EvalModel, engine) -> None:
         missing = [q for q in questions if (model.name, q.question_id) not in done]
-        wait_started(engine, model.path, generation, "eval.generation")
+        engine.wait_started()
         progress = Progress(f"{model.name}: answered", sum(len(q.turns) for q in missing), "turns", eval_log(log))
         for start in range(0, len(missing), generation.questions_per_batch):
             batch = missing[start:start + generation.questions_per_batch]
@@ -85,7 +85,8 @@ def collect_answers(config: JobConfig, models: list[EvalModel], questions: list[
         try:
             for model in group:
                 log(f"[eval] {model.name}: starting a vLLM engine for {model.path}")
-                engines.append(start_engine(model.path, generation, config.run.seed, model.trust_remote_code))
+                engines.append(Engine(model.path, generation, config.run.seed, "eval.generation",
+                                      model.trust_remote_code, eval_log(log)))
             with ThreadPoolExecutor(len(group)) as pool:  # the engines answer at once
                 list(pool.map(answer, group, engines))
         finally:
@@ -113,10 +114,8 @@ class Progress:
 
 
 def release(engines: list) -> None:
-    import ray
-
     for engine in engines:
-        ray.kill(engine)  # frees its GPUs (and vLLM's worker processes) for the next engine
+        engine.release()
 
 
 # ---------------------------------------------------------------- judgments
@@ -272,8 +271,8 @@ def start_judge(judge: JudgeSection, seed: int, engines: list, log=print, key: s
         return OpenAIJudge(judge.base_url, judge.model, judge.api_key_env, judge.max_tokens, judge.request_retries,
                            judge.timeout_s, judge.requests_per_second, judge.concurrency)
     log(f"judge: starting a vLLM engine for {judge.model}")
-    engines.append(start_engine(judge.model, judge, seed))
-    wait_started(engines[-1], judge.model, judge, key)
+    engines.append(Engine(judge.model, judge, seed, key, log=log))
+    engines[-1].wait_started()
     return VLLMJudge(engines[-1], judge.model, judge.max_tokens)
 
 

@@ -1,7 +1,9 @@
 """vLLM engines on the cluster, and MT-Bench's two-turn answer flow.
 
 One engine is one Ray actor holding all of its GPUs (vLLM runs its tensor-parallel workers inside it, on that
-node). The same engine answers the questions and, for the in-cluster judge, grades the answers.
+node). The same engine answers the questions and, for the in-cluster judge, grades the answers. An engine lost
+mid-job (its node gone, out of memory, a crash) is started again and its batch sent again, up to the section's
+max_restarts (Engine below); callers write a batch's answers only once it has returned, so none is lost or doubled.
 """
 
 from __future__ import annotations
@@ -150,8 +152,8 @@ def engine_group(name: str, engine: EngineSection, count: int = 1) -> ProcessGro
     return process_group(name, engine, (count, count), options["num_cpus"], options["num_gpus"])
 
 
-def start_engine(model: str, engine: EngineSection, seed: int, trust_remote_code: bool = False):
-    """Starts the engine's actor; `wait_started` tells whether the model loaded."""
+def start_actor(model: str, engine: EngineSection, seed: int, trust_remote_code: bool = False):
+    """Starts an engine's actor; wait_started tells whether the model loaded."""
     import ray
 
     # vLLM's CPU backend and tensor parallelism start worker processes of their own inside the actor.
@@ -159,10 +161,64 @@ def start_engine(model: str, engine: EngineSection, seed: int, trust_remote_code
     return remote.remote(engine_args(model, engine, seed, trust_remote_code))
 
 
-def wait_started(handle, model: str, engine: EngineSection, key: str) -> None:
-    """Waits for the engine to load its model; a failure is one GenerationError naming the model, the memory it
-    asked for and the config key (`key`: eval.generation or eval.judge) that changes it."""
-    failure = call_engine(model, handle.start_failure.remote())
+class Engine:
+    """A vLLM engine on the cluster, started again when its actor is lost (up to `section.max_restarts` times in
+    the engine's life), with a line saying so; the batch it was answering is sent again. `key` names the engine's
+    config section (eval.generation, eval.judge, pairs.generation) in errors and lines."""
+
+    def __init__(self, model: str, section: EngineSection, seed: int, key: str, trust_remote_code: bool = False,
+                 log=print):
+        self.model, self.section, self.seed, self.key = model, section, seed, key
+        self.trust_remote_code, self.log = trust_remote_code, log
+        self.restarts = 0
+        self.actor = start_actor(model, section, seed, trust_remote_code)
+
+    def wait_started(self) -> None:
+        import ray
+
+        while True:
+            try:
+                return wait_started(self.actor, self.model, self.section, self.key,
+                                    lost=(ray.exceptions.RayActorError,))
+            except ray.exceptions.RayActorError as err:
+                self.replace(err, "while it loaded its model")
+
+    def chat(self, conversations: list[list[dict]], sampling: list[dict]) -> list[dict]:
+        import ray
+
+        while True:
+            try:
+                return call_engine(self.model, self.actor.chat.remote(conversations, sampling),
+                                   lost=(ray.exceptions.RayActorError,))
+            except ray.exceptions.RayActorError as err:
+                self.replace(err, f"with {len(conversations)} conversation(s) to answer, which go to the new one")
+                self.wait_started()
+
+    def replace(self, err: BaseException, when: str) -> None:
+        """A new actor for a lost one (it has not loaded its model yet)."""
+        import ray
+
+        if self.restarts >= self.section.max_restarts:
+            raise GenerationError(f"vLLM engine for {self.model} was lost ({type(err).__name__}) {when}, after "
+                                  f"{self.restarts} restart(s): {self.key}.max_restarts is "
+                                  f"{self.section.max_restarts}") from None
+        self.restarts += 1
+        self.log(f"vLLM engine for {self.model} was lost ({type(err).__name__}) {when}: starting it again "
+                 f"(restart {self.restarts} of {self.section.max_restarts})")
+        ray.kill(self.actor)  # whatever is left of it: its GPUs go to the new one
+        self.actor = start_actor(self.model, self.section, self.seed, self.trust_remote_code)
+
+    def release(self) -> None:
+        import ray
+
+        ray.kill(self.actor)  # frees its GPUs (and vLLM's worker processes) for the next engine
+
+
+def wait_started(handle, model: str, engine: EngineSection, key: str, lost: tuple = ()) -> None:
+    """Waits for the engine's actor to load its model; a failure is one GenerationError naming the model, the
+    memory it asked for and the config key (`key`: eval.generation or eval.judge) that changes it. The exception
+    types in `lost` are raised as they are."""
+    failure = call_engine(model, handle.start_failure.remote(), lost)
     if failure is None:
         return
     if engine.kv_cache_bytes is not None:
@@ -174,12 +230,15 @@ def wait_started(handle, model: str, engine: EngineSection, key: str) -> None:
     raise GenerationError(f"vLLM engine for {model} could not start: {failure}; {asked}")
 
 
-def call_engine(model: str, pending):
-    """ray.get that turns an engine's failure (an actor that died, out of memory) into one message."""
+def call_engine(model: str, pending, lost: tuple = ()):
+    """ray.get that turns an engine's failure (an actor that died, out of memory) into one message; the
+    exception types in `lost` are raised as they are (Engine restarts the actor)."""
     import ray
 
     try:
         return ray.get(pending)
+    except lost:
+        raise
     except ray.exceptions.RayError as err:
         cause = getattr(err, "cause", None) or err
         raise GenerationError(f"vLLM engine for {model}: {type(cause).__name__}: {str(cause).splitlines()[0]}") \
@@ -197,17 +256,16 @@ def answer_questions(engine, model_name: str, questions: list[Question], generat
     """MT-Bench's flow: all first turns in one batch, then every second turn asked after the model's own first
     answer, in the model's chat template. Returns one answers.jsonl record per question."""
     conversations = [[{"role": "user", "content": q.turns[0]}] for q in questions]
-    first = call_engine(model_name, engine.chat.remote(
-        conversations, [turn_sampling(q, 1, generation, seed) for q in questions]))
+    first = engine.chat(conversations, [turn_sampling(q, 1, generation, seed) for q in questions])
     fields = {"turns": "text", "tokens": "tokens", "prompt_tokens": "prompt_tokens",
               "finish_reasons": "finish_reason", "errors": "error"}
     records = [{"model": model_name, "question_id": q.question_id, "category": q.category,
                 **{field: [reply[key]] for field, key in fields.items()}} for q, reply in zip(questions, first)]
     follow_ups = [i for i, q in enumerate(questions) if len(q.turns) > 1]
-    second = call_engine(model_name, engine.chat.remote(
+    second = engine.chat(
         [conversations[i] + [{"role": "assistant", "content": records[i]["turns"][0]},
                              {"role": "user", "content": questions[i].turns[1]}] for i in follow_ups],
-        [turn_sampling(questions[i], 2, generation, seed) for i in follow_ups]))
+        [turn_sampling(questions[i], 2, generation, seed) for i in follow_ups])
     for i, reply in zip(follow_ups, second):
         for field, key in fields.items():
             records[i][field].append(reply[key])

@@ -24,7 +24,6 @@ from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.jsonl import BadLine, numbered_lines
 from tgdpo_ray.config.base import ConfigError
 from tgdpo_ray.config.loader import import_function
-from tgdpo_ray.eval.generation import call_engine
 from tgdpo_ray.eval.mt_bench import mt_bench_file
 from tgdpo_ray.eval.questions import Question
 
@@ -184,10 +183,10 @@ class VLLMJudge:
 
     def complete(self, requests: list[tuple[list[dict], float, int]]) -> list[tuple[str, Optional[str]]]:
         """requests: (messages, temperature, seed) -> (text, error or None) each."""
-        replies = call_engine(self.model, self.engine.chat.remote(
+        replies = self.engine.chat(
             [messages for messages, _, _ in requests],
             [{"temperature": temperature, "seed": seed, "max_tokens": self.max_tokens}
-             for _, temperature, seed in requests]))
+             for _, temperature, seed in requests])
         return [(reply["text"], reply["error"]) for reply in replies]
 
 

@@ -117,7 +117,7 @@ def sample_settings(section: PairsSection, seed: int, prompt: Prompt) -> list[di
 def sample_answers(config: JobConfig, prompts: list[Prompt], log=print) -> dict[int, dict]:
     """prompt index -> its samples record, sampling the prompts not already on disk."""
     from tgdpo_ray.eval.flow import Progress, release
-    from tgdpo_ray.eval.generation import call_engine, start_engine, wait_started
+    from tgdpo_ray.eval.generation import Engine
 
     section, path = config.pairs, config.run_dir / "samples.jsonl"
     identity, model = sampler_identity(config), sampler_model(config)
@@ -135,7 +135,7 @@ def sample_answers(config: JobConfig, prompts: list[Prompt], log=print) -> dict[
     lock = threading.Lock()
 
     def sample_with(engine) -> None:
-        wait_started(engine, model, section.generation, "pairs.generation")
+        engine.wait_started()
         while True:
             with lock:  # each engine takes the next batch when it is free
                 if not batches:
@@ -143,7 +143,7 @@ def sample_answers(config: JobConfig, prompts: list[Prompt], log=print) -> dict[
                 batch = batches.pop(0)
             conversations = [prompt.messages for prompt in batch for _ in range(section.num_samples)]
             settings = [s for prompt in batch for s in sample_settings(section, config.run.seed, prompt)]
-            replies = call_engine(model, engine.chat.remote(conversations, settings))
+            replies = engine.chat(conversations, settings)
             records = []
             for number, prompt in enumerate(batch):
                 answers = replies[number * section.num_samples:(number + 1) * section.num_samples]
@@ -161,7 +161,8 @@ def sample_answers(config: JobConfig, prompts: list[Prompt], log=print) -> dict[
     try:
         for _ in range(min(section.engines, len(batches))):
             log(f"[pairs] starting a vLLM engine for {model}")
-            engines.append(start_engine(model, section.generation, config.run.seed, section.trust_remote_code))
+            engines.append(Engine(model, section.generation, config.run.seed, "pairs.generation",
+                                  section.trust_remote_code, pairs_log(log)))
         with ThreadPoolExecutor(len(engines)) as pool:
             list(pool.map(sample_with, engines))
     finally:
