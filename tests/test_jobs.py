@@ -90,8 +90,8 @@ def test_submit_the_demo_wait_and_read_its_logs(head):
     status = cli("status", job_id, "--address", head["address"])
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout and secret not in status.stdout
     logs = cli("logs", job_id, "--address", head["address"])
-    # The driver's lines, and the trainer's, which say the time left.
-    assert "[run] dpo on 1 policy worker(s)" in logs.stdout
+    # The driver's lines, and the trainer's, which say the time left; the secret is not among them.
+    assert "[run] dpo on 1 policy worker(s)" in logs.stdout and secret not in logs.stdout
     assert re.search(r"\[train\] step 1/\d+ .* ETA \d", logs.stdout), logs.stdout
 
     # The outputs are where the job's config sent them.
