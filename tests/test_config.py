@@ -44,6 +44,21 @@ def test_valid_config_fills_defaults_and_absolute_paths(raw):
     assert config.data.train.split == "train"
 
 
+def test_the_score_cache_lands_beside_the_runs_unless_a_folder_is_given(raw, tmp_path, monkeypatch):
+    from tgdpo_ray.launch.pipeline import stage_config
+
+    monkeypatch.chdir(tmp_path)  # the working directory of a job submitted from another folder
+    config = build_config({**raw, "run": {"output_dir": "elsewhere/runs"}})
+    assert config.scoring.cache_dir == str(tmp_path / "elsewhere" / "runs" / "cache")
+    pipeline = build_config({"data": raw["data"], "policy": raw["policy"], "kind": "pipeline",
+                             "run": {"output_dir": str(tmp_path / "out")}})
+    assert stage_config(pipeline, "dpo").scoring.cache_dir == str(tmp_path / "out" / "cache")  # the stages share it
+    given = build_config({**raw, "scoring": {"cache_dir": "shared/cache"}})
+    assert given.scoring.cache_dir == str(tmp_path / "shared" / "cache")  # as given, from the working directory
+    assert build_config({**raw, "scoring": {"cache_dir": "s3://bucket/cache"}}).scoring.cache_dir == \
+        "s3://bucket/cache"
+
+
 def test_unknown_top_level_key(raw):
     raw["trainig"] = {"epochs": 2}
     assert "trainig: unknown key" in error_of(raw)

@@ -352,8 +352,9 @@ class ScoringSection(Section):
         default="stream", description="stream: scored pairs flow straight to the trainers (every epoch scores "
         "again); cache: pairs are scored once into <cache_dir>/<fingerprint>/ and read from there by every later "
         "epoch and run with the same data, tokenizer, limits and scorer weights")
-    cache_dir: str = Field(default="outputs/cache", description="cache mode: a local path or any pyarrow "
-                                                                "filesystem URI (s3://bucket/cache, gs://...)")
+    cache_dir: Optional[str] = Field(
+        default=None, description="cache mode: a local path or any pyarrow filesystem URI (s3://bucket/cache, "
+        "gs://...); null: <run.output_dir>/cache, shared by the runs (and a pipeline's stages) of that folder")
 
 
 class TrackingSection(Section):
@@ -605,6 +606,14 @@ class JobConfig(Section):
         if self.training.compile:
             raise ValueError("training.compile is not supported with policy.zero_stage 3 (ZeRO-3 gathers each "
                              "layer's weights in hooks around its call): use stage 0, 1 or 2, or compile false")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_beside_the_runs(self) -> "JobConfig":
+        # Under the runs' folder, not the working directory's: a job submitted from elsewhere, or pointed at
+        # another output_dir, caches where its runs are.
+        if self.scoring.cache_dir is None:
+            self.scoring.cache_dir = f"{self.run.output_dir.rstrip('/')}/cache"
         return self
 
     @property
