@@ -16,7 +16,7 @@ from tgdpo_ray.config.job import JobConfig
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.launch.pipeline import stage_config
 from tgdpo_ray.train.checkpoints import (ChangedConfigError, CheckpointSpaceError, check_resumable, checkpoint_storage,
-                                         config_changes, local_storage, require_space, resumed_epoch)
+                                         config_changes, finished_run, local_storage, require_space, resumed_epoch)
 from tgdpo_ray.train.driver import run_train
 
 
@@ -153,11 +153,18 @@ def test_held_out_every_few_steps_and_a_finished_run_started_again_keeps_its_met
     assert first["steps"] >= 3 and evaluated == sorted(set(range(2, first["steps"] + 1, 2)) | epoch_ends)
     assert all(line["eval"]["pairs"] == 8 and "dpo_loss" in line["eval"] for line in uninterrupted.lines
                if "eval" in line)
-    # Started again (after any rerun of the same folder by the tests above), it resumes at its end: nothing to train.
+    # Started again (after any rerun of the same folder by the tests above), it has nothing to train: it says so
+    # and returns its summary, starting no worker group (the folder is as it was: no placement record is new).
     finished = json.loads((config.run_dir / "summary.json").read_text())
-    again = run_train(make_job("uninterrupted", *UNINTERRUPTED, uninterrupted.storage))
+    placed = sorted(path.stat().st_mtime_ns for path in (config.run_dir / "placement").iterdir())
+    printed = []
+    again = run_train(make_job("uninterrupted", *UNINTERRUPTED, uninterrupted.storage), log=printed.append)
+    assert any("already trained every epoch" in line for line in printed)
+    assert sorted(path.stat().st_mtime_ns for path in (config.run_dir / "placement").iterdir()) == placed
     assert again["steps"] == finished["steps"] == first["steps"]
     assert again["eval"] == finished["eval"] and again["eval_step"] == first["steps"]  # not nan, not missing
+    # A run with no checkpoint has not finished (one stopped by max_steps trains on: the first test above).
+    assert finished_run(make_job("never-run")) is None
 
 
 def test_a_checkpoint_made_under_another_config_is_not_resumed(make_job, uninterrupted, tmp_path):

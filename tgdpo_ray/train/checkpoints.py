@@ -193,6 +193,17 @@ def latest_checkpoint(config: JobConfig):
     return result if result.checkpoint is not None else None
 
 
+def finished_run(config: JobConfig) -> Optional[dict]:
+    """The summary of this run when it has trained every epoch: its latest checkpoint goes on in the epoch after
+    the last, and its summary.json, written at that same step, says it completed. None otherwise (max_steps
+    stopped it, or it has no checkpoint)."""
+    latest, summary_file = latest_checkpoint(config), RunDir(config.run_dir).summary
+    if latest is None or int(latest.metrics["epoch"]) < config.training.epochs or not summary_file.exists():
+        return None
+    summary = json.loads(summary_file.read_text())
+    return summary if summary.get("complete") and summary.get("steps") == latest.metrics["step"] else None
+
+
 def resumed_epoch(config: JobConfig) -> int:
     """The epoch that the run's latest checkpoint goes on in, 0 when it has none: the trainers' stream starts
     there, so that a resumed run scores no pair of the epochs it finished."""

@@ -148,7 +148,8 @@ def run_train(config: JobConfig, log=print) -> dict:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tgdpo_ray.train.checkpoints import checkpoint_storage, check_resumable, delete_checkpoints, resumed_epoch
+    from tgdpo_ray.train.checkpoints import (checkpoint_storage, check_resumable, delete_checkpoints, finished_run,
+                                             resumed_epoch)
     from tgdpo_ray.train.worker import train_loop
 
     run_dir = config.run_dir
@@ -156,6 +157,11 @@ def run_train(config: JobConfig, log=print) -> dict:
     check_models_agree(config)
     if config.run.resume:  # before anything starts: a refused resume costs nothing
         check_resumable(config, log)
+        done = finished_run(config)
+        if done is not None:  # no worker group (nor GPUs, nor model loads) for a run with nothing left to train
+            log(f"[run] {config.run.name!r} already trained every epoch ({done['steps']} steps) in {run_dir}: "
+                "nothing to train; run.resume=false trains it again")
+            return done
     pad_id, train, held_out = start_run_dir(config, log)
     training = config.training
     orders = epoch_orders(train, config)
