@@ -1,7 +1,7 @@
 """policy.lora: adapters put into the policy's linear layers train alone under every ZeRO stage, and an adapted
 policy is exported merged (what vLLM and the next stage load) and as peft's adapter folder. The whole run (two
-workers, ZeRO-3, evaluated by vLLM) is the e2e tgdpo run (tests/test_end_to_end.py); exact resume after a stop is
-in tests/test_resume.py."""
+workers, ZeRO-3, evaluated by vLLM) is the e2e tgdpo run (tests/test_end_to_end.py); a LoRA run whose worker is
+killed and that ends as one never killed is in tests/test_fault_tolerance.py."""
 
 import pytest
 import torch
