@@ -243,9 +243,8 @@ def export_best(result, config: JobConfig, log=print) -> dict:
             for name, target in exported:
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(Path(folder) / name, target)
-        model = files.model
         log(f"[run] exported the best checkpoint, step {chosen['step']} ({best.metric} {chosen[best.metric]:.4g}), "
-            f"to {model}")
+            f"to {files.model}")
     return chosen
 
 

@@ -384,9 +384,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.policy.model, config.policy.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
         self.engine = build_engine(load_policy(config, device), config, total_steps, world_size)
-        if rank == 0 and config.policy.lora is not None:
-            print(f"[train] {adapter_summary(config.policy.lora, parameter_counts(self.engine.module))}", flush=True)
         if rank == 0:
+            if config.policy.lora is not None:
+                print(f"[train] {adapter_summary(config.policy.lora, parameter_counts(self.engine.module))}",
+                      flush=True)
             print(f"[train] {self.training.packing} layout, attention "
                   f"{self.engine.module.config._attn_implementation}"
                   f"{', compiled decoder layers' if self.training.compile else ''}, on {device.type}", flush=True)
