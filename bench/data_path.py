@@ -133,10 +133,10 @@ def main() -> None:
         write_pairs(data, args.pairs, vocabulary)
         print(f"[bench] wrote {args.pairs} pairs to {data} in {time.perf_counter() - started:.0f}s", flush=True)
     if not model.exists():
-        from tgdpo_ray.experiments.demo import make_demo_model
+        from tgdpo_ray.modeling.tiny import make_tiny_model
 
-        corpus = (" ".join(np.random.default_rng(seed).choice(vocabulary, 200)) for seed in range(2000))
-        make_demo_model(str(model), vocab_size=8192, corpus=corpus)
+        corpus = [" ".join(np.random.default_rng(seed).choice(vocabulary, 200)) for seed in range(2000)]
+        make_tiny_model(str(model), corpus, vocab_size=8192)
 
     throughput = tokenize_throughput(str(model), data, args.small)
     runs = {}

@@ -71,7 +71,7 @@ def start_local_ray():
 @contextmanager
 def without_local_ray():
     """For a test with a cluster of its own: the suite's local Ray is stopped meanwhile, and started again after
-    when it was running."""
+    when it was running (the test's own Ray, if this process still holds one, is stopped first)."""
     import ray
 
     shared = ray.is_initialized()
@@ -79,6 +79,7 @@ def without_local_ray():
     try:
         yield
     finally:
+        ray.shutdown()
         if shared:
             start_local_ray()
 

@@ -78,16 +78,22 @@ def cut_by_token_budget(items: Iterable[tuple[Any, tuple[int, int, int]]], max_t
     """Greedy, order-preserving, over (item, (prompt, chosen, rejected) lengths): a micro-batch grows while its
     size in the layout `packing` stays within max_tokens (and it holds at most max_pairs pairs). A pair larger
     than the budget on its own still forms a micro-batch of one: it is never dropped."""
+    return (batch for batch, _ in cut_with_sizes(items, max_tokens, max_pairs, packing))
+
+
+def cut_with_sizes(items: Iterable[tuple[Any, tuple[int, int, int]]], max_tokens: int,
+                   max_pairs: Optional[int] = None, packing: str = "padded") -> Iterator[tuple[list, MicroBatchSize]]:
+    """cut_by_token_budget's micro-batches, each with its size (sized once, as it grows)."""
     batch: list = []
     size = MicroBatchSize(packing)
     for item, lengths in items:
         if batch and (size.with_pair(*lengths) > max_tokens or len(batch) == max_pairs):
-            yield batch
+            yield batch, size
             batch, size = [], MicroBatchSize(packing)
         batch.append(item)
         size.add(*lengths)
     if batch:
-        yield batch
+        yield batch, size
 
 
 def pack_by_token_budget(rows: Iterable, max_tokens: int, max_pairs: Optional[int] = None,

@@ -138,20 +138,38 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
 
 
 # The driver of a stream cut into many small blocks grew by about 0.7 MB a block (40k pairs in 625 blocks: 619 ->
-# 1070 MiB; in 40 blocks it stayed flat; DEVELOPERS.md), so a stream has at most this many blocks.
+# 1070 MiB; in 40 blocks it stayed flat; DEVELOPERS.md), so a stream has at most this many blocks of its full size.
 STREAM_BLOCKS = 256
 
 
-def scored_dataset(pairs, count: int, config: JobConfig, pad_id: int):
-    """`count` tokenized pairs (a Ray dataset) -> reference pool -> guidance pool: the stream the trainers consume.
+def stream_block_starts(rows: int, first_rows: int) -> list[int]:
+    """Where the blocks of a stream of `rows` rows start (the first at 0, left out): the first block holds
+    first_rows (a scorer batch), and each next one twice as many, up to rows / STREAM_BLOCKS. The first step
+    waits for one scorer batch, not for a block of thousands of pairs (3,906 at a million pairs, which took the
+    tiny model 7 minutes on 2 CPUs), while the stream stays within about STREAM_BLOCKS blocks."""
+    largest = max(first_rows, -(-rows // STREAM_BLOCKS))
+    starts, start, size = [], 0, first_rows
+    while start + size < rows:
+        start += size
+        starts.append(start)
+        size = min(2 * size, largest)
+    return starts
 
-    The pairs are computed here, before any scorer or trainer holds a CPU (their order included: a sort runs
-    now), in blocks of about a scorer batch (more when there are many pairs): each replica gets work and
-    training starts on the first blocks. While the stream runs only the scorer pools compute in it, so a
-    cluster whose CPUs the trainers and scorers hold entirely still moves."""
-    configure_ray_data()
+
+def scored_dataset(pairs, count: int, config: JobConfig, pad_id: int):
+    """`count` tokenized pairs (a Ray dataset, in any order) -> reference pool -> guidance pool, computed first
+    in blocks of about a scorer batch (more when there are many pairs)."""
     block_rows = max(config.reference.batch_size, -(-count // STREAM_BLOCKS))
-    dataset = pairs.repartition(target_num_rows_per_block=block_rows).materialize()
+    return with_scorers(pairs.repartition(target_num_rows_per_block=block_rows).materialize(), config, pad_id)
+
+
+def with_scorers(blocks, config: JobConfig, pad_id: int):
+    """Pairs already computed in blocks (a materialized Ray dataset) -> reference pool -> guidance pool: the
+    stream the trainers consume. The pairs were computed before any scorer or trainer holds a CPU (their order
+    included), so while the stream runs only the scorer pools compute in it: a cluster whose CPUs the trainers
+    and scorers hold entirely still moves. Each replica gets blocks, and training starts on the first."""
+    configure_ray_data()
+    dataset = blocks
     if config.needs_reference:
         dataset = add_scorer(dataset, "reference", config.reference, config.reference_model, config, pad_id)
     if config.guidance_kind in SCORED_GUIDANCE:

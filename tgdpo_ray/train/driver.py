@@ -74,44 +74,47 @@ def training_stream(train: TokenizedSplit, held_out: TokenizedSplit | None, orde
     one pool per scorer scores it all, started once for the whole run (a pool per epoch would leave the trainers
     waiting for its models to load at every epoch); cache mode reads the cached scores (scoring into the cache
     first what is missing). None when there is nothing left to read (a finished run started again)."""
-    from tgdpo_ray.scoring.pools import scored_dataset
+    from tgdpo_ray.scoring.pools import stream_block_starts, with_scorers
 
     cache = reads_cache(config)
-    parts = []
+    parts, rows = [], 0
     if held_out:
         held_out_pairs = scored_pairs(held_out, config, pad_id, log) if cache else held_out.pairs
-        parts.append(with_part(held_out_pairs, held_out, HELD_OUT, np.arange(len(held_out))))
+        parts.append(with_position(held_out_pairs, held_out, HELD_OUT, np.arange(len(held_out)), rows))
+        rows += len(held_out)
     if first_epoch < len(orders):
         train_pairs = scored_pairs(train, config, pad_id, log) if cache else train.pairs
-        parts += [with_part(train_pairs, train, epoch, orders[epoch]) for epoch in range(first_epoch, len(orders))]
+        for epoch in range(first_epoch, len(orders)):
+            parts.append(with_position(train_pairs, train, epoch, orders[epoch], rows))
+            rows += len(train)
     if not parts:
         return None
-    # One sort orders every part (an all-to-all over the cluster, run before the trainers start).
+    # One sort puts every pair at its position and cuts the stream into its blocks, small ones first (an
+    # all-to-all over the cluster, run now, while no trainer or scorer holds a CPU).
     every_part = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]  # Ray's union of one fails
-    ordered = every_part.sort(["part", "place"]).drop_columns(["place"])
-    if cache:
-        # Sorted now, while no trainer holds a CPU: only the scorer pools compute while training runs.
-        return ordered.materialize()
-    rows = (len(held_out) if held_out else 0) + len(train) * (len(orders) - first_epoch)
-    return scored_dataset(ordered, rows, config, pad_id)
+    starts = stream_block_starts(rows, config.reference.batch_size)
+    # Without boundaries Ray samples its own (a stream of one block has none).
+    ordered = every_part.sort("position", boundaries=starts or None).drop_columns(["position"]).materialize()
+    return ordered if cache else with_scorers(ordered, config, pad_id)
 
 
-def with_part(dataset, split: TokenizedSplit, part: int, order: np.ndarray):
-    """`dataset` (the pairs of `split`) with a `part` column and a `place` column: each pair's place in the
-    order `order` (indexes into split.pair_ids, as steps.epoch_order gives them)."""
-    places = np.empty(len(order), dtype=np.int64)
-    places[order] = np.arange(len(order))  # the place of the pair at each index of split.pair_ids
-    return dataset.map_batches(partial(add_part, ids=split.pair_ids, part=part, places=places),
+def with_position(dataset, split: TokenizedSplit, part: int, order: np.ndarray, first_position: int):
+    """`dataset` (the pairs of `split`) with a `part` column and a `position` column: each pair's place in the
+    stream, first_position plus its place in the order `order` (indexes into split.pair_ids, as
+    schedule.epoch_order gives them)."""
+    positions = np.empty(len(order), dtype=np.int64)
+    positions[order] = first_position + np.arange(len(order))  # the position of the pair at each index of pair_ids
+    return dataset.map_batches(partial(add_position, ids=split.pair_ids, part=part, positions=positions),
                                batch_format="pyarrow")
 
 
-def add_part(table, ids: np.ndarray, part: int, places: np.ndarray):
-    """Adds the part and each pair's place in it to a block of pairs; `ids` sorted."""
+def add_position(table, ids: np.ndarray, part: int, positions: np.ndarray):
+    """Adds the part and each pair's position in the stream to a block of pairs; `ids` sorted."""
     import pyarrow as pa
 
     index = np.searchsorted(ids, table["pair_id"].to_numpy())
     table = table.append_column("part", pa.array(np.full(len(index), part, dtype=np.int64)))
-    return table.append_column("place", pa.array(places[index]))
+    return table.append_column("position", pa.array(positions[index]))
 
 
 def start_run_dir(config: JobConfig, log=print) -> tuple[int, TokenizedSplit, TokenizedSplit | None]:

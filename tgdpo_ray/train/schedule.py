@@ -18,7 +18,7 @@ import numpy as np
 import torch.distributed as dist
 
 from tgdpo_ray.config.job import TrainingSection
-from tgdpo_ray.kernels.batches import MicroBatchSize, cut_by_token_budget, pack_by_token_budget
+from tgdpo_ray.kernels.batches import cut_with_sizes, pack_by_token_budget
 
 
 # The name under which the trainers find the run's one scored stream (run.training_stream): the held-out pairs,
@@ -58,12 +58,12 @@ def in_epoch_order(rows: list[dict], seed: int, epoch: int, shuffle: bool) -> li
     return [by_id[index] for index in epoch_order(len(by_id), seed, epoch, shuffle).tolist()]
 
 
-def lengths_in_order(lengths: np.ndarray, order: np.ndarray, chunk: int = 65536) -> Iterator[tuple[list, list]]:
-    """(lengths, lengths) of each pair in the order, as cut_by_token_budget takes them; made a chunk at a time,
-    since a list of a million small lists would weigh more than the arrays themselves."""
+def lengths_in_order(lengths: np.ndarray, order: np.ndarray, chunk: int = 65536) -> Iterator[tuple[None, list]]:
+    """(None, lengths) of each pair in the order, as cut_with_sizes takes them; made a chunk at a time, since a
+    list of a million small lists would weigh more than the arrays themselves."""
     for start in range(0, len(order), chunk):
         for pair in lengths[order[start: start + chunk]].tolist():
-            yield pair, pair
+            yield None, pair
 
 
 @dataclass
@@ -76,14 +76,11 @@ class EpochShape:
 def epoch_shape(lengths: np.ndarray, order: np.ndarray, training: TrainingSection, world_size: int) -> EpochShape:
     """An epoch's optimizer steps, micro-batches and tokens, from the pairs' (prompt, chosen, rejected) token
     counts alone (rows of `lengths`, by pair id) taken in the epoch's order: what plan_steps yields, without
-    the tokens themselves."""
+    the tokens themselves, in one pass of the cutter."""
     micro_batches = tokens = 0
-    for batch in cut_by_token_budget(lengths_in_order(lengths, order), training.max_tokens_per_batch,
-                                     training.max_pairs_per_batch, training.packing):
+    for _, size in cut_with_sizes(lengths_in_order(lengths, order), training.max_tokens_per_batch,
+                                  training.max_pairs_per_batch, training.packing):
         micro_batches += 1
-        size = MicroBatchSize(training.packing)
-        for pair in batch:
-            size.add(*pair)
         tokens += size.tokens
     steps = -(-micro_batches // (world_size * training.gradient_accumulation_steps))
     return EpochShape(steps, micro_batches, tokens)
