@@ -2,7 +2,8 @@
 when a job trains a few steps on 100k and on 1M pairs. Writes bench/results/data_path.json.
 
 Targets (issue 16): the driver's peak RSS does not grow with the number of pairs (within 20% from 100k to 1M),
-and the pass is faster with 2 workers than with 1.
+and the pass is faster with 2 workers than with 1. Issue 34: the first optimizer step comes at most 60 s after
+the end of tokenization at 1M pairs, and at most 1.5x the 100k figure.
 
 The pairs are synthetic, of UltraFeedback-like lengths: long-tailed prompts (median 40 words) and answers
 (median 100 words), up to about 2000 tokens a pair, written once to a local Parquet file under bench/.work/. The
@@ -80,14 +81,28 @@ def job(model: str, data: Path, name: str, limit: int, workers: int | None = Non
 
 
 def train_few_steps(model: str, data: Path, pairs: int) -> dict:
-    """In this process (started by main for each size): a job that tokenizes `pairs` pairs and trains 3 steps."""
+    """In this process (started by main for each size): a job that tokenizes `pairs` pairs and trains 3 steps.
+    first_step_after_tokenize_s: from the driver's line that ends the tokenization pass to the first optimizer
+    step's record (its end; both wall-clock times of this machine): the ordering, the trainers' start, and the
+    wait for the first scored pairs."""
     from tgdpo_ray.train.driver import run_train
 
+    tokenized = []
+
+    def log(line: str) -> None:
+        if line.startswith("[data] train: ") and " tokenized in " in line:
+            tokenized.append(time.time())
+        print(line, flush=True)
+
     started = time.perf_counter()
-    summary = run_train(job(model, data, f"train-{pairs}", pairs), log=lambda line: print(line, flush=True))
-    report = json.loads((WORK / "runs" / f"train-{pairs}" / "data_report.json").read_text())["train"]
+    summary = run_train(job(model, data, f"train-{pairs}", pairs), log=log)
+    run = WORK / "runs" / f"train-{pairs}"
+    report = json.loads((run / "data_report.json").read_text())["train"]
+    first_step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     return {"pairs": report["rows_kept"], "steps": summary["steps"], "seconds": round(time.perf_counter() - started, 1),
             "tokenize_seconds": report["tokenize_seconds"],
+            "first_step_after_tokenize_s": round(first_step["time"] - tokenized[0], 1),
+            "first_step_data_wait_s": round(first_step["data_wait_seconds"], 1),
             "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -159,6 +174,8 @@ def main() -> None:
         "tokenize_speedup_2_vs_1_workers": round(throughput[1]["seconds"] / throughput[2]["seconds"], 3),
         "training_runs": {str(pairs): run for pairs, run in runs.items()},
         "driver_peak_rss_ratio_1m_vs_100k": round(large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"], 3),
+        "first_step_after_tokenize_ratio_1m_vs_100k": round(large["first_step_after_tokenize_s"]
+                                                            / small["first_step_after_tokenize_s"], 3),
         # One training run per size, each in its own child process.
         "provenance": provenance(shlex.join(["python", "bench/data_path.py", *sys.argv[1:]]), runs_trained=len(runs)),
     }

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from conftest import planned_step_ids, trained_pair_ids, without_local_ray
+from tgdpo_ray.common.files import resolve_filesystem
 from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.scoring.cache import MARKER, fingerprint, scorer_identity
@@ -208,7 +209,7 @@ def test_a_small_cache_is_read_by_the_driver_and_a_large_one_by_ray_data(ray_clu
     pq.write_table(table.slice(0, 6), folder / "a.parquet")
     pq.write_table(table.slice(6), folder / "b.parquet")
     (folder / MARKER).write_text("{}")  # not data: neither reader may take it for a file of pairs
-    filesystem, root = cache.resolve_filesystem(str(folder))
+    filesystem, root = resolve_filesystem(str(folder))
     small = cache.read_cache(filesystem, root)
     monkeypatch.setattr(cache, "DRIVER_READ_BYTES", 0)
     large = cache.read_cache(filesystem, root)

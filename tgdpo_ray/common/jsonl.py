@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from tgdpo_ray.common.files import open_binary
+
 
 @dataclass(frozen=True)
 class BadLine:
@@ -36,16 +38,17 @@ def numbered_lines(path: Union[str, Path]) -> Iterator[tuple[int, Union[dict, Ba
 
 
 def text_lines(path: Union[str, Path], start: int = 0, end: Optional[int] = None) -> Iterator[str]:
-    """The lines of a user's text file, or of its bytes [start, end) when a range starts a line: a file read in
-    parts (data_pass.py) gives exactly the lines of the whole file read at once."""
+    """The lines of a user's text file (a local path or a URI: files.py), or of its bytes [start, end) when a
+    range starts a line: a file read in parts (data_pass.py) gives exactly the lines of the whole file read at
+    once."""
     # utf-8-sig drops a byte-order mark (at the file's start only); surrogateescape keeps bytes that are not
     # UTF-8 (as lone surrogates), so that only the line holding them is bad and the lines after it are still read.
     encoding = "utf-8-sig" if start == 0 else "utf-8"
     if start == 0 and end is None:
-        with open(path, encoding=encoding, errors="surrogateescape") as handle:
-            yield from handle
+        with open_binary(str(path)) as handle:
+            yield from io.TextIOWrapper(handle, encoding=encoding, errors="surrogateescape")
         return
-    with open(path, "rb") as handle:
+    with open_binary(str(path)) as handle:
         handle.seek(start)
         chunk = handle.read() if end is None else handle.read(end - start)
     yield from io.TextIOWrapper(io.BytesIO(chunk), encoding=encoding, errors="surrogateescape")
@@ -54,7 +57,7 @@ def text_lines(path: Union[str, Path], start: int = 0, end: Optional[int] = None
 def line_starts(path: Union[str, Path], every: int) -> list[int]:
     """Byte offsets that cut a file into ranges of about `every` bytes, each starting a line (0 first)."""
     starts = [0]
-    with open(path, "rb") as handle:
+    with open_binary(str(path)) as handle:
         size = handle.seek(0, os.SEEK_END)
         while starts[-1] + every < size:
             handle.seek(starts[-1] + every)

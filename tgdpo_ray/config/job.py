@@ -35,7 +35,8 @@ class RunSection(Section):
 
 
 class DataSource(Section):
-    path: str = Field(description="a local .jsonl / .json / .parquet file, a local dataset folder, or a Hugging "
+    path: str = Field(description="a .jsonl / .json / .parquet file, local or a URI of any filesystem pyarrow "
+                                  "knows (s3://bucket/pairs.jsonl, gs://...), a local dataset folder, or a Hugging "
                                   "Face dataset name")
     split: str = Field(default="train", description="the split of a Hugging Face dataset or dataset folder")
     subset: Optional[str] = Field(default=None, description="the Hugging Face dataset configuration name, if it "
@@ -426,7 +427,8 @@ class RankerSection(Section):
 
 
 class PairsSection(Section):
-    prompts: DataSource = Field(description="the prompts: a .jsonl / .json / .parquet file, a dataset folder or a "
+    prompts: DataSource = Field(description="the prompts: a .jsonl / .json / .parquet file (local, s3://, gs://, "
+                                            "...), a dataset folder or a "
                                             "Hugging Face dataset name; a path alone is shorthand for {path: ...}")
     prompt_column: str = Field(default="prompt", description="the column holding the prompt: a string or chat "
                                                              "messages")

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tgdpo_ray.common.files import is_data_file, is_uri
 from tgdpo_ray.config.base import ConfigError
 from tgdpo_ray.config.eval import PROMPT_SETS, QUESTION_SETS
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
@@ -85,12 +86,11 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
 
 
 def looks_local(name: str) -> bool:
-    """A path the user means to be on disk (vs a Hugging Face hub name such as `org/model`)."""
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or os.path.exists(os.path.expanduser(name))
-        or name.endswith((".jsonl", ".json", ".parquet"))
-    )
+    """A path the user means to be on disk (vs a Hugging Face hub name such as `org/model`, or a URI such as
+    s3://bucket/pairs.jsonl, which is checked where it is read: files.py)."""
+    if is_uri(name):
+        return False
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name)) or is_data_file(name)
 
 
 def check_local_paths(config: JobConfig, source: str) -> None:

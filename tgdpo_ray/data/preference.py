@@ -12,10 +12,10 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.files import file_name, is_data_file, is_file, parquet_file, read_bytes
 from tgdpo_ray.common.jsonl import BadLine, parse_line, text_lines
 from tgdpo_ray.config.job import Columns, DataSection, DataSource, RewardColumns
 from tgdpo_ray.config.loader import looks_local
@@ -116,15 +116,15 @@ def iter_raw_rows(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]
     """(unit, number, row) for every record of a local .jsonl / .json / .parquet file, a local dataset folder or
     a hub dataset: unit is "line" or "row", number counts from 1 (see above). A record that cannot be read comes
     as a BadRow, so that data.bad_rows treats it as it treats any other bad row."""
-    path = os.path.expanduser(source.path)
-    if path.endswith(".jsonl"):
+    path, name = os.path.expanduser(source.path), file_name(source.path)
+    if is_data_file(path) and not is_file(path):
+        raise DataError(f"data file does not exist: {source.path}")
+    if name.endswith(".jsonl"):
         yield from iter_jsonl(path)
-    elif path.endswith(".json"):
+    elif name.endswith(".json"):
         yield from iter_json_items(read_json_list(path))
-    elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        yield from iter_arrow(pq.read_table(path).to_batches())
+    elif name.endswith(".parquet"):
+        yield from iter_arrow(parquet_file(path).read().to_batches())
     else:
         yield from iter_arrow(load_hf_dataset(source).with_format("arrow").iter(batch_size=1000))
 
@@ -141,7 +141,7 @@ def iter_jsonl(path: str, start: int = 0, end: Optional[int] = None,
 def read_json_list(path: str) -> list:
     """The items of a .json file's list. One document: bytes that are not UTF-8 or JSON that does not parse spoil
     the whole file, so they stop the run whatever data.bad_rows says; the message names the line."""
-    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)  # as utf-8-sig reads it
+    raw = read_bytes(path).removeprefix(codecs.BOM_UTF8)  # as utf-8-sig reads it
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -397,7 +397,7 @@ def tokenize_pair(tokenizer, row: dict, data: DataSection, reward_columns: Optio
 
 def unit_of(source: DataSource) -> str:
     """How a row of the source is named in messages: a line of a .jsonl file, a row of anything else."""
-    return "line" if source.path.endswith(".jsonl") else "row"
+    return "line" if file_name(source.path).endswith(".jsonl") else "row"
 
 
 def prepare_row(tokenizer, row: dict | BadRow, data: DataSection, reward_columns: Optional[RewardColumns] = None,

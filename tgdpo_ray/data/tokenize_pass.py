@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.files import file_name, file_size, is_data_file, is_file, parquet_file
 from tgdpo_ray.common.progress import every_few_seconds, time_left
 from tgdpo_ray.common.jsonl import append_records, line_starts, read_records, text_lines
 from tgdpo_ray.config.job import DataSection, DataSource, JobConfig, RewardColumns, TokenizeSection
@@ -71,9 +72,7 @@ def shard_rows(shard: Shard) -> Iterator[tuple[int, int, dict | BadRow]]:
     if shard.kind == "jsonl":
         rows = iter_jsonl(shard.path, shard.start, shard.end, shard.first_line)
     elif shard.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        rows = iter_arrow(pq.ParquetFile(shard.path).read_row_groups(list(shard.row_groups)).to_batches(),
+        rows = iter_arrow(parquet_file(shard.path).read_row_groups(list(shard.row_groups)).to_batches(),
                           number=shard.first_index)
     else:
         import ray
@@ -97,16 +96,18 @@ def placement(section: TokenizeSection) -> dict:
 
 
 def make_shards(source: DataSource, section: TokenizeSection) -> list[Shard]:
+    """The shards of a source (a local path or a URI: common/files.py)."""
     path, shard_bytes = os.path.expanduser(source.path), int(section.shard_mib * 2**20)
-    if path.endswith((".jsonl", ".json", ".parquet")) and not os.path.isfile(path):
+    name = file_name(path)
+    if is_data_file(path) and not is_file(path):
         raise DataError(f"data file does not exist: {source.path}")
-    if path.endswith(".jsonl"):
+    if name.endswith(".jsonl"):
         return jsonl_shards(path, shard_bytes, source.limit, placement(section))
-    if path.endswith(".parquet"):
+    if name.endswith(".parquet"):
         return parquet_shards(path, shard_bytes, source.limit)
-    if path.endswith(".json"):
+    if name.endswith(".json"):
         items = read_json_list(path)[: source.limit]
-        return sliced_shards("json", path, items, len(items), shard_bytes, os.path.getsize(path))
+        return sliced_shards("json", path, items, len(items), shard_bytes, file_size(path))
     dataset = load_hf_dataset(source).with_format("arrow")  # a slice of it is an Arrow table
     count = min(len(dataset), source.limit or len(dataset))
     size = dataset.data.nbytes * count // max(len(dataset), 1)
@@ -142,9 +143,7 @@ def count_lines(path: str, start: int, end: Optional[int]) -> tuple[int, int]:
 
 def parquet_shards(path: str, shard_bytes: int, limit: Optional[int]) -> list[Shard]:
     """Runs of row groups of about shard_bytes (uncompressed, as the footer gives it)."""
-    import pyarrow.parquet as pq
-
-    metadata = pq.ParquetFile(path).metadata
+    metadata = parquet_file(path).metadata
     shards, groups, size, first_index, rows = [], [], 0, 0, 0
     for group in range(metadata.num_row_groups):
         if limit is not None and first_index + rows >= limit:
@@ -187,26 +186,31 @@ def tokenize_shards(batch: dict, shards: list[Shard], data: DataSection, tokeniz
     record_placement(run_dir, "tokenize")
     rewards = REWARD_COLUMNS if reward_columns else ()
     columns: dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, *NOTE_COLUMNS, *rewards)}
+    def add(index: int, number: int, tokens: dict, truncated: bool, bad: tuple[str, str]) -> None:
+        ids = [np.asarray(tokens.get(name, ()), dtype=np.int32) for name in TOKEN_COLUMNS[1:]]
+        values = [np.asarray(tokens.get(name, ()), dtype=np.float32) for name in rewards]
+        digest = row_digest(index, ids + values) if not bad[0] else (0, 0)
+        record = {"pair_id": index, **dict(zip(TOKEN_COLUMNS[1:], ids)), "number": number,
+                  "prompt_length": len(ids[0]), "chosen_length": len(ids[1]), "rejected_length": len(ids[2]),
+                  "truncated": truncated, "bad_reason": bad[0], "bad_detail": bad[1],
+                  "digest_high": digest[0], "digest_low": digest[1], **dict(zip(rewards, values))}
+        for name, value in record.items():
+            columns[name].append(value)
+
     for shard_index in batch["id"]:
-        rows_before = len(columns["pair_id"])
-        for index, number, row in shard_rows(shards[int(shard_index)]):
-            try:
-                tokens, truncated = prepare_row(worker_tokenizer(*tokenizer_args), row, data, reward_columns,
-                                                chosen_only)
-                bad = ("", "")
-            except BadRow as err:
-                tokens, truncated, bad = {}, False, (err.reason, err.detail)
-            except UserError as err:  # no row can pass (a chat template, a tokenizer): Ray would lose the message
-                tokens, truncated, bad = {}, False, (STOP, str(err))
-            ids = [np.asarray(tokens.get(name, ()), dtype=np.int32) for name in TOKEN_COLUMNS[1:]]
-            values = [np.asarray(tokens.get(name, ()), dtype=np.float32) for name in rewards]
-            digest = row_digest(index, ids + values) if not bad[0] else (0, 0)
-            record = {"pair_id": index, **dict(zip(TOKEN_COLUMNS[1:], ids)), "number": number,
-                      "prompt_length": len(ids[0]), "chosen_length": len(ids[1]), "rejected_length": len(ids[2]),
-                      "truncated": truncated, "bad_reason": bad[0], "bad_detail": bad[1],
-                      "digest_high": digest[0], "digest_low": digest[1], **dict(zip(rewards, values))}
-            for name, value in record.items():
-                columns[name].append(value)
+        rows_before, shard = len(columns["pair_id"]), shards[int(shard_index)]
+        try:
+            for index, number, row in shard_rows(shard):
+                try:
+                    tokens, truncated = prepare_row(worker_tokenizer(*tokenizer_args), row, data, reward_columns,
+                                                    chosen_only)
+                    add(index, number, tokens, truncated, ("", ""))
+                except BadRow as err:
+                    add(index, number, {}, False, (err.reason, err.detail))
+                except UserError as err:  # no row can pass (a chat template, a tokenizer): Ray would lose it
+                    add(index, number, {}, False, (STOP, str(err)))
+        except OSError as err:  # the file cannot be read here (object storage without this node's credentials)
+            add(shard.first_index, shard.first_line, {}, False, (STOP, f"cannot read {shard.path}: {err}"))
         append_records(Path(progress) / f"{os.getpid()}.jsonl", [{"rows": len(columns["pair_id"]) - rows_before}])
     types = {"prompt_ids": pa.list_(pa.int32()), "chosen_ids": pa.list_(pa.int32()),
              "rejected_ids": pa.list_(pa.int32()), "digest_high": pa.uint64(), "digest_low": pa.uint64(),
@@ -298,7 +302,10 @@ def run_pass(name: str, source: DataSource, config: JobConfig, rewards: Optional
 
     configure_ray_data()  # in the source's order: the first bad row is the first the driver sees
     section = config.data.tokenize
-    shards = make_shards(source, section)
+    try:
+        shards = make_shards(source, section)
+    except OSError as err:  # not there, no access, no answer: one line naming the source
+        raise DataError(f"cannot read {source.path}: {err}") from None
     log(f"[data] {name}: tokenizing {source.path} in {len(shards)} shard(s) on "
         f"{section.workers or 'up to all free'} CPU worker(s)")
     progress = config.run_dir / "tokenize" / name

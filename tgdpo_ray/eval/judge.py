@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.files import is_file
 from tgdpo_ray.common.jsonl import BadLine, numbered_lines
 from tgdpo_ray.config.base import ConfigError
 from tgdpo_ray.config.loader import import_function
@@ -51,18 +52,19 @@ class JudgeError(UserError, RuntimeError):
     """A prompt file, key or endpoint the judge cannot work with; the message names it."""
 
 
-def prompt_set_file(prompt_set: str) -> Path:
-    """The file of a judge prompt set: fastchat (FastChat's MT-Bench prompts), tgdpo-ray (ours), or a path."""
+def prompt_set_file(prompt_set: str) -> str:
+    """The file of a judge prompt set: fastchat (FastChat's MT-Bench prompts), tgdpo-ray (ours), or a path or a
+    URI (files.py)."""
     if prompt_set == "fastchat":
-        return mt_bench_file("judge_prompts")
-    return OUR_PROMPTS if prompt_set == "tgdpo-ray" else Path(prompt_set)
+        return str(mt_bench_file("judge_prompts"))
+    return str(OUR_PROMPTS) if prompt_set == "tgdpo-ray" else os.path.expanduser(prompt_set)
 
 
 def load_prompts(prompt_set: str) -> dict[str, dict]:
     """name -> template record, of a prompt set (see prompt_set_file). Checks every template can be filled
     before any model loads."""
     path = prompt_set_file(prompt_set)
-    if not path.is_file():
+    if not is_file(path):
         raise JudgeError(f"judge prompts file not found: {path}")
     prompts = {}
     for number, record in numbered_lines(path):

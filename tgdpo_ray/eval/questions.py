@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tgdpo_ray.common.errors import UserError
+from tgdpo_ray.common.files import is_file, is_uri
 from tgdpo_ray.common.jsonl import BadLine, numbered_lines
 from tgdpo_ray.config.loader import looks_local
 from tgdpo_ray.eval.mt_bench import mt_bench_file
@@ -80,9 +81,9 @@ def _rows(path: str, split: str) -> Iterator[tuple[str, str, dict]]:
     if path == "shipped":
         path = str(SHIPPED_QUESTIONS)
     local = os.path.expanduser(path)
-    if os.path.isfile(local):
+    if is_file(local):  # a local file or an object a URI names (files.py)
         yield from _jsonl_rows(local)
-    elif looks_local(path) and not os.path.isdir(local):
+    elif (looks_local(path) or is_uri(path)) and not os.path.isdir(local):
         raise QuestionError(f"questions file does not exist: {path}")
     else:  # a hub dataset name, or a dataset folder written by save_to_disk
         for number, row in enumerate(_dataset(path, split), start=1):
@@ -96,7 +97,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, str, dict]]:
                 raise QuestionError(f"{path}, line {number}: {row}")
             yield path, f"line {number}", row
     except OSError as err:
-        raise QuestionError(f"cannot read {path}: {err.strerror}") from None
+        raise QuestionError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def _dataset(name: str, split: str) -> Iterable[dict]:
@@ -156,7 +157,7 @@ def _reference(value: Any, turns: int, what: str) -> tuple[str, ...] | None:
 
 def _load_references(path: str, turns_by_id: dict[str, int]) -> dict[str, tuple[str, ...]]:
     """question_id -> reference, from lines of ours ({"reference": [..]}) or FastChat's ({"choices": [..]}) shape."""
-    if not os.path.isfile(os.path.expanduser(path)):
+    if not is_file(os.path.expanduser(path)):
         raise QuestionError(f"references file does not exist: {path}")
     found: dict[str, tuple[str, ...]] = {}
     first_seen: dict[str, str] = {}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
+from tgdpo_ray.common.files import resolve_filesystem
 from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.common.progress import every_few_seconds, time_left
 from tgdpo_ray.config.job import SCORED_GUIDANCE, JobConfig
@@ -29,15 +29,6 @@ ROWS_PER_FILE = 20_000
 # start, seconds that dwarf reading a few MB. Larger caches are read by Ray Data's tasks, never whole here.
 DRIVER_READ_BYTES = 64 * 2**20
 PROGRESS_EVERY = 20.0  # seconds between the lines of a split being scored into the cache
-
-
-def resolve_filesystem(uri: str):
-    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/cache."""
-    from pyarrow import fs
-
-    if "://" in uri:
-        return fs.FileSystem.from_uri(uri)
-    return fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
 def scorer_identity(config: JobConfig) -> dict:

@@ -29,7 +29,7 @@ from tgdpo_ray.common.errors import UserError
 from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.common.run_dir import RunDir
 from tgdpo_ray.config.job import JobConfig
-from tgdpo_ray.scoring.cache import resolve_filesystem
+from tgdpo_ray.common.files import resolve_filesystem
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"  # the job config the checkpoint was made under (rank 0 writes it)

@@ -74,7 +74,7 @@ def training_stream(train: TokenizedSplit, held_out: TokenizedSplit | None, orde
     one pool per scorer scores it all, started once for the whole run (a pool per epoch would leave the trainers
     waiting for its models to load at every epoch); cache mode reads the cached scores (scoring into the cache
     first what is missing). None when there is nothing left to read (a finished run started again)."""
-    from tgdpo_ray.scoring.pools import stream_block_starts, with_scorers
+    from tgdpo_ray.scoring.pools import stream_blocks, with_scorers
 
     cache = reads_cache(config)
     parts, rows = [], 0
@@ -89,12 +89,14 @@ def training_stream(train: TokenizedSplit, held_out: TokenizedSplit | None, orde
             rows += len(train)
     if not parts:
         return None
-    # One sort puts every pair at its position and cuts the stream into its blocks, small ones first (an
-    # all-to-all over the cluster, run now, while no trainer or scorer holds a CPU).
+    # One sort puts every pair at its position (an all-to-all over the cluster, run now, while no trainer or
+    # scorer holds a CPU) in partitions that start with the stream's small first blocks; the larger partitions
+    # are then cut into full blocks.
     every_part = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]  # Ray's union of one fails
-    starts = stream_block_starts(rows, config.reference.batch_size)
+    starts, full_block = stream_blocks(rows, config.reference.batch_size)
     # Without boundaries Ray samples its own (a stream of one block has none).
-    ordered = every_part.sort("position", boundaries=starts or None).drop_columns(["position"]).materialize()
+    ordered = (every_part.sort("position", boundaries=starts or None).drop_columns(["position"])
+               .repartition(target_num_rows_per_block=full_block).materialize())
     return ordered if cache else with_scorers(ordered, config, pad_id)
 
 
