@@ -142,8 +142,8 @@ def add_scorer(dataset, role: str, section: ScorerSection, model: str, config: J
 STREAM_BLOCKS = 256
 
 
-# Full blocks per partition of the sort that orders a stream: one sort task per block made the sort of a million
-# pairs slower (263 partitions: 20 s at 300k pairs, against 16 s in partitions of 16 blocks).
+# Full blocks per partition of the sort that orders a stream: a partition per block is slower to sort (300k pairs on
+# 2 cores: 20.0 s in 263 partitions, 14.6 s in 23 of up to 16 blocks).
 BLOCKS_PER_PARTITION = 16
 
 
@@ -152,8 +152,8 @@ def stream_blocks(rows: int, first_rows: int) -> tuple[list[int], int]:
     a full block). The first block holds first_rows (a scorer batch) and each next one twice as many, up to a full
     block of rows / STREAM_BLOCKS; the rest is sorted in partitions of BLOCKS_PER_PARTITION full blocks, which the
     stream then cuts. The first step waits for one scorer batch, not for a block of thousands of pairs (3,906 at a
-    million pairs, which took the tiny model 7 minutes on 2 CPUs), while the stream stays within about
-    STREAM_BLOCKS blocks."""
+    million pairs: most of the 480 s between tokenization and the first step in bench/data_path.py on 2 cores,
+    before), while the stream stays within about STREAM_BLOCKS blocks."""
     full = max(first_rows, -(-rows // STREAM_BLOCKS))
     starts, start, size = [], 0, first_rows
     while size < full and start + size < rows:

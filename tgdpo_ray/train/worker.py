@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -549,6 +550,10 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
 
     config = JobConfig.model_validate(loop_config["config"])
+    if not config.tracking.mlflow_experiment:
+        # DeepSpeed's autotuner imports MLflow whenever it is installed: about 1 s of CPU at every worker start of
+        # a job that does not log to it. This process serves this run alone, so MLflow reads as not installed.
+        sys.modules.setdefault("mlflow", None)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     record_placement(str(config.run_dir), "policy", rank=rank)
