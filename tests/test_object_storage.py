@@ -15,7 +15,7 @@ import pytest
 from conftest import local_pairs
 from tgdpo_ray.config.loader import build_config
 from tgdpo_ray.data.preference import DataError, iter_raw_rows
-from tgdpo_ray.data.tokenize_pass import tokenize_split
+from tgdpo_ray.data.tokenize_pass import STOP, Shard, shard_rows, tokenize_split
 from tgdpo_ray.eval.judge import load_prompts
 from tgdpo_ray.eval.questions import QuestionError, load_questions
 
@@ -112,6 +112,11 @@ def test_a_bad_line_or_a_missing_object_on_s3_is_named(ray_cluster, tiny_model, 
     missing = job(tiny_model, tmp_path, uri("nowhere.jsonl"))
     with pytest.raises(DataError, match=r"^data file does not exist: s3://.*nowhere\.jsonl"):
         tokenize_split("train", missing.data.train, missing, lambda line: None)
+
+    # A shard a worker cannot read (its object gone since the driver cut the file): a STOP row, whose message the
+    # driver raises as the job's error, not Ray's traceback.
+    (row,) = [row for _, _, row in shard_rows(Shard("jsonl", uri("gone.jsonl"), 0, None))]
+    assert row.reason == STOP and row.detail.startswith("cannot read s3://") and "gone.jsonl" in row.detail
 
 
 def test_questions_and_judge_prompts_read_from_s3(tmp_path, bucket):

@@ -113,8 +113,8 @@ class PreparedData:
 
 
 def iter_raw_rows(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]]:
-    """(unit, number, row) for every record of a local .jsonl / .json / .parquet file, a local dataset folder or
-    a hub dataset: unit is "line" or "row", number counts from 1 (see above). A record that cannot be read comes
+    """(unit, number, row) for every record of a .jsonl / .json / .parquet file (a local path or a URI: files.py),
+    a local dataset folder or a hub dataset: unit is "line" or "row", number counts from 1 (see above). A record that cannot be read comes
     as a BadRow, so that data.bad_rows treats it as it treats any other bad row."""
     path, name = os.path.expanduser(source.path), file_name(source.path)
     if is_data_file(path) and not is_file(path):

@@ -68,22 +68,27 @@ class Shard:
 
 
 def shard_rows(shard: Shard) -> Iterator[tuple[int, int, dict | BadRow]]:
-    """(pair id, line or row number, row as read) of every row of a shard, up to the source's limit."""
-    if shard.kind == "jsonl":
-        rows = iter_jsonl(shard.path, shard.start, shard.end, shard.first_line)
-    elif shard.kind == "parquet":
-        rows = iter_arrow(parquet_file(shard.path).read_row_groups(list(shard.row_groups)).to_batches(),
-                          number=shard.first_index)
-    else:
-        import ray
+    """(pair id, line or row number, row as read) of every row of a shard, up to the source's limit. A file that
+    cannot be read here (object storage without this node's credentials, a file gone) ends the rows with a STOP
+    row: the driver stops the job with its message instead of Ray's traceback."""
+    try:
+        if shard.kind == "jsonl":
+            rows = iter_jsonl(shard.path, shard.start, shard.end, shard.first_line)
+        elif shard.kind == "parquet":
+            rows = iter_arrow(parquet_file(shard.path).read_row_groups(list(shard.row_groups)).to_batches(),
+                              number=shard.first_index)
+        else:
+            import ray
 
-        items = ray.get(shard.items)
-        rows = (iter_json_items(items, number=shard.first_index) if shard.kind == "json"
-                else iter_arrow(items.to_batches(), number=shard.first_index))
-    for index, (_unit, number, row) in enumerate(rows, start=shard.first_index):
-        if shard.limit is not None and index >= shard.limit:
-            return
-        yield index, number, row
+            items = ray.get(shard.items)
+            rows = (iter_json_items(items, number=shard.first_index) if shard.kind == "json"
+                    else iter_arrow(items.to_batches(), number=shard.first_index))
+        for index, (_unit, number, row) in enumerate(rows, start=shard.first_index):
+            if shard.limit is not None and index >= shard.limit:
+                return
+            yield index, number, row
+    except OSError as err:
+        yield shard.first_index, shard.first_line, BadRow(STOP, f"cannot read {shard.path}: {err}")
 
 
 # ---------------------------------------------------------------- cutting sources into shards
@@ -186,31 +191,26 @@ def tokenize_shards(batch: dict, shards: list[Shard], data: DataSection, tokeniz
     record_placement(run_dir, "tokenize")
     rewards = REWARD_COLUMNS if reward_columns else ()
     columns: dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, *NOTE_COLUMNS, *rewards)}
-    def add(index: int, number: int, tokens: dict, truncated: bool, bad: tuple[str, str]) -> None:
-        ids = [np.asarray(tokens.get(name, ()), dtype=np.int32) for name in TOKEN_COLUMNS[1:]]
-        values = [np.asarray(tokens.get(name, ()), dtype=np.float32) for name in rewards]
-        digest = row_digest(index, ids + values) if not bad[0] else (0, 0)
-        record = {"pair_id": index, **dict(zip(TOKEN_COLUMNS[1:], ids)), "number": number,
-                  "prompt_length": len(ids[0]), "chosen_length": len(ids[1]), "rejected_length": len(ids[2]),
-                  "truncated": truncated, "bad_reason": bad[0], "bad_detail": bad[1],
-                  "digest_high": digest[0], "digest_low": digest[1], **dict(zip(rewards, values))}
-        for name, value in record.items():
-            columns[name].append(value)
-
     for shard_index in batch["id"]:
-        rows_before, shard = len(columns["pair_id"]), shards[int(shard_index)]
-        try:
-            for index, number, row in shard_rows(shard):
-                try:
-                    tokens, truncated = prepare_row(worker_tokenizer(*tokenizer_args), row, data, reward_columns,
-                                                    chosen_only)
-                    add(index, number, tokens, truncated, ("", ""))
-                except BadRow as err:
-                    add(index, number, {}, False, (err.reason, err.detail))
-                except UserError as err:  # no row can pass (a chat template, a tokenizer): Ray would lose it
-                    add(index, number, {}, False, (STOP, str(err)))
-        except OSError as err:  # the file cannot be read here (object storage without this node's credentials)
-            add(shard.first_index, shard.first_line, {}, False, (STOP, f"cannot read {shard.path}: {err}"))
+        rows_before = len(columns["pair_id"])
+        for index, number, row in shard_rows(shards[int(shard_index)]):
+            try:
+                tokens, truncated = prepare_row(worker_tokenizer(*tokenizer_args), row, data, reward_columns,
+                                                chosen_only)
+                bad = ("", "")
+            except BadRow as err:
+                tokens, truncated, bad = {}, False, (err.reason, err.detail)
+            except UserError as err:  # no row can pass (a chat template, a tokenizer): Ray would lose the message
+                tokens, truncated, bad = {}, False, (STOP, str(err))
+            ids = [np.asarray(tokens.get(name, ()), dtype=np.int32) for name in TOKEN_COLUMNS[1:]]
+            values = [np.asarray(tokens.get(name, ()), dtype=np.float32) for name in rewards]
+            digest = row_digest(index, ids + values) if not bad[0] else (0, 0)
+            record = {"pair_id": index, **dict(zip(TOKEN_COLUMNS[1:], ids)), "number": number,
+                      "prompt_length": len(ids[0]), "chosen_length": len(ids[1]), "rejected_length": len(ids[2]),
+                      "truncated": truncated, "bad_reason": bad[0], "bad_detail": bad[1],
+                      "digest_high": digest[0], "digest_low": digest[1], **dict(zip(rewards, values))}
+            for name, value in record.items():
+                columns[name].append(value)
         append_records(Path(progress) / f"{os.getpid()}.jsonl", [{"rows": len(columns["pair_id"]) - rows_before}])
     types = {"prompt_ids": pa.list_(pa.int32()), "chosen_ids": pa.list_(pa.int32()),
              "rejected_ids": pa.list_(pa.int32()), "digest_high": pa.uint64(), "digest_low": pa.uint64(),
@@ -304,7 +304,7 @@ def run_pass(name: str, source: DataSource, config: JobConfig, rewards: Optional
     section = config.data.tokenize
     try:
         shards = make_shards(source, section)
-    except OSError as err:  # not there, no access, no answer: one line naming the source
+    except OSError as err:  # no access, no answer: one line naming the source
         raise DataError(f"cannot read {source.path}: {err}") from None
     log(f"[data] {name}: tokenizing {source.path} in {len(shards)} shard(s) on "
         f"{section.workers or 'up to all free'} CPU worker(s)")
