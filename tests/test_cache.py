@@ -77,6 +77,17 @@ def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp
         blocks = [meta.num_rows for bundle in stream.iter_internal_ref_bundles() for meta in bundle.metadata]
         assert blocks == [16, 32, 64, 32]
         assert [row["part"] for row in stream.take_all()] == [-1] * 16 + [0] * 64 + [1] * 64
+        # Past the small head, the sort's partitions (BLOCKS_PER_PARTITION full blocks each) are cut into full
+        # blocks: 144 rows over 8 make full blocks of 18, in partitions of 36.
+        monkeypatch.setattr("tgdpo_ray.scoring.pools.STREAM_BLOCKS", 8)
+        monkeypatch.setattr("tgdpo_ray.scoring.pools.BLOCKS_PER_PARTITION", 2)
+        stream = training_stream(train, held_out, epoch_orders(train, config), 0, config, pad_id, printed.append)
+        blocks = [meta.num_rows for bundle in stream.iter_internal_ref_bundles() for meta in bundle.metadata]
+        assert blocks == [16] + [18] * 7 + [2]
+        rows, orders = stream.take_all(), epoch_orders(train, config)
+        assert [row["part"] for row in rows] == [-1] * 16 + [0] * 64 + [1] * 64
+        assert [row["pair_id"] for row in rows] == held_out.pair_ids.tolist() + [
+            int(pair_id) for order in orders for pair_id in train.pair_ids[order]]
 
 
 def test_a_half_written_cache_is_never_read(ray_cluster, tiny_model, demo_data, tmp_path):
