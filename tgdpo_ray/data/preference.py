@@ -117,8 +117,7 @@ def iter_raw_rows(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]
     a local dataset folder or a hub dataset: unit is "line" or "row", number counts from 1 (see above). A record that cannot be read comes
     as a BadRow, so that data.bad_rows treats it as it treats any other bad row."""
     path, name = os.path.expanduser(source.path), file_name(source.path)
-    if is_data_file(path) and not is_file(path):
-        raise DataError(f"data file does not exist: {source.path}")
+    check_data_file(source)
     if name.endswith(".jsonl"):
         yield from iter_jsonl(path)
     elif name.endswith(".json"):
@@ -127,6 +126,13 @@ def iter_raw_rows(source: DataSource) -> Iterator[tuple[str, int, dict | BadRow]
         yield from iter_arrow(parquet_file(path).read().to_batches())
     else:
         yield from iter_arrow(load_hf_dataset(source).with_format("arrow").iter(batch_size=1000))
+
+
+def check_data_file(source: DataSource) -> None:
+    """A source named as one file (.jsonl / .json / .parquet, local or a URI) that is not there stops the run."""
+    path = os.path.expanduser(source.path)
+    if is_data_file(path) and not is_file(path):
+        raise DataError(f"data file does not exist: {source.path}")
 
 
 def iter_jsonl(path: str, start: int = 0, end: Optional[int] = None,

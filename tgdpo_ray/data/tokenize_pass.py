@@ -31,12 +31,12 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from tgdpo_ray.common.errors import UserError
-from tgdpo_ray.common.files import file_name, file_size, is_data_file, is_file, parquet_file
+from tgdpo_ray.common.files import file_name, file_size, parquet_file
 from tgdpo_ray.common.progress import every_few_seconds, time_left
 from tgdpo_ray.common.jsonl import append_records, line_starts, read_records, text_lines
 from tgdpo_ray.config.job import DataSection, DataSource, JobConfig, RewardColumns, TokenizeSection
-from tgdpo_ray.data.preference import (BadRow, DataError, RowTally, iter_arrow, iter_json_items, iter_jsonl,
-                                       load_hf_dataset, prepare_row, read_json_list, unit_of)
+from tgdpo_ray.data.preference import (BadRow, DataError, RowTally, check_data_file, iter_arrow, iter_json_items,
+                                       iter_jsonl, load_hf_dataset, prepare_row, read_json_list, unit_of)
 from tgdpo_ray.kernels.batches import score_columns
 from tgdpo_ray.modeling.loading import load_tokenizer
 from tgdpo_ray.runtime.placement import record_placement
@@ -104,8 +104,7 @@ def make_shards(source: DataSource, section: TokenizeSection) -> list[Shard]:
     """The shards of a source (a local path or a URI: common/files.py)."""
     path, shard_bytes = os.path.expanduser(source.path), int(section.shard_mib * 2**20)
     name = file_name(path)
-    if is_data_file(path) and not is_file(path):
-        raise DataError(f"data file does not exist: {source.path}")
+    check_data_file(source)
     if name.endswith(".jsonl"):
         return jsonl_shards(path, shard_bytes, source.limit, placement(section))
     if name.endswith(".parquet"):
