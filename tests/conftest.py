@@ -22,6 +22,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray Train starts an actor per run that watches for node preemption; no test preempts a node, so the suite spares
 # that process (about half a second a run here, within the noise: DEVELOPERS.md).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Nor Ray's usage stats. After each Ray Data execution their collector asks a Prometheus on localhost:9090, in
+# background threads of the test process, and logs each refused connection with its traceback. Python 3.11 builds
+# that traceback's carets with ast.parse, and two threads building syntax trees at once can fail there with "AST
+# constructor recursion depth mismatch" (CPython 3.11.7 here; see CPython gh-106905): it failed test_layout's own
+# ast.parse in one CI run.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Keys as a job would carry them, with values no file or log may ever hold (tests/test_end_to_end.py scans what
 # its runs and evaluation wrote, and Ray's logs): the Hub's token, a tracker's key, and the judge's key, which the
 # end-to-end judge server requires. Every process of the suite has them, Ray's included.
