@@ -4,9 +4,10 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
-from conftest import planned_step_ids, trained_pair_ids, without_local_ray
+from conftest import planned_step_ids, trained_pair_ids
 from tgdpo_ray.common.files import resolve_filesystem
 from tgdpo_ray.common.model_files import weights_identity
 from tgdpo_ray.config.loader import build_config
@@ -51,43 +52,47 @@ def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp
     assert len(folders) == 2 and all((folder / MARKER).exists() for folder in folders)
     assert roles(tmp_path / "runs" / "score") == {"reference", "guidance"}
 
-    # Trained on a Ray whose one CPU the trainer holds (ray.num_cpus is what the trainer and the pools hold: 1 +
-    # 0 + 0): a stream that still had a task to run (a sort, a block cut) would wait forever. The cached pairs
-    # are sorted and cut into blocks before the trainer starts.
+    # Trained while its one worker holds every CPU of the cluster (the pools would hold none): a stream that still
+    # had a task to run (a sort, a block cut) would wait forever. The cached pairs are sorted and cut into blocks
+    # before the trainer starts.
     printed.clear()
-    config = job(tiny_model, demo_data, tmp_path, "train", "ray.num_cpus=1", "reference.cpus_per_replica=0",
-                 "guidance.cpus_per_replica=0")
-    with without_local_ray():
-        summary = run_train(config, log=printed.append)
-        assert sum("(no scorer starts)" in line for line in printed) == 2, printed
-        assert roles(config.run_dir) == {"policy"}  # both epochs and the held-out set came from the cache
-        assert trained_pair_ids(config.run_dir) == {0: list(range(64)), 1: list(range(64))}
-        # Cached pairs are sorted into each epoch's order: the same steps as streamed pairs would make.
-        records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
-        for epoch in (0, 1):
-            assert [r["pair_ids"] for r in records if r.get("epoch") == epoch and "eval" not in r] == \
-                planned_step_ids(config, epoch)
-        assert summary["eval"]["pairs"] == 16
+    every_cpu = ray_cluster.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 60  # the scorer pools above give their CPUs back as their actors end
+    while ray_cluster.available_resources().get("CPU", 0) < every_cpu and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) == every_cpu, "a process of an earlier test holds a CPU"
+    config = job(tiny_model, demo_data, tmp_path, "train", f"policy.cpus_per_worker={every_cpu}",
+                 "reference.cpus_per_replica=0", "guidance.cpus_per_replica=0")
+    summary = run_train(config, log=printed.append)
+    assert sum("(no scorer starts)" in line for line in printed) == 2, printed
+    assert roles(config.run_dir) == {"policy"}  # both epochs and the held-out set came from the cache
+    assert trained_pair_ids(config.run_dir) == {0: list(range(64)), 1: list(range(64))}
+    # Cached pairs are sorted into each epoch's order: the same steps as streamed pairs would make.
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for epoch in (0, 1):
+        assert [r["pair_ids"] for r in records if r.get("epoch") == epoch and "eval" not in r] == \
+            planned_step_ids(config, epoch)
+    assert summary["eval"]["pairs"] == 16
 
-        # The stream's blocks: one scorer batch (reference.batch_size 16) first, then twice as many each time, up
-        # to rows / STREAM_BLOCKS (16 held-out + 2 x 64 training pairs, over 2 here).
-        monkeypatch.setattr("tgdpo_ray.scoring.pools.STREAM_BLOCKS", 2)
-        pad_id, train, held_out = prepare_data(config, log=printed.append)
-        stream = training_stream(train, held_out, epoch_orders(train, config), 0, config, pad_id, printed.append)
-        blocks = [meta.num_rows for bundle in stream.iter_internal_ref_bundles() for meta in bundle.metadata]
-        assert blocks == [16, 32, 64, 32]
-        assert [row["part"] for row in stream.take_all()] == [-1] * 16 + [0] * 64 + [1] * 64
-        # Past the small head, the sort's partitions (BLOCKS_PER_PARTITION full blocks each) are cut into full
-        # blocks: 144 rows over 8 make full blocks of 18, in partitions of 36.
-        monkeypatch.setattr("tgdpo_ray.scoring.pools.STREAM_BLOCKS", 8)
-        monkeypatch.setattr("tgdpo_ray.scoring.pools.BLOCKS_PER_PARTITION", 2)
-        stream = training_stream(train, held_out, epoch_orders(train, config), 0, config, pad_id, printed.append)
-        blocks = [meta.num_rows for bundle in stream.iter_internal_ref_bundles() for meta in bundle.metadata]
-        assert blocks == [16] + [18] * 7 + [2]
-        rows, orders = stream.take_all(), epoch_orders(train, config)
-        assert [row["part"] for row in rows] == [-1] * 16 + [0] * 64 + [1] * 64
-        assert [row["pair_id"] for row in rows] == held_out.pair_ids.tolist() + [
-            int(pair_id) for order in orders for pair_id in train.pair_ids[order]]
+    # The stream's blocks: one scorer batch (reference.batch_size 16) first, then twice as many each time, up
+    # to rows / STREAM_BLOCKS (16 held-out + 2 x 64 training pairs, over 2 here).
+    monkeypatch.setattr("tgdpo_ray.scoring.pools.STREAM_BLOCKS", 2)
+    pad_id, train, held_out = prepare_data(config, log=printed.append)
+    stream = training_stream(train, held_out, epoch_orders(train, config), 0, config, pad_id, printed.append)
+    blocks = [meta.num_rows for bundle in stream.iter_internal_ref_bundles() for meta in bundle.metadata]
+    assert blocks == [16, 32, 64, 32]
+    assert [row["part"] for row in stream.take_all()] == [-1] * 16 + [0] * 64 + [1] * 64
+    # Past the small head, the sort's partitions (BLOCKS_PER_PARTITION full blocks each) are cut into full
+    # blocks: 144 rows over 8 make full blocks of 18, in partitions of 36.
+    monkeypatch.setattr("tgdpo_ray.scoring.pools.STREAM_BLOCKS", 8)
+    monkeypatch.setattr("tgdpo_ray.scoring.pools.BLOCKS_PER_PARTITION", 2)
+    stream = training_stream(train, held_out, epoch_orders(train, config), 0, config, pad_id, printed.append)
+    blocks = [meta.num_rows for bundle in stream.iter_internal_ref_bundles() for meta in bundle.metadata]
+    assert blocks == [16] + [18] * 7 + [2]
+    rows, orders = stream.take_all(), epoch_orders(train, config)
+    assert [row["part"] for row in rows] == [-1] * 16 + [0] * 64 + [1] * 64
+    assert [row["pair_id"] for row in rows] == held_out.pair_ids.tolist() + [
+        int(pair_id) for order in orders for pair_id in train.pair_ids[order]]
 
 
 def test_a_half_written_cache_is_never_read(ray_cluster, tiny_model, demo_data, tmp_path):
