@@ -7,6 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from conftest import planned_step_ids, trained_pair_ids
 from tgdpo_ray.common.files import resolve_filesystem
 from tgdpo_ray.common.model_files import weights_identity
@@ -43,13 +45,20 @@ def test_score_then_train_from_the_cache(ray_cluster, tiny_model, demo_data, tmp
     printed = []
     scored = run_score(job(tiny_model, demo_data, tmp_path, "score"), log=printed.append)
     assert scored["pairs"] == {"train": 64, "eval": 16}
-    # While a split is scored, a line every PROGRESS_EVERY seconds: each pool's pairs of that split so far (the
-    # count itself: tests/test_progress.py), and the time left once a batch is in.
-    progress = [line for line in printed if line.startswith("[cache] train: pairs scored: ")]
-    assert progress and all(re.fullmatch(r"\[cache\] train: pairs scored: guidance \d+/64, reference \d+/64; "
+    # Both splits are scored in one pass of the pools: each scorer loaded its model once.
+    assert [line for line in printed if "scored in" in line] == [
+        next(line for line in printed if line.startswith("[cache] train, eval: scored in "))]
+    assert len(list((tmp_path / "runs" / "score" / "placement").glob("reference-*.json"))) == 1
+    # While they are scored, a line every PROGRESS_EVERY seconds: each pool's pairs so far (the count itself:
+    # tests/test_progress.py), and the time left once a batch is in.
+    progress = [line for line in printed if line.startswith("[cache] train, eval: pairs scored: ")]
+    assert progress and all(re.fullmatch(r"\[cache\] train, eval: pairs scored: guidance \d+/80, reference \d+/80; "
                                          r"\d+ s so far( ETA \d+s)?", line) for line in progress), printed
+    # Each split in its own folder, complete, with its own pairs.
     folders = sorted(p for p in (tmp_path / "cache").iterdir())
     assert len(folders) == 2 and all((folder / MARKER).exists() for folder in folders)
+    assert sorted(json.loads((folder / MARKER).read_text())["pairs"] for folder in folders) == [16, 64]
+    assert sorted(pq.read_table(folder).num_rows for folder in folders) == [16, 64]
     assert roles(tmp_path / "runs" / "score") == {"reference", "guidance"}
 
     # Trained while its one worker holds every CPU of the cluster (the pools would hold none): a stream that still

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import partial
 
 from tgdpo_ray.common.files import resolve_filesystem
 from tgdpo_ray.common.model_files import weights_identity
@@ -24,7 +25,7 @@ from tgdpo_ray.scoring.throughput import ScorerThroughput
 
 CACHE_FORMAT = 2  # bump when the meaning of the cached columns changes
 MARKER = "_COMPLETE.json"
-ROWS_PER_FILE = 20_000
+CACHE_KEY = "cache_key"  # the column that sends each scored pair to its split's folder as the cache is written
 # A cache of at most this many bytes is read by the driver itself: each of Ray Data's read tasks costs a process
 # start, seconds that dwarf reading a few MB. Larger caches are read by Ray Data's tasks, never whole here.
 DRIVER_READ_BYTES = 64 * 2**20
@@ -70,42 +71,69 @@ def write_marker(filesystem, folder: str, record: dict) -> None:
         handle.write(json.dumps(record, indent=2).encode())
 
 
-def cached_scored_dataset(split, config: JobConfig, pad_id: int, log=print):
-    """The scored pairs of a tokenized split (data_pass.TokenizedSplit), read from the cache; scored and written
-    first when missing."""
+def cached_scored_splits(splits: list, config: JobConfig, pad_id: int, log=print) -> list:
+    """The scored pairs of tokenized splits (data_pass.TokenizedSplit), one dataset per split, read from the
+    cache. The splits missing from it are scored first, all in one pass of the pools: each scorer loads its model
+    once, not once per split."""
+    from tgdpo_ray.runtime.ray_start import configure_ray_data
+
+    configure_ray_data()
+    identity = scorer_identity(config)
+    filesystem, root = resolve_filesystem(config.scoring.cache_dir)
+    keys = [fingerprint(split.digest, identity) for split in splits]
+    missing = []
+    for split, key in zip(splits, keys):
+        where = f"{config.scoring.cache_dir}/{key}"
+        if is_complete(filesystem, f"{root}/{key}"):
+            log(f"[cache] {split.name}: {len(split)} scored pairs from {where} (no scorer starts)")
+        else:
+            clear_partial(filesystem, f"{root}/{key}", log)
+            log(f"[cache] {split.name}: scoring {len(split)} pairs into {where}")
+            missing.append((split, key))
+    if missing:
+        score_into_cache(missing, identity, filesystem, root, config, pad_id, log)
+    # Read once into the object store (spilled to disk if large): later epochs start without read tasks.
+    return [read_cache(filesystem, f"{root}/{key}") for key in keys]
+
+
+def score_into_cache(missing: list, identity: dict, filesystem, root: str, config: JobConfig, pad_id: int, log):
+    """Scores (split, key) pairs of splits in one stream through the pools, each pair tagged with its split's
+    key, and writes each into <root>/<key>/ (Parquet's directory partitioning by that column, which leaves the
+    column out of the files); each folder's marker is written last."""
     from tgdpo_ray.scoring.pools import scored_dataset
 
-    identity = scorer_identity(config)
-    key = fingerprint(split.digest, identity)
-    filesystem, root = resolve_filesystem(config.scoring.cache_dir)
-    folder = f"{root}/{key}"
-    where = f"{config.scoring.cache_dir}/{key}"
-    if is_complete(filesystem, folder):
-        log(f"[cache] {split.name}: {len(split)} scored pairs from {where} (no scorer starts)")
-    else:
-        clear_partial(filesystem, folder, log)
-        log(f"[cache] {split.name}: scoring {len(split)} pairs into {where}")
-        started = time.perf_counter()
-        watching = watch_scoring(config, split.name, len(split), log)
-        try:
-            # Few large files: every read task costs a process start, which dwarfs reading a small file.
-            scored_dataset(split.pairs, len(split), config, pad_id).write_parquet(folder, filesystem=filesystem,
-                                                                                  min_rows_per_file=ROWS_PER_FILE)
-        finally:
-            watching.set()
-        write_marker(filesystem, folder, {"pairs": len(split), "split": split.name, "fingerprint": key,
-                                          "scorers": identity, "seconds": time.perf_counter() - started})
-        log(f"[cache] {split.name}: scored in {time.perf_counter() - started:.1f}s")
-    # Read once into the object store (spilled to disk if large): later epochs start without read tasks.
-    return read_cache(filesystem, folder)
+    name = ", ".join(split.name for split, _ in missing)
+    pairs = sum(len(split) for split, _ in missing)
+    tagged = [split.pairs.map_batches(partial(with_cache_key, key=key), batch_format="pyarrow")
+              for split, key in missing]
+    started = time.perf_counter()
+    watching = watch_scoring(config, name, pairs, log)
+    try:
+        every_split = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]  # Ray's union of one fails
+        scored_dataset(every_split, pairs, config, pad_id).write_parquet(
+            root, filesystem=filesystem, partition_cols=[CACHE_KEY], partitioning_flavor=None)
+    finally:
+        watching.set()
+    seconds = time.perf_counter() - started
+    for split, key in missing:
+        write_marker(filesystem, f"{root}/{key}", {"pairs": len(split), "split": split.name, "fingerprint": key,
+                                                    "scorers": identity, "seconds": seconds})
+    log(f"[cache] {name}: scored in {seconds:.1f}s")
+
+
+def with_cache_key(table, key: str):
+    """A block of a split's pairs with the CACHE_KEY column: the split's folder name."""
+    import pyarrow as pa
+
+    return table.append_column(CACHE_KEY, pa.array([key] * len(table), type=pa.string()))
 
 
 def watch_scoring(config: JobConfig, name: str, pairs: int, log):
-    """A line every PROGRESS_EVERY seconds while a split is scored into the cache: each pool's pairs so far, from the
-    pools' batch logs in the run folder (silent on a cluster without a shared run folder), and the time left at
-    the slowest pool's rate."""
+    """A line every PROGRESS_EVERY seconds while splits (`name`: theirs) are scored into the cache: each pool's pairs
+    so far, from the pools' batch logs in the run folder (silent on a cluster without a shared run folder), and the
+    time left at the slowest pool's rate."""
     throughput = ScorerThroughput(config.run_dir)
-    before = {pool: totals.pairs for pool, totals in throughput.read().items()}  # an earlier split's pairs
+    before = {pool: totals.pairs for pool, totals in throughput.read().items()}  # scored earlier in the run
     pools = ["reference"] * config.needs_reference + ["guidance"] * (config.guidance_kind in SCORED_GUIDANCE)
 
     def report(seconds: float) -> None:

@@ -48,19 +48,6 @@ def reads_cache(config: JobConfig) -> bool:
     return config.scoring.mode == "cache" and uses_scorers(config)
 
 
-def scored_pairs(split: TokenizedSplit, config: JobConfig, pad_id: int, log=print):
-    """A split's pairs as the trainers read them, by pair id: scored on the fly, or from the cache (scored into
-    it first if missing)."""
-    from tgdpo_ray.runtime.ray_start import configure_ray_data
-    from tgdpo_ray.scoring.cache import cached_scored_dataset
-    from tgdpo_ray.scoring.pools import scored_dataset
-
-    configure_ray_data()
-    if reads_cache(config):
-        return cached_scored_dataset(split, config, pad_id, log)
-    return scored_dataset(split.pairs, len(split), config, pad_id)
-
-
 def epoch_orders(split: TokenizedSplit, config: JobConfig) -> list[np.ndarray]:
     """Each epoch's order of the training pairs (steps.epoch_order: indexes into split.pair_ids)."""
     return [epoch_order(len(split), config.run.seed, epoch, config.training.shuffle)
@@ -74,18 +61,20 @@ def training_stream(train: TokenizedSplit, held_out: TokenizedSplit | None, orde
     one pool per scorer scores it all, started once for the whole run (a pool per epoch would leave the trainers
     waiting for its models to load at every epoch); cache mode reads the cached scores (scoring into the cache
     first what is missing). None when there is nothing left to read (a finished run started again)."""
+    from tgdpo_ray.scoring.cache import cached_scored_splits
     from tgdpo_ray.scoring.pools import stream_blocks, with_scorers
 
     cache = reads_cache(config)
+    splits = [split for split in (train if first_epoch < len(orders) else None, held_out) if split]
+    scored = cached_scored_splits(splits, config, pad_id, log) if cache else [split.pairs for split in splits]
+    pairs = {split.name: dataset for split, dataset in zip(splits, scored)}
     parts, rows = [], 0
     if held_out:
-        held_out_pairs = scored_pairs(held_out, config, pad_id, log) if cache else held_out.pairs
-        parts.append(with_position(held_out_pairs, held_out, HELD_OUT, np.arange(len(held_out)), rows))
+        parts.append(with_position(pairs[held_out.name], held_out, HELD_OUT, np.arange(len(held_out)), rows))
         rows += len(held_out)
     if first_epoch < len(orders):
-        train_pairs = scored_pairs(train, config, pad_id, log) if cache else train.pairs
         for epoch in range(first_epoch, len(orders)):
-            parts.append(with_position(train_pairs, train, epoch, orders[epoch], rows))
+            parts.append(with_position(pairs[train.name], train, epoch, orders[epoch], rows))
             rows += len(train)
     if not parts:
         return None
@@ -137,13 +126,17 @@ def start_run_dir(config: JobConfig, log=print) -> tuple[int, TokenizedSplit, To
 
 def run_score(config: JobConfig, log=print) -> dict:
     """Scoring alone, into the cache: a team can score on spare GPUs and train later."""
+    from tgdpo_ray.scoring.cache import cached_scored_splits
+
     if not uses_scorers(config):
         raise RunError(f"loss.type {config.loss.type} uses no scorer: there is nothing to score")
     config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"mode": "cache"})})
     check_models_agree(config)
     pad_id, train, held_out = start_run_dir(config, log)
     check_fits(training_groups(config, with_policy=False))
-    counts = {split.name: scored_pairs(split, config, pad_id, log).count() for split in (train, held_out) if split}
+    splits = [split for split in (train, held_out) if split]
+    scored = cached_scored_splits(splits, config, pad_id, log)
+    counts = {split.name: dataset.count() for split, dataset in zip(splits, scored)}
     log(f"[score] cached {counts} in {config.scoring.cache_dir}")
     return {"pairs": counts, "cache_dir": config.scoring.cache_dir}
 
