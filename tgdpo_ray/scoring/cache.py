@@ -97,20 +97,21 @@ def cached_scored_splits(splits: list, config: JobConfig, pad_id: int, log=print
 
 
 def score_into_cache(missing: list, identity: dict, filesystem, root: str, config: JobConfig, pad_id: int, log):
-    """Scores (split, key) pairs of splits in one stream through the pools, each pair tagged with its split's
-    key, and writes each into <root>/<key>/ (Parquet's directory partitioning by that column, which leaves the
-    column out of the files); each folder's marker is written last."""
+    """Scores the `missing` splits, each given with its key, in one stream through the pools. Each pair carries
+    its split's key in the CACHE_KEY column, by which Parquet's directory partitioning writes it into
+    <root>/<key>/ (leaving the column out of the files; a file per block of the stream, a few hundred at most).
+    Each folder's marker is written last."""
     from tgdpo_ray.scoring.pools import scored_dataset
 
     name = ", ".join(split.name for split, _ in missing)
-    pairs = sum(len(split) for split, _ in missing)
+    count = sum(len(split) for split, _ in missing)
     tagged = [split.pairs.map_batches(partial(with_cache_key, key=key), batch_format="pyarrow")
               for split, key in missing]
     started = time.perf_counter()
-    watching = watch_scoring(config, name, pairs, log)
+    watching = watch_scoring(config, name, count, log)
     try:
         every_split = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]  # Ray's union of one fails
-        scored_dataset(every_split, pairs, config, pad_id).write_parquet(
+        scored_dataset(every_split, count, config, pad_id).write_parquet(
             root, filesystem=filesystem, partition_cols=[CACHE_KEY], partitioning_flavor=None)
     finally:
         watching.set()
