@@ -72,10 +72,9 @@ def training_stream(train: TokenizedSplit, held_out: TokenizedSplit | None, orde
     if held_out:
         parts.append(with_position(pairs[held_out.name], held_out, HELD_OUT, np.arange(len(held_out)), rows))
         rows += len(held_out)
-    if first_epoch < len(orders):
-        for epoch in range(first_epoch, len(orders)):
-            parts.append(with_position(pairs[train.name], train, epoch, orders[epoch], rows))
-            rows += len(train)
+    for epoch in range(first_epoch, len(orders)):  # none for a run that finished every epoch
+        parts.append(with_position(pairs[train.name], train, epoch, orders[epoch], rows))
+        rows += len(train)
     if not parts:
         return None
     # One sort puts every pair at its position (an all-to-all over the cluster, run now, while no trainer or
